@@ -1,0 +1,1 @@
+"""One module per `config.job`; each exposes `run(config, workdir)`."""

@@ -1,0 +1,58 @@
+r"""Entry point for every b4b-jax experiment.
+
+  python -m b4b_jax.main --config=configs/<name>.py[:variant] --workdir=DIR [--config.field=value]
+
+`config.job` names a module in `b4b_jax.jobs`; that module's `run(config, workdir)` does the work.
+"""
+import importlib
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from b4b_jax.utils import distributed
+from b4b_jax.utils import workdir as workdir_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _hide_gpus_from_tensorflow() -> None:
+  # tf.data only feeds the accelerator; it must never grab GPU memory JAX needs.
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
+  except ImportError:
+    pass
+
+
+def run_job(config, workdir: str):
+  """Runs `config.job` into `workdir` (also used by tests, without absl flags)."""
+  job = config.get("job")
+  if not job:
+    raise ValueError("config has no `job` field; every configs/*.py sets one")
+  try:
+    module = importlib.import_module(f"b4b_jax.jobs.{job}")
+  except ModuleNotFoundError as e:
+    if e.name == f"b4b_jax.jobs.{job}":
+      raise ValueError(f"unknown job {job!r}: no module b4b_jax/jobs/{job}.py") from e
+    raise
+  workdir_lib.prepare_workdir(workdir, config, job)
+  return module.run(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _hide_gpus_from_tensorflow()
+  distributed.initialize_distributed()
+  workdir = os.path.abspath(_WORKDIR.value)
+  logging.info("job %s -> workdir %s", _CONFIG.value.get("job"), workdir)
+  run_job(_CONFIG.value, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Small helpers shared by every job: metrics, progress, checkpoints, workdirs, multi-device set-up."""

@@ -1,0 +1,15 @@
+"""Test-wide set-up. 8 virtual CPU devices so data-parallel code is tested as it runs on 8 chips.
+
+XLA_FLAGS must be set before JAX initialises its backend; .ci/run exports the same value.
+"""
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Exact float32 matmuls everywhere in tests (numeric references are compared at full precision).
+jax.config.update("jax_default_matmul_precision", "highest")
