@@ -111,6 +111,27 @@ class SeedResult:
   test_curve: Optional[list] = None  # diagnostics only (record_test_curve=True); never used to choose
 
 
+@dataclasses.dataclass(frozen=True)
+class LinearClassifier:
+  """A fitted probe: normalisation (train statistics) + affine map to class logits."""
+  normalizer: Normalizer
+  w: np.ndarray   # [D, C]
+  b: np.ndarray   # [C]
+
+  def logits(self, x) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2 or x.shape[1] != self.w.shape[0]:
+      raise ValueError(f"classifier expects [N, {self.w.shape[0]}] embeddings, got {x.shape}")
+    return self.normalizer(x) @ self.w + self.b
+
+  def predict(self, x) -> np.ndarray:
+    return np.argmax(self.logits(x), axis=1)
+
+  def top1(self, x, y) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * float(np.mean(self.predict(x) == np.asarray(y)))
+
+
 @dataclasses.dataclass
 class ProbeResult:
   method: str
@@ -119,9 +140,13 @@ class ProbeResult:
   test_top1_mean: float
   test_top1_std: float
   seeds: list
+  # One fitted classifier per seed (the model chosen on validation); not part of the JSON results.
+  classifiers: list = dataclasses.field(default_factory=list, repr=False)
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    d.pop("classifiers")
+    return d
 
   def summary(self) -> dict:
     return {"method": self.method, "test_top1_mean": self.test_top1_mean,
@@ -129,11 +154,25 @@ class ProbeResult:
             "selected": [s.selected for s in self.seeds]}
 
 
-def _finish(method, normalization, num_classes, seed_results) -> ProbeResult:
+def _finish(method, normalization, num_classes, seed_results, classifiers) -> ProbeResult:
   accs = np.array([s.test_top1 for s in seed_results])
   return ProbeResult(method=method, normalization=normalization, num_classes=int(num_classes),
                      test_top1_mean=float(accs.mean()), test_top1_std=float(accs.std()),
-                     seeds=seed_results)
+                     seeds=seed_results, classifiers=classifiers)
+
+
+def _check_inputs(train_x, train_y, test_x, test_y, num_classes):
+  """Validates both splits; test may be None (fit only). Returns arrays and the class count."""
+  train_x, train_y = check_embeddings(train_x, train_y, "train")
+  num_classes = int(num_classes or int(train_y.max()) + 1)
+  train_x, train_y = check_embeddings(train_x, train_y, "train", num_classes=num_classes)
+  if test_x is None:
+    return train_x, train_y, None, None, num_classes
+  test_x, test_y = check_embeddings(test_x, test_y, "test", num_classes=num_classes)
+  if test_x.shape[1] != train_x.shape[1]:
+    raise ValueError(f"train and test embeddings differ in dimension: {train_x.shape[1]} vs "
+                     f"{test_x.shape[1]}")
+  return train_x, train_y, test_x, test_y, num_classes
 
 
 # ---------------------------------------------------------------- gradient probe (Adam / SGD)
@@ -233,13 +272,8 @@ def train_linear_probe(train_x, train_y, test_x, test_y, *, num_classes: Optiona
     raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
   if not seeds:
     raise ValueError("seeds must name at least one seed")
-  train_x, train_y = check_embeddings(train_x, train_y, "train")
-  num_classes = int(num_classes or int(train_y.max()) + 1)
-  train_x, train_y = check_embeddings(train_x, train_y, "train", num_classes=num_classes)
-  test_x, test_y = check_embeddings(test_x, test_y, "test", num_classes=num_classes)
-  if test_x.shape[1] != train_x.shape[1]:
-    raise ValueError(f"train and test embeddings differ in dimension: {train_x.shape[1]} vs "
-                     f"{test_x.shape[1]}")
+  train_x, train_y, test_x, test_y, num_classes = _check_inputs(train_x, train_y, test_x, test_y,
+                                                                num_classes)
 
   normalizer = Normalizer.fit(normalization, train_x)
   x_all = jnp.asarray(normalizer(train_x))
@@ -264,7 +298,11 @@ def train_linear_probe(train_x, train_y, test_x, test_y, *, num_classes: Optiona
   opt_state = _init_opt_state(params, opt_spec=opt_spec)
   best = {"params": jax.tree.map(jnp.copy, params),
           "val_correct": jnp.full((len(seeds),), -1, jnp.int32)}
-  test_xn, test_yn = jnp.asarray(normalizer(test_x)), jnp.asarray(test_y)
+  has_test = test_x is not None
+  if has_test:
+    test_xn, test_yn = jnp.asarray(normalizer(test_x)), jnp.asarray(test_y)
+  elif record_test_curve:
+    raise ValueError("record_test_curve needs test embeddings")
 
   best_epoch = np.zeros(len(seeds), np.int64)
   val_curves, loss_curves, test_curves = [], [], []
@@ -286,7 +324,12 @@ def train_linear_probe(train_x, train_y, test_x, test_y, *, num_classes: Optiona
     if on_epoch is not None:
       on_epoch(epoch, {"train_loss": loss.tolist(), "val_top1": val_top1.tolist()})
 
-  test_top1 = 100.0 * np.asarray(_test_correct(best["params"], test_xn, test_yn)) / len(test_y)
+  if has_test:
+    test_top1 = 100.0 * np.asarray(_test_correct(best["params"], test_xn, test_yn)) / len(test_y)
+  else:
+    test_top1 = np.full(len(seeds), np.nan)
+  best_w, best_b = np.asarray(best["params"]["w"]), np.asarray(best["params"]["b"])
+  classifiers = [LinearClassifier(normalizer, best_w[i], best_b[i]) for i in range(len(seeds))]
   results = []
   for i, seed in enumerate(seeds):
     results.append(SeedResult(
@@ -294,7 +337,7 @@ def train_linear_probe(train_x, train_y, test_x, test_y, *, num_classes: Optiona
         val_top1=float(100.0 * int(best["val_correct"][i]) / num_val), selected=int(best_epoch[i]),
         val_curve=[float(v[i]) for v in val_curves], train_loss_curve=[float(v[i]) for v in loss_curves],
         test_curve=[float(v[i]) for v in test_curves] if record_test_curve else None))
-  return _finish(method, normalization, num_classes, results)
+  return _finish(method, normalization, num_classes, results, classifiers)
 
 
 # ---------------------------------------------------------------- closed-form ridge probe
@@ -326,20 +369,14 @@ def ridge_probe(train_x, train_y, test_x, test_y, *, num_classes: Optional[int] 
     raise ValueError(f"ridge alphas must be a non-empty list of positive numbers, got {alphas}")
   if not seeds:
     raise ValueError("seeds must name at least one seed")
-  train_x, train_y = check_embeddings(train_x, train_y, "train")
-  num_classes = int(num_classes or int(train_y.max()) + 1)
-  train_x, train_y = check_embeddings(train_x, train_y, "train", num_classes=num_classes)
-  test_x, test_y = check_embeddings(test_x, test_y, "test", num_classes=num_classes)
-  if test_x.shape[1] != train_x.shape[1]:
-    raise ValueError(f"train and test embeddings differ in dimension: {train_x.shape[1]} vs "
-                     f"{test_x.shape[1]}")
+  train_x, train_y, test_x, test_y, num_classes = _check_inputs(train_x, train_y, test_x, test_y,
+                                                                num_classes)
   normalizer = Normalizer.fit(normalization, train_x)
   x = normalizer(train_x).astype(np.float64)
-  xt = normalizer(test_x).astype(np.float64)
   onehot = np.eye(num_classes)[train_y]
   alphas = sorted(alphas, reverse=True)  # ties go to the strongest regularisation
 
-  results = []
+  results, classifiers = [], []
   for seed in seeds:
     tr, va = split_train_val(len(train_y), val_fraction, int(seed))
     val_curve = []
@@ -347,14 +384,19 @@ def ridge_probe(train_x, train_y, test_x, test_y, *, num_classes: Optional[int] 
       val_curve.append(100.0 * float(np.mean(np.argmax(x[va] @ w + b, 1) == train_y[va])))
     best = int(np.argmax(val_curve))
     (_, w, b), = _ridge_solutions(x, onehot, [alphas[best]])
-    test_top1 = 100.0 * float(np.mean(np.argmax(xt @ w + b, 1) == test_y))
+    classifier = LinearClassifier(normalizer, w.astype(np.float32), b.astype(np.float32))
+    classifiers.append(classifier)
+    test_top1 = classifier.top1(test_x, test_y) if test_x is not None else float("nan")
     results.append(SeedResult(seed=int(seed), test_top1=test_top1, val_top1=val_curve[best],
                               selected=float(alphas[best]), val_curve=val_curve))
-  return _finish("ridge", normalization, num_classes, results)
+  return _finish("ridge", normalization, num_classes, results, classifiers)
 
 
 def run_probe(train_x, train_y, test_x, test_y, cfg, *, num_classes=None, on_epoch=None) -> ProbeResult:
-  """Dispatches on a probe config (fields of configs' `probe` block) to the gradient or ridge probe."""
+  """Dispatches on a probe config (fields of configs' `probe` block) to the gradient or ridge probe.
+
+  test_x/test_y may be None to only fit (then test_top1 is NaN; use `.classifiers`).
+  """
   method = cfg.get("method", "adam")
   if method not in METHODS:
     raise ValueError(f"unknown probe method {method!r}; choose one of {METHODS}")
