@@ -189,3 +189,53 @@ def embed_dataset(encoder, dataset: str, *, train_split: str = "train", test_spl
         embedder, dataset, split, transform=transform, batch_size=batch_size, data_dir=data_dir,
         limit=limit, seed=seed, on_batch=on_batch)
   return out
+
+
+# ---------------------------------------------------------------- what the evaluation jobs call
+
+
+def _safe(name: str) -> str:
+  return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+class EmbeddingSource:
+  """Representations per dataset for a job, from a config `source` block (config_blocks.source_block).
+
+  Precomputed .npz files (source.npz[dataset]) are read as they are; otherwise the encoder embeds the
+  dataset once and the result is cached in workdir/embeddings/, so a resumed job does not re-embed.
+  """
+
+  def __init__(self, source, workdir: str, *, seed: int = 0):
+    self.source = source
+    self.workdir = workdir
+    self.seed = int(seed)
+    self._encoder = None
+
+  @property
+  def encoder(self):
+    if self._encoder is None:
+      if not self.source.encoder:
+        raise ValueError("config.source.encoder is not set (an encoder directory, a stealing workdir "
+                         "or random:<arch>@<size>), and source.npz does not cover every dataset")
+      self._encoder = resolve_encoder(self.source.encoder, workdir=self.workdir, seed=self.seed)
+    return self._encoder
+
+  def cache_path(self, dataset: str) -> str:
+    return os.path.join(self.workdir, "embeddings", f"{_safe(dataset)}.npz")
+
+  def get(self, dataset: str, *, progress=None) -> dict:
+    npz = self.source.npz.to_dict() if hasattr(self.source.npz, "to_dict") else dict(self.source.npz)
+    if dataset in npz:
+      return load_npz(npz[dataset])
+    path = self.cache_path(dataset)
+    if os.path.exists(path):
+      return load_npz(path)
+    out = embed_dataset(self.encoder, dataset, train_split=self.source.train_split,
+                        test_split=self.source.test_split, data_dir=self.source.data_dir,
+                        train_limit=self.source.train_limit, test_limit=self.source.test_limit,
+                        batch_size=self.source.batch_size, transform_override=self.source.transform,
+                        seed=self.seed, progress=progress)
+    meta = dict(out["meta"], encoder_spec=self.source.encoder)
+    save_npz(path, meta=meta, **{k: out[k] for k in NPZ_KEYS})
+    out["meta"] = meta
+    return out
