@@ -78,13 +78,30 @@ def eval_transform(encoder, override=None):
 # ---------------------------------------------------------------- embedding
 
 
-def image_batches(dataset: str, split: str, *, transform, batch_size: int, data_dir=None,
-                  limit: Optional[int] = None, seed: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-  """(uint8 [B, S, S, 3], int32 [B]) batches of a whole split, in order, transformed."""
+def split_dataset(dataset: str, split: str, *, data_dir=None, limit: Optional[int] = None,
+                  seed: int = 0, shuffle_files: bool = False):
+  """The whole split (all processes' shares) as a tf.data.Dataset, first `limit` examples."""
   ds = data_lib.get_dataset(dataset, split, data_dir=data_dir, process_index=0, process_count=1,
-                            seed=seed)
+                            seed=seed, shuffle_files=shuffle_files)
   if limit is not None:
+    if int(limit) < 1:
+      raise ValueError(f"limit must be >= 1, got {limit}")
     ds = ds.take(int(limit))
+  return ds
+
+
+def num_examples(ds) -> int:
+  """Examples in a dataset if tf.data knows it cheaply, else 0 (progress then shows no percentage)."""
+  n = int(ds.cardinality())
+  return n if n >= 0 else 0
+
+
+def image_batches(dataset: str, split: str, *, transform, batch_size: int, data_dir=None,
+                  limit: Optional[int] = None, seed: int = 0, shuffle_files: bool = False
+                  ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+  """(uint8 [B, S, S, 3], int32 [B]) batches of a whole split, in order, transformed."""
+  ds = split_dataset(dataset, split, data_dir=data_dir, limit=limit, seed=seed,
+                     shuffle_files=shuffle_files)
   tf = data_lib.preprocess.tf
   ds = ds.enumerate().map(
       lambda i, ex: (transform(ex["image"], data_lib.example_seed(seed, 0, i)) if transform.is_random
@@ -127,16 +144,19 @@ class BatchEmbedder:
 
 
 def embed_split(embedder: BatchEmbedder, dataset: str, split: str, *, transform, batch_size: int = 256,
-                data_dir=None, limit: Optional[int] = None, seed: int = 0,
-                on_batch: Optional[Callable[[int], None]] = None) -> Tuple[np.ndarray, np.ndarray]:
-  """Representations [N, D] float32 and labels [N] int32 of one split."""
+                data_dir=None, limit: Optional[int] = None, seed: int = 0, shuffle_files: bool = False,
+                on_batch: Optional[Callable[[int, int], None]] = None) -> Tuple[np.ndarray, np.ndarray]:
+  """Representations [N, D] float32 and labels [N] int32 of one split; on_batch(done, total)."""
+  total = num_examples(split_dataset(dataset, split, data_dir=data_dir, limit=limit, seed=seed,
+                                     shuffle_files=shuffle_files))
   reps, labels = [], []
   for images, y in image_batches(dataset, split, transform=transform, batch_size=batch_size,
-                                 data_dir=data_dir, limit=limit, seed=seed):
+                                 data_dir=data_dir, limit=limit, seed=seed,
+                                 shuffle_files=shuffle_files):
     reps.append(embedder(images))
     labels.append(y)
     if on_batch is not None:
-      on_batch(sum(len(r) for r in reps))
+      on_batch(sum(len(r) for r in reps), total)
   if not reps:
     raise ValueError(f"dataset {dataset!r} split {split!r} is empty")
   return np.concatenate(reps), np.concatenate(labels)
@@ -184,7 +204,7 @@ def embed_dataset(encoder, dataset: str, *, train_split: str = "train", test_spl
                   "encoder": encoder.manifest.get("architecture"), "rep_dim": encoder.rep_dim,
                   "transform": repr(transform), "train_limit": train_limit, "test_limit": test_limit}}
   for key, split, limit in (("train", train_split, train_limit), ("test", test_split, test_limit)):
-    on_batch = (lambda n, key=key: progress(key, n)) if progress else None
+    on_batch = (lambda done, total, key=key: progress(key, done, total)) if progress else None
     out[f"{key}_x"], out[f"{key}_y"] = embed_split(
         embedder, dataset, split, transform=transform, batch_size=batch_size, data_dir=data_dir,
         limit=limit, seed=seed, on_batch=on_batch)

@@ -86,6 +86,52 @@ def legit_user(train, train_y, test, test_y, *, defense_config, probe_cfg, query
   return result
 
 
+def send_image_stream(api, user: str, batches, *, normalize: Callable, query_batch_size: int):
+  """Sends a stream of (uint8 images, labels) batches through `api.query`; returns
+  (responses, labels, QueryTrace)."""
+  chunks, labels = [], []
+  trace = api_client.QueryTrace(user, [], [], [])
+  for images, y in batches:
+    out, t = api_client.send(api, user, normalize(images), batch_size=query_batch_size,
+                             representations=False)
+    chunks.append(out)
+    labels.append(np.asarray(y))
+    trace.num_queries += t.num_queries
+    trace.coverage += t.coverage
+    trace.sigma += t.sigma
+  if not chunks:
+    raise ValueError(f"user {user!r} has no images to send")
+  return np.concatenate(chunks), np.concatenate(labels), trace
+
+
+def legit_user_images(encoder, defense_config, train_batches, test_batches, *, probe_cfg,
+                      normalize: Callable, query_batch_size: int = 256, user: str = "legit",
+                      return_responses: bool = False) -> dict:
+  """A legit user sending its images through DefendedEncoder.query (the encoder fused into the API).
+
+  train_batches/test_batches: iterables of (uint8 images, labels), already transformed to the
+  encoder's input size; `normalize` maps them to the encoder's float input.
+  """
+  api = defense.DefendedEncoder(lambda x: encoder.apply_fn(encoder.params, x), defense_config,
+                                encoder.rep_dim, capacity=2)
+  send = dict(normalize=normalize, query_batch_size=query_batch_size)
+  train, train_y, train_trace = send_image_stream(api, user, train_batches, **send)
+  test, test_y, test_trace = send_image_stream(api, user, test_batches, **send)
+  probe = linear_probe.run_probe(train, train_y, test, test_y, probe_cfg)
+  result = {"probe": probe.summary(), "test_top1_mean": probe.test_top1_mean,
+            "test_top1_std": probe.test_top1_std, "out_dim": int(train.shape[1]),
+            "account": {"coverage": test_trace.coverage[-1], "sigma": test_trace.sigma[-1],
+                        "num_queries": test_trace.num_queries[-1],
+                        "coverage_after_train": train_trace.coverage[-1],
+                        "sigma_after_train": train_trace.sigma[-1]},
+            "traces": {"train": train_trace.to_dict(), "test": test_trace.to_dict()},
+            "through_images": True}
+  if return_responses:
+    result["responses"] = (train, test)
+    result["labels"] = (train_y, test_y)
+  return result
+
+
 def legit_rows(train_x, train_y, test_x, test_y, *, rows, probe_cfg, query_batch_size: int = 256,
                on_row: Optional[Callable[[int, int, str, dict], None]] = None) -> dict:
   """Runs every (name, config) row for one dataset's clean representations; {name: row result}."""
