@@ -259,3 +259,17 @@ class EmbeddingSource:
     save_npz(path, meta=meta, **{k: out[k] for k in NPZ_KEYS})
     out["meta"] = meta
     return out
+
+
+def save_array(path: str, reps: np.ndarray, *, meta: Optional[dict] = None) -> str:
+  """One representation array (e.g. a query set) as .npz, atomically."""
+  return save_npz(path, meta=meta, reps=np.asarray(reps, np.float32))
+
+
+def load_array(path: str) -> np.ndarray:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"representation file {path} does not exist")
+  with np.load(path, allow_pickle=False) as f:
+    if "reps" not in f.files:
+      raise ValueError(f"{path} has no 'reps' array (has {f.files})")
+    return f["reps"]
