@@ -5,8 +5,8 @@ r"""Export frozen-encoder embeddings (train/test representations + labels) as .n
       --config.source.transform=resize
   python -m b4b_jax.main --config=configs/embeddings.py:tiny --workdir=/tmp/emb_tiny   # CPU, ~20 s
 
-Then e.g. `--config.source.npz.cifar10=workdirs/emb_simsiam/embeddings/cifar10.npz` in the probe, legit
-or remap configs reuses them. Runtime: ~5 min per 60k images for ResNet-50 at 224 px on one A100
+Then `--config.source.npz_dir=workdirs/emb_simsiam/embeddings` in the probe, legit, remap or coverage
+configs reuses them. Runtime: ~5 min per 60k images for ResNet-50 at 224 px on one A100
 (data-parallel over all local devices).
 """
 import ml_collections

@@ -14,14 +14,9 @@ import numpy as np
 from b4b_jax import defense
 
 
-def _no_images(images):
-  raise ValueError("this API serves precomputed representations only (query_representations); "
-                   "it has no encoder for images")
-
-
 def representation_api(config, rep_dim: int, *, capacity: int = 8):
   """A DefendedEncoder without an encoder: clients send clean representations."""
-  return defense.DefendedEncoder(_no_images, config, rep_dim, capacity=capacity)
+  return defense.DefendedEncoder(None, config, rep_dim, capacity=capacity)
 
 
 @dataclasses.dataclass

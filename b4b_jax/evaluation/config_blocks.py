@@ -14,17 +14,19 @@ TINY_DATASET = "digits"
 
 
 def source_block(*, tiny: bool) -> ml_collections.ConfigDict:
-  """Where representations come from: `encoder` + datasets, or `npz` files keyed by dataset."""
+  """Where representations come from: `encoder` + datasets, or precomputed .npz files (npz_dir)."""
   c = ml_collections.ConfigDict()
   # An encoder directory (converted checkpoint / trained victim), a stealing workdir (its
-  # stolen_encoder/ is used) or random:<arch>@<size>. Required unless `npz` names every dataset.
+  # stolen_encoder/ is used) or random:<arch>@<size>. Required unless npz_dir has every dataset.
   c.encoder = TINY_ENCODER if tiny else ml_collections.config_dict.placeholder(str)
   c.data_dir = ml_collections.config_dict.placeholder(str)   # TFDS data_dir / folder root
-  c.npz = ml_collections.ConfigDict()     # {dataset: path to an embeddings .npz} overrides the encoder
+  # A directory of <dataset>.npz files (what the embeddings job writes to WORKDIR/embeddings); a dataset
+  # found there is read instead of embedded.
+  c.npz_dir = ml_collections.config_dict.placeholder(str)
   c.train_split = "train"
   c.test_split = "test"
-  c.train_limit = 400 if tiny else ml_collections.config_dict.placeholder(int)
-  c.test_limit = 200 if tiny else ml_collections.config_dict.placeholder(int)
+  c.train_limit = 384 if tiny else ml_collections.config_dict.placeholder(int)
+  c.test_limit = 192 if tiny else ml_collections.config_dict.placeholder(int)
   c.batch_size = 64 if tiny else 256       # embedding batch (images per device call)
   # Image transform before normalisation: None = the encoder manifest's eval transform; or a preset
   # name of b4b_jax.data (e.g. "resize": the paper's SimSiam embeddings use Resize(224), no crop).

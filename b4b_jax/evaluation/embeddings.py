@@ -221,8 +221,8 @@ def _safe(name: str) -> str:
 class EmbeddingSource:
   """Representations per dataset for a job, from a config `source` block (config_blocks.source_block).
 
-  Precomputed .npz files (source.npz[dataset]) are read as they are; otherwise the encoder embeds the
-  dataset once and the result is cached in workdir/embeddings/, so a resumed job does not re-embed.
+  Precomputed files (source.npz_dir/<dataset>.npz) are read as they are; otherwise the encoder embeds
+  the dataset once and the result is cached in workdir/embeddings/, so a resumed job does not re-embed.
   """
 
   def __init__(self, source, workdir: str, *, seed: int = 0):
@@ -236,7 +236,7 @@ class EmbeddingSource:
     if self._encoder is None:
       if not self.source.encoder:
         raise ValueError("config.source.encoder is not set (an encoder directory, a stealing workdir "
-                         "or random:<arch>@<size>), and source.npz does not cover every dataset")
+                         "or random:<arch>@<size>), and source.npz_dir does not hold every dataset")
       self._encoder = resolve_encoder(self.source.encoder, workdir=self.workdir, seed=self.seed)
     return self._encoder
 
@@ -244,9 +244,10 @@ class EmbeddingSource:
     return os.path.join(self.workdir, "embeddings", f"{_safe(dataset)}.npz")
 
   def get(self, dataset: str, *, progress=None) -> dict:
-    npz = self.source.npz.to_dict() if hasattr(self.source.npz, "to_dict") else dict(self.source.npz)
-    if dataset in npz:
-      return load_npz(npz[dataset])
+    if self.source.npz_dir:
+      given = os.path.join(self.source.npz_dir, f"{_safe(dataset)}.npz")
+      if os.path.exists(given):
+        return load_npz(given)
     path = self.cache_path(dataset)
     if os.path.exists(path):
       return load_npz(path)

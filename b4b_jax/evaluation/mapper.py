@@ -35,7 +35,7 @@ def _check_pairs(source, target):
   return source, target
 
 
-def fit_linear_mapper(source, target, *, ridge: float = 1e-6) -> Callable[[np.ndarray], np.ndarray]:
+def fit_linear_mapper(source, target, *, ridge: float = 1e-9) -> Callable[[np.ndarray], np.ndarray]:
   """Affine least squares target ~ source @ W + b; ridge is relative to the mean Gram eigenvalue."""
   source, target = _check_pairs(source, target)
   # Centring fits the bias exactly and keeps the normal equations well conditioned.

@@ -4,7 +4,7 @@
 
 Writes DIR/embeddings/<dataset>.npz (train_x, train_y, test_x, test_y, meta), results.json (shapes and
 representation scale per dataset) and report.md. Other evaluation jobs read these files through
-`config.source.npz.<dataset>=PATH`, so one embedding pass serves many probes.
+`config.source.npz_dir=DIR/embeddings`, so one embedding pass serves many probes.
 """
 import os
 
