@@ -38,10 +38,10 @@ def get_config(arg=None):
   config.query_batch_size = 64 if tiny else 256
   if tiny:
     config.query_sets = (
-        _query_set("digits", "digits", "train", 300),
-        _query_set("photo crops", "sklearn_photos", "query", 300),
-        _query_set("random noise", "random_noise", "", 300))
-    config.bucket_bits = (6, 8, 10)
+        _query_set("digits", "digits", "train", 256),
+        _query_set("photo crops", "sklearn_photos", "query", 256),
+        _query_set("random noise", "random_noise", "", 256))
+    config.bucket_bits = (6, 12)
     config.report_at = (100, 200)
   else:
     config.imagenet_root = "/data/imagenet100"   # ImageNet-style class folders (<root>/train/<class>)

@@ -32,6 +32,10 @@ def test_gradient_probe_separable_reaches_high_accuracy_at_any_scale(separable):
     assert res.test_top1_mean > 97.0, res.summary()
     assert len(res.seeds) == 2 and all(1 <= s.selected <= 4 for s in res.seeds)
     assert res.test_top1_std == pytest.approx(np.std([s.test_top1 for s in res.seeds]))
+    # The returned classifiers are the models that were scored (normalisation included).
+    for clf, s in zip(res.classifiers, res.seeds):
+      assert clf.top1(xt * scale, yt) == pytest.approx(s.test_top1)
+    assert "classifiers" not in res.to_dict()
   sgd = lp.train_linear_probe(x, y, xt, yt, method="sgd", learning_rate=0.1, epochs=4, seeds=(0, 1))
   assert sgd.test_top1_mean > 97.0, sgd.summary()
 

@@ -56,7 +56,8 @@ def _random_encoder(arch: str, *, workdir: Optional[str], seed: int):
   directory = os.path.join(workdir, f"random_encoder_{arch}_{size}_seed{seed}")
   if not os.path.exists(os.path.join(directory, "manifest.json")):
     from flax import nnx  # pylint: disable=g-import-not-at-top
-    model = models.create_resnet(arch, rngs=nnx.Rngs(seed), small_input=size <= 64)
+    # One jitted initialisation instead of one small compiled kernel per parameter (same values).
+    model = nnx.jit(lambda: models.create_resnet(arch, rngs=nnx.Rngs(seed), small_input=size <= 64))()
     manifest = {"preprocessing": models.default_preprocessing(size, resize=None),
                 "source": {"kind": "random_init", "arch": arch, "seed": int(seed)}}
     models.save_encoder(directory, model, manifest, overwrite=True)
@@ -102,11 +103,18 @@ def image_batches(dataset: str, split: str, *, transform, batch_size: int, data_
   """(uint8 [B, S, S, 3], int32 [B]) batches of a whole split, in order, transformed."""
   ds = split_dataset(dataset, split, data_dir=data_dir, limit=limit, seed=seed,
                      shuffle_files=shuffle_files)
+  return batches_of(ds, transform=transform, batch_size=batch_size, seed=seed)
+
+
+def batches_of(ds, *, transform, batch_size: int, seed: int = 0):
+  """Transformed (images, labels) numpy batches of a {"image", "label"} dataset, in order."""
   tf = data_lib.preprocess.tf
-  ds = ds.enumerate().map(
-      lambda i, ex: (transform(ex["image"], data_lib.example_seed(seed, 0, i)) if transform.is_random
-                     else transform(ex["image"]), ex["label"]),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def prepare(i, ex):
+    seed_i = data_lib.example_seed(seed, 0, i) if transform.is_random else None
+    return transform(ex["image"], seed_i), ex["label"]
+
+  ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   for images, labels in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
     yield images, labels.astype(np.int32)
 
@@ -147,12 +155,11 @@ def embed_split(embedder: BatchEmbedder, dataset: str, split: str, *, transform,
                 data_dir=None, limit: Optional[int] = None, seed: int = 0, shuffle_files: bool = False,
                 on_batch: Optional[Callable[[int, int], None]] = None) -> Tuple[np.ndarray, np.ndarray]:
   """Representations [N, D] float32 and labels [N] int32 of one split; on_batch(done, total)."""
-  total = num_examples(split_dataset(dataset, split, data_dir=data_dir, limit=limit, seed=seed,
-                                     shuffle_files=shuffle_files))
+  ds = split_dataset(dataset, split, data_dir=data_dir, limit=limit, seed=seed,
+                     shuffle_files=shuffle_files)
+  total = num_examples(ds)
   reps, labels = [], []
-  for images, y in image_batches(dataset, split, transform=transform, batch_size=batch_size,
-                                 data_dir=data_dir, limit=limit, seed=seed,
-                                 shuffle_files=shuffle_files):
+  for images, y in batches_of(ds, transform=transform, batch_size=batch_size, seed=seed):
     reps.append(embedder(images))
     labels.append(y)
     if on_batch is not None:

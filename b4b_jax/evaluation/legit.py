@@ -16,6 +16,8 @@ representations computed once (`query_representations`) is exactly what sending 
 `through_images=True` sends the images themselves through `DefendedEncoder.query` instead (the tests
 check both agree).
 """
+import functools
+import weakref
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -86,6 +88,23 @@ def legit_user(train, train_y, test, test_y, *, defense_config, probe_cfg, query
   return result
 
 
+_API_FNS = weakref.WeakKeyDictionary()
+
+
+def encoder_api_fn(encoder) -> Callable:
+  """The traceable images -> representations function of an Encoder, one object per encoder, so every
+  DefendedEncoder built on it reuses the defense's compiled encoder+defense call."""
+  fn = _API_FNS.get(encoder)
+  if fn is None:
+    fn = functools.partial(_apply_encoder, encoder.apply_fn, encoder.params)
+    _API_FNS[encoder] = fn
+  return fn
+
+
+def _apply_encoder(apply_fn, params, images):
+  return apply_fn(params, images)
+
+
 def send_image_stream(api, user: str, batches, *, normalize: Callable, query_batch_size: int):
   """Sends a stream of (uint8 images, labels) batches through `api.query`; returns
   (responses, labels, QueryTrace)."""
@@ -112,8 +131,7 @@ def legit_user_images(encoder, defense_config, train_batches, test_batches, *, p
   train_batches/test_batches: iterables of (uint8 images, labels), already transformed to the
   encoder's input size; `normalize` maps them to the encoder's float input.
   """
-  api = defense.DefendedEncoder(lambda x: encoder.apply_fn(encoder.params, x), defense_config,
-                                encoder.rep_dim, capacity=2)
+  api = defense.DefendedEncoder(encoder_api_fn(encoder), defense_config, encoder.rep_dim, capacity=2)
   send = dict(normalize=normalize, query_batch_size=query_batch_size)
   train, train_y, train_trace = send_image_stream(api, user, train_batches, **send)
   test, test_y, test_trace = send_image_stream(api, user, test_batches, **send)

@@ -9,6 +9,7 @@ Reusable by every job (and the end-to-end demo):
     report.md, written atomically so a crash never leaves half a file.
 """
 import io
+import json
 import math
 import os
 from typing import Iterable, Mapping, Optional, Sequence
@@ -189,7 +190,9 @@ def write_experiment(workdir: str, name: str, results: Mapping, *, config=None,
   _check_finite(results, name)
   payload = {"experiment": name, "results": results, "versions": library_versions()}
   if config is not None:
-    config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    # to_json_best_effort also converts ConfigDicts nested in tuples (to_dict does not).
+    config_dict = (json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
+                   else dict(config))
     payload["config"] = config_dict
     if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
       files.atomic_write_json(os.path.join(workdir, CONFIG_FILE), config_dict)

@@ -21,7 +21,7 @@ from b4b_jax.utils import metrics as metrics_lib
 from b4b_jax.utils import progress as progress_lib
 
 
-def _b4b_through_images(source, emb, dataset, cfg, config):
+def _b4b_through_images(source, emb, dataset, cfg, config, workdir):
   """The B4B row with the images themselves sent through DefendedEncoder.query."""
   encoder = source.encoder
   mean, std = data_lib.normalization(encoder)
@@ -40,7 +40,11 @@ def _b4b_through_images(source, emb, dataset, cfg, config):
     if not np.array_equal(labels, emb[f"{key}_y"]):
       raise ValueError(f"{dataset} {key}: the image stream's labels differ from the cached "
                        "embeddings' (embeddings of another config in this workdir?)")
-  res.pop("responses")
+  received = res.pop("responses")
+  if config.save_responses:
+    embeddings_lib.save_npz(os.path.join(workdir, "responses", f"{dataset}_B4B.npz"),
+                            meta={"row": "B4B", "through_images": True}, train_x=received[0],
+                            train_y=emb["train_y"], test_x=received[1], test_y=emb["test_y"])
   return res
 
 
@@ -58,7 +62,7 @@ def run(config, workdir: str):
     per_row = {}
     for name, cfg in rows:
       if name == "B4B" and config.through_images:
-        res = _b4b_through_images(source, emb, dataset, cfg, config)
+        res = _b4b_through_images(source, emb, dataset, cfg, config, workdir)
       else:
         res = legit_lib.legit_user(emb["train_x"], emb["train_y"], emb["test_x"], emb["test_y"],
                                    defense_config=cfg, probe_cfg=config.probe,
