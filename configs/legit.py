@@ -26,10 +26,12 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.job = "legit"
   config.seed = 0
-  config.encoder_kind = "dino" if arg == "dino" else "simsiam"   # selects the paper numbers to compare
+  # Which victim this is: "simsiam" / "dino" select the paper numbers to compare with (Tables 1, 6-8);
+  # anything else (the tiny random encoder) is compared with nothing.
+  config.encoder_kind = {"dino": "dino", "tiny": "random"}.get(arg, "simsiam")
   config.source = config_blocks.source_block(tiny=tiny)
   config.datasets = (config_blocks.TINY_DATASET,) if tiny else config_blocks.PAPER_DATASETS
-  config.defense = config_blocks.defense_block(preset=config.encoder_kind, tiny=tiny)
+  config.defense = config_blocks.defense_block(preset="dino" if arg == "dino" else "simsiam", tiny=tiny)
   config.b4b_transform = "diag_affine"     # the B4B row's per-user transform (paper: random affine)
   # Table 8 rows (transforms only) and Table 6 rows (static noise); the tiny variant keeps one of each.
   config.transforms = ("binary",) if tiny else ("diag_affine", "pad_shuffle", "affine_pad_shuffle",

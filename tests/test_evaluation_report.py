@@ -33,6 +33,9 @@ def test_table1_layout_matches_paper_rows():
   assert len(table["rows"]) == len(paper_numbers.TABLES["table1"]["rows"]) + 1
   assert table["matched"] == 3
   assert "Table 1" in table["markdown"] and table["markdown"].count("\n|") >= 14
+  only_ours = report.table1(ours, paper_table="table1", all_paper_rows=False)
+  assert [r[:2] for r in only_ours["rows"]] == [["LEGIT", "B4B"], ["ATTACK", "B4B"], ["ATTACK", "B4B"]]
+  assert only_ours["matched"] == 3
   alone = report.table1(ours, paper_table=None)
   assert "paper" not in alone["markdown"] and len(alone["rows"]) == 3
 

@@ -56,7 +56,11 @@ def defense_block(*, preset: str = "simsiam", tiny: bool) -> ml_collections.Conf
   c.preset = preset
   c.overrides = ml_collections.ConfigDict()
   if tiny:
+    # A few hundred queries of a tiny encoder: fewer projections/buckets and a lower beta, so coverage
+    # and the B4B cost are visible at this scale (the paper's setting is P=20, K=12, beta=80%).
     c.overrides.num_projections = 4
+    c.overrides.num_hyperplanes = 8
+    c.overrides.beta = 20.0
     c.overrides.pad_dim = 16
   return c
 

@@ -133,14 +133,14 @@ def _key(row):
 
 
 def table1(rows: Sequence[Mapping], *, paper_table: Optional[str] = "table1",
-           datasets: Optional[Sequence[str]] = None) -> dict:
+           datasets: Optional[Sequence[str]] = None, all_paper_rows: bool = True) -> dict:
   """Builds the Table-1 layout: {"headers", "rows" (cells), "markdown", "matched"}.
 
   `rows` are our results (see `table1_row`). With `paper_table` (a key of paper_numbers.TABLES, chosen
   only when our defense setting equals that table's: see paper_numbers.find_table), every row whose
   (user, defense, #queries, data) equals a paper row shows "ours (paper p)"; the paper's other rows are
-  listed with "—" for ours so the reader sees what was not run. Columns: the paper's four datasets, plus
-  any other dataset our rows have.
+  listed with "—" for ours so the reader sees what was not run (all_paper_rows=False: only the paper
+  rows we have). Columns: the paper's four datasets, plus any other dataset our rows have.
   """
   paper_rows = paper_numbers.TABLES[paper_table]["rows"] if paper_table else []
   ours = {_key(r): r for r in rows}
@@ -149,7 +149,9 @@ def table1(rows: Sequence[Mapping], *, paper_table: Optional[str] = "table1",
     datasets = list(paper_numbers.DATASETS) + extra
   ordered = []
   for p in paper_rows:
-    ordered.append((p, ours.pop(_key(p), None)))
+    mine = ours.pop(_key(p), None)
+    if mine is not None or all_paper_rows:
+      ordered.append((p, mine))
   for r in rows:
     if _key(r) in ours:
       ordered.append((None, ours.pop(_key(r))))

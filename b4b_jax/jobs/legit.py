@@ -97,8 +97,8 @@ def _write_report(config, workdir, base, results):
       {d: (r["rows"][f"noise sigma={float(s):g}"]["test_top1_mean"],
            r["rows"][f"noise sigma={float(s):g}"]["test_top1_std"]) for d, r in results.items()})
       for s in config.static_sigmas]
-  table1 = report.table1(table_rows, paper_table=paper_table)
-  table6 = report.table1(table_rows + static_rows,
+  table1 = report.table1(table_rows, paper_table=paper_table, all_paper_rows=False)
+  table6 = report.table1(table_rows + static_rows, all_paper_rows=False,
                          paper_table="table6" if paper_table == "table1" else None)
 
   # Table 8: transforms only.
