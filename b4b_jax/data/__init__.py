@@ -14,3 +14,4 @@ from b4b_jax.data.preprocess import (NORMALIZATION, TRANSFORM_PRESETS, Transform
                                      resize_shorter)
 from b4b_jax.data.sharding import shard_bounds
 from b4b_jax.data.sources import get_dataset, load_arrays
+from b4b_jax.data.batching import eval_batches, local_batch_size, to_global, train_batches

@@ -16,7 +16,10 @@ def resolve_process(process_index: Optional[int] = None, process_count: Optional
 
 
 def shard_bounds(n: int, process_index: int, process_count: int) -> Tuple[int, int]:
-  """[start, stop) of process `process_index`'s contiguous share of n items; shares differ by <= 1 item
-  (the rule of tfds.even_splits, so arrays, folders and TFDS splits are divided alike)."""
+  """[start, stop) of process `process_index`'s contiguous share of n items: shares differ by <= 1 item,
+  the first n % process_count processes take one more (tfds.even_splits' rule, so arrays, folders and
+  TFDS splits are divided alike)."""
   process_index, process_count = resolve_process(process_index, process_count)
-  return process_index * n // process_count, (process_index + 1) * n // process_count
+  base, extra = divmod(int(n), process_count)
+  start = process_index * base + min(process_index, extra)
+  return start, start + base + (process_index < extra)
