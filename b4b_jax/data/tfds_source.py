@@ -9,8 +9,6 @@ import os
 import re
 from typing import Optional, Tuple
 
-import tensorflow_datasets as tfds
-
 from b4b_jax.data import preprocess
 from b4b_jax.data._tf import tf
 
@@ -19,7 +17,15 @@ NAME_ALIASES = {"svhn": "svhn_cropped", "fmnist": "fashion_mnist", "fashion-mnis
 SPLIT_ALIASES = {"stl10": {"unlabeled": "unlabelled"}}
 
 
-def builder(name: str, data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
+def _tfds():
+  # Imported on first use: the bundled sources and folders do not pay TFDS's import time.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
+def builder(name: str, data_dir: Optional[str] = None):
+  """The TFDS builder of `name` reading from data_dir (None: TFDS's default); never downloads."""
+  tfds = _tfds()
   name = NAME_ALIASES.get(name, name)
   if data_dir is not None and not os.path.isdir(os.fspath(data_dir)):
     raise FileNotFoundError(f"TFDS data_dir does not exist: {data_dir} (dataset {name!r})")
@@ -32,6 +38,7 @@ def builder(name: str, data_dir: Optional[str] = None) -> tfds.core.DatasetBuild
 
 def image_label_keys(info) -> Tuple[str, Optional[str]]:
   """The image feature and the label feature (None if the dataset has no labels)."""
+  tfds = _tfds()
   image_key, label_key = "image", "label"
   if info.supervised_keys and len(info.supervised_keys) == 2 and all(
       isinstance(k, str) for k in info.supervised_keys):
@@ -52,6 +59,7 @@ def tfds_dataset(name: str, split: str, *, data_dir: Optional[str] = None, proce
                  process_count: int = 1, shuffle_files: bool = False, seed: int = 0
                  ) -> tf.data.Dataset:
   """{"image": uint8 [H, W, 3], "label": int32 (-1 if unlabelled)} for this process's share."""
+  tfds = _tfds()
   b = builder(name, data_dir)
   split = SPLIT_ALIASES.get(b.name, {}).get(split, split)
   known = list(b.info.splits.keys())  # empty when the data is mocked or not prepared
