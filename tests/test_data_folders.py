@@ -108,3 +108,15 @@ def test_bad_inputs_name_the_path(tmp_path, tree):
     list_folder(root, "val")
   with pytest.raises(ValueError, match="needs a root"):
     load_arrays("folder:", "train")
+
+
+def test_make_subset_links_the_same_images_as_per_class(tree, tmp_path):
+  from b4b_jax.data.make_subset import make_subset  # pylint: disable=g-import-not-at-top
+  dst = str(tmp_path / "subset")
+  assert make_subset(tree, dst, per_class=2, splits=["train"], full_splits=["val"], seed=4) == 12
+  sub = list_folder(dst, "train")
+  picked = list_folder(tree, "train", per_class=2, seed=4)
+  assert [os.path.realpath(p) for p in sub.paths] == [os.path.realpath(p) for p in picked.paths]
+  assert len(list_folder(dst, "val")) == 6 and sub.class_names == CLASSES
+  with pytest.raises(FileExistsError, match="refusing"):
+    make_subset(tree, dst, per_class=2)

@@ -19,6 +19,7 @@ from b4b_jax.data import preprocess
 from b4b_jax.data import tfds_source
 from b4b_jax.data._tf import tf
 from b4b_jax.data.sharding import resolve_process, shard_bounds
+from b4b_jax.utils.progress import Progress
 
 BUNDLED = ("digits", "sklearn_photos")
 FOLDER_PREFIX = "folder:"
@@ -89,11 +90,14 @@ def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None, limit:
         lambda i, ex: {"image": transform(ex["image"], preprocess.example_seed(seed, 0, i)),
                        "label": ex["label"]},
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  count = int(ds.cardinality())
+  progress = Progress(f"load {name}/{split}", max(count, 0), unit="image")
   try:
     images, labels = [], []
     for batch in ds.batch(256).as_numpy_iterator():
       images.append(batch["image"])
       labels.append(batch["label"])
+      progress.update(sum(len(x) for x in labels))
   except tf.errors.InvalidArgumentError as e:
     if files is not None:  # name the undecodable file(s)
       folders.check_images(files.paths if limit is None else files.paths[:limit])
