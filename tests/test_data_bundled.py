@@ -67,3 +67,16 @@ def test_sklearn_photos_whole_photo_crop_is_the_resized_photo():
   for got, photo in zip(x, load_sample_images().images):
     ref = np.asarray(Image.fromarray(photo).resize((40, 40), Image.BILINEAR)).astype(int)
     assert np.abs(got.astype(int) - ref).max() <= 1
+
+
+def test_bundled_sources_take_a_seeded_transform():
+  x, _ = load_arrays("digits", "test", limit=4, transform={"mode": "random_resized_crop", "size": 12,
+                                                           "flip": True}, seed=1)
+  y, _ = load_arrays("digits", "test", limit=4, transform={"mode": "random_resized_crop", "size": 12,
+                                                           "flip": True}, seed=1)
+  assert x.shape == (4, 12, 12, 3)
+  np.testing.assert_array_equal(x, y)
+  with pytest.raises(ValueError, match="no per_class"):
+    load_arrays("digits", "test", per_class=3)
+  with pytest.raises(ValueError, match="unknown options for 'digits'"):
+    load_arrays("digits", "test", flip=True)

@@ -52,7 +52,7 @@ def load_digits_arrays(split: str, *, image_size: Optional[int] = None, limit: O
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   idx = digits_split_indices(split)
   if limit is not None:
-    idx = idx[:_check_limit(limit)]
+    idx = idx[:check_limit(limit)]
   data = load_digits()
   # Pixel values are 0..16 ink levels; spread them over 0..255.
   gray = np.round(data.images[idx] * (255.0 / 16.0)).astype(np.uint8)[..., None]
@@ -80,7 +80,7 @@ def load_photo_crops(split: str, *, image_size: Optional[int] = None, limit: Opt
   seed -> other crops.
   """
   _check_split("sklearn_photos", split, PHOTO_SPLITS)
-  n = PHOTO_DEFAULT_COUNT[split] if limit is None else _check_limit(limit)
+  n = PHOTO_DEFAULT_COUNT[split] if limit is None else check_limit(limit)
   size = PHOTO_DEFAULT_SIZE if image_size is None else image_size
   transform = preprocess.Transform("random_resized_crop", size, scale=scale, ratio=ratio, flip=flip,
                                    method=method)
@@ -94,7 +94,7 @@ def load_photo_crops(split: str, *, image_size: Optional[int] = None, limit: Opt
   return images, np.full((n,), -1, np.int32)
 
 
-def _check_limit(limit) -> int:
+def check_limit(limit) -> int:
   if int(limit) != limit or limit < 0:
     raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
   return int(limit)

@@ -232,8 +232,9 @@ def random_flip(image, seed) -> tf.Tensor:
 
 
 def _check_range(name, pair, lo, hi):
-  if len(pair) != 2 or not lo <= pair[0] <= pair[1] <= hi or pair[1] <= 0:
-    raise ValueError(f"{name} must be (low, high) with {lo} <= low <= high <= {hi}, got {pair}")
+  # Both bounds must be positive too: a zero scale gives empty boxes, a zero ratio log(0).
+  if len(pair) != 2 or not lo < pair[0] <= pair[1] <= hi:
+    raise ValueError(f"{name} must be (low, high) with {lo} < low <= high <= {hi}, got {pair}")
 
 
 # ---------------------------------------------------------------------------------------------------

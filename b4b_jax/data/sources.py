@@ -61,15 +61,19 @@ def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None, limit:
   """
   kind, target = parse_name(name, data_dir)
   if kind == "bundled":
-    if per_class is not None or transform is not None:
-      raise ValueError(f"{name!r} takes neither per_class nor transform (use image_size / "
-                       "preprocess.apply_transform)")
+    if per_class is not None:
+      raise ValueError(f"{name!r} has no per_class option (it is for class folders)")
     if target == "digits":
       if source_options:
         raise ValueError(f"unknown options for 'digits': {sorted(source_options)}")
-      return bundled.load_digits_arrays(split, image_size=image_size, limit=limit, method=method)
-    return bundled.load_photo_crops(split, image_size=image_size, limit=limit, seed=seed, method=method,
-                                    **source_options)
+      images, labels = bundled.load_digits_arrays(split, image_size=image_size, limit=limit,
+                                                  method=method)
+    else:
+      images, labels = bundled.load_photo_crops(split, image_size=image_size, limit=limit, seed=seed,
+                                                method=method, **source_options)
+    if transform is not None:
+      images = preprocess.apply_transform(images, transform, seed=seed)
+    return images, labels
   if source_options:
     raise ValueError(f"unknown options for {name!r}: {sorted(source_options)}")
   if transform is None and image_size is not None:
@@ -84,7 +88,7 @@ def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None, limit:
       raise ValueError("per_class is only supported for class folders")
     ds = tfds_source.tfds_dataset(target, split, data_dir=data_dir)
   if limit is not None:
-    ds = ds.take(bundled._check_limit(limit))  # pylint: disable=protected-access
+    ds = ds.take(bundled.check_limit(limit))
   if transform is not None:
     ds = ds.enumerate().map(
         lambda i, ex: {"image": transform(ex["image"], preprocess.example_seed(seed, 0, i)),
