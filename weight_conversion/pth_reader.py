@@ -118,7 +118,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
   view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size,
                                          strides=tuple(s * flat.itemsize for s in stride),
                                          writeable=False)
-  return np.array(view, copy=True)  # contiguous and independent of the archive buffer
+  return np.array(view, copy=True, order="C")  # contiguous and independent of the archive buffer
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
