@@ -73,8 +73,7 @@ def convert_state_dict(source: Mapping[str, np.ndarray], targets: Mapping[str, T
       raise ValueError(f"{what}: missing key {key!r} (needed for {path}); the checkpoint has "
                        f"{len(source)} keys, e.g. {sorted(source)[:5]}")
     value = np.asarray(source[key])
-    if not (np.issubdtype(value.dtype, np.floating) or value.dtype.kind == "V" or
-            "bfloat16" in str(value.dtype) or "float8" in str(value.dtype)):
+    if "float" not in value.dtype.name:  # float16/32/64, bfloat16 and float8 (ml_dtypes) are fine
       raise ValueError(f"{what}: {key!r} has dtype {value.dtype}, expected floating point")
     try:
       converted = transform(value)
