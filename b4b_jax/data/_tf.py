@@ -1,9 +1,9 @@
 """TensorFlow for the input pipeline only: it must never take accelerator memory from JAX."""
 import sys
 
-# Loading triton's native library after TensorFlow's segfaults the process (triton 3.8 with TF 2.21), and
+# Loading triton's native library after TensorFlow's segfaults the process (triton 3.8, TF 2.21), and
 # torchvision imports triton. Nothing in b4b-jax needs triton (torch is only a CPU reference in tests
-# and benchmarks), so unless triton is already loaded, it is marked unavailable; torch then runs without it.
+# and benchmarks), so unless triton is already loaded it is marked unavailable; torch runs without it.
 if "triton" not in sys.modules:
   sys.modules["triton"] = None
 
