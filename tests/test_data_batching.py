@@ -1,4 +1,4 @@
-"""Sharded, seeded batching: order reproducibility, process shards, resume, eval padding, global arrays."""
+"""Sharded, seeded batching: reproducible order, process shards, resume, eval padding, global arrays."""
 import jax
 import numpy as np
 import pytest

@@ -80,3 +80,13 @@ def test_bundled_sources_take_a_seeded_transform():
     load_arrays("digits", "test", per_class=3)
   with pytest.raises(ValueError, match="unknown options for 'digits'"):
     load_arrays("digits", "test", flip=True)
+
+
+def test_get_dataset_serves_bundled_shares():
+  from b4b_jax.data import get_dataset  # pylint: disable=g-import-not-at-top
+  _, labels = load_arrays("digits", "test")
+  shares = [[int(ex["label"]) for ex in get_dataset("digits", "test", process_index=p,
+                                                      process_count=2).as_numpy_iterator()]
+            for p in range(2)]
+  assert [len(s) for s in shares] == [225, 225]
+  np.testing.assert_array_equal(np.concatenate(shares), labels)

@@ -95,7 +95,8 @@ def test_bad_inputs_name_the_path(tmp_path, tree):
     load_arrays(f"folder:{root}", "train", image_size=8)
   # A JPEG cut in half passes the signature check; decoding finds it and names it.
   buf = io.BytesIO()
-  Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+  noise = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+  Image.fromarray(noise).save(buf, "JPEG")
   with open(bad, "wb") as f:
     f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
   with pytest.raises(ValueError, match="undecodable image file.*bad.jpg"):

@@ -26,7 +26,8 @@ def test_mock_dataset_resized_and_batched():
     images, _ = load_arrays("stl10", "train", image_size=32, limit=3)
     assert images.shape == (3, 32, 32, 3)
     ds = get_dataset("cifar10", "train", shuffle_files=True, seed=0)
-    batch = next(train_batches(ds, global_batch_size=8, seed=0, transform={"mode": "random_resized_crop", "size": 32, "flip": True}))
+    crop = {"mode": "random_resized_crop", "size": 32, "flip": True}
+    batch = next(train_batches(ds, global_batch_size=8, seed=0, transform=crop))
   assert batch["image"].shape == (8, 32, 32, 3) and batch["label"].shape == (8,)
 
 

@@ -9,9 +9,9 @@
 from b4b_jax.data import preprocess
 from b4b_jax.data.folders import check_images, class_names, list_folder
 from b4b_jax.data.preprocess import (NORMALIZATION, TRANSFORM_PRESETS, Transform, apply_transform,
-                                     center_crop, example_seed, make_transform, normalization, normalize,
-                                     random_flip, random_resized_crop, random_resized_crop_params, resize,
-                                     resize_shorter)
+                                     center_crop, example_seed, make_transform, normalization,
+                                     normalize, random_flip, random_resized_crop,
+                                     random_resized_crop_params, resize, resize_shorter)
 from b4b_jax.data.sharding import shard_bounds
 from b4b_jax.data.sources import get_dataset, load_arrays
 from b4b_jax.data.batching import eval_batches, local_batch_size, to_global, train_batches

@@ -152,7 +152,7 @@ def _resize_to(image, hw: tf.Tensor, method: str) -> tf.Tensor:
 
 
 def resize_shorter(image, shorter: int, method: str = "bilinear") -> tf.Tensor:
-  """torchvision Resize(int): the shorter side becomes `shorter`, the longer int(shorter * long/short)."""
+  """torchvision Resize(int): the shorter side becomes `shorter`, the longer int(shorter*long/short)."""
   shape = tf.shape(image)
   h, w = tf.cast(shape[-3], tf.int64), tf.cast(shape[-2], tf.int64)
   s = tf.constant(int(shorter), tf.int64)
@@ -199,8 +199,10 @@ def random_resized_crop_params(height, width, seed, scale=(0.08, 1.0), ratio=(3 
   ch = tf.round(tf.sqrt(target / aspect))
   fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
   # Uniform integer offsets in [0, H - h] and [0, W - w] for each attempt.
-  top = tf.floor(tf.random.stateless_uniform([_RRC_ATTEMPTS], seeds[2], dtype=tf.float64) * (h - ch + 1))
-  left = tf.floor(tf.random.stateless_uniform([_RRC_ATTEMPTS], seeds[3], dtype=tf.float64) * (w - cw + 1))
+  u_top = tf.random.stateless_uniform([_RRC_ATTEMPTS], seeds[2], dtype=tf.float64)
+  u_left = tf.random.stateless_uniform([_RRC_ATTEMPTS], seeds[3], dtype=tf.float64)
+  top = tf.floor(u_top * (h - ch + 1))
+  left = tf.floor(u_left * (w - cw + 1))
   first = tf.argmax(tf.cast(fits, tf.int32))
 
   # Fallback: centre crop with the aspect ratio clamped into `ratio`.
@@ -218,7 +220,7 @@ def random_resized_crop_params(height, width, seed, scale=(0.08, 1.0), ratio=(3 
 
 def random_resized_crop(image, size, seed, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                         method: str = "bilinear") -> tf.Tensor:
-  """RandomResizedCrop(size, scale, ratio) of one HWC image: crop a torchvision-sampled box, resize it."""
+  """RandomResizedCrop(size, scale, ratio) of one HWC image: crop a torchvision-sampled box, resize."""
   shape = tf.shape(image)
   top, left, h, w = random_resized_crop_params(shape[0], shape[1], seed, scale, ratio)
   return resize(image[top:top + h, left:left + w, :], size, method)
