@@ -41,7 +41,7 @@ def get_config(arg=None):
         _query_set("digits", "digits", "train", 256),
         _query_set("photo crops", "sklearn_photos", "query", 256),
         _query_set("random noise", "random_noise", "", 256))
-    config.bucket_bits = (6, 12)
+    config.bucket_bits = (6, 8)
     config.report_at = (100, 200)
   else:
     config.imagenet_root = "/data/imagenet100"   # ImageNet-style class folders (<root>/train/<class>)

@@ -145,7 +145,7 @@ def test_coverage_job(exported, tmp_path):
   config = tiny_config("coverage")
   config.source.encoder = exported["encoder"]
   results = run_job(config, str(tmp_path))
-  _check_outputs(str(tmp_path), plots=("coverage_K6.png", "coverage_K12.png", "queries_per_bucket.png",
+  _check_outputs(str(tmp_path), plots=("coverage_K6.png", "coverage_K8.png", "queries_per_bucket.png",
                                        "sigma_vs_coverage_fig4_beta.png", "sigma_vs_queries.png"))
   for k, per_set in results["curves"].items():
     assert set(per_set) == {"digits", "photo crops", "random noise"}

@@ -56,14 +56,16 @@ def run(config, workdir: str):
   sets = query_set_reps(config, workdir, source)
   base = config_blocks.build_defense_config(config.defense)
 
-  prog = progress_lib.Progress("coverage", len(config.bucket_bits) * len(sets), unit="curve")
+  # The defense's own bucket count is always included: the sigma-vs-queries curves need it.
+  bucket_bits = sorted(set(config.bucket_bits) | {base.num_hyperplanes})
+  prog = progress_lib.Progress("coverage", len(bucket_bits) * len(sets), unit="curve")
   done = [0]
 
   def on_curve(k, name):
     done[0] += 1
     prog.update(done[0], K=k, set=name)
 
-  curves = coverage_curves.coverage_vs_queries(sets, base_config=base, bucket_bits=config.bucket_bits,
+  curves = coverage_curves.coverage_vs_queries(sets, base_config=base, bucket_bits=bucket_bits,
                                                batch_size=config.query_batch_size, on_batch=on_curve)
   for k, per_set in curves.items():
     for name, c in per_set.items():
