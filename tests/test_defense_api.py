@@ -41,6 +41,19 @@ def _encoder(images):  # JAX-traceable toy encoder: NHWC [N, 4, 4, 3] -> [N, D]
   return jnp.tanh(images.reshape(images.shape[0], -1) @ _W)
 
 
+class _ParamEncoder:
+  """The models.Encoder protocol: weights as `.params`, `.apply_fn(params, images)`."""
+
+  def __init__(self):
+    self.params = {"w": jnp.asarray(_W)}
+
+  def apply_fn(self, params, images):
+    return jnp.tanh(images.reshape(images.shape[0], -1) @ params["w"])
+
+  def __call__(self, images):
+    return self.apply_fn(self.params, images)
+
+
 def _snapshot(api):
   arrays = state_lib.state_to_numpy(api.state)
   return arrays, api.users, api.capacity, json.dumps(api.stats(), sort_keys=True)
@@ -140,6 +153,8 @@ def test_fused_encoder_equals_embedding_path_and_non_traceable_encoder_works():
   host = defense.DefendedEncoder(lambda x: np.tanh(np.asarray(x).reshape(len(x), -1) @ _W), cfg, D)
   np.testing.assert_allclose(host.query("alice", images), out, rtol=1e-5, atol=1e-6)
   assert host._fuse is False  # pylint: disable=protected-access
+  with_params = defense.DefendedEncoder(_ParamEncoder(), cfg, D)
+  np.testing.assert_array_equal(with_params.query("alice", images), out)
   mixed = fused.query_mixed(["bob", "alice"] * 5, images)
   assert mixed.shape == (10, D) and fused.num_queries("bob") == 5
 
