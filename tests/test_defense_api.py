@@ -280,3 +280,22 @@ def test_corrupted_or_mismatched_checkpoints_raise(tmp_path):
                       (garbled, "corrupted or unreadable")]:
     with pytest.raises(ValueError, match=match):
       defense.DefendedEncoder.restore(path, None)
+
+
+def test_a_models_encoder_runs_fused_with_its_weights_as_jit_arguments(tmp_path):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from b4b_jax import models  # pylint: disable=g-import-not-at-top
+  from b4b_jax.defense import api as api_lib  # pylint: disable=g-import-not-at-top
+  model = models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(0), small_input=True)
+  models.save_encoder(str(tmp_path / "enc"), model,
+                      {"preprocessing": models.default_preprocessing(16, resize=None)})
+  encoder = models.load_encoder(str(tmp_path / "enc"))
+  assert api_lib._encoder_parts(encoder)[1] is encoder.params  # pylint: disable=protected-access
+  cfg = _loud_cfg(transform="diag_affine")
+  api = defense.DefendedEncoder(encoder, cfg, encoder.rep_dim)
+  images = np.random.default_rng(8).uniform(size=(5, 16, 16, 3)).astype(np.float32)
+  out = api.query("alice", images)
+  assert api._fuse is True  # pylint: disable=protected-access
+  # (Fused == eager equality is checked with the toy encoders above; here the real model's protocol.)
+  assert out.shape == (5, encoder.rep_dim) and np.isfinite(out).all()
+  assert api.coverage("alice") > 0 and api.num_queries("alice") == 5
