@@ -106,7 +106,7 @@ def _unambiguous_rows(reps, hyperplanes, margin=1e-3):
   return reps[np.abs(scores).min(axis=(1, 2)) > margin]
 
 
-@pytest.mark.parametrize("num_projections,num_hyperplanes", [(20, 12), (3, 3), (4, 7)])
+@pytest.mark.parametrize("num_projections,num_hyperplanes", [(20, 12), (3, 3), (4, 7), (2, 20)])
 def test_coverage_matches_set_reference_over_incremental_mixed_batches(num_projections,
                                                                        num_hyperplanes):
   rep_dim, users = 24, ["ann", "bob", "cy"]
@@ -134,6 +134,28 @@ def test_coverage_matches_set_reference_over_incremental_mixed_batches(num_proje
   counts = np.asarray(api.state.counts)
   np.testing.assert_array_equal(lsh.popcount(api.state.occupancy), counts)
   assert api.num_queries("ann") + api.num_queries("bob") + api.num_queries("cy") == start
+
+
+def test_one_key_and_two_key_sorts_update_occupancy_identically():
+  rng = np.random.default_rng(0)
+  k, users, n = 9, 5, 300
+  occupancy = jnp.asarray(rng.integers(0, 2**32, (users, 3, 16), dtype=np.uint32) & 0x01010101)
+  counts = jnp.asarray(lsh.popcount(occupancy).astype(np.int32))
+  user_per_row = jnp.asarray(rng.integers(-1, users + 1, n).astype(np.int32))  # incl. ignored rows
+  buckets = jnp.asarray(rng.integers(0, 40, (n, 3)).astype(np.int32))  # many duplicates
+  add = jax.jit(lsh.add_buckets, static_argnums=(4, 5))  # one compilation instead of op by op
+  one = add(occupancy, counts, user_per_row, buckets, k, True)
+  two = add(occupancy, counts, user_per_row, buckets, k, False)
+  for a, b in zip(one, two):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Independent check: OR of the bits in numpy.
+  expected = np.asarray(occupancy).copy()
+  for row, u in enumerate(np.asarray(user_per_row)):
+    if 0 <= u < users:
+      for p, b in enumerate(np.asarray(buckets)[row]):
+        expected[u, p, b // 32] |= np.uint32(1) << np.uint32(b % 32)
+  np.testing.assert_array_equal(np.asarray(one[0]), expected)
+  np.testing.assert_array_equal(np.asarray(one[1]), lsh.popcount(expected))
 
 
 def test_bucket_bits_are_strict_and_packed_in_hyperplane_order():

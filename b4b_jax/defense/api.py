@@ -43,7 +43,9 @@ class DefendedEncoder:
 
   Args:
     encoder_fn: images (NHWC float32) -> representations [N, rep_dim]; any callable, ideally
-      JAX-traceable (then fused with the defense into one jitted call). None for an embedding-level API
+      JAX-traceable (then fused with the defense into one jitted call). If it has `.apply_fn(params,
+      images)` and `.params` (b4b_jax.models.load_encoder's Encoder), the weights are passed to the
+      fused jit as arguments rather than compiled in as constants. None for an embedding-level API
       that only serves `query_representations`.
     config: `defense_config(...)`; validated (ValueError naming the field).
     rep_dim: dimension D of the encoder's representations.
@@ -121,7 +123,7 @@ class DefendedEncoder:
       new_capacity = max(2 * self.capacity, slot + 1)
       self._state = state_lib.grow_state(self._state, new_capacity)
       self._tables.grow(new_capacity)
-    self._state = _set_uid(self._state, slot, jnp.asarray(uid))
+    self._state = _set_uid(self._state, slot, _device(uid, np.uint32))
     self._tables.add_user(slot, uid)
     self._names.append(user)
     self._slots[user] = slot
@@ -160,7 +162,7 @@ class DefendedEncoder:
   # ----------------------------------------------------------------------------- read-outs
   def coverage(self, user: str) -> float:
     """The user's coverage in percent (mean over projections of occupied buckets / 2^K)."""
-    counts = np.asarray(self._state.counts[self.slot(user)], np.float64)
+    counts = np.asarray(self._state.counts)[self.slot(user)].astype(np.float64)
     return float(100.0 * counts.mean() / (1 << self._settings.num_hyperplanes))
 
   def sigma(self, user: str) -> float:
@@ -169,17 +171,18 @@ class DefendedEncoder:
 
   def num_queries(self, user: str) -> int:
     """Representations returned to the user so far."""
-    return int(self._state.num_queries[self.slot(user)])
+    return int(np.asarray(self._state.num_queries)[self.slot(user)])
 
   def num_query_batches(self, user: str) -> int:
-    return int(self._state.num_batches[self.slot(user)])
+    return int(np.asarray(self._state.num_batches)[self.slot(user)])
 
   def stats(self) -> dict:
     """Per-user coverage/sigma/query counts plus totals and the defense settings (JSON friendly)."""
     n = len(self._names)
-    counts = np.asarray(self._state.counts[:n], np.float64)
-    queries = np.asarray(self._state.num_queries[:n])
-    batches = np.asarray(self._state.num_batches[:n])
+    # Whole arrays to host, then index: indexing device arrays eagerly compiles a kernel per shape.
+    counts = np.asarray(self._state.counts)[:n].astype(np.float64)
+    queries = np.asarray(self._state.num_queries)[:n]
+    batches = np.asarray(self._state.num_batches)[:n]
     coverages = 100.0 * counts.mean(axis=1) / (1 << self._settings.num_hyperplanes) if n else []
     users = {}
     for i, name in enumerate(self._names):
@@ -352,8 +355,8 @@ class DefendedEncoder:
         state, returned, info = self._run_images(slots, table, index, inputs)
       else:
         state, returned, info = step_lib.defense_step(
-            self._params, self._state, jnp.asarray(slots), jnp.asarray(inputs, jnp.float32), table,
-            jnp.asarray(index))
+            self._params, self._state, _device(slots, np.int32), _device(inputs, np.float32), table,
+            _device(index, np.int32))
     except Exception:
       self._forget_new_users(previous_users, previous_capacity)
       raise
@@ -365,9 +368,9 @@ class DefendedEncoder:
       where = f" (rows {bad[:10]})" if bad else " (the encoder produced them)"
       raise ValueError(f"non-finite (NaN/Inf) representations for these {what}{where}; nothing was "
                        "counted and the defense state is unchanged")
-    self.last_info = {"coverage": np.asarray(info["coverage"][:n]),
-                      "sigma": np.asarray(info["sigma"][:n]), "users": list(users)}
-    return np.asarray(returned[:n])
+    self.last_info = {"coverage": np.asarray(info["coverage"])[:n],
+                      "sigma": np.asarray(info["sigma"])[:n], "users": list(users)}
+    return np.asarray(returned)[:n]
 
   def _run_images(self, slots, table, index, images):
     reps = None
@@ -382,8 +385,9 @@ class DefendedEncoder:
       if self._fused_serve is None:
         self._fused_serve = _fused_serve_for(self._encoder_fn)
       try:
-        result = self._fused_serve(self._params, self._state, table, jnp.asarray(index),
-                                   jnp.asarray(slots), jnp.asarray(images, jnp.float32))
+        result = self._fused_serve(self._params, self._state, table, _device(index, np.int32),
+                                   _device(slots, np.int32), _device(images, np.float32),
+                                   _encoder_parts(self._encoder_fn)[1])
       except (ValueError, FloatingPointError):
         raise
       except Exception as e:  # shape errors inside encoder_fn surface at trace time (nothing donated)
@@ -393,8 +397,8 @@ class DefendedEncoder:
     else:
       if reps is None:
         reps = self._eager_encode(images)
-      result = step_lib.defense_step(self._params, self._state, jnp.asarray(slots), reps, table,
-                                     jnp.asarray(index))
+      result = step_lib.defense_step(self._params, self._state, _device(slots, np.int32), reps, table,
+                                     _device(index, np.int32))
     if self._input_shape is None:
       self._input_shape = tuple(int(v) for v in images.shape[1:])
     return result
@@ -410,17 +414,17 @@ class DefendedEncoder:
     shape = getattr(reps, "shape", None)
     if shape is None or tuple(shape) != (n, self.rep_dim):
       raise ValueError(f"encoder_fn returned shape {shape}, expected ({n}, {self.rep_dim})")
-    return jnp.asarray(reps, jnp.float32)
+    return _device(reps, np.float32)
 
   def _forget_new_users(self, previous_users: int, previous_capacity: int) -> None:
     """Undoes the auto-registrations of a call that failed (state otherwise untouched)."""
     for name in self._names[previous_users:]:
       slot = self._slots.pop(name)
       del self._uid_owner[tuple(int(v) for v in keys_lib.uid_from_name(name))]
-      self._state = _set_uid(self._state, slot, jnp.zeros((2,), jnp.uint32))
+      self._state = _set_uid(self._state, slot, _device(np.zeros((2,)), np.uint32))
     del self._names[previous_users:]
     if self.capacity > previous_capacity:
-      self._state = jax.tree.map(lambda a: a[:previous_capacity], self._state)
+      self._state = state_lib.resize_rows(self._state, previous_capacity)
       self._tables.shrink(previous_capacity)
 
 
@@ -451,7 +455,7 @@ class _TransformTables:
   def _empty(self, size: int):
     shapes = jax.eval_shape(lambda u: transforms.user_params(self._settings, self._stream, u),
                             jax.ShapeDtypeStruct((2,), jnp.uint32))
-    return jax.tree.map(lambda a: jnp.zeros((size,) + a.shape, a.dtype), shapes)
+    return jax.tree.map(lambda a: jax.device_put(np.zeros((size,) + a.shape, a.dtype)), shapes)
 
   def _write(self, table, entry: int, uid):
     return _write_table_entry(self._settings, table, jnp.int32(entry), self._stream, uid)
@@ -460,12 +464,7 @@ class _TransformTables:
     return jax.tree.leaves(self._table)[0].shape[0] if self._table else 0
 
   def _resize(self, size: int):
-    old = self._entries()
-    if size > old:
-      empty = self._empty(size - old)
-      self._table = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), self._table, empty)
-    else:
-      self._table = jax.tree.map(lambda a: a[:size], self._table)
+    self._table = state_lib.resize_rows(self._table, size)
 
   def grow(self, capacity: int) -> None:
     if self.kind == "slots":
@@ -482,7 +481,7 @@ class _TransformTables:
     self._uids[slot] = np.asarray(uid, np.uint32)
     self._entry_of_slot.pop(slot, None)
     if self.kind == "slots":
-      self._table = self._write(self._table, slot, jnp.asarray(uid))
+      self._table = self._write(self._table, slot, _device(uid, np.uint32))
 
   def lookup(self, slots: np.ndarray):
     """(table, entry index per row) for the rows' slots."""
@@ -504,7 +503,7 @@ class _TransformTables:
       else:  # evict the least recently used user that this call does not need
         victim = next(s for s in self._entry_of_slot if s not in needed)
         entry = self._entry_of_slot.pop(victim)
-      self._table = self._write(self._table, entry, jnp.asarray(self._uids[slot]))
+      self._table = self._write(self._table, entry, _device(self._uids[slot], np.uint32))
       self._entry_of_slot[slot] = entry
     index = np.asarray([self._entry_of_slot[int(s)] for s in slots], np.int32)
     return self._table, index
@@ -521,15 +520,28 @@ _FUSED_CACHE = weakref.WeakKeyDictionary()  # encoder_fn -> jitted serve (shared
 
 def _fused_serve_for(encoder_fn):
   try:
-    return _FUSED_CACHE.setdefault(encoder_fn, _make_fused_serve(encoder_fn))
+    if encoder_fn not in _FUSED_CACHE:
+      _FUSED_CACHE[encoder_fn] = _make_fused_serve(encoder_fn)
+    return _FUSED_CACHE[encoder_fn]
   except TypeError:  # not weak-referenceable
     return _make_fused_serve(encoder_fn)
 
 
-def _make_fused_serve(encoder_fn):
+def _encoder_parts(encoder_fn):
+  """(apply(encoder_params, images), encoder_params). Encoders exposing `.apply_fn(params, x)` and
+  `.params` (b4b_jax.models' Encoder) get their weights passed as jit arguments instead of being
+  baked into the compiled program as constants."""
+  apply_fn, params = getattr(encoder_fn, "apply_fn", None), getattr(encoder_fn, "params", None)
+  if callable(apply_fn) and params is not None:
+    return apply_fn, params
+  return (lambda _, images: encoder_fn(images)), None
 
-  def serve(params, state, table, index, users, images):
-    reps = encoder_fn(images)
+
+def _make_fused_serve(encoder_fn):
+  apply_fn, _ = _encoder_parts(encoder_fn)
+
+  def serve(params, state, table, index, users, images, encoder_params):
+    reps = apply_fn(encoder_params, images)
     n, d = images.shape[0], params.settings.rep_dim
     if tuple(reps.shape) != (n, d):
       raise ValueError(f"encoder_fn returned shape {tuple(reps.shape)}, expected ({n}, {d})")
@@ -544,11 +556,21 @@ def _set_uid(state, slot, uid):
 
 
 def _is_traceable(encoder_fn, images) -> bool:
+  apply_fn, encoder_params = _encoder_parts(encoder_fn)
   try:
-    jax.eval_shape(encoder_fn, jax.ShapeDtypeStruct(tuple(images.shape), jnp.float32))
+    jax.eval_shape(apply_fn, encoder_params,
+                   jax.ShapeDtypeStruct(tuple(images.shape), jnp.float32))
     return True
   except Exception:  # pylint: disable=broad-except
     return False
+
+
+def _device(x, dtype) -> jax.Array:
+  """x as a device array of `dtype`. (jnp.asarray of a numpy array compiles a tiny kernel per shape
+  in this JAX version; device_put does not.)"""
+  if isinstance(x, jax.Array):
+    return x if x.dtype == dtype else x.astype(dtype)
+  return jax.device_put(np.asarray(x, dtype))
 
 
 def _padded_size(n: int) -> int:

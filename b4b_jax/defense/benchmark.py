@@ -74,7 +74,7 @@ def _best_seconds(fns: Dict[str, Callable[[], object]], repeats: int, trials: in
 def _registered_state(params, capacity: int):
   state = state_lib.init_state(params, capacity)
   uids = np.stack([keys_lib.uid_from_name(f"user{i}") for i in range(capacity)])
-  return state.replace(uids=jnp.asarray(uids))
+  return state.replace(uids=jax.device_put(uids))
 
 
 def _floor_fn(params) -> Callable:
@@ -126,7 +126,7 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
   # (a) coverage update: ours vs the original algorithm, one user, num_reps in batches.
   num_batches = max(1, num_reps // batch_size)
   reps = rng.standard_normal((num_batches * batch_size, rep_dim)).astype(np.float32)
-  device_batches = [jnp.asarray(reps[i * batch_size:(i + 1) * batch_size]) for i in range(num_batches)]
+  device_batches = [jax.device_put(reps[i * batch_size:(i + 1) * batch_size]) for i in range(num_batches)]
   one_user = jnp.zeros((batch_size,), jnp.int32)
   coverage_pass, holder = _stepper(count_params, 1, one_user, device_batches)
   floor = _floor_fn(count_params)
@@ -169,7 +169,7 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
   # (c) serving with users mixed in each batch.
   n = serving_batch_size
   capacity = max(users_mixed)
-  serve_batch = [jnp.asarray(rng.standard_normal((n, rep_dim)).astype(np.float32))]
+  serve_batch = [jax.device_put(rng.standard_normal((n, rep_dim)).astype(np.float32))]
   noise_key = jax.random.key(seed)
   noise = jax.jit(lambda k: jax.random.normal(k, (n, rep_dim), jnp.float32))
   base = _best_seconds({"floor": lambda: floor(serve_batch[0], count_params.projection),
@@ -180,7 +180,7 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
   say(f"(c) serving, batches of {n}, {capacity} registered users; floor {floor_n:,.0f} reps/s, "
       f"drawing the N(0, 1) noise alone {n / base['noise']:,.0f} reps/s")
   for num_users in users_mixed:
-    users = jnp.asarray(rng.permutation(np.arange(n) % num_users).astype(np.int32))
+    users = jax.device_put(rng.permutation(np.arange(n) % num_users).astype(np.int32))
     coverage_only, _ = _stepper(count_params, capacity, users, serve_batch)
     full, _ = _stepper(serve_params, capacity, users, serve_batch)
     t = _best_seconds({"coverage_only": coverage_only, "full_defense": full}, repeats, trials)

@@ -83,6 +83,9 @@ def validate_config(config) -> None:
   missing = [k for k in required if k not in config]
   if missing:
     raise ValueError(f"defense config misses field(s) {missing}")
+  unknown = sorted(set(config.keys()) - set(required))
+  if unknown:  # e.g. a typo set after creation: cfg.lamda = ...
+    raise ValueError(f"unknown defense config field(s) {unknown}; known: {sorted(required)}")
 
   def number(name):
     value = config[name]

@@ -10,6 +10,8 @@ are not yet set* to a word equals OR-ing them. So the update sorts the batch's (
 projection, keeps the first of each run of equal pairs, drops those whose bit is already set in the
 stored word, and scatter-adds the remaining bits (and +1 to the user's count of that projection).
 """
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +46,7 @@ def bucket_ids(reps: jax.Array, projection: jax.Array, num_hyperplanes: int) -> 
 
 
 def add_buckets(occupancy: jax.Array, counts: jax.Array, user_per_row: jax.Array,
-                buckets: jax.Array, num_hyperplanes: int):
+                buckets: jax.Array, num_hyperplanes: int, single_key: Optional[bool] = None):
   """Marks every row's buckets as occupied for its user; returns the new (occupancy, counts).
 
   Args:
@@ -53,6 +55,8 @@ def add_buckets(occupancy: jax.Array, counts: jax.Array, user_per_row: jax.Array
     user_per_row: int32 [N]; rows with a value outside [0, U) are ignored (padding, rejected rows).
     buckets: int32 [N, P] from `bucket_ids`.
     num_hyperplanes: K.
+    single_key: sort one int32 key user * 2^K + bucket (default when it cannot overflow) or the
+      (user, bucket) pair with a two-key sort (same result; for very many users at large K).
   """
   num_users, num_proj, _ = occupancy.shape
   n = buckets.shape[0]
@@ -61,7 +65,9 @@ def add_buckets(occupancy: jax.Array, counts: jax.Array, user_per_row: jax.Array
   users = jnp.where(ignored, num_users, user_per_row).astype(jnp.int32)  # num_users sorts last, dropped
   users_pn = jnp.broadcast_to(users[None, :], (num_proj, n))
   buckets_pn = buckets.T.astype(jnp.int32)
-  if (num_users + 1) * num_buckets <= np.iinfo(np.int32).max:
+  if single_key is None:
+    single_key = (num_users + 1) * num_buckets <= np.iinfo(np.int32).max
+  if single_key:
     # One int32 key per (user, bucket): a single-key sort is ~20x faster than a two-key sort on CPU.
     key = jnp.sort(users_pn * num_buckets + buckets_pn, axis=1)
     su, sb = key // num_buckets, key % num_buckets

@@ -77,22 +77,31 @@ def init_state(params: DefenseParams, capacity: int) -> DefenseState:
   if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
     raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
   shapes = state_shapes(params.settings, int(capacity))
-  return DefenseState(**{k: jnp.zeros(shape, dtype) for k, (shape, dtype) in shapes.items()})
+  # Host zeros + transfer: no per-shape kernel compilation for a one-off fill.
+  return DefenseState(**{k: jax.device_put(np.zeros(shape, dtype)) for k, (shape, dtype) in
+                         shapes.items()})
 
 
 def grow_state(state: DefenseState, capacity: int) -> DefenseState:
   """The same state with room for `capacity` slots (existing slots keep everything)."""
-  old = state.capacity
-  if capacity < old:
-    raise ValueError(f"cannot shrink the defense state from {old} to {capacity} slots")
-  pad = lambda a: jnp.concatenate(  # pylint: disable=unnecessary-lambda-assignment
-      [a, jnp.zeros((capacity - old,) + a.shape[1:], a.dtype)], axis=0)
-  return jax.tree.map(pad, state)
+  if capacity < state.capacity:
+    raise ValueError(f"cannot shrink the defense state from {state.capacity} to {capacity} slots")
+  return resize_rows(state, capacity)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def resize_rows(tree, rows: int):
+  """Every leaf cut or zero-padded along its leading axis to `rows` (one compiled call)."""
+  def resize(a):
+    if rows <= a.shape[0]:
+      return a[:rows]
+    return jnp.concatenate([a, jnp.zeros((rows - a.shape[0],) + a.shape[1:], a.dtype)], axis=0)
+  return jax.tree.map(resize, tree)
 
 
 def set_uid(state: DefenseState, slot: int, uid) -> DefenseState:
   """Assigns the 64-bit id of a user (uint32 [2], see keys.uid_from_name) to an empty slot."""
-  return state.replace(uids=state.uids.at[slot].set(jnp.asarray(uid, jnp.uint32)))
+  return state.replace(uids=state.uids.at[slot].set(np.asarray(uid, np.uint32)))
 
 
 def state_bytes_per_user(state_or_params: Any) -> int:
@@ -107,4 +116,4 @@ def state_to_numpy(state: DefenseState) -> dict:
 
 
 def state_from_numpy(arrays: dict) -> DefenseState:
-  return DefenseState(**{k: jnp.asarray(arrays[k]) for k in STATE_FIELDS})
+  return DefenseState(**{k: jax.device_put(np.asarray(arrays[k])) for k in STATE_FIELDS})
