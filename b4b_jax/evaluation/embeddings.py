@@ -124,7 +124,10 @@ class BatchEmbedder:
 
   def __init__(self, encoder, *, num_devices: Optional[int] = None):
     self.encoder = encoder
-    self.mesh = distributed.data_mesh(num_devices or jax.local_device_count())
+    # This process's own devices: every process embeds whole splits by itself (evaluation sets are
+    # small next to the stealing set), so nothing crosses hosts.
+    devices = jax.local_devices()[:num_devices] if num_devices else jax.local_devices()
+    self.mesh = jax.sharding.Mesh(np.asarray(devices), (distributed.DATA_AXIS,))
     self.num_devices = self.mesh.devices.size
     mean, std = data_lib.normalization(encoder)
     params = distributed.replicate(encoder.params, self.mesh)

@@ -14,6 +14,7 @@ import math
 import os
 from typing import Iterable, Mapping, Optional, Sequence
 
+import jax
 import matplotlib
 
 matplotlib.use("Agg")
@@ -75,6 +76,8 @@ def line_plot(path: str, series: Sequence[Mapping], *, xlabel: str, ylabel: str,
   """Writes one PNG with a line per series ({"label", "x", "y", optional "yerr", "style"})."""
   if not series:
     raise ValueError(f"line_plot({path!r}) needs at least one series")
+  if jax.process_index() != 0:  # multi-host runs: only process 0 writes
+    return path
   fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=110)
   try:
     for s in series:
@@ -188,8 +191,11 @@ def write_experiment(workdir: str, name: str, results: Mapping, *, config=None,
 
   sections: (heading, markdown body) pairs; plots: PNG paths (relative links are made in report.md).
   """
-  os.makedirs(workdir, exist_ok=True)
   _check_finite(results, name)
+  paths = {"results": os.path.join(workdir, RESULTS_FILE), "report": os.path.join(workdir, REPORT_FILE)}
+  if jax.process_index() != 0:  # multi-host runs: only process 0 writes
+    return paths
+  os.makedirs(workdir, exist_ok=True)
   payload = {"experiment": name, "results": results, "versions": library_versions()}
   if config is not None:
     # to_json_best_effort also converts ConfigDicts nested in tuples (to_dict does not).
@@ -198,8 +204,7 @@ def write_experiment(workdir: str, name: str, results: Mapping, *, config=None,
     payload["config"] = config_dict
     if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
       files.atomic_write_json(os.path.join(workdir, CONFIG_FILE), config_dict)
-  results_path = os.path.join(workdir, RESULTS_FILE)
-  files.atomic_write_json(results_path, payload)
+  files.atomic_write_json(paths["results"], payload)
   lines = [f"# {name}", ""]
   for heading, body in sections:
     lines += [f"## {heading}", "", body.rstrip(), ""]
@@ -209,9 +214,8 @@ def write_experiment(workdir: str, name: str, results: Mapping, *, config=None,
       rel = os.path.relpath(p, workdir)
       lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({rel})", ""]
   lines += ["Results: `results.json`; config: `config.json`; metrics: `metrics.jsonl` / TensorBoard.", ""]
-  report_path = os.path.join(workdir, REPORT_FILE)
-  files.atomic_write_text(report_path, "\n".join(lines))
-  return {"results": results_path, "report": report_path}
+  files.atomic_write_text(paths["report"], "\n".join(lines))
+  return paths
 
 
 def _check_finite(tree, name, path="results"):
