@@ -36,8 +36,9 @@ def get_config(arg=None):
   config.mapper.kind = "linear"        # "linear" (closed-form least squares, the paper's choice) | "mlp"
   config.mapper.options = ml_collections.ConfigDict({"ridge": 1e-9})
   config.query_batch_size = 64 if tiny else 256
+  # The reference classifier on A's train representations.
   config.probe = config_blocks.probe_block(tiny=tiny)
   if tiny:
-    config.probe.method = "ridge"   # closed form: no compile for the CPU variant   # the reference classifier on A's train reps
+    config.probe.method = "ridge"   # closed form: no compile for the CPU variant
   config.probe.seeds = (0,)
   return config

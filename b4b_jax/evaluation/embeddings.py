@@ -224,7 +224,8 @@ def embed_dataset(encoder, dataset: str, *, train_split: str = "train", test_spl
 # ---------------------------------------------------------------- what the evaluation jobs call
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+  """A dataset / query-set name as a file name."""
   return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
@@ -251,11 +252,11 @@ class EmbeddingSource:
     return self._encoder
 
   def cache_path(self, dataset: str) -> str:
-    return os.path.join(self.workdir, "embeddings", f"{_safe(dataset)}.npz")
+    return os.path.join(self.workdir, "embeddings", f"{safe_name(dataset)}.npz")
 
   def get(self, dataset: str, *, progress=None) -> dict:
     if self.source.npz_dir:
-      given = os.path.join(self.source.npz_dir, f"{_safe(dataset)}.npz")
+      given = os.path.join(self.source.npz_dir, f"{safe_name(dataset)}.npz")
       if os.path.exists(given):
         return load_npz(given)
     path = self.cache_path(dataset)

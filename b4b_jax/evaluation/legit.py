@@ -77,7 +77,8 @@ def legit_user(train, train_y, test, test_y, *, defense_config, probe_cfg, query
     received_test, test_trace = api_client.send(api, user, test, **send)
     account = {"coverage": test_trace.coverage[-1], "sigma": test_trace.sigma[-1],
                "num_queries": test_trace.num_queries[-1],
-               "coverage_after_train": train_trace.coverage[-1], "sigma_after_train": train_trace.sigma[-1]}
+               "coverage_after_train": train_trace.coverage[-1],
+               "sigma_after_train": train_trace.sigma[-1]}
     traces = {"train": train_trace.to_dict(), "test": test_trace.to_dict()}
   probe = linear_probe.run_probe(received_train, train_y, received_test, test_y, probe_cfg)
   result = {"probe": probe.summary(), "test_top1_mean": probe.test_top1_mean,

@@ -1,4 +1,4 @@
-"""Remapping between sybil accounts: how much do per-user transforms cost an attacker? (paper §4.3, Fig. 5)
+"""Remapping between sybil accounts: what per-user transforms cost an attacker (paper §4.3, Fig. 5).
 
 Protocol (the paper's sybil_defense experiment, run through the real API):
   1. Two accounts, A and B, of one `DefendedEncoder` whose per-user transform is of one type (affine,

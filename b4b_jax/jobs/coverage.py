@@ -31,7 +31,7 @@ def query_set_reps(config, workdir, source):
   sets = {}
   for qs in config.query_sets:
     name = qs.name
-    path = os.path.join(workdir, "embeddings", f"queries_{embeddings_lib._safe(name)}.npz")  # pylint: disable=protected-access
+    path = os.path.join(workdir, "embeddings", f"queries_{embeddings_lib.safe_name(name)}.npz")
     if os.path.exists(path):
       sets[name] = embeddings_lib.load_array(path)
       continue
@@ -83,7 +83,8 @@ def run(config, workdir: str):
   results = {"curves": curves, "sigma_vs_queries": sigma_q, "sigma_vs_coverage": sigma_c,
              "queries_per_bucket": per_bucket,
              "defense": {"lam": base.lam, "alpha": base.alpha, "beta": base.beta,
-                         "num_hyperplanes": base.num_hyperplanes, "num_projections": base.num_projections}}
+                         "num_hyperplanes": base.num_hyperplanes,
+                         "num_projections": base.num_projections}}
   # The raw curves are large: keep them next to results.json, and only summaries inside it.
   files.atomic_write_json(os.path.join(workdir, "curves.json"), results)
   summary = _summary(config, curves)
@@ -119,12 +120,14 @@ def _plots(workdir, curves, sigma_q, sigma_c, per_bucket, k_main):
   for k, per_set in curves.items():
     plots.append(report.line_plot(
         os.path.join(workdir, f"coverage_K{k}.png"),
-        [{"label": n, "x": c["num_queries"], "y": c["coverage"], "style": "-"} for n, c in per_set.items()],
+        [{"label": n, "x": c["num_queries"], "y": c["coverage"], "style": "-"}
+         for n, c in per_set.items()],
         xlabel="queries", ylabel="buckets covered (%)", ylim=(0, 100),
         title=f"Coverage vs queries, 2^{k} buckets (paper Fig. 3a / 10)"))
   plots.append(report.line_plot(
       os.path.join(workdir, "queries_per_bucket.png"),
-      [{"label": n, "x": b["buckets_pct"], "y": b["queries"], "style": "-"} for n, b in per_bucket.items()],
+      [{"label": n, "x": b["buckets_pct"], "y": b["queries"], "style": "-"}
+       for n, b in per_bucket.items()],
       xlabel="buckets (%), busiest first", ylabel="queries per bucket", logy=True,
       title=f"Queries per bucket, 2^{k_main} buckets (paper Fig. 3b)"))
   for name, settings in sigma_c.items():
@@ -132,7 +135,8 @@ def _plots(workdir, curves, sigma_q, sigma_c, per_bucket, k_main):
         os.path.join(workdir, f"sigma_vs_coverage_{name}.png"),
         [{"label": f"λ={s['lam']:g} α={s['alpha']:g} β={s['beta']:g}%", "x": s["coverage"],
           "y": s["sigma"], "style": "-"} for s in settings],
-        xlabel="coverage (%)", ylabel="noise std sigma", ylim=(0, max(s["alpha"] for s in settings) * 1.5),
+        xlabel="coverage (%)", ylabel="noise std sigma",
+        ylim=(0, max(s["alpha"] for s in settings) * 1.5),
         title=f"Cost function ({name})"))
   if sigma_q:
     plots.append(report.line_plot(

@@ -36,7 +36,8 @@ def run(config, workdir: str):
            report.fmt_num(r["scale"]["per_dim_std_mean"]), report.fmt_num(r["scale"]["mean_norm"]),
            os.path.relpath(r["path"], workdir)] for d, r in results.items()]
   sections = [("Embeddings", f"Encoder `{config.source.encoder}`.\n\n" + report.markdown_table(
-      ["dataset", "train [N, D]", "test [N, D]", "classes", "per-dim std", "mean L2 norm", "file"], rows))]
+      ["dataset", "train [N, D]", "test [N, D]", "classes", "per-dim std", "mean L2 norm", "file"],
+      rows))]
   report.write_experiment(workdir, "Embeddings export", {"datasets": results}, config=config,
                           sections=sections)
   return results

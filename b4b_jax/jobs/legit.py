@@ -89,7 +89,8 @@ def _write_report(config, workdir, base, results):
                                          base.num_hyperplanes)
   table_rows = [report.table1_row(
       "LEGIT", defense_name, "all", "task",
-      {d: (r["rows"][row]["test_top1_mean"], r["rows"][row]["test_top1_std"]) for d, r in results.items()})
+      {d: (r["rows"][row]["test_top1_mean"], r["rows"][row]["test_top1_std"])
+       for d, r in results.items()})
       for row, defense_name in (("NONE", "NONE"), ("B4B", "B4B"))]
   # Static-noise rows belong to Table 6 (same defense setting as Table 1).
   static_rows = [report.table1_row(
@@ -139,6 +140,8 @@ def _write_report(config, workdir, base, results):
           ylabel="noise std sigma", logy=True, title=f"Legit user ({d}): B4B noise it received"))
   scale_rows = [[d, report.fmt_num(r["representation_scale"]["per_dim_std_mean"]),
                  report.fmt_num(r["representation_scale"]["mean_norm"])] for d, r in results.items()]
+  paper_caption = (paper_numbers.TABLES[paper_table]["caption"] if paper_table
+                   else "none (setting differs)")
   sections = [
       ("Setup", f"Encoder `{config.source.encoder}` ({config.encoder_kind}); defense preset "
                 f"`{config.defense.preset}` (lambda={base.lam:g}, alpha={base.alpha:g}, "
@@ -146,8 +149,7 @@ def _write_report(config, workdir, base, results):
                 f"B4B rows use the `{config.b4b_transform}` transform. Every train and test query of "
                 f"each row is charged to that row's account (batches of {config.query_batch_size}); "
                 f"the probe is trained on received train and tested on received test "
-                f"representations. Paper comparison: "
-                f"{paper_numbers.TABLES[paper_table]['caption'] if paper_table else 'none (setting differs)'}."),
+                f"representations. Paper comparison: {paper_caption}."),
       ("Table-1 layout (LEGIT rows)", table1["markdown"]),
       ("Static noise (Table 6)", table6["markdown"] +
        "\nStatic sigma is in the units of the representations served (see the scale table); the "

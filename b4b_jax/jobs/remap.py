@@ -28,8 +28,9 @@ def run(config, workdir: str):
   def on_cell(i, n, cell):
     last = cell["points"][-1]
     prog.update(i, transform=cell["transform"], noise=cell["noise"], cos_dist=last["cos_dist"])
-    writer.write_scalars(i, {"reference_top1": cell["reference_top1"], "cos_dist_max_n": last["cos_dist"],
-                             "top1_max_n": last["top1"]}, stage=f"remap/{cell['noise']}/{cell['transform']}")
+    writer.write_scalars(
+        i, {"reference_top1": cell["reference_top1"], "cos_dist_max_n": last["cos_dist"],
+            "top1_max_n": last["top1"]}, stage=f"remap/{cell['noise']}/{cell['transform']}")
     logging.info("[remap] %s/%s: reference %.2f, n=%d: cos %.4f top-1 %.2f", cell["noise"],
                  cell["transform"], cell["reference_top1"], last["n"], last["cos_dist"], last["top1"])
 
