@@ -134,6 +134,9 @@ def test_converters_name_missing_extra_and_misshapen_keys(resnet18_sd, tmp_path)
     convert(misshapen, "misshapen")
   with pytest.raises(ValueError, match="does not match the checkpoint"):
     convert(resnet18_sd, "arch", arch="resnet50")
+  nan = dict(resnet18_sd, **{"layer2.1.bn1.running_var": torch.full((128,), float("nan"))})
+  with pytest.raises(ValueError, match=r"layer2.1.bn1.running_var.*NaN"):
+    convert(nan, "nan")
   integer = dict(resnet18_sd, **{"fc.bias": torch.zeros(1000), "bn1.weight": torch.ones(64).long()})
   with pytest.raises(ValueError, match="bn1.weight.*dtype"):
     convert(integer, "integer")
@@ -143,7 +146,7 @@ def test_converters_name_missing_extra_and_misshapen_keys(resnet18_sd, tmp_path)
   with pytest.raises(ValueError, match="--kind simsiam"):
     converters.extract_torchvision({"state_dict": {}, "epoch": 1})
   assert sorted(os.listdir(tmp_path)) == sorted(
-      f"{n}.pth" for n in ("missing", "extra", "misshapen", "arch", "integer"))
+      f"{n}.pth" for n in ("missing", "extra", "misshapen", "arch", "nan", "integer"))
 
 
 def test_conversion_is_deterministic_and_keeps_half_precision_values(resnet18_sd, tmp_path):

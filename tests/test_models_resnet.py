@@ -189,6 +189,8 @@ def test_save_load_encoder_round_trip(tmp_path, fast_compile):
   assert encoder.rep_dim == 32 and encoder.manifest["source"] == {"kind": "test"}
   np.testing.assert_array_equal(np.asarray(jax.jit(encoder.apply_fn)(encoder.params, x)),
                                 np.asarray(expected))
+  precise = models.load_encoder(directory, precision="highest")
+  np.testing.assert_allclose(np.asarray(precise(x)), np.asarray(expected), rtol=1e-5, atol=1e-6)
 
   # Never silently overwritten; overwrite=True replaces it.
   with pytest.raises(ValueError, match="already exists"):
