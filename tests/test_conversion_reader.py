@@ -157,7 +157,8 @@ def test_conversion_is_deterministic_and_keeps_half_precision_values(resnet18_sd
   a = converters.convert_checkpoint("torchvision_resnet", str(path), str(tmp_path / "a"))
   b = converters.convert_checkpoint("torchvision_resnet", str(path), str(tmp_path / "b"))
   assert a == b
-  assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+  manifest_bytes = [(tmp_path / d / "manifest.json").read_bytes() for d in ("a", "b")]
+  assert manifest_bytes[0] == manifest_bytes[1]
   assert a["architecture"] == {"name": "resnet18", "kwargs": {"out_dim": None, "small_input": False}}
   ignored = a["source"]["ignored_keys"]
   assert {"fc.weight", "fc.bias", "layer4.1.bn2.num_batches_tracked"} <= set(ignored)
@@ -165,7 +166,8 @@ def test_conversion_is_deterministic_and_keeps_half_precision_values(resnet18_sd
   from b4b_jax import models  # pylint: disable=g-import-not-at-top
   enc = models.load_encoder(str(tmp_path / "a"))
   kernel = np.asarray(enc.params["params"]["layer1"][0]["conv1"]["kernel"][...])
-  np.testing.assert_array_equal(kernel, half["layer1.0.conv1.weight"].float().numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      kernel, half["layer1.0.conv1.weight"].float().numpy().transpose(2, 3, 1, 0))
   with pytest.raises(ValueError, match="already exists"):
     converters.convert_checkpoint("torchvision_resnet", str(path), str(tmp_path / "a"))
   c = converters.convert_checkpoint("torchvision_resnet", str(path), str(tmp_path / "a"), overwrite=True)

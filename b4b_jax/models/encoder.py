@@ -7,9 +7,9 @@ Layout of DIR:
   params/         orbax checkpoint (utils.checkpoint) of {"params": ..., "batch_stats": ...}
 
 The same path serves converted PyTorch checkpoints (weight_conversion) and encoders trained here (the
-demo's small victim): `save_encoder` writes, `load_encoder` reads. Directories are written to a temporary
-sibling and renamed into place, so a crash never leaves half an encoder, and an existing directory is only
-replaced with overwrite=True.
+demo's small victim): `save_encoder` writes, `load_encoder` reads. Directories are written to a
+temporary sibling and renamed into place, so a crash never leaves half an encoder, and an existing
+directory is only replaced with overwrite=True.
 """
 import copy
 import hashlib

@@ -158,7 +158,7 @@ class VisionTransformer(nnx.Module):
     return outputs
 
   def dino_representation(self, x: jax.Array, n_last_blocks: int = 4) -> jax.Array:
-    """B4B's DINO victim output: normed CLS tokens of the last n blocks, concatenated (4 x 384 = 1536)."""
+    """B4B's DINO victim output: normed CLS tokens of the last n blocks, concatenated (1536-d ViT-S)."""
     return jnp.concatenate([o[:, 0] for o in self.get_intermediate_layers(x, n_last_blocks)], axis=-1)
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
