@@ -63,12 +63,23 @@ class Mapper:
     return np.asarray(self._apply(self.params, self.normalization, jnp.asarray(x)))
 
   def state(self) -> dict:
-    """Pytree for checkpoints (see `from_state`)."""
-    return {"params": self.params, "normalization": dict(self.normalization)}
+    """Pytree of numpy arrays with flat string keys, for checkpoints (see `from_state`)."""
+    flat = {".".join(str(k) for k in path): np.asarray(v)
+            for path, v in jax.tree_util.tree_flatten_with_path(self.params)[0]
+            for path in [tuple(getattr(p, "key", getattr(p, "idx", p)) for p in path)]}
+    return {"params": flat, "normalization": {k: np.asarray(v) for k, v in self.normalization.items()}}
 
   @classmethod
   def from_state(cls, kind: str, in_dim: int, out_dim: int, state: dict, metrics=None) -> "Mapper":
-    return cls(kind, in_dim, out_dim, state["params"], state["normalization"], dict(metrics or {}))
+    params: dict = {}
+    for key, value in state["params"].items():
+      node = params
+      parts = [int(p) if p.isdigit() else p for p in key.split(".")]
+      for part in parts[:-1]:
+        node = node.setdefault(part, {})
+      node[parts[-1]] = np.asarray(value)
+    norm = {k: np.asarray(v, np.float32) for k, v in state["normalization"].items()}
+    return cls(kind, in_dim, out_dim, params, norm, dict(metrics or {}))
 
 
 def _make_apply(graphdef):
