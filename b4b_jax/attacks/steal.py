@@ -191,32 +191,35 @@ def _mean_cosine(a, b) -> float:
   return float(np.mean(num / np.maximum(den, 1e-12)))
 
 
-def similarity_to_victim(stolen: np.ndarray, victim: np.ndarray, *, ridge: float = 1e-3) -> Dict[str, float]:
-  """How close stolen representations are to the victim's, on held-out images.
+def clean_response_space(config, rep_dim: int, victim_reps: np.ndarray) -> np.ndarray:
+  """Account 1's responses without noise: its per-user transform applied to clean victim outputs.
 
-  cosine: mean cos(stolen, victim) (only when the dims agree and the attack trained in the victim's
-  own space). aligned_cosine / aligned_r2: a ridge-regularised affine map stolen -> victim is fitted on
-  the first half of the images and scored on the second half, with cosines of the centred vectors; this
-  is meaningful whatever per-user transform the attacker's responses went through.
+  The evaluator (not the attacker) knows the API's secrets; this is the space the stolen model was
+  trained to reproduce, so it measures the theft whatever transform the API applies.
   """
-  stolen = np.asarray(stolen, np.float64)
-  victim = np.asarray(victim, np.float64)
+  if not config.defense.enabled or config.defense.transform == "identity":
+    return np.asarray(victim_reps, np.float32)
+  user = protocol.account_name(0)
+  params = defense_lib.user_transform_params(config.defense, rep_dim, user)
+  return defense_lib.apply_user_transform(config.defense, rep_dim, params, victim_reps)
+
+
+def similarity(stolen: np.ndarray, victim: np.ndarray, responses: np.ndarray, *,
+               centered: bool) -> Dict[str, float]:
+  """Mean cosine similarities on held-out images.
+
+  cosine_to_victim: stolen vs the victim's own representation (dims permitting; the paper's
+  undefended setting, where the responses are the victim's representations).
+  cosine_to_responses: stolen vs account 1's noise-free responses (centred over the images when the
+  attack trained on centred targets).
+  """
   out: Dict[str, float] = {}
   if stolen.shape == victim.shape:
-    out["cosine"] = _mean_cosine(stolen, victim)
-  half = len(stolen) // 2
-  if half >= 2:
-    xs, xt = stolen[:half], stolen[half:]
-    ys, yt = victim[:half], victim[half:]
-    mx, my = xs.mean(0), ys.mean(0)
-    xc = xs - mx
-    gram = xc.T @ xc
-    reg = ridge * np.trace(gram) / max(gram.shape[0], 1) + 1e-12
-    w = np.linalg.solve(gram + reg * np.eye(gram.shape[0]), xc.T @ (ys - my))
-    pred = (xt - mx) @ w
-    target = yt - my
-    out["aligned_cosine"] = _mean_cosine(pred, target)
-    out["aligned_r2"] = float(1.0 - np.sum((pred - target) ** 2) / max(np.sum(target ** 2), 1e-30))
+    out["cosine_to_victim"] = _mean_cosine(stolen, victim)
+  if centered:
+    stolen = stolen - stolen.mean(0)
+    responses = responses - responses.mean(0)
+  out["cosine_to_responses"] = _mean_cosine(stolen, responses)
   return out
 
 
@@ -248,6 +251,7 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   """Runs (or resumes) the attack into `workdir`; returns the results dict (also in results.json)."""
   _validate(config)
   t_start = time.time()
+  timings: Dict[str, float] = {}
   is_writer = jax.process_index() == 0
   mesh = distributed.data_mesh(config.get("num_devices"))
   global_batch_size = int(config.train.batch_size)
@@ -278,7 +282,9 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
     raise ValueError(f"{len(train_indices)} training images are fewer than one batch "
                      f"({global_batch_size})")
 
+  timings["setup"] = time.time() - t_start
   # ---------------------------------------------------------------- phase 1: queries
+  t_phase = time.time()
   query_progress = progress_lib.Progress(
       f"{STAGE}/queries", -(-plan.num_queries // int(ac.query_batch_size)) + len(plan.accounts),
       unit="batch", every_seconds=float(config.get("progress_every_seconds", 10.0)))
@@ -324,6 +330,8 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
             "accounts_after_queries": attacker.account_summary(), "seconds": time.time() - t0}
     ckpt_lib.save_pytree(queries_dir, tree, meta)
   accounts_after_queries = attacker.account_summary()
+  timings["queries"] = time.time() - t_phase
+  t_phase = time.time()
 
   # ---------------------------------------------------------------- phase 2: training
   steps_per_epoch = len(train_indices) // global_batch_size
@@ -339,6 +347,8 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   eval_images = data_lib.apply_transform(eval_images, _transform(config.eval.view_transform, input_size),
                                          seed=seed)
   victim_eval = victim_representations(victim, views.normalized(eval_images), int(config.eval.batch_size))
+  responses_eval = clean_response_space(config, victim.rep_dim, victim_eval)
+  centered = bool(config.train.center_targets)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, _CHECKPOINTS),
                                max_to_keep=int(config.get("checkpoints_to_keep", 2)))
@@ -353,9 +363,11 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
       attacker.api = api
   else:
     state = distributed.replicate(state, mesh)
-    initial = similarity_to_victim(embed_images(embed_fn, state["params"], state["batch_stats"],
-                                                eval_images, mesh, int(config.eval.batch_size)), victim_eval)
+    initial = similarity(embed_images(embed_fn, state["params"], state["batch_stats"], eval_images, mesh,
+                                      int(config.eval.batch_size)), victim_eval, responses_eval,
+                         centered=centered)
     meta = {"step": 0, "epoch_losses": [], "partial_losses": [], "initial_eval": initial}
+  timings["train_setup"] = time.time() - t_phase
   start_step = int(meta["step"])
   epoch_losses = list(meta["epoch_losses"])
   partial = list(meta["partial_losses"])
@@ -375,7 +387,8 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
     partial_now = partial + [float(x) for x in jax.device_get(pending)]
     if requery:
       api.save(os.path.join(workdir, _API_TRAIN, f"step_{step_now:09d}"))
-    ckpt.save(step_now, state, {"step": step_now, "epoch_losses": epoch_losses,
+    # Host copies: the state is replicated, and orbax would otherwise slice every replica on device.
+    ckpt.save(step_now, jax.device_get(state), {"step": step_now, "epoch_losses": epoch_losses,
                                 "partial_losses": partial_now, "initial_eval": meta["initial_eval"]})
     ckpt.wait_until_finished()
     if requery and is_writer:
@@ -399,6 +412,9 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
                                      distributed.global_batch(batch_targets[local], mesh), key)
     step += 1
     pending.append(step_metrics["loss"])
+    if step == start_step + 1:
+      jax.block_until_ready(step_metrics)
+      timings["first_step_incl_compile"] = time.time() - t_train
     if i + 1 == steps_per_epoch:  # epoch done: one host sync for its mean loss
       losses = partial + [float(x) for x in jax.device_get(pending)]
       if not np.all(np.isfinite(losses)):
@@ -427,6 +443,8 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
         stopped = "max_steps_this_run"
         break
   train_seconds = time.time() - t_train
+  timings["train"] = train_seconds
+  t_phase = time.time()
   if stopped:
     ckpt.close()
     writer.close()
@@ -440,7 +458,8 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   # ---------------------------------------------------------------- phase 3: evaluation and export
   stolen_eval = embed_images(embed_fn, state["params"], state["batch_stats"], eval_images, mesh,
                              int(config.eval.batch_size))
-  final = similarity_to_victim(stolen_eval, victim_eval)
+  final = similarity(stolen_eval, victim_eval, responses_eval, centered=centered)
+  timings["final_eval"] = time.time() - t_phase
   params_host = jax.device_get(state["params"])
   stats_host = jax.device_get(state["batch_stats"])
   results = {
@@ -453,7 +472,7 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
       "epoch_losses": epoch_losses, "final_loss": epoch_losses[-1] if epoch_losses else None,
       "similarity_initial": meta["initial_eval"], "similarity_final": final,
       "num_eval_images": int(len(eval_images)), "target_dim": int(target_dim),
-      "stolen_architecture": model.architecture(), "train_seconds_this_run": train_seconds,
+      "stolen_architecture": model.architecture(), "timings_this_run": timings,
       "seconds_this_run": time.time() - t_start, "num_devices": int(mesh.devices.size),
       "num_processes": int(jax.process_count()),
   }
