@@ -14,6 +14,7 @@ mapper this is an exact reparametrisation of an affine map (same function class)
 MSE up to a constant factor, and the reported errors are in the target's original units.
 """
 import dataclasses
+import functools
 from typing import Any, Dict
 
 import jax
@@ -54,7 +55,7 @@ class Mapper:
 
   def __post_init__(self):
     self._graphdef = nnx.graphdef(MapperNet(self.in_dim, self.out_dim, self.kind, rngs=nnx.Rngs(0)))
-    self._apply = jax.jit(_make_apply(self._graphdef))
+    self._apply = _make_apply(self._graphdef)
 
   def apply(self, x) -> np.ndarray:
     x = np.asarray(x, np.float32)
@@ -82,7 +83,9 @@ class Mapper:
     return cls(kind, in_dim, out_dim, params, norm, dict(metrics or {}))
 
 
+@functools.lru_cache(maxsize=8)
 def _make_apply(graphdef):
+  @jax.jit
   def apply(params, norm, x):
     model = nnx.merge(graphdef, nnx.State(params) if not isinstance(params, nnx.State) else params)
     z = (x - norm["in_mean"]) / norm["in_std"]
@@ -108,13 +111,51 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.mean(num / np.maximum(den, 1e-12)))
 
 
+@functools.lru_cache(maxsize=8)
+def _trainer(graphdef, learning_rate: float, batch_size: int, epochs: int, num_train: int):
+  """The whole fit as one jitted scan over epochs (cached: sybil accounts share one compilation)."""
+  tx = optax.adam(learning_rate)
+  steps = num_train // batch_size  # drop the last partial batch, as DataLoader(drop_last) would
+
+  def forward(p, x):
+    return nnx.merge(graphdef, nnx.State(p))(x)
+
+  @jax.jit
+  def train(p, key, x_tr, y_tr, x_va, y_va, norm):
+    def epoch_fn(carry, epoch):
+      p, opt, best_p, best_val, best_epoch = carry
+      order = jax.random.permutation(jax.random.fold_in(key, epoch), num_train)
+
+      def step(c, i):
+        p, opt = c
+        idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
+        loss_fn = lambda q: jnp.mean(jnp.square(forward(q, x_tr[idx]) - y_tr[idx]))
+        g = jax.grad(loss_fn)(p)
+        upd, opt = tx.update(g, opt, p)
+        return (optax.apply_updates(p, upd), opt), None
+
+      (p, opt), _ = jax.lax.scan(step, (p, opt), jnp.arange(steps))
+      # Model selection on the whole validation split, in the target's original units.
+      pred = forward(p, x_va) * norm["out_scale"] + norm["out_mean"]
+      val = jnp.mean(jnp.square(pred - y_va))
+      better = val < best_val
+      best_p = jax.tree.map(lambda new, old: jnp.where(better, new, old), p, best_p)
+      return (p, opt, best_p, jnp.where(better, val, best_val), jnp.where(better, epoch, best_epoch)), val
+
+    init = (p, tx.init(p), p, jnp.asarray(jnp.inf, jnp.float32), jnp.asarray(-1, jnp.int32))
+    (_, _, best_p, best_val, best_epoch), curve = jax.lax.scan(epoch_fn, init, jnp.arange(epochs))
+    return best_p, best_val, best_epoch, curve
+
+  return train
+
+
 def fit_mapper(source, target, *, kind: str = "linear", epochs: int = 250, learning_rate: float = 1e-4,
                batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0) -> Mapper:
   """Fits a mapper source -> target on paired rows; returns it with its validation metrics.
 
-  `metrics` holds val_mse (selected model, whole validation split, original units), val_mse_identity
+  `metrics` holds val_mse (selected model, whole validation split, original units), val_mse_unmapped
   (the MSE of not mapping at all, when dims agree), val_cosine / val_cosine_unmapped, train_mse,
-  best_epoch, num_train, num_val.
+  best_epoch, num_train, num_val, val_mse_first_epoch.
   """
   source = np.asarray(source, np.float32)
   target = np.asarray(target, np.float32)
@@ -146,39 +187,9 @@ def fit_mapper(source, target, *, kind: str = "linear", epochs: int = 250, learn
   model = MapperNet(source.shape[1], target.shape[1], kind, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
-  tx = optax.adam(learning_rate)
-  steps = num_train // batch_size  # drop the last partial batch, as DataLoader(drop_last) would
-
-  def forward(p, x):
-    return nnx.merge(graphdef, nnx.State(p))(x)
-
-  @jax.jit
-  def train(p, x_tr, y_tr, x_va, y_va, norm):
-    def epoch_fn(carry, epoch):
-      p, opt, best_p, best_val, best_epoch = carry
-      order = jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), num_train)
-
-      def step(c, i):
-        p, opt = c
-        idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
-        loss_fn = lambda q: jnp.mean(jnp.square(forward(q, x_tr[idx]) - y_tr[idx]))
-        g = jax.grad(loss_fn)(p)
-        upd, opt = tx.update(g, opt, p)
-        return (optax.apply_updates(p, upd), opt), None
-
-      (p, opt), _ = jax.lax.scan(step, (p, opt), jnp.arange(steps))
-      # Model selection on the whole validation split, in the target's original units.
-      pred = forward(p, x_va) * norm["out_scale"] + norm["out_mean"]
-      val = jnp.mean(jnp.square(pred - y_va))
-      better = val < best_val
-      best_p = jax.tree.map(lambda new, old: jnp.where(better, new, old), p, best_p)
-      return (p, opt, best_p, jnp.where(better, val, best_val), jnp.where(better, epoch, best_epoch)), val
-
-    init = (p, tx.init(p), p, jnp.asarray(jnp.inf, jnp.float32), jnp.asarray(-1, jnp.int32))
-    (_, _, best_p, best_val, best_epoch), curve = jax.lax.scan(epoch_fn, init, jnp.arange(epochs))
-    return best_p, best_val, best_epoch, curve
-
-  best_params, best_val, best_epoch, curve = train(params, x_tr, y_tr, x_va, target[va], norm)
+  train = _trainer(graphdef, float(learning_rate), int(batch_size), int(epochs), int(num_train))
+  best_params, best_val, best_epoch, curve = train(params, jax.random.key(seed), x_tr, y_tr, x_va,
+                                                   target[va], norm)
   best_params = jax.tree.map(np.asarray, best_params)
   mapper = Mapper(kind, source.shape[1], target.shape[1], best_params, norm)
   mapped_val = mapper.apply(source[va])

@@ -105,7 +105,7 @@ def make_train_step(graphdef, cfg: StepConfig, mesh: jax.sharding.Mesh):
     metrics = {"loss": loss, "cosine_to_target": _cosine(out, targets),
                "learning_rate": optax.cosine_decay_schedule(cfg.learning_rate, cfg.total_steps)(
                    state["step"]),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
   return jax.jit(step, in_shardings=(repl, data, data, repl), out_shardings=(repl, repl),
