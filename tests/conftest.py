@@ -3,6 +3,11 @@
 XLA_FLAGS must be set before JAX initialises its backend; .ci/run exports the same value.
 """
 import os
+import sys
+
+# PyPI's torch 2.14.1 ships triton, whose native library segfaults the process when TensorFlow was
+# loaded first (tf.data, clu). torch/torchvision/timm run on CPU without it, so tests never load it.
+sys.modules.setdefault("triton", None)
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):

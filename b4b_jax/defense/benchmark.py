@@ -1,0 +1,203 @@
+"""Defense speed benchmark (shared by benchmarks/defense.py and the `defense_benchmark` job).
+
+Measures, on the same random representations:
+  (a) coverage-update throughput of our jitted step (defense disabled: hash + occupancy update +
+      coverage, nothing else) vs a faithful numpy / Python-set port of the original `get_buckets`
+      coverage loop, and checks both reach the same coverage;
+  (b) the matmul floor: only x @ R_p for all projections (exact hashing cannot be cheaper);
+  (c) serving throughput of the full defense (coverage + cost + noise + transform) and of the coverage
+      update alone, with 1, 64, ... users mixed in every batch, each against the floor at that batch;
+  (d) bytes of defense state per user.
+Nothing here asserts a time; the figures are printed and returned.
+"""
+import collections
+import time
+from typing import Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from b4b_jax.defense import config as config_lib
+from b4b_jax.defense import keys as keys_lib
+from b4b_jax.defense import state as state_lib
+from b4b_jax.defense import step as step_lib
+
+
+def original_coverage_curve(reps: np.ndarray, hyperplanes: np.ndarray, batch_size: int):
+  """Port of the original buckets.py loop: per batch and projection, the set of bucket strings.
+
+  hyperplanes: (P, D, K). Returns the mean coverage (percent) after every batch, like the original.
+  """
+  num_proj, _, k = hyperplanes.shape
+  projections = [np.asarray(hyperplanes[p], np.float64) for p in range(num_proj)]
+  seen = [set() for _ in range(num_proj)]
+  curve = []
+  for start in range(0, len(reps) - batch_size + 1, batch_size):
+    features = reps[start:start + batch_size]
+    for p, proj in enumerate(projections):
+      seen[p].update(_get_buckets(features, proj))
+    curve.append(float(np.mean([100 * len(s) / 2**k for s in seen])))
+  return curve
+
+
+def _get_buckets(data, proj):
+  # As the original: sign pattern of data @ proj per row, grouped in a dict, returned as strings.
+  hashed = list(map(tuple, (data @ proj > 0).astype(int)))
+  rows_of_bucket = collections.defaultdict(list)
+  for i, row in enumerate(hashed):
+    rows_of_bucket[row].append(i)
+  return {str(code) for code in rows_of_bucket}
+
+
+def _best_seconds(fns: Dict[str, Callable[[], object]], repeats: int, trials: int,
+                  setup: Optional[Dict[str, Callable[[], None]]] = None) -> Dict[str, float]:
+  """Best-of-`trials` seconds per call of each fn; trials interleave the fns so that load from other
+  processes on a shared machine hits all of them alike. Every fn is warmed up (compiled) first;
+  setup[name], if given, runs untimed before each trial of fn `name`."""
+  setup = setup or {}
+  for name, fn in fns.items():
+    setup.get(name, lambda: None)()
+    jax.block_until_ready(fn())
+  best = {name: float("inf") for name in fns}
+  for _ in range(trials):
+    for name, fn in fns.items():
+      setup.get(name, lambda: None)()
+      start = time.perf_counter()
+      for _ in range(repeats):
+        out = fn()
+      jax.block_until_ready(out)
+      best[name] = min(best[name], (time.perf_counter() - start) / repeats)
+  return best
+
+
+def _registered_state(params, capacity: int):
+  state = state_lib.init_state(params, capacity)
+  uids = np.stack([keys_lib.uid_from_name(f"user{i}") for i in range(capacity)])
+  return state.replace(uids=jax.device_put(uids))
+
+
+def _floor_fn(params) -> Callable:
+  """x -> x @ R_p for all p: the hashing matmul alone, in our layout (the fastest on CPU)."""
+  hi = jax.lax.Precision.HIGHEST
+  return jax.jit(lambda x, r: jax.lax.dot_general(x, r, (((1,), (1,)), ((), ())), precision=hi))
+
+
+def _stepper(params, capacity, users, batches):
+  """A callable running the jitted step over `batches` (state carried and donated, as in serving)."""
+  holder = [_registered_state(params, capacity)]
+
+  def run_batches():
+    for batch in batches:
+      holder[0], out, _ = step_lib.defense_step(params, holder[0], users, batch)
+    return out
+
+  return run_batches, holder
+
+
+def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int = 12,
+        batch_size: int = 256, num_reps: int = 20480, serving_batch_size: int = 1024,
+        users_mixed=(1, 64, 1024), repeats: int = 5, trials: int = 3, seed: int = 0,
+        log: Optional[Callable[[str], None]] = None,
+        on_section: Optional[Callable[[str, Dict], None]] = None) -> Dict:
+  """Runs (a)-(d); returns a JSON-friendly dict of figures.
+
+  `log` receives the printed lines (default print); `on_section(name, figures)` is called after each
+  of "coverage_update", "matmul_floor", "serving" and "state" (progress and metrics in the job).
+  """
+  log = log or print
+  on_section = on_section or (lambda name, figures: None)
+  lines = []
+
+  def say(line):
+    lines.append(line)
+    log(line)
+
+  rng = np.random.default_rng(seed)
+  say(f"defense benchmark on {jax.devices()[0].platform} ({jax.device_count()} device(s)): D={rep_dim}"
+      f" P={num_projections} K={num_hyperplanes}")
+  results: Dict = {"rep_dim": rep_dim, "num_projections": num_projections,
+                   "num_hyperplanes": num_hyperplanes, "batch_size": batch_size,
+                   "num_reps": num_reps, "platform": jax.devices()[0].platform}
+  common = dict(num_projections=num_projections, num_hyperplanes=num_hyperplanes, seed=seed)
+  count_params = state_lib.make_params(config_lib.defense_config("none", **common), rep_dim)
+  serve_params = state_lib.make_params(config_lib.defense_config("simsiam", **common), rep_dim)
+
+  # (a) coverage update: ours vs the original algorithm, one user, num_reps in batches.
+  num_batches = max(1, num_reps // batch_size)
+  reps = rng.standard_normal((num_batches * batch_size, rep_dim)).astype(np.float32)
+  device_batches = [jax.device_put(reps[i * batch_size:(i + 1) * batch_size]) for i in range(num_batches)]
+  one_user = jnp.zeros((batch_size,), jnp.int32)
+  coverage_pass, holder = _stepper(count_params, 1, one_user, device_batches)
+  floor = _floor_fn(count_params)
+
+  def floor_pass():
+    for batch in device_batches:
+      out = floor(batch, count_params.projection)
+    return out
+
+  def empty_state():  # each pass starts empty, so the final coverage is that of exactly num_reps
+    holder[0] = jax.block_until_ready(_registered_state(count_params, 1))
+
+  seconds = _best_seconds({"ours": coverage_pass, "floor": floor_pass}, 1, max(trials, 5),
+                          setup={"ours": empty_state})
+  ours_coverage = float(jnp.sum(holder[0].counts[0]) * 100.0 / (num_projections * 2**num_hyperplanes))
+  start = time.perf_counter()
+  curve = original_coverage_curve(reps, np.asarray(count_params.hyperplanes), batch_size)
+  original_s = time.perf_counter() - start
+  ours_rate, original_rate = len(reps) / seconds["ours"], len(reps) / original_s
+  floor_rate = len(reps) / seconds["floor"]
+  results["coverage_update"] = {
+      "ours_reps_per_s": ours_rate, "original_reps_per_s": original_rate,
+      "speedup": ours_rate / original_rate, "ours_final_coverage": ours_coverage,
+      "original_final_coverage": curve[-1]}
+  say(f"(a) coverage update, {len(reps)} reps in batches of {batch_size}, 1 user:")
+  say(f"    ours (jitted step)      {ours_rate:12,.0f} reps/s")
+  say(f"    original (numpy + sets) {original_rate:12,.0f} reps/s")
+  say(f"    speedup                 {ours_rate / original_rate:12.1f}x   final coverage: ours "
+      f"{ours_coverage:.4f}% original {curve[-1]:.4f}%")
+
+  # (b) the matmul floor on the same batches.
+  results["matmul_floor"] = {"batch_size": batch_size, "reps_per_s": floor_rate,
+                             "coverage_update_over_floor": seconds["ours"] / seconds["floor"]}
+  on_section("coverage_update", results["coverage_update"])
+  say(f"(b) matmul floor (x @ R_p for all p), batches of {batch_size}: {floor_rate:12,.0f} reps/s; "
+      f"our coverage update takes {seconds['ours'] / seconds['floor']:.2f}x the floor")
+
+  on_section("matmul_floor", results["matmul_floor"])
+
+  # (c) serving with users mixed in each batch.
+  n = serving_batch_size
+  capacity = max(users_mixed)
+  serve_batch = [jax.device_put(rng.standard_normal((n, rep_dim)).astype(np.float32))]
+  noise_key = jax.random.key(seed)
+  noise = jax.jit(lambda k: jax.random.normal(k, (n, rep_dim), jnp.float32))
+  base = _best_seconds({"floor": lambda: floor(serve_batch[0], count_params.projection),
+                        "noise": lambda: noise(noise_key)}, repeats, trials)
+  floor_n = n / base["floor"]
+  results["serving"] = {"batch_size": n, "floor_reps_per_s": floor_n,
+                        "noise_only_reps_per_s": n / base["noise"], "by_users": {}}
+  say(f"(c) serving, batches of {n}, {capacity} registered users; floor {floor_n:,.0f} reps/s, "
+      f"drawing the N(0, 1) noise alone {n / base['noise']:,.0f} reps/s")
+  for num_users in users_mixed:
+    users = jax.device_put(rng.permutation(np.arange(n) % num_users).astype(np.int32))
+    coverage_only, _ = _stepper(count_params, capacity, users, serve_batch)
+    full, _ = _stepper(serve_params, capacity, users, serve_batch)
+    t = _best_seconds({"coverage_only": coverage_only, "full_defense": full}, repeats, trials)
+    row = {name: {"reps_per_s": n / sec, "over_floor": sec / base["floor"]} for name, sec in t.items()}
+    row["full_defense"]["over_floor_plus_noise"] = t["full_defense"] / (base["floor"] + base["noise"])
+    results["serving"]["by_users"][str(num_users)] = row
+    say(f"    {num_users:5d} users/batch: coverage update {row['coverage_only']['reps_per_s']:10,.0f}"
+        f" reps/s ({row['coverage_only']['over_floor']:.2f}x floor); full defense "
+        f"{row['full_defense']['reps_per_s']:10,.0f} reps/s ({row['full_defense']['over_floor']:.2f}x"
+        f" floor, {row['full_defense']['over_floor_plus_noise']:.2f}x floor + noise)")
+
+  on_section("serving", results["serving"])
+
+  # (d) state per user.
+  per_user = state_lib.state_bytes_per_user(count_params)
+  results["state_bytes_per_user"] = per_user
+  say(f"(d) defense state per user: {per_user} bytes ({per_user / 1024:.2f} KiB)")
+  on_section("state", {"state_bytes_per_user": per_user})
+  results["lines"] = lines
+  return results

@@ -1,0 +1,190 @@
+"""Defense configuration: `defense_config(preset, **overrides)` and its validation.
+
+Every number of the defense lives here (the cost hyperparameters are config, not constants), so an
+experiment records exactly which defense it ran through `config.to_json()`.
+"""
+from typing import NamedTuple, Optional
+
+import ml_collections
+import numpy as np
+from ml_collections import config_dict
+
+from b4b_jax.defense import cost
+
+TRANSFORMS = ("identity", "diag_affine", "dense_affine", "pad_shuffle", "affine_pad_shuffle", "binary")
+# Transforms whose per-user parameters are a rep_dim x out_dim matrix (the others are O(rep_dim)).
+MATRIX_TRANSFORMS = ("dense_affine", "binary")
+INVERTIBLE_TRANSFORMS = ("identity", "diag_affine", "dense_affine", "pad_shuffle", "affine_pad_shuffle")
+SIGMA_FROM = ("after", "before")
+MAX_HYPERPLANES = 24  # 2^24 buckets x P projections: 2 MiB of occupancy bits per projection per user.
+PRESET_NAMES = ("simsiam", "dino", "none")
+
+
+def defense_config(preset: str = "simsiam", **overrides) -> ml_collections.ConfigDict:
+  """The B4B defense settings.
+
+  Args:
+    preset: "simsiam" (lam 1e-6, alpha 1, beta 80 %), "dino" (lam 1e-6, alpha 1000, beta 60 %) or "none"
+      (defense disabled: clean representations, no transform; coverage is still counted so experiments
+      can plot it; the cost fields keep the SimSiam values).
+    **overrides: any field below, e.g. `transform="diag_affine"`, `static_sigma=0.1`.
+
+  Fields:
+    enabled: False = plain undefended API (returns clean representations, identity transform), but
+      coverage and query counts are still tracked.
+    num_projections (P), num_hyperplanes (K): LSH with P independent projections of K hyperplanes, 2^K
+      buckets each; coverage is the mean over projections of the occupied fraction, in percent.
+    lam, alpha, beta: cost function (see `cost.noise_std`); beta in percent.
+    sigma_from: "after" (default; the noise of a batch uses the user's coverage once that batch has been
+      counted, as the original code) or "before" (coverage before the batch, so a fresh user's first
+      batch is returned without noise).
+    static_sigma: None = B4B cost; a float = constant noise of that std for everyone (paper Table 6).
+    transform: per-user transform, one of TRANSFORMS, applied after the noise.
+    pad_dim: constants appended by the pad_shuffle transforms (the original used 1536).
+    binary_ratio: the binary transform returns floor(binary_ratio * rep_dim) bits.
+    debinarize: binary outputs 0 -> U(0, 0.5], 1 -> U(0.5, 1] (fresh noise on every query).
+    seed: the server's master seed: LSH hyperplanes, per-user transforms and noise all derive from it.
+  """
+  if preset not in PRESET_NAMES:
+    raise ValueError(f"unknown defense preset {preset!r}; expected one of {PRESET_NAMES}")
+  costs = cost.PRESETS["dino" if preset == "dino" else "simsiam"]
+  config = ml_collections.ConfigDict()
+  config.enabled = preset != "none"
+  config.num_projections = 20
+  config.num_hyperplanes = 12
+  config.lam = costs["lam"]
+  config.alpha = costs["alpha"]
+  config.beta = costs["beta"]
+  config.sigma_from = "after"
+  config.static_sigma = config_dict.placeholder(float)
+  config.transform = "identity"
+  config.pad_dim = 1536
+  config.binary_ratio = 2.0
+  config.debinarize = False
+  config.seed = 0
+  unknown = sorted(set(overrides) - set(config.keys()))
+  if unknown:
+    raise ValueError(f"unknown defense config field(s) {unknown}; known: {sorted(config.keys())}")
+  for key, value in overrides.items():
+    if key == "static_sigma" and value is not None:
+      value = float(value)
+    try:
+      config[key] = value
+    except TypeError as e:  # ConfigDict's type safety, e.g. a float for the integer K
+      raise ValueError(f"defense config: {key}: {e}") from None
+  validate_config(config)
+  return config
+
+
+def validate_config(config) -> None:
+  """Raises ValueError naming the first invalid field of a defense config."""
+  required = ("enabled", "num_projections", "num_hyperplanes", "lam", "alpha", "beta", "sigma_from",
+              "static_sigma", "transform", "pad_dim", "binary_ratio", "debinarize", "seed")
+  missing = [k for k in required if k not in config]
+  if missing:
+    raise ValueError(f"defense config misses field(s) {missing}")
+  unknown = sorted(set(config.keys()) - set(required))
+  if unknown:  # e.g. a typo set after creation: cfg.lamda = ...
+    raise ValueError(f"unknown defense config field(s) {unknown}; known: {sorted(required)}")
+
+  def number(name):
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ValueError(f"defense config: {name} must be a number, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+      raise ValueError(f"defense config: {name} must be finite, got {value!r}")
+    return value
+
+  def integer(name):
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ValueError(f"defense config: {name} must be an integer, got {value!r}")
+    return value
+
+  lam, alpha, beta = number("lam"), number("alpha"), number("beta")
+  if lam <= 0:
+    raise ValueError(f"defense config: lam must be > 0, got {lam}")
+  if alpha <= lam:
+    raise ValueError(f"defense config: alpha must be > lam, got alpha={alpha}, lam={lam}")
+  if beta <= 0:
+    raise ValueError(f"defense config: beta must be > 0 (percent), got {beta}")
+  k = integer("num_hyperplanes")
+  if not 1 <= k <= MAX_HYPERPLANES:
+    raise ValueError(f"defense config: num_hyperplanes (K) must be in [1, {MAX_HYPERPLANES}], got {k}")
+  p = integer("num_projections")
+  if p < 1:
+    raise ValueError(f"defense config: num_projections (P) must be >= 1, got {p}")
+  if config.sigma_from not in SIGMA_FROM:
+    raise ValueError(f"defense config: sigma_from must be one of {SIGMA_FROM}, got "
+                     f"{config.sigma_from!r}")
+  if config.static_sigma is not None:
+    s = number("static_sigma")
+    if s < 0:
+      raise ValueError(f"defense config: static_sigma must be >= 0 or None, got {s}")
+  if config.transform not in TRANSFORMS:
+    raise ValueError(f"defense config: unknown transform {config.transform!r}; expected one of "
+                     f"{TRANSFORMS}")
+  if integer("pad_dim") < 0:
+    raise ValueError(f"defense config: pad_dim must be >= 0, got {config.pad_dim}")
+  if number("binary_ratio") <= 0:
+    raise ValueError(f"defense config: binary_ratio must be > 0, got {config.binary_ratio}")
+  for name in ("enabled", "debinarize"):
+    if not isinstance(config[name], bool):
+      raise ValueError(f"defense config: {name} must be True or False, got {config[name]!r}")
+  seed = integer("seed")
+  if not 0 <= seed < 2**32:  # jax.random.key keeps only 32 bits of a seed unless x64 is enabled.
+    raise ValueError(f"defense config: seed must be in [0, 2^32), got {seed}")
+
+
+def out_dim(config, rep_dim: int) -> int:
+  """Dimension of what the API returns for representations of dimension `rep_dim`."""
+  if not config.enabled:
+    return rep_dim
+  if config.transform in ("pad_shuffle", "affine_pad_shuffle"):
+    return rep_dim + config.pad_dim
+  if config.transform == "binary":
+    return binary_dim(config, rep_dim)
+  return rep_dim
+
+
+def binary_dim(config, rep_dim: int) -> int:
+  m = int(config.binary_ratio * rep_dim)
+  if m < 1:
+    raise ValueError(f"binary transform: binary_ratio * rep_dim = {config.binary_ratio} * {rep_dim} "
+                     "gives no output bits")
+  return m
+
+
+class Settings(NamedTuple):
+  """The static (hashable) view of a validated config for one representation dimension."""
+  enabled: bool
+  num_projections: int
+  num_hyperplanes: int
+  rep_dim: int
+  out_dim: int
+  lam: float
+  alpha: float
+  beta: float
+  sigma_from: str
+  static_sigma: Optional[float]
+  transform: str
+  pad_dim: int
+  binary_dim: int
+  debinarize: bool
+  seed: int
+
+
+def settings(config, rep_dim: int) -> Settings:
+  validate_config(config)
+  if isinstance(rep_dim, bool) or not isinstance(rep_dim, (int, np.integer)) or rep_dim < 1:
+    raise ValueError(f"rep_dim must be a positive integer, got {rep_dim!r}")
+  rep_dim = int(rep_dim)
+  return Settings(
+      enabled=bool(config.enabled), num_projections=int(config.num_projections),
+      num_hyperplanes=int(config.num_hyperplanes), rep_dim=rep_dim, out_dim=out_dim(config, rep_dim),
+      lam=float(config.lam), alpha=float(config.alpha), beta=float(config.beta),
+      sigma_from=str(config.sigma_from),
+      static_sigma=None if config.static_sigma is None else float(config.static_sigma),
+      transform=str(config.transform), pad_dim=int(config.pad_dim),
+      binary_dim=binary_dim(config, rep_dim) if config.transform == "binary" else 0,
+      debinarize=bool(config.debinarize), seed=int(config.seed))

@@ -1,0 +1,139 @@
+"""The jitted defense step: count coverage, pick sigma, add noise, apply each user's transform.
+
+  defense_step(params, state, user_index_per_row, reps) -> (state, returned, info)
+
+One call serves a batch whose rows may belong to different users (row n belongs to slot
+user_index_per_row[n]; rows with an index outside [0, capacity) are ignored: no state change, zeros
+returned). A user's rows within one call are one query batch of that user: they are all counted, then
+all get the same sigma, and the user's batch counter advances by one. So a mixed batch returns exactly
+what one call per user (in any order) returns, noise included.
+
+Per row, in order:
+  1. coverage: the clean representation is hashed and the user's occupancy updated (lsh.add_buckets).
+  2. sigma = noise_std(coverage) with the user's coverage *after* this batch is counted (default,
+     sigma_from="after", as the original code) or *before* it (sigma_from="before": a fresh user's
+     first batch is noise free). static_sigma replaces the cost by a constant.
+  3. noise: i.i.d. N(0, sigma^2) per element, key = fold(noise stream, user id, the user's batch
+     counter, the row's rank among the user's rows in this call): fresh for every query ever made.
+  4. the user's transform (transforms.py).
+With config.enabled False the clean representation is returned (no noise, no transform, sigma 0) while
+coverage and counters are still tracked.
+
+Robustness: if any counted row is not finite, nothing is written (the scatter updates are masked, so the
+state stays bit-identical) and info["all_finite"] is False; callers must check it (DefendedEncoder
+raises). The state argument is donated.
+"""
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from b4b_jax.defense import cost
+from b4b_jax.defense import keys as keys_lib
+from b4b_jax.defense import lsh
+from b4b_jax.defense import transforms
+from b4b_jax.defense.state import DefenseParams, DefenseState
+
+
+def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per_row: jax.Array,
+                      reps: jax.Array, transform_table: Optional[dict] = None,
+                      transform_index_per_row: Optional[jax.Array] = None):
+  """Un-jitted body of `defense_step` (for fusing into a bigger jitted function, e.g. with an encoder).
+
+  Args:
+    params: DefenseParams from make_params.
+    state: DefenseState (leading user axis U).
+    user_index_per_row: int [N] slot of each row.
+    reps: float [N, D] clean representations.
+    transform_table: per-user transform parameters with a leading axis (transforms.make_table). None:
+      derived here from state.uids for all U slots (fine for O(D) transforms and few users; the
+      DefendedEncoder caches tables instead).
+    transform_index_per_row: int [N] entry of transform_table per row; defaults to the user index.
+  Returns:
+    (new state, returned [N, out_dim] float32, info) with info = {"coverage": [N] float32 percent,
+    after this batch; "sigma": [N] float32 noise std applied; "all_finite": bool scalar}.
+  """
+  s = params.settings
+  num_users = state.occupancy.shape[0]
+  n, d = reps.shape
+  if d != s.rep_dim:
+    raise ValueError(f"representations have dimension {d}, the defense expects {s.rep_dim}")
+  reps = reps.astype(jnp.float32)
+  users = user_index_per_row.astype(jnp.int32)
+  valid = (users >= 0) & (users < num_users)
+  all_finite = jnp.all(jnp.isfinite(reps) | ~valid[:, None])
+  # Rows that write state: a single non-finite row rejects the whole call, state untouched.
+  writing = valid & all_finite
+  users_w = jnp.where(writing, users, num_users)
+  slot = jnp.clip(users, 0, num_users - 1)
+
+  # 1. coverage.
+  buckets = lsh.bucket_ids(reps, params.projection, s.num_hyperplanes)
+  coverage_before = lsh.coverage_percent(state.counts[slot], s.num_hyperplanes)
+  occupancy, counts = lsh.add_buckets(state.occupancy, state.counts, users_w, buckets,
+                                      s.num_hyperplanes)
+  coverage_after = lsh.coverage_percent(counts[slot], s.num_hyperplanes)
+
+  # Rank of each row among its user's rows in this call (stable: row order), and the batch counters.
+  order = jnp.argsort(users_w, stable=True)
+  sorted_users = users_w[order]
+  first = jnp.concatenate([jnp.ones((1,), bool), sorted_users[1:] != sorted_users[:-1]])
+  positions = jnp.arange(n, dtype=jnp.int32)
+  rank = jnp.zeros((n,), jnp.int32).at[order].set(
+      positions - jax.lax.cummax(jnp.where(first, positions, 0)))
+  num_batches = state.num_batches.at[sorted_users].add(first.astype(jnp.int32), mode="drop")
+  num_queries = state.num_queries.at[users_w].add(1, mode="drop")
+  new_state = DefenseState(occupancy=occupancy, counts=counts, num_batches=num_batches,
+                           num_queries=num_queries, uids=state.uids)
+
+  zeros = jnp.zeros((n,), jnp.float32)
+  if not s.enabled:
+    returned = jnp.where(valid[:, None], reps, 0.0)
+    info = {"coverage": jnp.where(valid, coverage_after, 0.0), "sigma": zeros,
+            "all_finite": all_finite}
+    return new_state, returned, info
+
+  # 2. sigma.
+  if s.static_sigma is not None:
+    sigma = jnp.full((n,), s.static_sigma, jnp.float32)
+  else:
+    used = coverage_after if s.sigma_from == "after" else coverage_before
+    sigma = cost.noise_std(used, s.lam, s.alpha, s.beta)
+  sigma = jnp.where(valid, sigma, 0.0)
+
+  # 3. noise, keyed by (user id, the user's batch counter before this call, rank in this call).
+  uids = state.uids[slot]
+  counter = state.num_batches[slot]
+
+  def row_key(uid, c, r):
+    return jax.random.fold_in(jax.random.fold_in(keys_lib.user_key(params.noise_key, uid), c), r)
+
+  row_keys = jax.vmap(row_key)(uids, counter, rank)
+  noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (d,), jnp.float32))(row_keys)
+  noised = reps + sigma[:, None] * noise
+
+  # 4. per-user transform.
+  if transform_table is None:
+    transform_table = transforms.make_table(s, params.transform_key, state.uids)
+    table_index = slot
+  else:
+    table_index = slot if transform_index_per_row is None else transform_index_per_row.astype(
+        jnp.int32)
+    if transform_table:
+      entries = jax.tree.leaves(transform_table)[0].shape[0]
+      table_index = jnp.clip(table_index, 0, entries - 1)
+  debinarize_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(row_keys)
+  returned = transforms.apply(s, transform_table, table_index, noised, debinarize_keys)
+  returned = jnp.where(valid[:, None], returned, 0.0)
+  info = {"coverage": jnp.where(valid, coverage_after, 0.0), "sigma": sigma, "all_finite": all_finite}
+  return new_state, returned, info
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def defense_step(params: DefenseParams, state: DefenseState, user_index_per_row: jax.Array,
+                 reps: jax.Array, transform_table: Optional[dict] = None,
+                 transform_index_per_row: Optional[jax.Array] = None):
+  """Jitted `defense_step_impl` (see there) with `state` donated -> (state, returned, info)."""
+  return defense_step_impl(params, state, user_index_per_row, reps, transform_table,
+                           transform_index_per_row)

@@ -1,0 +1,262 @@
+"""Encoder directories: a frozen encoder on disk, loaded as a jitted callable.
+
+Layout of DIR:
+  manifest.json   architecture (name + kwargs), representation (which forward), rep_dim, preprocessing
+                  (input_size, resize, interpolation, mean, std), source (file, sha256, ...), and the
+                  sha256 of the parameters (checked on load, so corruption is caught).
+  params/         orbax checkpoint (utils.checkpoint) of {"params": ..., "batch_stats": ...}
+
+The same path serves converted PyTorch checkpoints (weight_conversion) and encoders trained here (the
+demo's small victim): `save_encoder` writes, `load_encoder` reads. Directories are written to a temporary
+sibling and renamed into place, so a crash never leaves half an encoder, and an existing directory is only
+replaced with overwrite=True.
+"""
+import copy
+import hashlib
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from b4b_jax.models import functional
+from b4b_jax.models import resnet as resnet_lib
+from b4b_jax.models import vit as vit_lib
+from b4b_jax.utils import checkpoint
+from b4b_jax.utils import files
+
+FORMAT = "b4b_jax.encoder/v1"
+MANIFEST = "manifest.json"
+PARAMS_DIR = "params"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+REPRESENTATIONS = ("forward", "dino_representation")
+
+
+def build_model(architecture: Dict[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
+  """The module an architecture record ({"name": ..., "kwargs": {...}}) describes."""
+  if not isinstance(architecture, dict) or "name" not in architecture:
+    raise ValueError(f"architecture must be a dict with 'name' and 'kwargs', got {architecture!r}")
+  name = architecture["name"]
+  kwargs = dict(architecture.get("kwargs") or {})
+  if name.startswith("resnet"):
+    allowed = {"out_dim", "small_input"}
+    build = resnet_lib.create_resnet
+  elif name.startswith("vit"):
+    allowed = {"patch_size", "img_size"}
+    build = vit_lib.create_vit
+  else:
+    raise ValueError(f"unknown architecture {name!r} (expected resnet* or vit_*)")
+  unknown = set(kwargs) - allowed
+  if unknown:
+    raise ValueError(f"architecture {name!r} got unknown kwargs {sorted(unknown)}; allowed "
+                     f"{sorted(allowed)}")
+  return build(name, rngs=rngs, **kwargs)
+
+
+def default_preprocessing(input_size: int = 224, *, resize: Optional[int] = 256,
+                          interpolation: str = "bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  """The eval transform images must go through before the encoder: resize, center crop, normalise."""
+  return {"input_size": int(input_size), "resize": None if resize is None else int(resize),
+          "interpolation": interpolation, "crop": "center",
+          "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+def _check_preprocessing(pre) -> None:
+  if not isinstance(pre, dict):
+    raise ValueError(f"manifest['preprocessing'] must be a dict, got {pre!r}")
+  for key in ("input_size", "mean", "std"):
+    if key not in pre:
+      raise ValueError(f"manifest['preprocessing'] lacks {key!r} (has {sorted(pre)})")
+  if len(pre["mean"]) != 3 or len(pre["std"]) != 3 or min(pre["std"]) <= 0:
+    raise ValueError(f"preprocessing mean/std must be 3 values with std > 0, got {pre['mean']}, "
+                     f"{pre['std']}")
+  if int(pre["input_size"]) < 1:
+    raise ValueError(f"preprocessing input_size must be positive, got {pre['input_size']}")
+
+
+def _representation_fn(representation: Dict[str, Any]) -> Callable[[nnx.Module, jax.Array], jax.Array]:
+  method = representation.get("method")
+  if method == "forward":
+    return lambda model, x: model(x, train=False)
+  if method == "dino_representation":
+    n = int(representation.get("n_last_blocks", 4))
+    return lambda model, x: model.dino_representation(x, n_last_blocks=n)
+  raise ValueError(f"unknown representation method {method!r}; expected one of {REPRESENTATIONS}")
+
+
+def params_digest(params: nnx.State, batch_stats: nnx.State) -> str:
+  """sha256 over every leaf's path, dtype, shape and bytes, in sorted order (deterministic)."""
+  h = hashlib.sha256()
+  for group, state in (("params", params), ("batch_stats", batch_stats)):
+    for key, value in sorted(functional.flatten_state(state).items()):
+      arr = np.ascontiguousarray(np.asarray(value))
+      h.update(f"{group}/{key}|{arr.dtype.str}|{arr.shape}|".encode())
+      h.update(arr.tobytes())
+  return h.hexdigest()
+
+
+def _checkpoint_tree(params, batch_stats):
+  tree = {"params": functional.state_to_nested(params)}
+  if jax.tree.leaves(batch_stats):  # orbax does not store empty subtrees (ViTs have no batch stats).
+    tree["batch_stats"] = functional.state_to_nested(batch_stats)
+  return jax.tree.map(np.asarray, tree)
+
+
+ModelOrState = Union[nnx.Module, Tuple[nnx.GraphDef, nnx.State, nnx.State]]
+
+
+def save_encoder(directory: str, model_or_state: ModelOrState, manifest: Dict[str, Any], *,
+                 overwrite: bool = False) -> Dict[str, Any]:
+  """Writes an encoder directory and returns the full manifest written.
+
+  `manifest` needs "preprocessing" (see default_preprocessing); optional "representation" (default
+  {"method": "forward"}), "source" (where the weights came from) and anything else JSON-serialisable.
+  Architecture, rep_dim, format and the parameter digest are filled in from the model.
+  """
+  if isinstance(model_or_state, nnx.Module):
+    graphdef, params, batch_stats = functional.split_model(model_or_state)
+  elif isinstance(model_or_state, tuple) and len(model_or_state) == 3:
+    graphdef, params, batch_stats = model_or_state
+  else:
+    raise ValueError("save_encoder needs an nnx.Module or a (graphdef, params, batch_stats) tuple, got "
+                     f"{type(model_or_state).__name__}")
+  model = nnx.merge(graphdef, params, batch_stats)
+  if not hasattr(model, "architecture"):
+    raise ValueError(f"{type(model).__name__} does not describe its architecture; save models made by "
+                     f"create_resnet or create_vit")
+  manifest = copy.deepcopy(dict(manifest))
+  arch = model.architecture()
+  if "architecture" in manifest and manifest["architecture"] != arch:
+    raise ValueError(f"manifest architecture {manifest['architecture']} differs from the model's {arch}")
+  manifest["architecture"] = arch
+  manifest.setdefault("representation", {"method": "forward"})
+  _check_preprocessing(manifest.get("preprocessing"))
+  rep_fn = _representation_fn(manifest["representation"])
+  size = int(manifest["preprocessing"]["input_size"])
+  out = jax.eval_shape(lambda: rep_fn(nnx.merge(graphdef, params, batch_stats),
+                                      jnp.zeros((1, size, size, 3), jnp.float32)))
+  if out.ndim != 2:
+    raise ValueError(f"representation {manifest['representation']} gives shape {out.shape}, not [N, D]")
+  if "rep_dim" in manifest and int(manifest["rep_dim"]) != out.shape[1]:
+    raise ValueError(f"manifest rep_dim {manifest['rep_dim']} differs from the model's {out.shape[1]}")
+  manifest["rep_dim"] = int(out.shape[1])
+  manifest["format"] = FORMAT
+  manifest["params_sha256"] = params_digest(params, batch_stats)
+  tree = _checkpoint_tree(params, batch_stats)
+
+  directory = os.path.abspath(directory)
+  if os.path.lexists(directory) and not overwrite:
+    raise ValueError(f"{directory} already exists; choose a new directory or pass overwrite=True")
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.tmp-")
+  try:
+    checkpoint.save_pytree(os.path.join(staging, PARAMS_DIR), tree, {"format": FORMAT})
+    files.atomic_write_json(os.path.join(staging, MANIFEST), manifest)
+    _replace_dir(staging, directory)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return manifest
+
+
+def _replace_dir(new: str, target: str) -> None:
+  """Moves `new` to `target`; an existing target is kept until the new one is in place."""
+  if not os.path.lexists(target):
+    os.rename(new, target)
+    return
+  backup = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.old-")
+  os.rmdir(backup)
+  os.rename(target, backup)
+  try:
+    os.rename(new, target)
+  except BaseException:
+    os.rename(backup, target)
+    raise
+  shutil.rmtree(backup, ignore_errors=True)
+
+
+def read_manifest(directory: str) -> Dict[str, Any]:
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{directory} is not an encoder directory: no {MANIFEST}")
+  manifest = files.read_json(path)
+  if manifest.get("format") != FORMAT:
+    raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+  for key in ("architecture", "representation", "rep_dim", "preprocessing", "params_sha256"):
+    if key not in manifest:
+      raise ValueError(f"{path} lacks {key!r}")
+  _check_preprocessing(manifest["preprocessing"])
+  return manifest
+
+
+class Encoder:
+  """A frozen encoder: `encoder(images)` maps NHWC float32 images, already normalised as
+  `manifest["preprocessing"]` says, to representations [N, rep_dim] (a jax.Array).
+
+  For fusing the forward into a bigger jitted function use the pure `apply_fn(params, images)` with
+  `params` (a pytree holding the weights and BatchNorm statistics).
+  """
+
+  def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, batch_stats: nnx.State,
+               manifest: Dict[str, Any]):
+    self.manifest = manifest
+    self.rep_dim = int(manifest["rep_dim"])
+    self.input_size = int(manifest["preprocessing"]["input_size"])
+    self.graphdef = graphdef
+    self.params = {"params": params, "batch_stats": batch_stats}
+    rep_fn = _representation_fn(manifest["representation"])
+
+    def apply_fn(variables, images):
+      model = nnx.merge(graphdef, variables["params"], variables["batch_stats"], copy=True)
+      return rep_fn(model, images.astype(jnp.float32))
+
+    self.apply_fn = apply_fn
+    self._jitted = jax.jit(apply_fn)
+
+  def __call__(self, images) -> jax.Array:
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"encoder expects NHWC images with 3 channels, got shape {images.shape}")
+    if isinstance(images, np.ndarray):
+      if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"encoder expects normalised float images, got dtype {images.dtype}")
+      if not np.all(np.isfinite(images)):
+        raise ValueError("encoder input contains NaN or Inf")
+    return self._jitted(self.params, images)
+
+  def __repr__(self):
+    return (f"Encoder({self.manifest['architecture']['name']}, rep_dim={self.rep_dim}, "
+            f"input_size={self.input_size})")
+
+
+def load_encoder(directory: str, *, verify: bool = True) -> Encoder:
+  """Loads what save_encoder (or `python -m weight_conversion.convert`) wrote."""
+  directory = os.path.abspath(directory)
+  manifest = read_manifest(directory)
+  abstract = nnx.eval_shape(lambda: build_model(manifest["architecture"], rngs=nnx.Rngs(0)))
+  graphdef, abs_params, abs_stats = functional.split_model(abstract)
+  params_dir = os.path.join(directory, PARAMS_DIR)
+  if not os.path.isdir(params_dir):
+    raise FileNotFoundError(f"{directory} has a manifest but no {PARAMS_DIR}/ checkpoint")
+  tree, _ = checkpoint.load_pytree(params_dir)
+  tree = jax.tree.map(np.asarray, dict(tree))
+  if set(tree) - {"params", "batch_stats"}:
+    raise ValueError(f"{params_dir}: unexpected entries {sorted(set(tree) - {'params', 'batch_stats'})}")
+  where = f"{params_dir} ({manifest['architecture']['name']})"
+  params = functional.state_from_flat(abs_params, functional.nested_to_flat(tree.get("params", {})),
+                                      what=where)
+  batch_stats = functional.state_from_flat(
+      abs_stats, functional.nested_to_flat(tree.get("batch_stats", {})), what=where)
+  if verify:
+    digest = params_digest(params, batch_stats)
+    if digest != manifest["params_sha256"]:
+      raise ValueError(f"{params_dir}: parameter digest {digest[:12]}... does not match the manifest's "
+                       f"{manifest['params_sha256'][:12]}...; the directory is corrupt or was edited")
+  params = jax.tree.map(jnp.asarray, params)
+  batch_stats = jax.tree.map(jnp.asarray, batch_stats)
+  return Encoder(graphdef, params, batch_stats, manifest)

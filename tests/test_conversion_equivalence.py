@@ -1,0 +1,232 @@
+"""Released-checkpoint layouts -> CLI -> load_encoder, against the real PyTorch models.
+
+SimSiam: torchvision resnet50 with random weights and random BatchNorm running statistics, saved like
+SimSiam's checkpoint_0099.pth.tar. DINO: timm vit_small_patch16_224 (DINO's ViT-S/16 architecture and key
+names) saved like dino_deitsmall16_pretrain_full_checkpoint.pth and like the backbone-only weights file.
+Tolerance (issue 3): max|diff| <= 1e-4 * max|torch| and per-row cosine >= 0.99999 at highest precision.
+"""
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+
+from b4b_jax import models
+from weight_conversion import convert
+
+N_IMAGES = 2
+
+
+def _assert_matches(ours, ref):
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  assert ours.shape == ref.shape
+  max_diff = np.abs(ours - ref).max()
+  print(f"max|diff| = {max_diff:.3g} = {max_diff / np.abs(ref).max():.3g} x max|torch|")
+  assert max_diff <= 1e-4 * np.abs(ref).max(), (max_diff, np.abs(ref).max())
+  cos = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
+  print(f"min cosine = {cos.min():.9f}")
+  assert cos.min() >= 0.99999, cos
+
+
+def _images(seed):
+  x = np.random.RandomState(seed).randn(N_IMAGES, 3, 224, 224).astype(np.float32)
+  return x, x.transpose(0, 2, 3, 1)
+
+
+def _run_cli(*args):
+  assert convert.main([str(a) for a in args]) == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# SimSiam ResNet-50
+# ----------------------------------------------------------------------------------------------------
+def _simsiam_model(dim=2048, pred_dim=512):
+  """SimSiam's builder: a resnet50 whose fc becomes the 3-layer projector, plus the predictor."""
+  torch.manual_seed(0)
+  encoder = torchvision.models.resnet50(num_classes=dim, zero_init_residual=True)
+  prev_dim = encoder.fc.weight.shape[1]
+  encoder.fc = torch.nn.Sequential(
+      torch.nn.Linear(prev_dim, prev_dim, bias=False), torch.nn.BatchNorm1d(prev_dim),
+      torch.nn.ReLU(inplace=True), torch.nn.Linear(prev_dim, prev_dim, bias=False),
+      torch.nn.BatchNorm1d(prev_dim), torch.nn.ReLU(inplace=True), encoder.fc,
+      torch.nn.BatchNorm1d(dim, affine=False))
+  predictor = torch.nn.Sequential(
+      torch.nn.Linear(dim, pred_dim, bias=False), torch.nn.BatchNorm1d(pred_dim),
+      torch.nn.ReLU(inplace=True), torch.nn.Linear(pred_dim, dim))
+  g = torch.Generator().manual_seed(1)
+  for m in encoder.modules():  # random affine + running statistics, so BN errors cannot hide
+    if isinstance(m, torch.nn.BatchNorm2d):
+      n = m.num_features
+      with torch.no_grad():
+        m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
+        m.bias.copy_(0.1 * torch.randn(n, generator=g))
+        m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+        m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+        m.num_batches_tracked.fill_(12345)
+
+  class SimSiam(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.encoder, self.predictor = encoder, predictor
+
+  return torch.nn.DataParallel(SimSiam())  # keys get SimSiam's `module.` prefix
+
+
+@pytest.fixture(scope="module")
+def simsiam(tmp_path_factory):
+  root = tmp_path_factory.mktemp("simsiam")
+  model = _simsiam_model()
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+  for p in list(model.parameters())[:10]:  # a few momentum buffers, as after training
+    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+  path = root / "checkpoint_0099.pth.tar"
+  torch.save({"epoch": 100, "arch": "resnet50", "state_dict": model.state_dict(),
+              "optimizer": optimizer.state_dict()}, path)
+  net = model.module.encoder.eval()
+  net.fc = torch.nn.Identity()
+  return path, net, root
+
+
+def test_simsiam_resnet50_matches_torch(simsiam):
+  path, net, root = simsiam
+  out_dir = root / "encoder"
+  _run_cli("--kind", "simsiam", "--checkpoint", path, "--output", out_dir, "--arch", "resnet50")
+  encoder = models.load_encoder(str(out_dir))
+  manifest = json.load(open(out_dir / "manifest.json"))
+  assert manifest["rep_dim"] == encoder.rep_dim == 2048
+  assert manifest["architecture"]["name"] == "resnet50"
+  assert manifest["source"]["file"] == "checkpoint_0099.pth.tar"
+  assert manifest["source"]["sha256"] == __import__("hashlib").sha256(path.read_bytes()).hexdigest()
+  assert any(k.startswith("module.predictor.") for k in manifest["source"]["dropped_keys"])
+  assert any(k.startswith("module.encoder.fc.") for k in manifest["source"]["dropped_keys"])
+  assert manifest["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+  x_nchw, x_nhwc = _images(0)
+  with torch.no_grad():
+    ref = net(torch.from_numpy(x_nchw)).numpy()
+  ours = encoder(x_nhwc)
+  assert ours.shape == (N_IMAGES, 2048)
+  _assert_matches(ours, ref)
+  assert float(jnp.min(ours)) >= 0  # post-ReLU average pool
+
+
+def test_simsiam_refusals(simsiam, tmp_path):
+  path, _, root = simsiam
+  # The SimSiam file is not a DINO checkpoint, and the wrong --arch is named.
+  with pytest.raises(ValueError, match="--kind simsiam"):
+    convert.converters.convert_checkpoint("dino", str(path), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match="does not match the checkpoint"):
+    convert.converters.convert_checkpoint("simsiam", str(path), str(tmp_path / "b"), arch="resnet34")
+  # An existing output directory is refused by the CLI (exit code 2) and left as it was.
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "keep.txt").write_text("mine")
+  assert convert.main(["--kind", "simsiam", "--checkpoint", str(path), "--output", str(existing)]) == 2
+  assert os.listdir(existing) == ["keep.txt"]
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# DINO ViT-S/16
+# ----------------------------------------------------------------------------------------------------
+def _vit_small(seed):
+  torch.manual_seed(seed)
+  vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
+  g = torch.Generator().manual_seed(seed + 100)
+  with torch.no_grad():  # non-trivial LayerNorms and position embedding (timm inits them to 1/0/small)
+    for m in vit.modules():
+      if isinstance(m, torch.nn.LayerNorm):
+        m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+        m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    vit.pos_embed.copy_(0.5 * torch.randn(vit.pos_embed.shape, generator=g))
+    vit.cls_token.copy_(torch.randn(vit.cls_token.shape, generator=g))
+  return vit
+
+
+def _dino_head_state(prefix, seed, out_dim=1024):
+  # DINOHead: 3-layer MLP + weight-normed last layer (65536 prototypes in DINO; fewer here, same keys).
+  g = torch.Generator().manual_seed(seed)
+  shapes = {"mlp.0.weight": (2048, 384), "mlp.0.bias": (2048,), "mlp.2.weight": (2048, 2048),
+            "mlp.2.bias": (2048,), "mlp.4.weight": (256, 2048), "mlp.4.bias": (256,),
+            "last_layer.weight_g": (out_dim, 1), "last_layer.weight_v": (out_dim, 256)}
+  return {prefix + k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def _torch_dino_reference(vit, x):
+  """DINO's eval_linear: get_intermediate_layers(x, 4) (each through norm), CLS tokens concatenated."""
+  with torch.no_grad():
+    t = vit.patch_embed(x)
+    t = vit._pos_embed(t)  # pylint: disable=protected-access
+    t = vit.norm_pre(t)
+    cls = []
+    for i, block in enumerate(vit.blocks):
+      t = block(t)
+      if i >= len(vit.blocks) - 4:
+        cls.append(vit.norm(t)[:, 0])
+    return torch.cat(cls, dim=-1).numpy(), vit(x).numpy()
+
+
+@pytest.fixture(scope="module")
+def dino(tmp_path_factory):
+  root = tmp_path_factory.mktemp("dino")
+  teacher, student = _vit_small(0), _vit_small(1)
+  student_sd = {"module.backbone." + k: v for k, v in student.state_dict().items()}
+  student_sd.update(_dino_head_state("module.head.", 2))
+  teacher_sd = {"backbone." + k: v for k, v in teacher.state_dict().items()}
+  teacher_sd.update(_dino_head_state("head.", 3))
+  optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+  args = argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=False,
+                            lr=0.0005, epochs=800, output_dir="/checkpoint/dino", use_fp16=True)
+  full = root / "dino_deitsmall16_pretrain_full_checkpoint.pth"
+  torch.save({"student": student_sd, "teacher": teacher_sd, "optimizer": optimizer.state_dict(),
+              "epoch": 800, "args": args, "dino_loss": {"center": torch.zeros(1, 65536)}}, full)
+  weights = root / "dino_deitsmall16_pretrain.pth"
+  torch.save(teacher.state_dict(), weights)  # the backbone-only release file (teacher, bare keys)
+  return full, weights, teacher, student, root
+
+
+def test_dino_vit_small_matches_torch(dino):
+  full, _, teacher, _, root = dino
+  out_dir = root / "teacher"
+  _run_cli("--kind", "dino", "--checkpoint", full, "--output", out_dir, "--arch", "vit_small")
+  encoder = models.load_encoder(str(out_dir))
+  assert encoder.rep_dim == 1536
+  assert encoder.manifest["source"]["weights"] == "teacher"
+  assert encoder.manifest["source"]["epoch"] == 800
+  assert encoder.manifest["preprocessing"]["interpolation"] == "bicubic"
+  x_nchw, x_nhwc = _images(1)
+  ref_rep, ref_cls = _torch_dino_reference(teacher, torch.from_numpy(x_nchw))
+  ours = encoder(x_nhwc)
+  _assert_matches(ours, ref_rep)
+  # The module's own forward: DINO's output, the final-norm CLS token.
+  cls = jax.jit(lambda v, x: models.apply_model(encoder.graphdef, v["params"], v["batch_stats"], x,
+                                                train=False)[0])(encoder.params, x_nhwc)
+  _assert_matches(cls, ref_cls)
+
+
+def test_dino_student_and_weights_file(dino):
+  full, weights, teacher, student, root = dino
+  _run_cli("--kind", "dino", "--checkpoint", full, "--output", root / "student", "--dino-weights",
+           "student")
+  student_params = models.load_encoder(str(root / "student")).params["params"]
+  np.testing.assert_array_equal(np.asarray(student_params["pos_embed"][...]),
+                                student.pos_embed.detach().numpy())
+  _run_cli("--kind", "dino", "--checkpoint", weights, "--output", root / "weights")
+  from_weights = json.load(open(root / "weights" / "manifest.json"))
+  from_full = json.load(open(root / "teacher" / "manifest.json")) if (root / "teacher").exists() else None
+  if from_full is None:  # test order independence: convert the teacher here
+    _run_cli("--kind", "dino", "--checkpoint", full, "--output", root / "teacher")
+    from_full = json.load(open(root / "teacher" / "manifest.json"))
+  # Same teacher weights whichever file they came from; different from the student's.
+  assert from_weights["params_sha256"] == from_full["params_sha256"]
+  assert from_weights["source"]["format"] == "backbone_weights"
+  assert json.load(open(root / "student" / "manifest.json"))["params_sha256"] != from_full["params_sha256"]
+  # A ResNet state dict is not a DINO checkpoint.
+  with pytest.raises(ValueError, match="DINO"):
+    convert.converters.extract_dino({"conv1.weight": np.zeros((64, 3, 7, 7), np.float32)})

@@ -1,0 +1,52 @@
+"""The defense benchmark job (tiny variant) through the real entry point's run_job."""
+import importlib.util
+import json
+import os
+
+import jax
+import pytest
+
+from b4b_jax import main
+from b4b_jax.utils import metrics
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _config(arg):
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(_ROOT, "configs",
+                                                                     "defense_benchmark.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_tiny_benchmark_job_writes_results_report_and_metrics(tmp_path):
+  full = _config(None)
+  assert (full.benchmark.rep_dim, full.benchmark.num_projections, full.benchmark.num_hyperplanes,
+          full.benchmark.batch_size) == (2048, 20, 12, 256)
+  assert full.benchmark.num_reps >= 20000 and tuple(full.benchmark.users_mixed) == (1, 64, 1024)
+  workdir = str(tmp_path / "bench")
+  main.run_job(_config("tiny"), workdir)
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  c = results["coverage_update"]
+  # Same hyperplanes, same data: our coverage equals the original algorithm's.
+  assert c["ours_final_coverage"] == pytest.approx(c["original_final_coverage"], abs=1e-4)
+  assert c["ours_reps_per_s"] > 0 and c["original_reps_per_s"] > 0
+  assert set(results["serving"]["by_users"]) == {"1", "4", "16"}
+  assert results["state_bytes_per_user"] == 4 * 2 * 4 + 4 * 4 + 4 + 4 + 8  # P=4, K=6: 2 words
+  with open(os.path.join(workdir, "report.md")) as f:
+    report = f.read()
+  assert "original algorithm" in report and "(d) defense state per user" in report
+  stages = {r.get("stage") for r in metrics.read_metrics(workdir)}
+  assert stages == {"coverage_update", "matmul_floor", "serving", "state"}
+  with pytest.raises(ValueError, match="unknown variant"):
+    _config("huge")

@@ -1,0 +1,199 @@
+"""Cost function, config validation and LSH coverage against plain numpy references."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from b4b_jax import defense
+from b4b_jax.defense import lsh
+from b4b_jax.defense import state as state_lib
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+  # Small arrays: compile time dominates, so skip XLA's optimisation passes in this module only.
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+# ---------------------------------------------------------------------------------------------- cost
+@pytest.mark.parametrize("coverage,expected", [
+    (0, 0.0), (30, 1.77e-4), (50, 5.62e-3), (60, 0.0316), (70, 0.178), (80, 1.0), (90, 5.62),
+    (100, 31.6)])
+def test_sigma_table_simsiam_preset(coverage, expected):
+  p = defense.PRESETS["simsiam"]
+  sigma = defense.noise_std(coverage, p["lam"], p["alpha"], p["beta"])
+  if expected == 0:
+    assert sigma == 0.0
+  else:
+    assert float(f"{sigma:.3g}") == pytest.approx(expected, rel=1e-9)  # 3 significant digits
+
+
+def test_sigma_dino_preset_and_array_and_jax_inputs():
+  p = defense.PRESETS["dino"]
+  cov = np.array([0.0, 40.0, 60.0, 100.0])
+  sig = defense.noise_std(cov, **p)
+  np.testing.assert_allclose(sig, [0.0, 1.0, 1000.0, 1e9], rtol=2e-3)
+  # JAX arrays go through the jnp path (usable under jit) and agree with numpy in float32.
+  sig_jax = np.asarray(defense.noise_std(jnp.asarray(cov, jnp.float32), **p))
+  np.testing.assert_allclose(sig_jax, sig, rtol=1e-5)
+  # Clipped at 0 below zero coverage; independent formula check at an arbitrary point.
+  assert defense.noise_std(-5.0, 1e-6, 1.0, 80.0) == 0.0
+  assert defense.noise_std(37.0, 1e-4, 2.0, 50.0) == pytest.approx(
+      1e-4 * (np.exp(np.log(2.0 / 1e-4) * 37.0 / 50.0) - 1), rel=1e-12)
+
+
+# -------------------------------------------------------------------------------------------- config
+def test_presets_and_overrides():
+  c = defense.defense_config("dino", transform="affine_pad_shuffle", static_sigma=0.1, seed=7)
+  assert (c.lam, c.alpha, c.beta) == (1e-6, 1000.0, 60.0)
+  assert (c.num_projections, c.num_hyperplanes, c.sigma_from) == (20, 12, "after")
+  assert c.transform == "affine_pad_shuffle" and c.static_sigma == 0.1 and c.enabled
+  assert not defense.defense_config("none").enabled
+  assert defense.defense_config().static_sigma is None
+  assert defense.defense_config(num_hyperplanes=24).num_hyperplanes == 24
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"lam": 0.0}, "lam must be > 0"), ({"lam": -1.0}, "lam must be > 0"),
+    ({"alpha": 1e-6}, "alpha must be > lam"), ({"beta": 0.0}, "beta must be > 0"),
+    ({"num_hyperplanes": 0}, "num_hyperplanes"), ({"num_hyperplanes": 25}, "num_hyperplanes"),
+    ({"num_projections": 0}, "num_projections"), ({"transform": "rotate"}, "unknown transform"),
+    ({"pad_dim": -1}, "pad_dim"), ({"binary_ratio": 0.0}, "binary_ratio"),
+    ({"sigma_from": "during"}, "sigma_from"), ({"static_sigma": -0.1}, "static_sigma"),
+    ({"lam": float("nan")}, "finite"), ({"num_hyperplanes": 12.5}, "num_hyperplanes"),
+    ({"bogus": 1}, "unknown defense config field"), ({"seed": 2**40}, "seed")])
+def test_invalid_hyperparameters_raise(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    defense.defense_config("simsiam", **overrides)
+
+
+def test_invalid_preset_and_rep_dim():
+  with pytest.raises(ValueError, match="unknown defense preset"):
+    defense.defense_config("simclr")
+  with pytest.raises(ValueError, match="rep_dim"):
+    defense.make_params(defense.defense_config(), 0)
+  cfg = defense.defense_config()
+  cfg.beta = -3.0  # edited after creation: make_params validates again
+  with pytest.raises(ValueError, match="beta"):
+    defense.make_params(cfg, 8)
+
+
+# ------------------------------------------------------------------------------------------ coverage
+def _reference_coverage(batches, hyperplanes):
+  """The original algorithm per user: per projection the set of tuple(x @ R_p > 0); mean 100*len/2^K."""
+  hyperplanes = np.asarray(hyperplanes, np.float64)
+  num_proj, _, k = hyperplanes.shape
+  sets = {}
+  history = []
+  for users, reps in batches:
+    for user in dict.fromkeys(users):
+      rows = np.asarray(reps, np.float64)[np.asarray(users) == user]
+      per_proj = sets.setdefault(user, [set() for _ in range(num_proj)])
+      for p in range(num_proj):
+        per_proj[p].update(map(tuple, (rows @ hyperplanes[p] > 0).astype(int)))
+    history.append({u: float(np.mean([100.0 * len(s) / 2**k for s in per_proj]))
+                    for u, per_proj in sets.items()})
+  return history
+
+
+def _unambiguous_rows(reps, hyperplanes, margin=1e-3):
+  """Rows whose hash cannot depend on float rounding (every |x . r| > margin)."""
+  scores = np.einsum("nd,pdk->npk", reps.astype(np.float64), np.asarray(hyperplanes, np.float64))
+  return reps[np.abs(scores).min(axis=(1, 2)) > margin]
+
+
+@pytest.mark.parametrize("num_projections,num_hyperplanes", [(20, 12), (3, 3), (4, 7), (2, 20)])
+def test_coverage_matches_set_reference_over_incremental_mixed_batches(num_projections,
+                                                                       num_hyperplanes):
+  rep_dim, users = 24, ["ann", "bob", "cy"]
+  cfg = defense.defense_config("none", num_projections=num_projections,
+                               num_hyperplanes=num_hyperplanes)
+  api = defense.DefendedEncoder(None, cfg, rep_dim, capacity=4)
+  rng = np.random.default_rng(num_hyperplanes)
+  pool = _unambiguous_rows(rng.standard_normal((1500, rep_dim)).astype(np.float32),
+                           api.params.hyperplanes)
+  # Repeated rows (duplicates within and across batches) exercise the dedupe of the OR update.
+  pool = np.concatenate([pool[:900], pool[:100]])
+  batches, start = [], 0
+  for size in (64, 200, 1, 64, 250, 5, 3, 256):  # padded to 64, 256 and 8 rows: 3 compilations
+    rows = pool[start:start + size]
+    start += size
+    batch_users = [users[i] for i in rng.integers(0, len(users), size)]
+    batches.append((batch_users, rows))
+  history = _reference_coverage(batches, api.params.hyperplanes)
+  for (batch_users, rows), expected in zip(batches, history):
+    api.query_representations(batch_users, rows)
+    for u, cov in expected.items():
+      assert api.coverage(u) == pytest.approx(cov, rel=1e-12, abs=1e-12)
+    for row, u in enumerate(batch_users):  # per-row info is the user's coverage after the batch
+      assert api.last_info["coverage"][row] == pytest.approx(expected[u], rel=1e-6)
+  counts = np.asarray(api.state.counts)
+  np.testing.assert_array_equal(lsh.popcount(api.state.occupancy), counts)
+  assert api.num_queries("ann") + api.num_queries("bob") + api.num_queries("cy") == start
+
+
+def test_one_key_and_two_key_sorts_update_occupancy_identically():
+  rng = np.random.default_rng(0)
+  k, users, n = 9, 5, 300
+  occupancy = jnp.asarray(rng.integers(0, 2**32, (users, 3, 16), dtype=np.uint32) & 0x01010101)
+  counts = jnp.asarray(lsh.popcount(occupancy).astype(np.int32))
+  user_per_row = jnp.asarray(rng.integers(-1, users + 1, n).astype(np.int32))  # incl. ignored rows
+  buckets = jnp.asarray(rng.integers(0, 40, (n, 3)).astype(np.int32))  # many duplicates
+  add = jax.jit(lsh.add_buckets, static_argnums=(4, 5))  # one compilation instead of op by op
+  one = add(occupancy, counts, user_per_row, buckets, k, True)
+  two = add(occupancy, counts, user_per_row, buckets, k, False)
+  for a, b in zip(one, two):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Independent check: OR of the bits in numpy.
+  expected = np.asarray(occupancy).copy()
+  for row, u in enumerate(np.asarray(user_per_row)):
+    if 0 <= u < users:
+      for p, b in enumerate(np.asarray(buckets)[row]):
+        expected[u, p, b // 32] |= np.uint32(1) << np.uint32(b % 32)
+  np.testing.assert_array_equal(np.asarray(one[0]), expected)
+  np.testing.assert_array_equal(np.asarray(one[1]), lsh.popcount(expected))
+
+
+def test_bucket_bits_are_strict_and_packed_in_hyperplane_order():
+  hyperplanes = np.array([[[1.0, -1.0, 0.5]], [[0.0, 2.0, -3.0]]], np.float32)  # P=2, D=1, K=3
+  projection = lsh.projection_matrix(jnp.asarray(hyperplanes))
+  reps = jnp.array([[1.0], [-1.0], [0.0]], jnp.float32)
+  ids = np.asarray(lsh.bucket_ids(reps, projection, 3))
+  # x=1: p0 bits (1,0,1) -> 1 + 4 = 5; p1 bits (0 [0 > 0 is false], 1, 0) -> 2.
+  # x=-1: p0 (0,1,0) -> 2; p1 (0,0,1) -> 4.   x=0: every score is 0 -> bucket 0.
+  np.testing.assert_array_equal(ids, [[5, 2], [2, 4], [0, 0]])
+
+
+def test_step_ignores_padding_rows_and_counts_a_users_rows_as_one_batch():
+  cfg = defense.defense_config("simsiam", num_projections=2, num_hyperplanes=5)
+  params = defense.make_params(cfg, 8)
+  state = defense.init_state(params, 3)
+  for slot in range(3):
+    state = defense.set_uid(state, slot, defense.uid_from_name(f"user{slot}"))
+  reps = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
+  users = jnp.array([1, -1, 1, 7, 2, 1], jnp.int32)  # -1 and 7 (>= capacity) are padding
+  state, returned, info = defense.defense_step(params, state, users, jnp.asarray(reps))
+  np.testing.assert_array_equal(np.asarray(state.num_queries), [0, 3, 1])
+  np.testing.assert_array_equal(np.asarray(state.num_batches), [0, 1, 1])
+  np.testing.assert_array_equal(np.asarray(returned)[[1, 3]], 0.0)
+  np.testing.assert_array_equal(np.asarray(info["sigma"])[[1, 3]], 0.0)
+  assert np.asarray(info["sigma"])[0] == np.asarray(info["sigma"])[2] == np.asarray(info["sigma"])[5]
+  assert bool(info["all_finite"])
+
+
+def test_state_layout_and_bytes_per_user():
+  params = defense.make_params(defense.defense_config(), 2048)
+  assert params.hyperplanes.shape == (20, 2048, 12)
+  state = defense.init_state(params, 4)
+  assert state.occupancy.shape == (4, 20, 128) and state.occupancy.dtype == jnp.uint32
+  per_user = defense.state_bytes_per_user(params)
+  assert per_user == defense.state_bytes_per_user(state) == 10336 <= 16 * 1024
+  grown = defense.grow_state(state, 9)
+  assert grown.capacity == 9 and state_lib.STATE_FIELDS == tuple(vars(grown).keys())
+  # K = 20 works (2^20 buckets, 32768 words per projection).
+  params20 = defense.make_params(defense.defense_config(num_projections=2, num_hyperplanes=20), 4)
+  assert defense.init_state(params20, 1).occupancy.shape == (1, 2, 32768)

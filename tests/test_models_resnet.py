@@ -1,0 +1,208 @@
+"""ResNet: torchvision equivalence (eval and train-mode BatchNorm), sharded training, encoder dirs."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torchvision
+from flax import nnx
+
+from b4b_jax import models
+from b4b_jax.models import functional
+from b4b_jax.utils import distributed
+from weight_conversion import keymaps
+
+
+def _randomise_bn(module: torch.nn.Module, seed: int) -> None:
+  g = torch.Generator().manual_seed(seed)
+  for m in module.modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+      n = m.num_features
+      with torch.no_grad():
+        m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
+        m.bias.copy_(0.1 * torch.randn(n, generator=g))
+        m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+        m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+
+
+def _torch_resnet18(small_input: bool):
+  torch.manual_seed(0)
+  net = torchvision.models.resnet18()
+  if small_input:
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = torch.nn.Identity()
+  net.fc = torch.nn.Identity()
+  _randomise_bn(net, 1)
+  return net
+
+
+def _to_flax(net, small_input=False):
+  source = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+  model = models.create_resnet("resnet18", rngs=nnx.Rngs(0), small_input=small_input)
+  return keymaps.load_into_model(model, source, family="resnet")
+
+
+def _nchw_to_nhwc(x):
+  return jnp.asarray(x.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("small_input", [False, True])
+def test_resnet18_matches_torchvision_eval(small_input):
+  net = _torch_resnet18(small_input).eval()
+  graphdef, params, stats = _to_flax(net, small_input)
+  x = np.random.RandomState(0).randn(2, 3, 48, 48).astype(np.float32)
+  with torch.no_grad():
+    ref = net(torch.from_numpy(x)).numpy()
+  out, new_stats = models.apply_model(graphdef, params, stats, _nchw_to_nhwc(x), train=False)
+  assert out.shape == (2, 512)
+  assert np.abs(np.asarray(out) - ref).max() <= 1e-5 * np.abs(ref).max()
+  # Eval mode leaves the running statistics alone.
+  jax.tree.map(np.testing.assert_array_equal, new_stats, stats)
+
+
+def test_resnet18_train_mode_matches_torch_batchnorm_update():
+  net = _torch_resnet18(False).train()
+  graphdef, params, stats = _to_flax(net)
+  x = np.random.RandomState(1).randn(4, 3, 32, 32).astype(np.float32)
+  with torch.no_grad():
+    ref = net(torch.from_numpy(x)).numpy()  # also updates running stats (momentum 0.1, unbiased var)
+  out, new_stats = models.apply_model(graphdef, params, stats, _nchw_to_nhwc(x), train=True)
+  # Batch statistics over 4 values per channel in layer4 amplify float rounding: 1e-4, not 1e-5.
+  assert np.abs(np.asarray(out) - ref).max() <= 1e-4 * np.abs(ref).max()
+  flat = functional.flatten_state(new_stats)
+  torch_sd = net.state_dict()
+  for key, value in flat.items():
+    torch_name = key.replace("/", ".").replace(".mean", ".running_mean").replace(".var", ".running_var")
+    np.testing.assert_allclose(np.asarray(value), torch_sd[torch_name].numpy(), rtol=2e-5, atol=1e-6,
+                               err_msg=key)
+
+
+def test_width_variants_and_projection_head():
+  model = models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(0), small_input=True)
+  assert model.rep_dim == 128
+  assert model(jnp.zeros((2, 16, 16, 3))).shape == (2, 128)
+  wide = nnx.eval_shape(lambda: models.create_resnet("resnet50_w0.125", rngs=nnx.Rngs(0)))
+  assert wide.rep_dim == 256
+  head = models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(1), out_dim=24, small_input=True)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  out = head(x)
+  manual = jnp.mean(jnp.einsum("nhwc,cd->nhwd", head.feature_map(x), head.proj.kernel[0, 0]),
+                    axis=(1, 2))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(manual), rtol=1e-5, atol=1e-6)
+  for bad in ("resnet19", "resnet18_w0.001", "vit_small"):
+    with pytest.raises(ValueError, match="ResNet|width"):
+      models.create_resnet(bad, rngs=nnx.Rngs(0))
+
+
+def _assert_close_relative_to_max(a, b, tol=1e-5):
+  a, b = np.asarray(a), np.asarray(b)
+  assert np.abs(a - b).max() <= tol * max(np.abs(b).max(), 1e-6), np.abs(a - b).max()
+
+
+def test_tiny_resnet_trains_under_jit_with_sharded_batch():
+  mesh = distributed.data_mesh()
+  assert mesh.devices.size == 8
+  model = models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(0), small_input=True)
+  graphdef, params, stats = models.split_model(model)
+  rng = np.random.RandomState(0)
+  x = rng.randn(16, 8, 8, 3).astype(np.float32)
+  target = rng.randn(16, 128).astype(np.float32)
+  tx = optax.sgd(0.05, momentum=0.9)
+  opt_state = tx.init(params)
+
+  def loss_fn(params, stats, x, y):
+    out, new_stats = models.apply_model(graphdef, params, stats, x, train=True)
+    return jnp.mean(jnp.square(out - y)), new_stats
+
+  @jax.jit
+  def step(params, stats, opt_state, x, y):
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+  # Global BatchNorm statistics: the sharded batch gives what the whole batch on one device gives.
+  xs, ys = distributed.global_batch((x, target), mesh)
+  assert len(xs.sharding.device_set) == 8
+  out_sharded, stats_sharded = jax.jit(
+      lambda p, s, x: models.apply_model(graphdef, p, s, x, train=True))(params, stats, xs)
+  out_single, stats_single = models.apply_model(graphdef, params, stats, jnp.asarray(x), train=True)
+  # Equal up to float summation order (cross-device reductions add in a different order).
+  _assert_close_relative_to_max(out_sharded, out_single)
+  jax.tree.map(_assert_close_relative_to_max, stats_sharded, stats_single)
+  # The first BatchNorm's running mean moves 10% of the way to the global batch mean of conv1's output.
+  conv1_out = np.asarray(model.conv1(jnp.asarray(x)))
+  np.testing.assert_allclose(np.asarray(functional.flatten_state(stats_sharded)["bn1/mean"]),
+                             0.1 * conv1_out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-7)
+
+  params, stats = distributed.replicate((params, stats), mesh)
+  losses = []
+  for _ in range(4):
+    params, stats, opt_state, loss = step(params, stats, opt_state, xs, ys)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0], losses
+  before = functional.flatten_state(models.split_model(model)[2])
+  after = functional.flatten_state(stats)
+  assert all(not np.allclose(before[k], after[k]) for k in before)
+
+
+def _preprocessing():
+  return models.default_preprocessing(16, resize=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def test_save_load_encoder_round_trip(tmp_path):
+  model = models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(3), out_dim=32, small_input=True)
+  graphdef, params, stats = models.split_model(model)
+  # Non-trivial running statistics, so a load that dropped them would be caught.
+  stats = jax.tree.map(lambda v: v + 0.3, stats)
+  directory = str(tmp_path / "enc")
+  written = models.save_encoder(directory, (graphdef, params, stats),
+                                {"preprocessing": _preprocessing(), "source": {"kind": "test"}})
+  assert written["rep_dim"] == 32
+  on_disk = json.load(open(os.path.join(directory, "manifest.json")))
+  assert on_disk == written
+  assert on_disk["architecture"] == {"name": "resnet18_w0.25",
+                                     "kwargs": {"out_dim": 32, "small_input": True}}
+  encoder = models.load_encoder(directory)
+  x = np.random.RandomState(0).randn(2, 16, 16, 3).astype(np.float32)
+  expected, _ = models.apply_model(graphdef, params, stats, jnp.asarray(x), train=False)
+  np.testing.assert_array_equal(np.asarray(encoder(x)), np.asarray(expected))
+  assert encoder.rep_dim == 32 and encoder.manifest["source"] == {"kind": "test"}
+  np.testing.assert_array_equal(np.asarray(jax.jit(encoder.apply_fn)(encoder.params, x)),
+                                np.asarray(expected))
+
+  # Never silently overwritten; overwrite=True replaces it.
+  with pytest.raises(ValueError, match="already exists"):
+    models.save_encoder(directory, model, {"preprocessing": _preprocessing()})
+  assert models.load_encoder(directory).manifest == written
+  models.save_encoder(directory, model, {"preprocessing": _preprocessing()}, overwrite=True)
+  assert "source" not in models.load_encoder(directory).manifest
+  assert sorted(os.listdir(tmp_path)) == ["enc"]  # no staging leftovers
+
+  with pytest.raises(ValueError, match="NHWC"):
+    encoder(x[..., :1])
+  with pytest.raises(ValueError, match="NaN"):
+    encoder(np.full((1, 16, 16, 3), np.nan, np.float32))
+  with pytest.raises(ValueError, match="preprocessing"):
+    models.save_encoder(str(tmp_path / "other"), model, {})
+  with pytest.raises(FileNotFoundError):
+    models.load_encoder(str(tmp_path / "missing"))
+
+
+def test_load_encoder_detects_edited_manifest(tmp_path):
+  model = models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(0), small_input=True)
+  directory = str(tmp_path / "enc")
+  models.save_encoder(directory, model, {"preprocessing": _preprocessing()})
+  path = os.path.join(directory, "manifest.json")
+  manifest = json.load(open(path))
+  manifest["params_sha256"] = "0" * 64
+  json.dump(manifest, open(path, "w"))
+  with pytest.raises(ValueError, match="digest"):
+    models.load_encoder(directory)
+  manifest["architecture"]["name"] = "resnet34_w0.25"
+  json.dump(manifest, open(path, "w"))
+  with pytest.raises(ValueError, match="missing"):
+    models.load_encoder(directory)
