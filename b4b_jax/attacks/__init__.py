@@ -1,0 +1,1 @@
+"""Stealing attacks: query protocol, losses, stolen-model training, sybil mappers."""

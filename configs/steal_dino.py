@@ -1,0 +1,19 @@
+r"""Stealing the DINO ViT-S/16 victim through the (B4B-defended) API: paper Table 7.
+
+  python -m b4b_jax.main --config=configs/steal_dino.py --workdir=workdirs/steal_dino_none_50k
+  python -m b4b_jax.main --config=configs/steal_dino.py:defended=1 --workdir=workdirs/steal_dino_b4b_50k
+  python -m b4b_jax.main --config=configs/steal_dino.py:defended=1,sybils=2,queries=100000 --workdir=...
+  # small CPU variant (random tiny ViT victim with the DINO representation):
+  python -m b4b_jax.main --config=configs/steal_dino.py:tiny --workdir=/tmp/steal_dino_tiny
+
+The victim's representation is the concatenated CLS tokens of the last 4 blocks (1536-d); the stolen
+ResNet-50 gets the paper's 1x1 conv 2048 -> 1536 before pooling (stolen.out_dim = auto). B4B: lam 1e-6,
+alpha 1000, beta 60 % (DINO norms are ~10^3 x SimSiam's). Expected (Table 7, CIFAR10 probe): 67.92
+undefended / 42.02 B4B at 50k; 75.07 / 19.27 at 100k; sybils 2x50k 45.56.
+Arguments: see b4b_jax/attacks/config_lib.py.
+"""
+from b4b_jax.attacks import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.steal_config("dino", arg)

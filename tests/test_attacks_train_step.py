@@ -1,0 +1,103 @@
+"""The jitted stealing step: 8 devices equal 1 device; the SGD/cosine schedule is the paper's; augments."""
+import colorsys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from b4b_jax import models
+from b4b_jax.attacks import augment
+from b4b_jax.attacks import losses
+from b4b_jax.attacks import train_state as ts
+from b4b_jax.utils import distributed
+
+
+def _run_steps(num_devices, graphdef, params, batch_stats, images, targets, cfg):
+  mesh = distributed.data_mesh(num_devices)
+  state = distributed.replicate(jax.tree.map(np.asarray, ts.init_state(params, batch_stats, cfg)), mesh)
+  step = ts.make_train_step(graphdef, cfg, mesh)
+  losses_seen = []
+  for x, y in zip(images, targets):
+    state, metrics = step(state, jax.device_put(x, distributed.batch_sharded(mesh)),
+                          jax.device_put(y, distributed.batch_sharded(mesh)), jax.random.key(0))
+    losses_seen.append(float(metrics["loss"]))
+  return jax.tree.map(np.asarray, state), losses_seen
+
+
+def test_eight_devices_match_one_device_and_a_plain_reference_step():
+  model = models.create_resnet("resnet18_w0.125", rngs=nnx.Rngs(0), small_input=True)
+  graphdef, params, batch_stats = models.split_model(model)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (3, 16, 16, 16, 3), dtype=np.uint8)
+  targets = rng.normal(size=(3, 16, 64)).astype(np.float32)
+  cfg = ts.StepConfig(learning_rate=0.05, total_steps=10, input_size=16, center_targets=True)
+  one, losses1 = _run_steps(1, graphdef, params, batch_stats, images, targets, cfg)
+  eight, losses8 = _run_steps(8, graphdef, params, batch_stats, images, targets, cfg)
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), eight, one)
+  assert int(one["step"]) == 3
+
+  # Independent reference for the first step: plain (unjitted, unsharded) forward + optax SGD.
+  mean, std = np.asarray(cfg.mean), np.asarray(cfg.std)
+  x = ((images[0] / 255.0 - mean) / std).astype(np.float32)
+  y = targets[0] - targets[0].mean(0, keepdims=True)
+
+  def objective(p):
+    out, stats = models.apply_model(graphdef, p, jax.tree.map(lambda v: v, batch_stats), x, train=True)
+    return losses.info_nce(out, jnp.asarray(y), temperature=0.25), stats
+
+  (loss, _), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+  # First step: momentum buffer = grad, lr = schedule(0) = peak.
+  expected = jax.tree.map(lambda p, g: np.asarray(p) - 0.05 * np.asarray(g), params, grads)
+  first, _ = _run_steps(1, graphdef, params, batch_stats, images[:1], targets[:1], cfg)
+  np.testing.assert_allclose(losses1[0], float(loss), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               first["params"], expected)
+
+
+def test_optimizer_is_sgd_momentum_with_cosine_decay():
+  cfg = ts.StepConfig(learning_rate=0.2, total_steps=100)
+  assert ts.scaled_learning_rate(0.1, 512) == pytest.approx(0.2)
+  tx = ts.make_optimizer(cfg)
+  params = {"w": jnp.zeros(3)}
+  opt = tx.init(params)
+  grads = {"w": jnp.ones(3)}
+  w, updates = params, []
+  for _ in range(3):
+    u, opt = tx.update(grads, opt, w)
+    w = optax.apply_updates(w, u)
+    updates.append(float(u["w"][0]))
+  lr = lambda t: 0.2 * 0.5 * (1 + np.cos(np.pi * t / 100))  # noqa: E731
+  # torch SGD: v_t = 0.9 v_{t-1} + g; p -= lr_t v_t.
+  np.testing.assert_allclose(updates, [-lr(0) * 1, -lr(1) * 1.9, -lr(2) * 2.71], rtol=1e-6)
+  with pytest.raises(ValueError, match="optimiser"):
+    ts.make_optimizer(ts.StepConfig(learning_rate=0.0))
+
+
+def test_hsv_conversion_matches_colorsys():
+  rgb = np.random.default_rng(0).uniform(size=(50, 3)).astype(np.float32)
+  rgb[0] = [0.5, 0.5, 0.5]  # grey: hue and saturation 0
+  h, s, v = augment._rgb_to_hsv(jnp.asarray(rgb))  # pylint: disable=protected-access
+  ref = np.array([colorsys.rgb_to_hsv(*p) for p in rgb])
+  np.testing.assert_allclose(np.stack([h, s, v], 1), ref, atol=1e-5)
+  back = augment._hsv_to_rgb(h, s, v)  # pylint: disable=protected-access
+  np.testing.assert_allclose(back, rgb, atol=1e-5)
+
+
+def test_simclr_views_are_seeded_valid_and_varied():
+  images = np.random.default_rng(1).uniform(size=(4, 24, 24, 3)).astype(np.float32)
+  fn = jax.jit(lambda k, x: augment.simclr_augment(k, x, 16))
+  a = np.asarray(fn(jax.random.key(0), images))
+  b = np.asarray(fn(jax.random.key(0), images))
+  c = np.asarray(fn(jax.random.key(1), images))
+  assert a.shape == (4, 16, 16, 3) and a.min() >= 0.0 and a.max() <= 1.0
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(a - c).mean() > 1e-2
+  # Crop boxes follow torchvision's sampler: inside the image, area fraction in [0.08, 1].
+  boxes = [augment._crop_box(jax.random.key(i), 24, 24) for i in range(64)]  # pylint: disable=protected-access
+  for top, left, h, w in boxes:
+    assert 0 <= top <= 24 - h and 0 <= left <= 24 - w
+    assert 0.08 * 576 * 0.8 <= float(h * w) <= 576
