@@ -197,3 +197,29 @@ def test_state_layout_and_bytes_per_user():
   # K = 20 works (2^20 buckets, 32768 words per projection).
   params20 = defense.make_params(defense.defense_config(num_projections=2, num_hyperplanes=20), 4)
   assert defense.init_state(params20, 1).occupancy.shape == (1, 2, 32768)
+
+
+def test_hash_center_shifts_every_hyperplane_to_the_center():
+  """hash_center c: buckets are those of the numpy reference on (x - c), for every projection."""
+  rng = np.random.default_rng(3)
+  reps = np.abs(rng.standard_normal((64, 6))).astype(np.float32)  # one orthant, like post-ReLU features
+  center = reps.mean(0)
+  cfg = defense.defense_config("simsiam", num_projections=3, num_hyperplanes=4,
+                               hash_center=[float(v) for v in center])
+  params = defense.make_params(cfg, 6)
+  ids = np.asarray(lsh.bucket_ids(reps, params.projection, 4, params.threshold))
+  hyper = np.asarray(params.hyperplanes)
+  for p in range(3):
+    bits = ((reps - center) @ hyper[p]) > 0
+    np.testing.assert_array_equal(ids[:, p], bits @ (1 << np.arange(4)))
+  # Centred hashing of one-orthant data reaches more buckets than hashing through the origin.
+  plain = np.asarray(lsh.bucket_ids(reps, params.projection, 4))
+  assert len(set(ids[:, 0].tolist())) >= len(set(plain[:, 0].tolist()))
+  api = defense.DefendedEncoder(None, cfg, 6)
+  api.query_representations("u", reps)
+  expected = np.mean([len(set(ids[:, p].tolist())) / 16 * 100 for p in range(3)])
+  assert abs(api.coverage("u") - expected) < 1e-4
+  with pytest.raises(ValueError, match="hash_center has 6 values.*dimension 5"):
+    defense.make_params(cfg, 5)
+  with pytest.raises(ValueError, match="hash_center must be"):
+    defense.defense_config("simsiam", hash_center=[1.0, float("nan")])

@@ -44,6 +44,11 @@ def defense_config(preset: str = "simsiam", **overrides) -> ml_collections.Confi
     binary_ratio: the binary transform returns floor(binary_ratio * rep_dim) bits.
     debinarize: binary outputs 0 -> U(0, 0.5], 1 -> U(0.5, 1] (fresh noise on every query).
     seed: the server's master seed: LSH hyperplanes, per-user transforms and noise all derive from it.
+    hash_center: None (the paper: hyperplanes through the origin) or a list of rep_dim floats c that is
+      subtracted before hashing, bucket bits `(x - c) @ R_p > 0`. Post-ReLU features (SimSiam, any
+      ResNet) live in one orthant, where origin hyperplanes cut few cells and every query set looks
+      alike; centring on the mean of the server's own representations (never on a user's queries)
+      restores the contrast between narrow and diverse query sets. Server-side and secret like R_p.
   """
   if preset not in PRESET_NAMES:
     raise ValueError(f"unknown defense preset {preset!r}; expected one of {PRESET_NAMES}")
@@ -62,6 +67,7 @@ def defense_config(preset: str = "simsiam", **overrides) -> ml_collections.Confi
   config.binary_ratio = 2.0
   config.debinarize = False
   config.seed = 0
+  config.hash_center = None
   unknown = sorted(set(overrides) - set(config.keys()))
   if unknown:
     raise ValueError(f"unknown defense config field(s) {unknown}; known: {sorted(config.keys())}")
@@ -79,7 +85,8 @@ def defense_config(preset: str = "simsiam", **overrides) -> ml_collections.Confi
 def validate_config(config) -> None:
   """Raises ValueError naming the first invalid field of a defense config."""
   required = ("enabled", "num_projections", "num_hyperplanes", "lam", "alpha", "beta", "sigma_from",
-              "static_sigma", "transform", "pad_dim", "binary_ratio", "debinarize", "seed")
+              "static_sigma", "transform", "pad_dim", "binary_ratio", "debinarize", "seed",
+              "hash_center")
   missing = [k for k in required if k not in config]
   if missing:
     raise ValueError(f"defense config misses field(s) {missing}")
@@ -134,6 +141,16 @@ def validate_config(config) -> None:
   seed = integer("seed")
   if not 0 <= seed < 2**32:  # jax.random.key keeps only 32 bits of a seed unless x64 is enabled.
     raise ValueError(f"defense config: seed must be in [0, 2^32), got {seed}")
+  if config.hash_center is not None:
+    center = np.asarray(config.hash_center, dtype=np.float64) if _is_number_list(
+        config.hash_center) else None
+    if center is None or center.ndim != 1 or not np.all(np.isfinite(center)):
+      raise ValueError("defense config: hash_center must be None or a list of finite numbers")
+
+
+def _is_number_list(value) -> bool:
+  return isinstance(value, (list, tuple)) and all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
 def out_dim(config, rep_dim: int) -> int:
@@ -172,6 +189,7 @@ class Settings(NamedTuple):
   binary_dim: int
   debinarize: bool
   seed: int
+  centered: bool
 
 
 def settings(config, rep_dim: int) -> Settings:
@@ -179,6 +197,9 @@ def settings(config, rep_dim: int) -> Settings:
   if isinstance(rep_dim, bool) or not isinstance(rep_dim, (int, np.integer)) or rep_dim < 1:
     raise ValueError(f"rep_dim must be a positive integer, got {rep_dim!r}")
   rep_dim = int(rep_dim)
+  if config.hash_center is not None and len(config.hash_center) != rep_dim:
+    raise ValueError(f"defense config: hash_center has {len(config.hash_center)} values, the "
+                     f"representations have dimension {rep_dim}")
   return Settings(
       enabled=bool(config.enabled), num_projections=int(config.num_projections),
       num_hyperplanes=int(config.num_hyperplanes), rep_dim=rep_dim, out_dim=out_dim(config, rep_dim),
@@ -187,4 +208,5 @@ def settings(config, rep_dim: int) -> Settings:
       static_sigma=None if config.static_sigma is None else float(config.static_sigma),
       transform=str(config.transform), pad_dim=int(config.pad_dim),
       binary_dim=binary_dim(config, rep_dim) if config.transform == "binary" else 0,
-      debinarize=bool(config.debinarize), seed=int(config.seed))
+      debinarize=bool(config.debinarize), seed=int(config.seed),
+      centered=config.hash_center is not None)

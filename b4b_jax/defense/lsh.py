@@ -35,12 +35,26 @@ def words_per_projection(num_hyperplanes: int) -> int:
   return max(1, (1 << num_hyperplanes) // 32)
 
 
-def bucket_ids(reps: jax.Array, projection: jax.Array, num_hyperplanes: int) -> jax.Array:
-  """int32 [N, P] bucket id of every representation in every projection."""
+def hash_threshold(projection: jax.Array, center: Optional[jax.Array] = None) -> jax.Array:
+  """[P*K] thresholds so that `x @ R > threshold` equals `(x - center) @ R > 0` (zeros: no centre)."""
+  if center is None:
+    return jnp.zeros((projection.shape[0],), jnp.float32)
+  return jax.lax.dot_general(projection, center.astype(jnp.float32), (((1,), (0,)), ((), ())),
+                             precision=_HIGHEST)
+
+
+def bucket_ids(reps: jax.Array, projection: jax.Array, num_hyperplanes: int,
+               threshold: Optional[jax.Array] = None) -> jax.Array:
+  """int32 [N, P] bucket id of every representation in every projection.
+
+  threshold: optional [P*K] offsets (see hash_threshold); None hashes through the origin as the paper.
+  """
   n = reps.shape[0]
   k = num_hyperplanes
   # Full float32 precision so a representation's buckets never depend on the device's matmul mode.
   scores = jax.lax.dot_general(reps, projection, (((1,), (1,)), ((), ())), precision=_HIGHEST)
+  if threshold is not None:
+    scores = scores - threshold
   bits = (scores > 0).reshape(n, -1, k).astype(jnp.int32)
   return jnp.sum(bits << jnp.arange(k, dtype=jnp.int32), axis=-1)
 

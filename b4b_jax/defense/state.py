@@ -26,6 +26,7 @@ class DefenseParams:
   """What the server holds besides per-user state: hyperplanes and key streams (all from config.seed)."""
   hyperplanes: jax.Array  # (P, D, K) float32
   projection: jax.Array  # (P*K, D) the same numbers, laid out for one matmul
+  threshold: jax.Array  # (P*K,) hash_center @ R (zeros without centring): bit = x @ R > threshold
   transform_key: jax.Array  # typed PRNG key: per-user transforms
   noise_key: jax.Array  # typed PRNG key: per-user, per-query noise
   settings: config_lib.Settings = flax.struct.field(pytree_node=False)
@@ -52,8 +53,10 @@ def make_params(config, rep_dim: int) -> DefenseParams:
   s = config_lib.settings(config, rep_dim)
   hyperplanes, projection, transform_key, noise_key = _derive(
       jnp.uint32(s.seed), s.num_projections, s.rep_dim, s.num_hyperplanes)
-  return DefenseParams(hyperplanes=hyperplanes, projection=projection, transform_key=transform_key,
-                       noise_key=noise_key, settings=s)
+  center = None if config.hash_center is None else jnp.asarray(config.hash_center, jnp.float32)
+  return DefenseParams(hyperplanes=hyperplanes, projection=projection,
+                       threshold=lsh.hash_threshold(projection, center),
+                       transform_key=transform_key, noise_key=noise_key, settings=s)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))

@@ -69,7 +69,8 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
   slot = jnp.clip(users, 0, num_users - 1)
 
   # 1. coverage.
-  buckets = lsh.bucket_ids(reps, params.projection, s.num_hyperplanes)
+  buckets = lsh.bucket_ids(reps, params.projection, s.num_hyperplanes,
+                           params.threshold if s.centered else None)
   coverage_before = lsh.coverage_percent(state.counts[slot], s.num_hyperplanes)
   occupancy, counts = lsh.add_buckets(state.occupancy, state.counts, users_w, buckets,
                                       s.num_hyperplanes)

@@ -79,7 +79,8 @@ def queries_per_bucket(reps: np.ndarray, *, base_config, num_hyperplanes: int = 
   reps = np.asarray(reps, np.float32)
   cfg = counting_config(base_config, num_hyperplanes)
   params = defense.make_params(cfg, reps.shape[1])
-  ids = np.asarray(lsh.bucket_ids(reps, lsh.projection_matrix(params.hyperplanes), num_hyperplanes))
+  ids = np.asarray(lsh.bucket_ids(reps, params.projection, num_hyperplanes,
+                                  params.threshold if params.settings.centered else None))
   num_buckets = 1 << num_hyperplanes
   per_projection = np.stack([np.sort(np.bincount(ids[:, p], minlength=num_buckets))[::-1]
                              for p in range(ids.shape[1])])
