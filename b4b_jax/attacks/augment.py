@@ -39,9 +39,9 @@ def _crop_box(key, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attem
   return top, left, h, w
 
 
-def _resized_crop(key, img, out_size):
+def _resized_crop(key, img, out_size, scale=(0.08, 1.0)):
   height, width = img.shape[0], img.shape[1]
-  top, left, h, w = _crop_box(key, height, width)
+  top, left, h, w = _crop_box(key, height, width, scale=scale)
   scale = jnp.stack([out_size / h, out_size / w])
   translation = -jnp.stack([top, left]) * scale
   return jax.image.scale_and_translate(img, (out_size, out_size, 3), (0, 1), scale, translation,
@@ -108,12 +108,15 @@ def _gaussian_blur(key, x, kernel_size):
   return x
 
 
-def simclr_view(key, image, out_size: int):
-  """One SimCLR view of one HWC image in [0, 1]."""
+def simclr_view(key, image, out_size: int, *, crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2)):
+  """One SimCLR view of one HWC image in [0, 1].
+
+  SimCLR's defaults; SimSiam uses crop_scale (0.2, 1) and jitter (0.4, 0.4, 0.4, 0.1).
+  """
   keys = jax.random.split(key, 7)
-  x = _resized_crop(keys[0], image, out_size)
+  x = _resized_crop(keys[0], image, out_size, crop_scale)
   x = jnp.where(jax.random.bernoulli(keys[1], 0.5), x[:, ::-1], x)
-  x = jnp.where(jax.random.bernoulli(keys[2], 0.8), _color_jitter(keys[3], x), x)
+  x = jnp.where(jax.random.bernoulli(keys[2], 0.8), _color_jitter(keys[3], x, jitter), x)
   x = jnp.where(jax.random.bernoulli(keys[4], 0.2), jnp.broadcast_to(_gray(x), x.shape), x)
   kernel = int(0.1 * out_size) // 2 * 2 + 1
   if kernel >= 3:
@@ -121,7 +124,7 @@ def simclr_view(key, image, out_size: int):
   return jnp.clip(x, 0.0, 1.0)
 
 
-def simclr_augment(key, images, out_size: int):
+def simclr_augment(key, images, out_size: int, **view_options):
   """Batch of views: images [N, H, W, 3] float in [0, 1] -> [N, out_size, out_size, 3]."""
   keys = jax.random.split(key, images.shape[0])
-  return jax.vmap(lambda k, im: simclr_view(k, im, out_size))(keys, images)
+  return jax.vmap(lambda k, im: simclr_view(k, im, out_size, **view_options))(keys, images)
