@@ -100,7 +100,7 @@ def steal_config(victim: str, arg=None) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.epochs = a["epochs"] if a["epochs"] > 0 else (3 if tiny else 100)
   c.train.batch_size = 32 if tiny else 256
-  c.train.base_lr = 0.1          # lr = base_lr * batch / 256, cosine decay
+  c.train.base_lr = 0.4 if tiny else 0.1  # lr = base_lr * batch / 256, cosine decay
   c.train.momentum = 0.9
   c.train.weight_decay = 0.0
   c.train.loss = a["loss"]

@@ -84,20 +84,30 @@ def load_victim(config: ml_collections.ConfigDict, workdir: str) -> models_lib.E
         model = models_lib.create_resnet(vc.build_tiny, rngs=rngs, small_input=True)
       models_lib.save_encoder(directory, model, manifest)
     multihost_utils.sync_global_devices("tiny victim written")
-    return models_lib.load_encoder(directory)
+    return _load_encoder_cached(directory)
   if not vc.get("encoder_dir"):
     raise ValueError("config.victim.encoder_dir is empty: point it at a converted encoder directory "
                      "(python -m weight_conversion.convert ...) or set victim.build_tiny")
-  return models_lib.load_encoder(vc.encoder_dir)
+  return _load_encoder_cached(vc.encoder_dir)
 
 
-def victim_fn(victim: models_lib.Encoder):
-  """The victim forward as a traceable function, so the API fuses it with the defense in one jit."""
-  return lambda images: victim.apply_fn(victim.params, images)
+_ENCODERS: Dict[tuple, models_lib.Encoder] = {}
+
+
+def _load_encoder_cached(directory: str) -> models_lib.Encoder:
+  """load_encoder, reusing the object for the same directory and weights within a process (a resumed
+  run then reuses the API's compiled victim+defense call)."""
+  key = (os.path.abspath(directory), models_lib.read_manifest(directory)["params_sha256"])
+  if key not in _ENCODERS:
+    _ENCODERS.clear()
+    _ENCODERS[key] = models_lib.load_encoder(directory)
+  return _ENCODERS[key]
 
 
 def make_api(victim: models_lib.Encoder, config: ml_collections.ConfigDict):
-  return defense_lib.DefendedEncoder(victim_fn(victim), config.defense, victim.rep_dim,
+  # The Encoder itself (with .apply_fn/.params): the API fuses its forward with the defense in one
+  # jitted call, weights passed as arguments, and shares that compilation between API instances.
+  return defense_lib.DefendedEncoder(victim, config.defense, victim.rep_dim,
                                      capacity=max(8, int(config.attack.num_accounts)))
 
 
@@ -307,7 +317,7 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
     logging.info("resuming: query phase already done (%s)", queries_dir)
     saved, meta = ckpt_lib.load_pytree(queries_dir)
     api = defense_lib.DefendedEncoder.restore(os.path.join(workdir, _API_AFTER_QUERIES),
-                                              victim_fn(victim))
+                                              victim)
     attacker.api = api
     targets = None if requery else np.asarray(saved["targets"], np.float32)
     protocol.restore_mappers(attacker, saved.get("mappers", {}), meta.get("mapper_metrics", {}),
@@ -359,7 +369,7 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
     logging.info("resuming training at step %d/%d", int(meta["step"]), total_steps)
     if requery:
       api = defense_lib.DefendedEncoder.restore(
-          os.path.join(workdir, _API_TRAIN, f"step_{int(meta['step']):09d}"), victim_fn(victim))
+          os.path.join(workdir, _API_TRAIN, f"step_{int(meta['step']):09d}"), victim)
       attacker.api = api
   else:
     state = distributed.replicate(state, mesh)

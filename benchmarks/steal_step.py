@@ -1,0 +1,157 @@
+r"""Stealing training-step speed: our jitted step vs the equivalent PyTorch step, in the same run.
+
+  python benchmarks/steal_step.py                 # ResNet-18 b64 32x32 and ResNet-50 b16 224x224
+  python benchmarks/steal_step.py --steps 20 --settings resnet18
+  python benchmarks/steal_step.py --tiny          # seconds: a smoke check of the script itself
+  python benchmarks/steal_step.py --xla-legacy-cpu  # XLA's older CPU runtime (faster convs on CPU)
+
+One step = normalise uint8 images, forward in train mode (BatchNorm batch statistics), InfoNCE (tau 0.25)
+against the API's responses, backward, SGD momentum 0.9 (cosine schedule in ours, constant lr in torch:
+the schedule costs nothing measurable). Ours: b4b_jax.attacks.train_state.make_train_step on a 1-device
+"data" mesh (the per-device figure; more devices split the batch). Reference: torchvision's ResNet (fc =
+Identity; for 32x32 inputs the same CIFAR stem as ours: 3x3 stride-1 conv, no max-pool) with the
+original code's InfoNCE, on the same device kind when PyTorch can use it (else CPU).
+Steps of the two run interleaved (one each in turn) and the median step time is reported, so both see
+the same load on a shared machine. Prints steps/s for both, the ratio (ours / torch; target >= 1.0) and
+our compile time separately. Never asserts a time.
+"""
+import argparse
+import os
+import sys
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+
+if "--xla-legacy-cpu" in sys.argv[1:]:  # must precede JAX's backend initialisation
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_thunk_runtime=false").strip()
+
+import jax  # noqa: E402  pylint: disable=wrong-import-position
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from b4b_jax import models  # noqa: E402
+from b4b_jax.attacks import train_state as ts  # noqa: E402
+from b4b_jax.utils import distributed  # noqa: E402
+
+SETTINGS = {
+    # name: (our arch, torchvision arch, batch, image size, CIFAR stem, response dim)
+    "resnet18": ("resnet18", "resnet18", 64, 32, True, 512),
+    "resnet50": ("resnet50", "resnet50", 16, 224, False, 2048),
+}
+TINY = {"resnet18": ("resnet18", "resnet18", 8, 16, True, 512)}
+
+
+def build_jax(arch, batch, size, small, dim):
+  """Returns (run_one_step, compile_seconds); run_one_step() blocks until the step is done."""
+  model = models.create_resnet(arch, rngs=nnx.Rngs(0), small_input=small)
+  graphdef, params, batch_stats = models.split_model(model)
+  mesh = distributed.data_mesh(1)
+  cfg = ts.StepConfig(learning_rate=0.1 * batch / 256, total_steps=10_000, input_size=size)
+  state = distributed.replicate(jax.tree.map(np.asarray, ts.init_state(params, batch_stats, cfg)), mesh)
+  step = ts.make_train_step(graphdef, cfg, mesh)
+  rng = np.random.default_rng(0)
+  images = jax.device_put(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+                          distributed.batch_sharded(mesh))
+  targets = jax.device_put(rng.normal(size=(batch, dim)).astype(np.float32),
+                           distributed.batch_sharded(mesh))
+  key = jax.random.key(0)
+  box = {"state": state}
+
+  def run_one():
+    box["state"], metrics = step(box["state"], images, targets, key)
+    jax.block_until_ready(metrics)
+
+  t0 = time.perf_counter()
+  run_one()
+  compile_s = time.perf_counter() - t0
+  run_one()  # one more warm step
+  return run_one, compile_s
+
+
+def build_torch(arch, batch, size, small, dim):
+  """Returns (run_one_step, device); run_one_step() blocks until the step is done."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  import torchvision  # pylint: disable=g-import-not-at-top
+  device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  net = getattr(torchvision.models, arch)()
+  net.fc = torch.nn.Identity()
+  if small:
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = torch.nn.Identity()
+  net = net.to(device).train()
+  opt = torch.optim.SGD(net.parameters(), lr=0.1 * batch / 256, momentum=0.9)
+  rng = np.random.default_rng(0)
+  images = torch.tensor(rng.integers(0, 256, (batch, 3, size, size), dtype=np.uint8), device=device)
+  targets = torch.tensor(rng.normal(size=(batch, dim)).astype(np.float32), device=device)
+  mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+
+  def info_nce(stolen, victim, tau=0.25):
+    b = stolen.shape[0]
+    z = F.normalize(torch.cat([stolen, victim]), dim=1)
+    sim = z @ z.T
+    mask = torch.eye(2 * b, dtype=torch.bool, device=device)
+    pair = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(device)
+    sim = sim.masked_fill(mask, float("-inf")) / tau
+    return F.cross_entropy(sim, pair)
+
+  def step():
+    x = (images.float() / 255.0 - mean) / std
+    loss = info_nce(net(x), targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+  def run_one():
+    step().item()
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  for _ in range(2):
+    run_one()
+  return run_one, device
+
+
+def _timed(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=None, help="timed steps per setting")
+  parser.add_argument("--settings", default="resnet18,resnet50")
+  parser.add_argument("--tiny", action="store_true")
+  parser.add_argument("--xla-legacy-cpu", action="store_true",
+                      help="XLA_FLAGS=--xla_cpu_use_thunk_runtime=false (set before JAX starts)")
+  args = parser.parse_args(argv)
+  settings = TINY if args.tiny else {k: SETTINGS[k] for k in args.settings.split(",")}
+  print(f"jax {jax.__version__} backend={jax.default_backend()} devices={jax.device_count()} "
+        f"(ours on 1 device) XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  rows = []
+  for name, (arch, torch_arch, batch, size, small, dim) in settings.items():
+    steps = args.steps or (3 if args.tiny else (20 if size <= 32 else 5))
+    ours_step, compile_s = build_jax(arch, batch, size, small, dim)
+    ref_step, device = build_torch(torch_arch, batch, size, small, dim) if torch_arch else (None, "-")
+    # Interleaved, one step each in turn, median step time: on a shared machine both see the same load.
+    ours_t, ref_t = [], []
+    for _ in range(steps):
+      ours_t.append(_timed(ours_step))
+      if ref_step is not None:
+        ref_t.append(_timed(ref_step))
+    ours = 1.0 / float(np.median(ours_t))
+    ref = 1.0 / float(np.median(ref_t)) if ref_t else float("nan")
+    rows.append((name, batch, size, ours, ref, device, compile_s))
+  print(f"{'setting':<10} {'batch':>5} {'size':>4} {'ours step/s':>12} {'torch step/s':>13} "
+        f"{'ratio':>6} {'torch dev':>9} {'our compile s':>13}")
+  for name, batch, size, ours, ref, device, compile_s in rows:
+    print(f"{name:<10} {batch:>5} {size:>4} {ours:>12.3f} {ref:>13.3f} {ours / ref:>6.2f} {device:>9} "
+          f"{compile_s:>13.1f}")
+
+
+if __name__ == "__main__":
+  main()
