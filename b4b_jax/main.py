@@ -4,7 +4,6 @@ r"""Entry point for every b4b-jax experiment.
 
 `config.job` names a module in `b4b_jax.jobs`; that module's `run(config, workdir)` does the work.
 """
-import importlib
 import os
 
 from absl import app
@@ -12,8 +11,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from b4b_jax.jobs.runner import run_job  # re-exported: tests and scripts call b4b_jax.main.run_job
 from b4b_jax.utils import distributed
-from b4b_jax.utils import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -29,25 +28,19 @@ def _hide_gpus_from_tensorflow() -> None:
     pass
 
 
-def run_job(config, workdir: str):
-  """Runs `config.job` into `workdir` (also used by tests, without absl flags)."""
-  job = config.get("job")
-  if not job:
-    raise ValueError("config has no `job` field; every configs/*.py sets one")
-  try:
-    module = importlib.import_module(f"b4b_jax.jobs.{job}")
-  except ModuleNotFoundError as e:
-    if e.name == f"b4b_jax.jobs.{job}":
-      raise ValueError(f"unknown job {job!r}: no module b4b_jax/jobs/{job}.py") from e
-    raise
-  workdir_lib.prepare_workdir(workdir, config, job)
-  return module.run(config, workdir)
+class _QuietLibraries:
+  """Drops INFO chatter of orbax/etils (several lines per checkpoint) so progress lines stay readable."""
+  _NOISY = ("/orbax/", "/etils/")
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or not any(part in record.pathname for part in self._NOISY)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _hide_gpus_from_tensorflow()
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   distributed.initialize_distributed()
   workdir = os.path.abspath(_WORKDIR.value)
   logging.info("job %s -> workdir %s", _CONFIG.value.get("job"), workdir)

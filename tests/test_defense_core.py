@@ -223,3 +223,12 @@ def test_hash_center_shifts_every_hyperplane_to_the_center():
     defense.make_params(cfg, 5)
   with pytest.raises(ValueError, match="hash_center must be"):
     defense.defense_config("simsiam", hash_center=[1.0, float("nan")])
+
+
+def test_sigma_is_capped_and_finite_far_past_beta():
+  """Far past beta the exponential overflows float32; sigma stops at 1e6 x alpha (DINO's 100 % value)."""
+  assert defense.noise_std(100.0, 1e-6, 1000.0, 60.0) == pytest.approx(1e9, rel=1e-3)
+  big = defense.noise_std(np.array([50.0, 100.0]), 1e-6, 1.0, 5.0)
+  np.testing.assert_allclose(big, [1e6, 1e6])
+  traced = defense.noise_std(jnp.asarray([100.0], jnp.float32), 1e-6, 1.0, 2.0)
+  assert np.isfinite(np.asarray(traced)).all() and float(traced[0]) == pytest.approx(1e6, rel=1e-5)

@@ -4,6 +4,10 @@
 
 so sigma(0) = 0 and sigma(beta) = alpha - lam. Coverage and beta are both in percent (only their ratio
 matters). `expm1` keeps the tiny values near zero coverage accurate in float32.
+
+The curve keeps growing exponentially past beta; sigma is capped at MAX_SIGMA_OVER_ALPHA x alpha (the
+paper's DINO value at 100 % coverage, 1e9 = 1e6 x alpha), so a user far past beta gets pure noise but
+finite numbers (an uncapped exponent overflows float32 to inf, and inf breaks every consumer).
 """
 from typing import Dict
 
@@ -18,6 +22,9 @@ PRESETS: Dict[str, Dict[str, float]] = {
 }
 
 
+MAX_SIGMA_OVER_ALPHA = 1e6
+
+
 def noise_std(coverage, lam: float, alpha: float, beta: float):
   """Noise std for `coverage` (percent; Python/numpy scalar or array, or a JAX array, also traced).
 
@@ -28,9 +35,12 @@ def noise_std(coverage, lam: float, alpha: float, beta: float):
     raise ValueError(f"noise_std needs lam > 0, alpha > lam and beta > 0 (got lam={lam}, "
                      f"alpha={alpha}, beta={beta})")
   rate = float(np.log(alpha / lam)) / float(beta)
+  cap = MAX_SIGMA_OVER_ALPHA * alpha
+  max_exponent = float(np.log1p(cap / lam))  # exponent at which sigma reaches the cap
   if isinstance(coverage, jax.Array):
     c = coverage if jnp.issubdtype(coverage.dtype, jnp.floating) else coverage.astype(jnp.float32)
-    return jnp.maximum(lam * jnp.expm1(rate * c), 0.0).astype(c.dtype)
+    sigma = lam * jnp.expm1(jnp.minimum(rate * c, max_exponent))
+    return jnp.clip(sigma, 0.0, cap).astype(c.dtype)
   c = np.asarray(coverage, dtype=np.float64)
-  sigma = np.maximum(lam * np.expm1(rate * c), 0.0)
+  sigma = np.clip(lam * np.expm1(np.minimum(rate * c, max_exponent)), 0.0, cap)
   return sigma if sigma.ndim else float(sigma)

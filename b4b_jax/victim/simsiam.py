@@ -1,0 +1,137 @@
+"""SimSiam (Chen & He, 2021): a ResNet backbone, a projector and a predictor trained so that the
+prediction from one augmented view matches the (stop-gradient) projection of the other.
+
+The backbone is the same `create_resnet` module every other part uses; only the backbone is kept as the
+victim encoder (its pooled features are the API's representations, as for the released SimSiam).
+"""
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from b4b_jax.models import layers
+from b4b_jax.models.functional import apply_model, split_model
+from b4b_jax.models.resnet import create_resnet
+
+
+class _LinearBN(nnx.Module):
+  """Linear (no bias) -> BatchNorm (-> ReLU), the unit of SimSiam's MLP heads."""
+
+  def __init__(self, din: int, dout: int, *, relu: bool, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(din, dout, use_bias=False, rngs=rngs,
+                             kernel_init=layers.torch_default_kernel)
+    self.bn = layers.BatchNorm(dout)
+    self.relu = relu
+
+  def __call__(self, x, train):
+    x = self.bn(self.linear(x), train)
+    return jax.nn.relu(x) if self.relu else x
+
+
+class SimSiam(nnx.Module):
+  """backbone -> projector (3 layers, last BN without ReLU) -> predictor (bottleneck MLP)."""
+
+  def __init__(self, backbone_name: str, *, proj_dim: int, pred_dim: int, small_input: bool,
+               rngs: nnx.Rngs):
+    self.backbone = create_resnet(backbone_name, rngs=rngs, small_input=small_input)
+    d = self.backbone.rep_dim
+    self.projector = nnx.List([_LinearBN(d, proj_dim, relu=True, rngs=rngs),
+                               _LinearBN(proj_dim, proj_dim, relu=True, rngs=rngs),
+                               _LinearBN(proj_dim, proj_dim, relu=False, rngs=rngs)])
+    self.pred_hidden = _LinearBN(proj_dim, pred_dim, relu=True, rngs=rngs)
+    self.pred_out = nnx.Linear(pred_dim, proj_dim, rngs=rngs, kernel_init=layers.torch_default_kernel)
+
+  def __call__(self, x, train: bool = False):
+    z = self.backbone(x, train)
+    for layer in self.projector:
+      z = layer(z, train)
+    p = self.pred_out(self.pred_hidden(z, train))
+    return z, p
+
+
+def negative_cosine(p, z):
+  """Mean over rows of -cos(p, stop_gradient(z))."""
+  z = jax.lax.stop_gradient(z)
+  p = p / jnp.maximum(jnp.linalg.norm(p, axis=-1, keepdims=True), 1e-12)
+  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  return -jnp.mean(jnp.sum(p * z, axis=-1))
+
+
+def simsiam_loss(z1, p1, z2, p2):
+  """The symmetric SimSiam loss; its minimum is -1."""
+  return 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))
+
+
+def train_simsiam_victim(images: np.ndarray, config: ml_collections.ConfigDict, *,
+                         augment_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                         normalize_fn: Callable[[jax.Array], jax.Array],
+                         progress=None, metrics_writer=None, stage: str = "victim"):
+  """Trains SimSiam on uint8 NHWC `images`; returns (backbone nnx.Module, list of per-epoch losses).
+
+  config: backbone, small_input, proj_dim, pred_dim, epochs, batch_size, base_lr (x batch/256, cosine),
+  momentum, weight_decay, seed. `augment_fn(key, images01)` makes one random view of a [B,H,W,3] batch
+  in [0, 1]; `normalize_fn` maps [0, 1] images to the encoder's input normalisation.
+  """
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    raise ValueError(f"SimSiam training expects uint8 NHWC RGB images, got {images.dtype} "
+                     f"{images.shape}")
+  batch = int(config.batch_size)
+  if len(images) < batch:
+    raise ValueError(f"{len(images)} training images is fewer than one batch of {batch}")
+  steps_per_epoch = len(images) // batch
+  total_steps = steps_per_epoch * int(config.epochs)
+  model = SimSiam(config.backbone, proj_dim=config.proj_dim, pred_dim=config.pred_dim,
+                  small_input=config.small_input, rngs=nnx.Rngs(config.seed))
+  graphdef, params, batch_stats = split_model(model)
+  lr = optax.cosine_decay_schedule(config.base_lr * batch / 256, total_steps)
+  tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                   optax.sgd(lr, momentum=config.momentum))
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def train_step(params, batch_stats, opt_state, key, uint8_batch):
+    x01 = uint8_batch.astype(jnp.float32) / 255.0
+    k1, k2 = jax.random.split(key)
+    v1 = normalize_fn(augment_fn(k1, x01))
+    v2 = normalize_fn(augment_fn(k2, x01))
+
+    def loss_fn(params):
+      # One forward over both views: BatchNorm sees 2B rows, as when SimSiam concatenates views.
+      (z, p), new_stats = apply_model(graphdef, params, batch_stats,
+                                      jnp.concatenate([v1, v2]), train=True)
+      z1, z2 = jnp.split(z, 2)
+      p1, p2 = jnp.split(p, 2)
+      return simsiam_loss(z1, p1, z2, p2), new_stats
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+  rng = np.random.default_rng(config.seed)
+  key = jax.random.key(config.seed)
+  epoch_losses = []
+  step = 0
+  for epoch in range(int(config.epochs)):
+    order = rng.permutation(len(images))
+    losses = []
+    for i in range(steps_per_epoch):
+      idx = order[i * batch:(i + 1) * batch]
+      params, batch_stats, opt_state, loss = train_step(
+          params, batch_stats, opt_state, jax.random.fold_in(key, step), images[idx])
+      step += 1
+      loss = float(loss)
+      if not math.isfinite(loss):
+        raise FloatingPointError(f"SimSiam loss is {loss} at step {step}")
+      losses.append(loss)
+      if progress is not None:
+        progress.update(step, loss=loss)
+      if metrics_writer is not None and (step % 10 == 0 or step == total_steps):
+        metrics_writer.write_scalars(step, {"loss": loss, "lr": float(lr(step))}, stage=stage)
+    epoch_losses.append(float(np.mean(losses)))
+  trained = nnx.merge(graphdef, params, batch_stats)
+  return trained.backbone, epoch_losses
