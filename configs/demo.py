@@ -74,8 +74,9 @@ def get_config(arg=None):
   c.probe.ridge_alphas = tuple(10.0 ** e for e in range(-3, 5))
 
   c.remap = ml_collections.ConfigDict()
-  c.remap.transforms = ("dense_affine", "binary")
+  c.remap.transforms = ("diag_affine", "affine_pad_shuffle", "binary")
   c.remap.noise_modes = ("none", "b4b")
   c.remap.overlaps = (16, 64, 256) if tiny else (16, 64, 128, 256, 512, 1024)
   c.remap.mapper = "linear"
+  c.remap.pad_dim = 64                     # affine_pad_shuffle: constants appended (original: 1536)
   return c

@@ -31,6 +31,10 @@ def load_data(config) -> Dict[str, np.ndarray]:
   out["photos_train"], _ = data_lib.load_arrays("sklearn_photos", "train", image_size=s,
                                                 limit=int(config.victim.num_photo_crops),
                                                 seed=int(config.seed))
+  # Held-out natural-photo crops: where a copy's fidelity to the victim matters most (the thief's domain).
+  out["photos_test"], _ = data_lib.load_arrays("sklearn_photos", "test", image_size=s,
+                                               limit=int(config.attack.num_eval_images) * 2,
+                                               seed=int(config.seed))
   return out
 
 
@@ -197,11 +201,22 @@ def fidelity(stolen_train, victim_train, stolen_test, victim_test, ridge: float 
   return float(1.0 - resid / total)
 
 
+def victim_references(victim, data) -> dict:
+  return {k: embed(victim, data[k]) for k in ("digits_train", "digits_test", "photos_test")}
+
+
 def probe_encoder(encoder, data, probe_cfg, victim_reps) -> dict:
+  """Digits probe of a copy, and its fidelity to the victim on digits and on held-out photo crops
+  (photos: fit on the first half, scored on the second)."""
   tr, te = embed(encoder, data["digits_train"]), embed(encoder, data["digits_test"])
   probe = linear_probe.run_probe(tr, data["digits_train_y"], te, data["digits_test_y"], probe_cfg)
+  photos = embed(encoder, data["photos_test"])
+  half = len(photos) // 2
+  v_photos = victim_reps["photos_test"]
   return {"test_top1_mean": probe.test_top1_mean, "test_top1_std": probe.test_top1_std,
-          "fidelity_r2": fidelity(tr, victim_reps[0], te, victim_reps[1])}
+          "fidelity_r2": fidelity(tr, victim_reps["digits_train"], te, victim_reps["digits_test"]),
+          "fidelity_r2_photos": fidelity(photos[:half], v_photos[:half], photos[half:],
+                                         v_photos[half:])}
 
 
 def random_baseline(config, data, probe_cfg, victim_reps, workdir: str) -> dict:

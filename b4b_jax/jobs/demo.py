@@ -52,8 +52,7 @@ def run(config, workdir: str) -> dict:
 
   # ------------------------------------------------------------------ evaluation
   def probes():
-    victim_reps = (pipeline.embed(victim, data["digits_train"]),
-                   pipeline.embed(victim, data["digits_test"]))
+    victim_reps = pipeline.victim_references(victim, data)
     out = {name: pipeline.probe_encoder(models_lib.load_encoder(os.path.join(d, "stolen_encoder")),
                                         data, config.probe, victim_reps)
            for name, d in attack_dirs.items()}
