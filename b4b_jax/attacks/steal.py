@@ -38,6 +38,8 @@ from jax.experimental import multihost_utils
 from b4b_jax import data as data_lib
 from b4b_jax import defense as defense_lib
 from b4b_jax import models as models_lib
+from b4b_jax.attacks import losses as losses_lib
+from b4b_jax.attacks import mapper as mapper_lib
 from b4b_jax.attacks import protocol
 from b4b_jax.attacks import queries as queries_lib
 from b4b_jax.attacks import train_state as ts
@@ -247,7 +249,20 @@ def _step_config(config, input_size, mean, std, total_steps) -> ts.StepConfig:
 
 
 def _validate(config) -> None:
+  """Checks what would otherwise fail only after the (charged) query phase."""
   ac, tc = config.attack, config.train
+  losses_lib.get_loss(tc.loss, temperature=tc.get("temperature"))
+  if ac.mapper.kind not in mapper_lib.MAPPER_KINDS:
+    raise ValueError(f"unknown attack.mapper.kind {ac.mapper.kind!r}; choose one of "
+                     f"{mapper_lib.MAPPER_KINDS}")
+  if not 0.0 < ac.mapper.val_fraction < 1.0:
+    raise ValueError(f"attack.mapper.val_fraction must be in (0, 1), got {ac.mapper.val_fraction}")
+  if ac.num_accounts > 1:
+    n_map = int(ac.num_queries_mapping)
+    n_val = int(round(n_map * ac.mapper.val_fraction))
+    if n_val < 1 or n_map - n_val < ac.mapper.batch_size:
+      raise ValueError(f"attack.num_queries_mapping={n_map} is too small to fit the sybil mappers "
+                       f"(validation {ac.mapper.val_fraction:.0%}, batch {ac.mapper.batch_size})")
   if tc.epochs < 1 or tc.batch_size < 2:
     raise ValueError(f"train.epochs must be >= 1 and train.batch_size >= 2, got {tc.epochs}, "
                      f"{tc.batch_size}")
