@@ -134,6 +134,9 @@ def test_converters_name_missing_extra_and_misshapen_keys(resnet18_sd, tmp_path)
     convert(misshapen, "misshapen")
   with pytest.raises(ValueError, match="does not match the checkpoint"):
     convert(resnet18_sd, "arch", arch="resnet50")
+  nan = dict(resnet18_sd, **{"layer2.1.bn1.running_var": torch.full((128,), float("nan"))})
+  with pytest.raises(ValueError, match=r"layer2.1.bn1.running_var.*NaN"):
+    convert(nan, "nan")
   integer = dict(resnet18_sd, **{"fc.bias": torch.zeros(1000), "bn1.weight": torch.ones(64).long()})
   with pytest.raises(ValueError, match="bn1.weight.*dtype"):
     convert(integer, "integer")
@@ -143,7 +146,7 @@ def test_converters_name_missing_extra_and_misshapen_keys(resnet18_sd, tmp_path)
   with pytest.raises(ValueError, match="--kind simsiam"):
     converters.extract_torchvision({"state_dict": {}, "epoch": 1})
   assert sorted(os.listdir(tmp_path)) == sorted(
-      f"{n}.pth" for n in ("missing", "extra", "misshapen", "arch", "integer"))
+      f"{n}.pth" for n in ("missing", "extra", "misshapen", "arch", "nan", "integer"))
 
 
 def test_conversion_is_deterministic_and_keeps_half_precision_values(resnet18_sd, tmp_path):
@@ -154,7 +157,8 @@ def test_conversion_is_deterministic_and_keeps_half_precision_values(resnet18_sd
   a = converters.convert_checkpoint("torchvision_resnet", str(path), str(tmp_path / "a"))
   b = converters.convert_checkpoint("torchvision_resnet", str(path), str(tmp_path / "b"))
   assert a == b
-  assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+  manifest_bytes = [(tmp_path / d / "manifest.json").read_bytes() for d in ("a", "b")]
+  assert manifest_bytes[0] == manifest_bytes[1]
   assert a["architecture"] == {"name": "resnet18", "kwargs": {"out_dim": None, "small_input": False}}
   ignored = a["source"]["ignored_keys"]
   assert {"fc.weight", "fc.bias", "layer4.1.bn2.num_batches_tracked"} <= set(ignored)
@@ -162,7 +166,8 @@ def test_conversion_is_deterministic_and_keeps_half_precision_values(resnet18_sd
   from b4b_jax import models  # pylint: disable=g-import-not-at-top
   enc = models.load_encoder(str(tmp_path / "a"))
   kernel = np.asarray(enc.params["params"]["layer1"][0]["conv1"]["kernel"][...])
-  np.testing.assert_array_equal(kernel, half["layer1.0.conv1.weight"].float().numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      kernel, half["layer1.0.conv1.weight"].float().numpy().transpose(2, 3, 1, 0))
   with pytest.raises(ValueError, match="already exists"):
     converters.convert_checkpoint("torchvision_resnet", str(path), str(tmp_path / "a"))
   c = converters.convert_checkpoint("torchvision_resnet", str(path), str(tmp_path / "a"), overwrite=True)

@@ -17,6 +17,14 @@ from b4b_jax.utils import distributed
 from weight_conversion import keymaps
 
 
+@pytest.fixture
+def fast_compile():
+  """Tiny models only: XLA's optimisation passes cost more compile time than they save at run time."""
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", False)
+
+
 def _randomise_bn(module: torch.nn.Module, seed: int) -> None:
   g = torch.Generator().manual_seed(seed)
   for m in module.modules():
@@ -46,6 +54,11 @@ def _to_flax(net, small_input=False):
   return keymaps.load_into_model(model, source, family="resnet")
 
 
+def _apply(graphdef, params, stats, x, *, train):
+  # Jitted: op-by-op (eager) execution compiles every conv separately, which is slower on CPU.
+  return jax.jit(lambda p, s, x: models.apply_model(graphdef, p, s, x, train=train))(params, stats, x)
+
+
 def _nchw_to_nhwc(x):
   return jnp.asarray(x.transpose(0, 2, 3, 1))
 
@@ -57,7 +70,7 @@ def test_resnet18_matches_torchvision_eval(small_input):
   x = np.random.RandomState(0).randn(2, 3, 48, 48).astype(np.float32)
   with torch.no_grad():
     ref = net(torch.from_numpy(x)).numpy()
-  out, new_stats = models.apply_model(graphdef, params, stats, _nchw_to_nhwc(x), train=False)
+  out, new_stats = _apply(graphdef, params, stats, _nchw_to_nhwc(x), train=False)
   assert out.shape == (2, 512)
   assert np.abs(np.asarray(out) - ref).max() <= 1e-5 * np.abs(ref).max()
   # Eval mode leaves the running statistics alone.
@@ -70,7 +83,7 @@ def test_resnet18_train_mode_matches_torch_batchnorm_update():
   x = np.random.RandomState(1).randn(4, 3, 32, 32).astype(np.float32)
   with torch.no_grad():
     ref = net(torch.from_numpy(x)).numpy()  # also updates running stats (momentum 0.1, unbiased var)
-  out, new_stats = models.apply_model(graphdef, params, stats, _nchw_to_nhwc(x), train=True)
+  out, new_stats = _apply(graphdef, params, stats, _nchw_to_nhwc(x), train=True)
   # Batch statistics over 4 values per channel in layer4 amplify float rounding: 1e-4, not 1e-5.
   assert np.abs(np.asarray(out) - ref).max() <= 1e-4 * np.abs(ref).max()
   flat = functional.flatten_state(new_stats)
@@ -81,17 +94,18 @@ def test_resnet18_train_mode_matches_torch_batchnorm_update():
                                err_msg=key)
 
 
-def test_width_variants_and_projection_head():
-  model = models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(0), small_input=True)
-  assert model.rep_dim == 128
-  assert model(jnp.zeros((2, 16, 16, 3))).shape == (2, 128)
+def test_width_variants_and_projection_head(fast_compile):
+  model = nnx.eval_shape(
+      lambda: models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(0), small_input=True))
+  assert model.rep_dim == 128 and model.conv1.kernel.shape == (3, 3, 3, 16)
+  assert model.layer4[0].downsample[0].kernel.shape == (1, 1, 64, 128)
   wide = nnx.eval_shape(lambda: models.create_resnet("resnet50_w0.125", rngs=nnx.Rngs(0)))
   assert wide.rep_dim == 256
   head = models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(1), out_dim=24, small_input=True)
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-  out = head(x)
-  manual = jnp.mean(jnp.einsum("nhwc,cd->nhwd", head.feature_map(x), head.proj.kernel[0, 0]),
-                    axis=(1, 2))
+  out, manual = nnx.jit(lambda m, x: (m(x), jnp.mean(
+      jnp.einsum("nhwc,cd->nhwd", m.feature_map(x), m.proj.kernel[0, 0]), axis=(1, 2))))(head, x)
+  assert out.shape == (2, 24)
   np.testing.assert_allclose(np.asarray(out), np.asarray(manual), rtol=1e-5, atol=1e-6)
   for bad in ("resnet19", "resnet18_w0.001", "vit_small"):
     with pytest.raises(ValueError, match="ResNet|width"):
@@ -103,7 +117,7 @@ def _assert_close_relative_to_max(a, b, tol=1e-5):
   assert np.abs(a - b).max() <= tol * max(np.abs(b).max(), 1e-6), np.abs(a - b).max()
 
 
-def test_tiny_resnet_trains_under_jit_with_sharded_batch():
+def test_tiny_resnet_trains_under_jit_with_sharded_batch(fast_compile):
   mesh = distributed.data_mesh()
   assert mesh.devices.size == 8
   model = models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(0), small_input=True)
@@ -129,12 +143,14 @@ def test_tiny_resnet_trains_under_jit_with_sharded_batch():
   assert len(xs.sharding.device_set) == 8
   out_sharded, stats_sharded = jax.jit(
       lambda p, s, x: models.apply_model(graphdef, p, s, x, train=True))(params, stats, xs)
-  out_single, stats_single = models.apply_model(graphdef, params, stats, jnp.asarray(x), train=True)
+  out_single, stats_single = _apply(graphdef, params, stats, jnp.asarray(x), train=True)
   # Equal up to float summation order (cross-device reductions add in a different order).
   _assert_close_relative_to_max(out_sharded, out_single)
   jax.tree.map(_assert_close_relative_to_max, stats_sharded, stats_single)
   # The first BatchNorm's running mean moves 10% of the way to the global batch mean of conv1's output.
-  conv1_out = np.asarray(model.conv1(jnp.asarray(x)))
+  conv1_out = jax.lax.conv_general_dilated(  # the stem conv, by hand (3x3, stride 1, pad 1)
+      x, np.asarray(model.conv1.kernel[...]), (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
   np.testing.assert_allclose(np.asarray(functional.flatten_state(stats_sharded)["bn1/mean"]),
                              0.1 * conv1_out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-7)
 
@@ -153,7 +169,7 @@ def _preprocessing():
   return models.default_preprocessing(16, resize=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
-def test_save_load_encoder_round_trip(tmp_path):
+def test_save_load_encoder_round_trip(tmp_path, fast_compile):
   model = models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(3), out_dim=32, small_input=True)
   graphdef, params, stats = models.split_model(model)
   # Non-trivial running statistics, so a load that dropped them would be caught.
@@ -173,6 +189,8 @@ def test_save_load_encoder_round_trip(tmp_path):
   assert encoder.rep_dim == 32 and encoder.manifest["source"] == {"kind": "test"}
   np.testing.assert_array_equal(np.asarray(jax.jit(encoder.apply_fn)(encoder.params, x)),
                                 np.asarray(expected))
+  precise = models.load_encoder(directory, precision="highest")
+  np.testing.assert_allclose(np.asarray(precise(x)), np.asarray(expected), rtol=1e-5, atol=1e-6)
 
   # Never silently overwritten; overwrite=True replaces it.
   with pytest.raises(ValueError, match="already exists"):

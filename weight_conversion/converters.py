@@ -1,11 +1,13 @@
 """From a torch checkpoint object (pth_reader.load_pth) to an encoder directory.
 
 Each kind first extracts the encoder's plain state dict, saying which keys it drops and why:
-  simsiam             {'epoch', 'arch', 'state_dict', 'optimizer'}; keeps `module.encoder.*` (a torchvision
-                      ResNet), drops the projector `module.encoder.fc.*` and `module.predictor.*`.
-  dino                the full training checkpoint {'student', 'teacher', 'optimizer', 'epoch', 'args',
-                      'dino_loss'} (teacher by default: `backbone.*`; student: `module.backbone.*`; `head.*`
-                      dropped), or the backbone-only weights file (`cls_token`, `pos_embed`, ...).
+  simsiam             {'epoch', 'arch', 'state_dict', 'optimizer'}; keeps `module.encoder.*` (a
+                      torchvision ResNet), drops the projector `module.encoder.fc.*` and
+                      `module.predictor.*`.
+  dino                the full training checkpoint {'student', 'teacher', 'optimizer', 'epoch',
+                      'args', 'dino_loss'} (teacher by default: `backbone.*`; student:
+                      `module.backbone.*`; `head.*` dropped), or the backbone-only weights file
+                      (`cls_token`, `pos_embed`, ...).
   torchvision_resnet  a plain torchvision ResNet state dict (`fc.*` classifier dropped).
 Then keymaps.load_into_model fills every leaf of the inferred (or --arch) architecture, and
 models.save_encoder writes orbax params + manifest (source file sha256, preprocessing, rep_dim).
@@ -143,7 +145,8 @@ def infer_resnet(sd: Mapping[str, np.ndarray]) -> Dict[str, Any]:
   for stage in range(1, 5):
     indices = {int(m.group(1)) for k in sd for m in [re.match(rf"layer{stage}\.(\d+)\.", k)] if m}
     depths.append(len(indices))
-  names = [n for n, (b, d) in resnet_lib._DEPTHS.items() if b == block and tuple(d) == tuple(depths)]  # pylint: disable=protected-access
+  names = [n for n, (b, d) in resnet_lib.RESNET_DEPTHS.items()
+           if b == block and tuple(d) == tuple(depths)]
   if not names:
     raise ValueError(f"checkpoint has {block} blocks per stage {depths}, which is no ResNet-18/34/50")
   stem = sd["conv1.weight"]

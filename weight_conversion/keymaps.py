@@ -82,7 +82,10 @@ def convert_state_dict(source: Mapping[str, np.ndarray], targets: Mapping[str, T
     if tuple(converted.shape) != tuple(shape):
       raise ValueError(f"{what}: {key!r} has shape {tuple(value.shape)}, which does not fit {path} "
                        f"{tuple(shape)} of this architecture")
-    out[path] = np.ascontiguousarray(converted.astype(np.float32))
+    converted = np.ascontiguousarray(converted.astype(np.float32))
+    if not np.all(np.isfinite(converted)):
+      raise ValueError(f"{what}: {key!r} contains NaN or Inf values")
+    out[path] = converted
     used.add(key)
   unused = [k for k in source if k not in used and not any(p.search(k) for p in ignore)]
   if unused:

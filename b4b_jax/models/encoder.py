@@ -7,9 +7,9 @@ Layout of DIR:
   params/         orbax checkpoint (utils.checkpoint) of {"params": ..., "batch_stats": ...}
 
 The same path serves converted PyTorch checkpoints (weight_conversion) and encoders trained here (the
-demo's small victim): `save_encoder` writes, `load_encoder` reads. Directories are written to a temporary
-sibling and renamed into place, so a crash never leaves half an encoder, and an existing directory is only
-replaced with overwrite=True.
+demo's small victim): `save_encoder` writes, `load_encoder` reads. Directories are written to a
+temporary sibling and renamed into place, so a crash never leaves half an encoder, and an existing
+directory is only replaced with overwrite=True.
 """
 import copy
 import hashlib
@@ -204,7 +204,7 @@ class Encoder:
   """
 
   def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, batch_stats: nnx.State,
-               manifest: Dict[str, Any]):
+               manifest: Dict[str, Any], *, precision: Optional[str] = None):
     self.manifest = manifest
     self.rep_dim = int(manifest["rep_dim"])
     self.input_size = int(manifest["preprocessing"]["input_size"])
@@ -214,7 +214,10 @@ class Encoder:
 
     def apply_fn(variables, images):
       model = nnx.merge(graphdef, variables["params"], variables["batch_stats"], copy=True)
-      return rep_fn(model, images.astype(jnp.float32))
+      if precision is None:
+        return rep_fn(model, images.astype(jnp.float32))
+      with jax.default_matmul_precision(precision):  # applies while tracing, also inside callers' jits
+        return rep_fn(model, images.astype(jnp.float32))
 
     self.apply_fn = apply_fn
     self._jitted = jax.jit(apply_fn)
@@ -234,8 +237,13 @@ class Encoder:
             f"input_size={self.input_size})")
 
 
-def load_encoder(directory: str, *, verify: bool = True) -> Encoder:
-  """Loads what save_encoder (or `python -m weight_conversion.convert`) wrote."""
+def load_encoder(directory: str, *, verify: bool = True, precision: Optional[str] = None) -> Encoder:
+  """Loads what save_encoder (or `python -m weight_conversion.convert`) wrote.
+
+  precision: matmul/conv precision of the forward ("highest" for float32-exact results on GPUs/TPUs,
+  whose defaults use TF32/bfloat16 passes); None follows jax_default_matmul_precision. On CPU the
+  default is already float32.
+  """
   directory = os.path.abspath(directory)
   manifest = read_manifest(directory)
   abstract = nnx.eval_shape(lambda: build_model(manifest["architecture"], rngs=nnx.Rngs(0)))
@@ -259,4 +267,4 @@ def load_encoder(directory: str, *, verify: bool = True) -> Encoder:
                        f"{manifest['params_sha256'][:12]}...; the directory is corrupt or was edited")
   params = jax.tree.map(jnp.asarray, params)
   batch_stats = jax.tree.map(jnp.asarray, batch_stats)
-  return Encoder(graphdef, params, batch_stats, manifest)
+  return Encoder(graphdef, params, batch_stats, manifest, precision=precision)

@@ -1,6 +1,6 @@
 """The functional boundary: NNX modules become (graphdef, params, batch_stats) pytrees once, and plain
 jax.jit code works on those. Under jit with the batch sharded over a "data" mesh, BatchNorm statistics
-are means over the whole global batch (SyncBN, as SimSiam trains), because jnp.mean sees the global array.
+are means over the whole global batch (SyncBN, as SimSiam trains): jnp.mean sees the global array.
 
 Also flat views of a state ({"layer1/0/conv1/kernel": array}) used by checkpoints and weight converters.
 """

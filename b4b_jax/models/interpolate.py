@@ -31,7 +31,8 @@ def _cubic_weights(t: np.ndarray) -> np.ndarray:
   return np.stack([conv2(t + one), conv1(t), conv1(one - t), conv2((one - t) + one)], axis=-1)
 
 
-def torch_bicubic_matrix(in_size: int, out_size: int, scale_factor: Optional[float] = None) -> np.ndarray:
+def torch_bicubic_matrix(in_size: int, out_size: int,
+                         scale_factor: Optional[float] = None) -> np.ndarray:
   """[out_size, in_size] float32 matrix M with torch_resize(v) = M @ v along one axis.
 
   scale_factor: the value passed to F.interpolate (torch then uses 1/scale_factor for coordinates);

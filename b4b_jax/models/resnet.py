@@ -21,7 +21,7 @@ from flax import nnx
 from b4b_jax.models import layers
 
 # name -> (block type, blocks per stage)
-_DEPTHS = {
+RESNET_DEPTHS = {
     "resnet18": ("basic", (2, 2, 2, 2)),
     "resnet34": ("basic", (3, 4, 6, 3)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
@@ -33,15 +33,15 @@ _NAME_RE = re.compile(r"^(resnet\d+)(?:_w(\d+(?:\.\d+)?))?$")
 def parse_resnet_name(name: str):
   """'resnet18_w0.25' -> ('resnet18', 'basic', (2, 2, 2, 2), base_width 16). Raises ValueError."""
   match = _NAME_RE.match(name)
-  if not match or match.group(1) not in _DEPTHS:
-    raise ValueError(f"unknown ResNet {name!r}; expected one of {sorted(_DEPTHS)} optionally with a "
-                     f"width suffix such as '_w0.25' or '_w2'")
+  if not match or match.group(1) not in RESNET_DEPTHS:
+    raise ValueError(f"unknown ResNet {name!r}; expected one of {sorted(RESNET_DEPTHS)}, optionally "
+                     f"with a width suffix such as '_w0.25' or '_w2'")
   width = float(match.group(2)) if match.group(2) else 1.0
   base = 64 * width
   if base < 1 or base != int(base):
     raise ValueError(f"width {width} of {name!r} gives {base} stem channels; 64 * width must be a "
                      f"positive integer")
-  block, depths = _DEPTHS[match.group(1)]
+  block, depths = RESNET_DEPTHS[match.group(1)]
   return match.group(1), block, depths, int(base)
 
 

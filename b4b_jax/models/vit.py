@@ -45,11 +45,12 @@ class Attention(nnx.Module):
     b, n, c = x.shape
     h = self.num_heads
     # torch: qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    qkv = self.qkv(x).reshape(b, n, 3, h, c // h)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
-    scale = (c // h) ** -0.5
-    attn = jax.nn.softmax(jnp.einsum("bnhd,bmhd->bhnm", q, k) * scale, axis=-1)
-    out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, n, c)
+    qkv = self.qkv(x).reshape(b, n, 3, h, c // h).transpose(2, 0, 3, 1, 4)  # [3, B, heads, N, hd]
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    # Heads-major layout: XLA:CPU runs these batched matmuls about 2x faster than token-major einsums.
+    # Scaling q (not the logits) by head_dim**-0.5 = 1/8 is exact for DINO's 64-wide heads.
+    attn = jax.nn.softmax(jnp.einsum("bhnd,bhmd->bhnm", q * (c // h) ** -0.5, k), axis=-1)
+    out = jnp.einsum("bhnm,bhmd->bhnd", attn, v).transpose(0, 2, 1, 3).reshape(b, n, c)
     return self.proj(out)
 
 
@@ -157,7 +158,7 @@ class VisionTransformer(nnx.Module):
     return outputs
 
   def dino_representation(self, x: jax.Array, n_last_blocks: int = 4) -> jax.Array:
-    """B4B's DINO victim output: normed CLS tokens of the last n blocks, concatenated (4 x 384 = 1536)."""
+    """B4B's DINO victim output: normed CLS tokens of the last n blocks, concatenated (1536-d ViT-S)."""
     return jnp.concatenate([o[:, 0] for o in self.get_intermediate_layers(x, n_last_blocks)], axis=-1)
 
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -1,0 +1,287 @@
+"""Frozen-encoder embeddings: any encoder directory + any dataset -> representations and labels (.npz).
+
+The replacement for the original generate_embeddings script. Images stream through tf.data (so
+ImageNet-size sets never sit in memory), get the encoder's eval transform (resize / center crop from its
+manifest, or a named preset), are normalised with the encoder's mean/std and embedded by one jitted call
+per batch, data-parallel over all local devices (the batch padded to a multiple of the device count).
+
+Encoder specs (`resolve_encoder`):
+  <dir>                  an encoder directory (converted checkpoint, trained victim, stolen model)
+  <steal workdir>        a directory holding `stolen_encoder/` (what the stealing job writes)
+  random:<arch>[@<size>] a randomly initialised ResNet (e.g. "random:resnet18_w0.125@32"), saved into
+                         the workdir first so it loads through the same path: a baseline, and the
+                         encoder of the small CPU configs
+"""
+import io
+import json
+import os
+from typing import Callable, Iterator, Optional, Tuple
+
+import jax
+import numpy as np
+
+from b4b_jax import data as data_lib
+from b4b_jax import models
+from b4b_jax.utils import distributed
+from b4b_jax.utils import files
+
+STOLEN_SUBDIR = "stolen_encoder"
+RANDOM_PREFIX = "random:"
+NPZ_KEYS = ("train_x", "train_y", "test_x", "test_y")
+
+
+# ---------------------------------------------------------------- encoders
+
+
+def resolve_encoder(spec: str, *, workdir: Optional[str] = None, seed: int = 0):
+  """Loads the encoder a spec names (see module docstring); returns a models.Encoder."""
+  if not isinstance(spec, str) or not spec:
+    raise ValueError(f"encoder spec must be a non-empty string, got {spec!r}")
+  if spec.startswith(RANDOM_PREFIX):
+    return _random_encoder(spec[len(RANDOM_PREFIX):], workdir=workdir, seed=seed)
+  path = os.path.abspath(os.path.expanduser(spec))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"encoder directory {path} does not exist")
+  if not os.path.exists(os.path.join(path, "manifest.json")) and os.path.isdir(
+      os.path.join(path, STOLEN_SUBDIR)):
+    path = os.path.join(path, STOLEN_SUBDIR)
+  return models.load_encoder(path)
+
+
+def _random_encoder(arch: str, *, workdir: Optional[str], seed: int):
+  arch, _, size = arch.partition("@")
+  size = int(size) if size else 32
+  if workdir is None:
+    raise ValueError("a random:<arch> encoder needs a workdir to be saved into")
+  directory = os.path.join(workdir, f"random_encoder_{arch}_{size}_seed{seed}")
+  if not os.path.exists(os.path.join(directory, "manifest.json")):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    # One jitted initialisation instead of one small compiled kernel per parameter (same values).
+    model = nnx.jit(lambda: models.create_resnet(arch, rngs=nnx.Rngs(seed), small_input=size <= 64))()
+    manifest = {"preprocessing": models.default_preprocessing(size, resize=None),
+                "source": {"kind": "random_init", "arch": arch, "seed": int(seed)}}
+    models.save_encoder(directory, model, manifest, overwrite=True)
+  return models.load_encoder(directory)
+
+
+def eval_transform(encoder, override=None):
+  """The image transform before normalisation: `override` (a preset name / dict) or the manifest's."""
+  pre = encoder.manifest["preprocessing"]
+  size = int(pre["input_size"])
+  if override:
+    return data_lib.make_transform(override, size)
+  method = pre.get("interpolation", "bilinear")
+  if pre.get("resize") and pre.get("crop", "center") == "center":
+    return data_lib.Transform("center_crop", size, resize_size=int(pre["resize"]), method=method)
+  return data_lib.Transform("resize", size, method=method)
+
+
+# ---------------------------------------------------------------- embedding
+
+
+def split_dataset(dataset: str, split: str, *, data_dir=None, limit: Optional[int] = None,
+                  seed: int = 0, shuffle_files: bool = False):
+  """The whole split (all processes' shares) as a tf.data.Dataset, first `limit` examples."""
+  ds = data_lib.get_dataset(dataset, split, data_dir=data_dir, process_index=0, process_count=1,
+                            seed=seed, shuffle_files=shuffle_files)
+  if limit is not None:
+    if int(limit) < 1:
+      raise ValueError(f"limit must be >= 1, got {limit}")
+    ds = ds.take(int(limit))
+  return ds
+
+
+def num_examples(ds) -> int:
+  """Examples in a dataset if tf.data knows it cheaply, else 0 (progress then shows no percentage)."""
+  n = int(ds.cardinality())
+  return n if n >= 0 else 0
+
+
+def image_batches(dataset: str, split: str, *, transform, batch_size: int, data_dir=None,
+                  limit: Optional[int] = None, seed: int = 0, shuffle_files: bool = False
+                  ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+  """(uint8 [B, S, S, 3], int32 [B]) batches of a whole split, in order, transformed."""
+  ds = split_dataset(dataset, split, data_dir=data_dir, limit=limit, seed=seed,
+                     shuffle_files=shuffle_files)
+  return batches_of(ds, transform=transform, batch_size=batch_size, seed=seed)
+
+
+def batches_of(ds, *, transform, batch_size: int, seed: int = 0):
+  """Transformed (images, labels) numpy batches of a {"image", "label"} dataset, in order."""
+  tf = data_lib.preprocess.tf
+
+  def prepare(i, ex):
+    seed_i = data_lib.example_seed(seed, 0, i) if transform.is_random else None
+    return transform(ex["image"], seed_i), ex["label"]
+
+  ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  for images, labels in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
+    yield images, labels.astype(np.int32)
+
+
+class BatchEmbedder:
+  """uint8 images -> representations, with the encoder's normalisation, sharded over local devices."""
+
+  def __init__(self, encoder, *, num_devices: Optional[int] = None):
+    self.encoder = encoder
+    # This process's own devices: every process embeds whole splits by itself (evaluation sets are
+    # small next to the stealing set), so nothing crosses hosts.
+    devices = jax.local_devices()[:num_devices] if num_devices else jax.local_devices()
+    self.mesh = jax.sharding.Mesh(np.asarray(devices), (distributed.DATA_AXIS,))
+    self.num_devices = self.mesh.devices.size
+    mean, std = data_lib.normalization(encoder)
+    params = distributed.replicate(encoder.params, self.mesh)
+    apply_fn = encoder.apply_fn
+
+    @jax.jit
+    def embed(params, images_uint8):
+      return apply_fn(params, data_lib.normalize(images_uint8, mean, std))
+
+    self._params = params
+    self._embed = embed
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+      raise ValueError(f"embedder takes uint8 [N, H, W, 3] images, got {images.dtype} {images.shape}")
+    n = len(images)
+    if n == 0:
+      return np.zeros((0, self.encoder.rep_dim), np.float32)
+    pad = -n % self.num_devices
+    if pad:  # the last batch is padded to a multiple of the devices; padded rows are dropped
+      images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+    batch = jax.device_put(images, distributed.batch_sharded(self.mesh))
+    return np.asarray(self._embed(self._params, batch), np.float32)[:n]
+
+
+def embed_split(embedder: BatchEmbedder, dataset: str, split: str, *, transform, batch_size: int = 256,
+                data_dir=None, limit: Optional[int] = None, seed: int = 0, shuffle_files: bool = False,
+                on_batch: Optional[Callable[[int, int], None]] = None) -> Tuple[np.ndarray, np.ndarray]:
+  """Representations [N, D] float32 and labels [N] int32 of one split; on_batch(done, total)."""
+  ds = split_dataset(dataset, split, data_dir=data_dir, limit=limit, seed=seed,
+                     shuffle_files=shuffle_files)
+  total = num_examples(ds)
+  reps, labels = [], []
+  for images, y in batches_of(ds, transform=transform, batch_size=batch_size, seed=seed):
+    reps.append(embedder(images))
+    labels.append(y)
+    if on_batch is not None:
+      on_batch(sum(len(r) for r in reps), total)
+  if not reps:
+    raise ValueError(f"dataset {dataset!r} split {split!r} is empty")
+  return np.concatenate(reps), np.concatenate(labels)
+
+
+# ---------------------------------------------------------------- .npz files
+
+
+def save_npz(path: str, *, meta: Optional[dict] = None, **arrays) -> str:
+  """Writes arrays (+ a JSON meta string) to `path` atomically."""
+  buf = io.BytesIO()
+  np.savez(buf, **arrays, meta=np.asarray(json.dumps(meta or {}, sort_keys=True, default=str)))
+  files.atomic_write_bytes(path, buf.getvalue())
+  return path
+
+
+def load_npz(path: str) -> dict:
+  """Reads what save_npz / the embeddings job wrote: {"train_x", ..., "meta": dict}."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"embeddings file {path} does not exist")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      out = {k: f[k] for k in f.files if k != "meta"}
+      meta = json.loads(str(f["meta"])) if "meta" in f.files else {}
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is not a readable embeddings .npz ({e})") from e
+  missing = [k for k in NPZ_KEYS if k not in out]
+  if missing:
+    raise ValueError(f"{path} lacks arrays {missing} (has {sorted(out)})")
+  for split in ("train", "test"):
+    x, y = out[f"{split}_x"], out[f"{split}_y"]
+    if x.ndim != 2 or y.shape != (len(x),):
+      raise ValueError(f"{path}: {split}_x {x.shape} / {split}_y {y.shape} are not [N, D] / [N]")
+  out["meta"] = meta
+  return out
+
+
+def embed_dataset(encoder, dataset: str, *, train_split: str = "train", test_split: str = "test",
+                  data_dir=None, train_limit=None, test_limit=None, batch_size: int = 256,
+                  transform_override=None, seed: int = 0, progress=None) -> dict:
+  """{"train_x", "train_y", "test_x", "test_y", "meta"} for one dataset through one encoder."""
+  embedder = BatchEmbedder(encoder)
+  transform = eval_transform(encoder, transform_override)
+  out = {"meta": {"dataset": dataset, "train_split": train_split, "test_split": test_split,
+                  "encoder": encoder.manifest.get("architecture"), "rep_dim": encoder.rep_dim,
+                  "transform": repr(transform), "train_limit": train_limit, "test_limit": test_limit}}
+  for key, split, limit in (("train", train_split, train_limit), ("test", test_split, test_limit)):
+    on_batch = (lambda done, total, key=key: progress(key, done, total)) if progress else None
+    out[f"{key}_x"], out[f"{key}_y"] = embed_split(
+        embedder, dataset, split, transform=transform, batch_size=batch_size, data_dir=data_dir,
+        limit=limit, seed=seed, on_batch=on_batch)
+  return out
+
+
+# ---------------------------------------------------------------- what the evaluation jobs call
+
+
+def safe_name(name: str) -> str:
+  """A dataset / query-set name as a file name."""
+  return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+class EmbeddingSource:
+  """Representations per dataset for a job, from a config `source` block (config_blocks.source_block).
+
+  Precomputed files (source.npz_dir/<dataset>.npz) are read as they are; otherwise the encoder embeds
+  the dataset once and the result is cached in workdir/embeddings/, so a resumed job does not re-embed.
+  """
+
+  def __init__(self, source, workdir: str, *, seed: int = 0):
+    self.source = source
+    self.workdir = workdir
+    self.seed = int(seed)
+    self._encoder = None
+
+  @property
+  def encoder(self):
+    if self._encoder is None:
+      if not self.source.encoder:
+        raise ValueError("config.source.encoder is not set (an encoder directory, a stealing workdir "
+                         "or random:<arch>@<size>), and source.npz_dir does not hold every dataset")
+      self._encoder = resolve_encoder(self.source.encoder, workdir=self.workdir, seed=self.seed)
+    return self._encoder
+
+  def cache_path(self, dataset: str) -> str:
+    return os.path.join(self.workdir, "embeddings", f"{safe_name(dataset)}.npz")
+
+  def get(self, dataset: str, *, progress=None) -> dict:
+    if self.source.npz_dir:
+      given = os.path.join(self.source.npz_dir, f"{safe_name(dataset)}.npz")
+      if os.path.exists(given):
+        return load_npz(given)
+    path = self.cache_path(dataset)
+    if os.path.exists(path):
+      return load_npz(path)
+    out = embed_dataset(self.encoder, dataset, train_split=self.source.train_split,
+                        test_split=self.source.test_split, data_dir=self.source.data_dir,
+                        train_limit=self.source.train_limit, test_limit=self.source.test_limit,
+                        batch_size=self.source.batch_size, transform_override=self.source.transform,
+                        seed=self.seed, progress=progress)
+    meta = dict(out["meta"], encoder_spec=self.source.encoder)
+    save_npz(path, meta=meta, **{k: out[k] for k in NPZ_KEYS})
+    out["meta"] = meta
+    return out
+
+
+def save_array(path: str, reps: np.ndarray, *, meta: Optional[dict] = None) -> str:
+  """One representation array (e.g. a query set) as .npz, atomically."""
+  return save_npz(path, meta=meta, reps=np.asarray(reps, np.float32))
+
+
+def load_array(path: str) -> np.ndarray:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"representation file {path} does not exist")
+  with np.load(path, allow_pickle=False) as f:
+    if "reps" not in f.files:
+      raise ValueError(f"{path} has no 'reps' array (has {f.files})")
+    return f["reps"]

@@ -1,0 +1,168 @@
+"""Legitimate users through the API (paper Table 1 LEGIT rows, Table 6 static noise, Table 8 transforms).
+
+A legitimate user has one downstream task. It sends its train images and then its test images to the
+defended API (every query charged to its account, so the test queries are answered at the coverage the
+train queries built up), trains a linear probe on what it received for train and evaluates it on what it
+received for test. Its transform is applied to both, so the probe works in the user's own space.
+
+Rows (each a fresh API, one account):
+  NONE              the undefended victim (clean representations)
+  B4B               the B4B cost + the configured per-user transform
+  transform:<name>  transforms only (no noise), paper Table 8
+  noise sigma=<s>   static noise of std s for everyone, no transform, paper Table 6
+
+The defense hashes the clean representation and the encoder is deterministic, so sending the clean
+representations computed once (`query_representations`) is exactly what sending the images would give;
+`through_images=True` sends the images themselves through `DefendedEncoder.query` instead (the tests
+check both agree).
+"""
+import functools
+import weakref
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from b4b_jax import defense
+from b4b_jax.evaluation import api_client
+from b4b_jax.evaluation import linear_probe
+
+
+def row_specs(base_config, *, b4b_transform: str = "diag_affine",
+              transforms: Sequence[str] = (), static_sigmas: Sequence[float] = ()) -> list:
+  """[(row name, defense config or None)] for the NONE, B4B, transforms-only and static-noise rows."""
+  def with_(**fields):
+    cfg = base_config.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.update(fields)
+    defense.validate_config(cfg)
+    return cfg
+
+  rows = [("NONE", None),
+          ("B4B", with_(enabled=True, static_sigma=None, transform=b4b_transform))]
+  rows += [(f"transform:{t}", with_(enabled=True, static_sigma=0.0, transform=t)) for t in transforms]
+  rows += [(f"noise sigma={float(s):g}", with_(enabled=True, static_sigma=float(s), transform="identity"))
+           for s in static_sigmas]
+  return rows
+
+
+def representation_scale(reps) -> dict:
+  """Scale of clean representations: sigma only means something relative to these (reference §3.4)."""
+  reps = np.asarray(reps, np.float64)
+  return {"per_dim_std_mean": float(reps.std(0).mean()),
+          "mean_norm": float(np.linalg.norm(reps, axis=1).mean()), "mean_abs": float(np.abs(reps).mean())}
+
+
+def legit_user(train, train_y, test, test_y, *, defense_config, probe_cfg, query_batch_size: int = 256,
+               through_images: bool = False, encoder_fn=None, rep_dim: Optional[int] = None,
+               user: str = "legit", return_responses: bool = False,
+               on_batch: Optional[Callable[[int, int], None]] = None) -> dict:
+  """One legit user of one API config; returns the probe summary and the account's coverage/sigma.
+
+  train/test are clean representations (through_images=False) or encoder-ready images with the
+  encoder's `encoder_fn` and `rep_dim` (through_images=True). defense_config None = undefended victim.
+  """
+  if defense_config is None:
+    received_train, received_test = np.asarray(train, np.float32), np.asarray(test, np.float32)
+    account = {"coverage": None, "sigma": 0.0, "num_queries": int(len(train) + len(test))}
+    traces = None
+  else:
+    if through_images:
+      if encoder_fn is None or rep_dim is None:
+        raise ValueError("through_images=True needs encoder_fn and rep_dim")
+      api = defense.DefendedEncoder(encoder_fn, defense_config, int(rep_dim), capacity=2)
+    else:
+      api = api_client.representation_api(defense_config, np.asarray(train).shape[1], capacity=2)
+    send = dict(batch_size=query_batch_size, representations=not through_images)
+    received_train, train_trace = api_client.send(api, user, train, on_batch=on_batch, **send)
+    received_test, test_trace = api_client.send(api, user, test, **send)
+    account = {"coverage": test_trace.coverage[-1], "sigma": test_trace.sigma[-1],
+               "num_queries": test_trace.num_queries[-1],
+               "coverage_after_train": train_trace.coverage[-1],
+               "sigma_after_train": train_trace.sigma[-1]}
+    traces = {"train": train_trace.to_dict(), "test": test_trace.to_dict()}
+  probe = linear_probe.run_probe(received_train, train_y, received_test, test_y, probe_cfg)
+  result = {"probe": probe.summary(), "test_top1_mean": probe.test_top1_mean,
+            "test_top1_std": probe.test_top1_std, "account": account, "traces": traces,
+            "out_dim": int(received_train.shape[1])}
+  if return_responses:
+    result["responses"] = (received_train, received_test)
+  return result
+
+
+_API_FNS = weakref.WeakKeyDictionary()
+
+
+def encoder_api_fn(encoder) -> Callable:
+  """The traceable images -> representations function of an Encoder, one object per encoder, so every
+  DefendedEncoder built on it reuses the defense's compiled encoder+defense call."""
+  fn = _API_FNS.get(encoder)
+  if fn is None:
+    fn = functools.partial(_apply_encoder, encoder.apply_fn, encoder.params)
+    _API_FNS[encoder] = fn
+  return fn
+
+
+def _apply_encoder(apply_fn, params, images):
+  return apply_fn(params, images)
+
+
+def send_image_stream(api, user: str, batches, *, normalize: Callable, query_batch_size: int):
+  """Sends a stream of (uint8 images, labels) batches through `api.query`; returns
+  (responses, labels, QueryTrace)."""
+  chunks, labels = [], []
+  trace = api_client.QueryTrace(user, [], [], [])
+  for images, y in batches:
+    out, t = api_client.send(api, user, normalize(images), batch_size=query_batch_size,
+                             representations=False)
+    chunks.append(out)
+    labels.append(np.asarray(y))
+    trace.num_queries += t.num_queries
+    trace.coverage += t.coverage
+    trace.sigma += t.sigma
+  if not chunks:
+    raise ValueError(f"user {user!r} has no images to send")
+  return np.concatenate(chunks), np.concatenate(labels), trace
+
+
+def legit_user_images(encoder, defense_config, train_batches, test_batches, *, probe_cfg,
+                      normalize: Callable, query_batch_size: int = 256, user: str = "legit",
+                      return_responses: bool = False) -> dict:
+  """A legit user sending its images through DefendedEncoder.query (the encoder fused into the API).
+
+  train_batches/test_batches: iterables of (uint8 images, labels), already transformed to the
+  encoder's input size; `normalize` maps them to the encoder's float input.
+  """
+  api = defense.DefendedEncoder(encoder_api_fn(encoder), defense_config, encoder.rep_dim, capacity=2)
+  send = dict(normalize=normalize, query_batch_size=query_batch_size)
+  train, train_y, train_trace = send_image_stream(api, user, train_batches, **send)
+  test, test_y, test_trace = send_image_stream(api, user, test_batches, **send)
+  probe = linear_probe.run_probe(train, train_y, test, test_y, probe_cfg)
+  result = {"probe": probe.summary(), "test_top1_mean": probe.test_top1_mean,
+            "test_top1_std": probe.test_top1_std, "out_dim": int(train.shape[1]),
+            "account": {"coverage": test_trace.coverage[-1], "sigma": test_trace.sigma[-1],
+                        "num_queries": test_trace.num_queries[-1],
+                        "coverage_after_train": train_trace.coverage[-1],
+                        "sigma_after_train": train_trace.sigma[-1]},
+            "traces": {"train": train_trace.to_dict(), "test": test_trace.to_dict()},
+            "through_images": True}
+  if return_responses:
+    result["responses"] = (train, test)
+    result["labels"] = (train_y, test_y)
+  return result
+
+
+def legit_rows(train_x, train_y, test_x, test_y, *, rows, probe_cfg, query_batch_size: int = 256,
+               on_row: Optional[Callable[[int, int, str, dict], None]] = None) -> dict:
+  """Runs every (name, config) row for one dataset's clean representations; {name: row result}."""
+  out = {}
+  for i, (name, cfg) in enumerate(rows):
+    res = legit_user(train_x, train_y, test_x, test_y, defense_config=cfg, probe_cfg=probe_cfg,
+                     query_batch_size=query_batch_size)
+    out[name] = res
+    if on_row is not None:
+      on_row(i + 1, len(rows), name, res)
+  none = out.get("NONE")
+  if none is not None:
+    for res in out.values():
+      res["drop_vs_none"] = none["test_top1_mean"] - res["test_top1_mean"]
+  return out

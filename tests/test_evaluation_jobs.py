@@ -1,0 +1,158 @@
+"""Every evaluation job's tiny config runs through b4b_jax.main.run_job and leaves finite results, a
+report and plots; the images path of a legit user equals the representations path; embeddings export
+round-trips.
+
+The embeddings job runs first; its random tiny encoder and digits embeddings are then reused by the
+other jobs (config.source.encoder / npz_dir), as a user would chain them."""
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from b4b_jax import data as data_lib
+from b4b_jax.evaluation import config_blocks
+from b4b_jax.evaluation import embeddings
+from b4b_jax.evaluation import legit
+from b4b_jax.main import run_job
+from b4b_jax.utils import metrics as metrics_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def tiny_config(name):
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs",
+                                                                               f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("tiny")
+
+
+def _finite_numbers(tree, path="results"):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      _finite_numbers(v, f"{path}.{k}")
+  elif isinstance(tree, list):
+    for i, v in enumerate(tree):
+      _finite_numbers(v, f"{path}[{i}]")
+  elif isinstance(tree, float):
+    assert math.isfinite(tree), path
+
+
+def _check_outputs(workdir, *, plots=()):
+  payload = json.load(open(os.path.join(workdir, "results.json")))
+  _finite_numbers(payload["results"])
+  assert payload["config"]["job"]
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  report = open(os.path.join(workdir, "report.md")).read()
+  for p in plots:
+    assert os.path.getsize(os.path.join(workdir, p)) > 1000, p
+    assert f"({p})" in report
+  return payload["results"], report
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("embeddings"))
+  results = run_job(tiny_config("embeddings"), workdir)
+  encoder_dirs = [d for d in os.listdir(workdir) if d.startswith("random_encoder_")]
+  assert len(encoder_dirs) == 1
+  return {"workdir": workdir, "results": results, "encoder": os.path.join(workdir, encoder_dirs[0]),
+          "npz_dir": os.path.join(workdir, "embeddings")}
+
+
+def _reuse(config, exported):
+  config.source.encoder = exported["encoder"]
+  config.source.npz_dir = exported["npz_dir"]
+  return config
+
+
+def test_embeddings_job_exports_npz(exported):
+  results, report = _check_outputs(exported["workdir"])
+  emb = embeddings.load_npz(os.path.join(exported["npz_dir"], "digits.npz"))
+  assert emb["train_x"].shape == (384, results["datasets"]["digits"]["train_shape"][1])
+  assert emb["test_x"].shape[0] == 192 and emb["test_y"].dtype == np.int32
+  assert np.all(np.isfinite(emb["train_x"])) and emb["meta"]["dataset"] == "digits"
+  # The export equals embedding the same images directly with the encoder.
+  encoder = embeddings.resolve_encoder(exported["encoder"])
+  images, labels = data_lib.load_arrays("digits", "train", limit=8)
+  images = data_lib.apply_transform(images, embeddings.eval_transform(encoder))
+  direct = np.asarray(encoder(data_lib.normalize(images, spec=encoder)))
+  np.testing.assert_allclose(emb["train_x"][:8], direct, rtol=1e-4, atol=1e-5 * np.abs(direct).max())
+  np.testing.assert_array_equal(emb["train_y"][:8], labels)
+  assert "digits" in report
+
+
+def test_probe_job(exported, tmp_path):
+  results = run_job(_reuse(tiny_config("probe"), exported), str(tmp_path))
+  out, report = _check_outputs(str(tmp_path), plots=("val_curves.png",))
+  digits = out["datasets"]["digits"]
+  assert digits["test_top1_mean"] > 30.0         # 10 classes: a random encoder is well above chance
+  assert len(digits["seeds"]) == 2 and results["datasets"]["digits"]["num_train"] == 384
+  assert metrics_lib.read_metrics(str(tmp_path), stage="probe/digits")
+  assert "| LEGIT | NONE |" in report
+
+
+def test_legit_job_and_the_images_path(exported, tmp_path):
+  config = _reuse(tiny_config("legit"), exported)
+  config.save_responses = True
+  results = run_job(config, str(tmp_path))
+  out, report = _check_outputs(str(tmp_path), plots=("legit_digits_coverage.png",
+                                                     "legit_digits_sigma.png"))
+  rows = out["datasets"]["digits"]["rows"]
+  assert set(rows) == {"NONE", "B4B", "transform:binary", "noise sigma=10"}
+  assert rows["B4B"]["through_images"] and rows["B4B"]["account"]["num_queries"] == 384 + 192
+  assert "Table 8" in report and "Table 6" in report
+  assert results["datasets"]["digits"]["rows"]["NONE"]["account"]["coverage"] is None
+
+  # The B4B row sent the images through DefendedEncoder.query (encoder fused into the API); sending
+  # the exported clean representations to an API of the same config answers the same.
+  received = embeddings.load_npz(os.path.join(str(tmp_path), "responses", "digits_B4B.npz"))
+  emb = embeddings.load_npz(os.path.join(exported["npz_dir"], "digits.npz"))
+  base = config_blocks.build_defense_config(config.defense)
+  cfg = legit.row_specs(base, b4b_transform=config.b4b_transform)[1][1]
+  via_reps = legit.legit_user(emb["train_x"], emb["train_y"], emb["test_x"], emb["test_y"],
+                              defense_config=cfg, probe_cfg=config.probe,
+                              query_batch_size=config.query_batch_size, return_responses=True)
+  for split, ours in zip(("train", "test"), via_reps["responses"]):
+    np.testing.assert_allclose(received[f"{split}_x"], ours, rtol=1e-4, atol=1e-4)
+  assert rows["B4B"]["account"]["coverage"] == pytest.approx(via_reps["account"]["coverage"], abs=0.5)
+  assert rows["B4B"]["traces"]["train"]["num_queries"] == via_reps["traces"]["train"]["num_queries"]
+
+
+def test_remap_job(exported, tmp_path):
+  config = _reuse(tiny_config("remap"), exported)
+  results = run_job(config, str(tmp_path))
+  out, _ = _check_outputs(str(tmp_path), plots=("remap_cosine_none.png", "remap_cosine_b4b.png"))
+  cells = {(c["transform"], c["noise"]): c for c in results["cells"]}
+  assert len(cells) == 4
+  affine = {p["n"]: p["cos_dist"] for p in cells[("diag_affine", "none")]["points"]}
+  assert affine[300] < 1e-3 < affine[0]
+
+
+def test_coverage_job(exported, tmp_path):
+  config = tiny_config("coverage")
+  config.source.encoder = exported["encoder"]
+  results = run_job(config, str(tmp_path))
+  _check_outputs(str(tmp_path), plots=("coverage_K6.png", "coverage_K8.png", "queries_per_bucket.png",
+                                       "sigma_vs_coverage_fig4_beta.png", "sigma_vs_queries.png"))
+  for k, per_set in results["curves"].items():
+    assert set(per_set) == {"digits", "photo crops", "random noise"}
+    for c in per_set.values():
+      cov = np.asarray(c["coverage"])
+      assert np.all(np.diff(cov) >= 0) and cov[-1] <= 100.0 and c["num_queries"][-1] == 256
+  assert os.path.exists(os.path.join(str(tmp_path), "curves.json"))
+  # Query-set embeddings are cached in the workdir, so a re-run resumes without re-embedding.
+  cached = sorted(os.listdir(os.path.join(str(tmp_path), "embeddings")))
+  assert cached == ["queries_digits.npz", "queries_photo_crops.npz", "queries_random_noise.npz"]

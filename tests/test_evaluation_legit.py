@@ -1,0 +1,91 @@
+"""Legit users through the API: every query charged, transforms cost ~nothing, static noise of the
+paper's large sigma hurts, and what the probe sees is what the API returned."""
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from b4b_jax import defense
+from b4b_jax.evaluation import api_client
+from b4b_jax.evaluation import legit
+
+DIM, CLASSES, N_TRAIN, N_TEST, BATCH = 16, 5, 512, 256, 128
+PROBE = ml_collections.ConfigDict({"method": "ridge", "seeds": (0,), "val_fraction": 0.1})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="module")
+def data():
+  rng = np.random.default_rng(0)
+  centers = 1.5 * rng.normal(size=(CLASSES, DIM))
+
+  def draw(n):
+    y = rng.integers(0, CLASSES, n)
+    return (centers[y] + rng.normal(size=(n, DIM))).astype(np.float32), y
+  return draw(N_TRAIN) + draw(N_TEST)
+
+
+@pytest.fixture(scope="module")
+def rows(data):
+  base = defense.defense_config("simsiam", num_projections=2, pad_dim=4)
+  specs = legit.row_specs(base, b4b_transform="diag_affine", transforms=("diag_affine",),
+                          static_sigmas=(0.1, 10.0))
+  return legit.legit_rows(*data, rows=specs, probe_cfg=PROBE, query_batch_size=BATCH)
+
+
+def test_rows_and_their_accounts(rows):
+  assert list(rows) == ["NONE", "B4B", "transform:diag_affine", "noise sigma=0.1", "noise sigma=10"]
+  none = rows["NONE"]["test_top1_mean"]
+  assert none > 85.0
+  # Transforms are (near) free for a legit user; the B4B noise at a narrow task's coverage too.
+  assert abs(rows["transform:diag_affine"]["test_top1_mean"] - none) < 2.0
+  assert rows["B4B"]["drop_vs_none"] < 2.0
+  # Static noise of the paper's large sigma hurts everyone (Table 6); small sigma does not.
+  assert rows["noise sigma=10"]["test_top1_mean"] < none - 30.0
+  assert rows["noise sigma=0.1"]["drop_vs_none"] < 2.0
+  for name, res in rows.items():
+    assert res["drop_vs_none"] == pytest.approx(none - res["test_top1_mean"])
+    if name == "NONE":
+      continue
+    acc = res["account"]
+    assert acc["num_queries"] == N_TRAIN + N_TEST         # train and test queries were all charged
+    assert 0 < acc["coverage_after_train"] <= acc["coverage"] <= 100.0
+  assert rows["noise sigma=10"]["account"]["sigma"] == 10.0
+
+
+def test_probe_sees_exactly_what_the_api_returned(data):
+  train_x, train_y, test_x, test_y = data
+  # The noise sigma=0.1 row's config (its step is compiled already by the fixture).
+  cfg = defense.defense_config("simsiam", num_projections=2, pad_dim=4, static_sigma=0.1)
+  res = legit.legit_user(train_x, train_y, test_x, test_y, defense_config=cfg, probe_cfg=PROBE,
+                         query_batch_size=BATCH, return_responses=True)
+  # The same user on a fresh API with the same master seed gets the very same answers (noise is keyed
+  # by user and query counter), so the responses the probe used are the API's, train then test.
+  api = api_client.representation_api(cfg, DIM)
+  ref_train = np.concatenate([api.query_representations("legit", train_x[i:i + BATCH])
+                              for i in range(0, N_TRAIN, BATCH)])
+  ref_test = np.concatenate([api.query_representations("legit", test_x[i:i + BATCH])
+                             for i in range(0, N_TEST, BATCH)])
+  np.testing.assert_array_equal(res["responses"][0], ref_train)
+  np.testing.assert_array_equal(res["responses"][1], ref_test)
+  assert not np.allclose(ref_train, train_x)
+  assert res["traces"]["train"]["num_queries"] == list(range(BATCH, N_TRAIN + 1, BATCH))
+
+
+def test_representation_scale_and_bad_rows(data):
+  scale = legit.representation_scale(data[0] * 1000.0)
+  assert scale["per_dim_std_mean"] > 500.0
+  base = defense.defense_config("simsiam")
+  with pytest.raises(ValueError, match="transform"):
+    legit.row_specs(base, transforms=("rotate",))
+  with pytest.raises(ValueError, match="static_sigma"):
+    legit.row_specs(base, static_sigmas=(-1.0,))
+  with pytest.raises(ValueError, match="encoder_fn"):
+    legit.legit_user(*data, defense_config=base, probe_cfg=PROBE, through_images=True)
