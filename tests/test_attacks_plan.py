@@ -11,8 +11,9 @@ from b4b_jax.attacks import queries
 from b4b_jax.attacks import steal
 
 
-@pytest.mark.parametrize("accounts,shares", [(1, [100_000]), (2, [50_000] * 2),
-                                              (3, [33_334, 33_333, 33_333]), (6, [16_667] * 4 + [16_666] * 2)])
+@pytest.mark.parametrize("accounts,shares", [
+    (1, [100_000]), (2, [50_000] * 2), (3, [33_334, 33_333, 33_333]),
+    (6, [16_667] * 4 + [16_666] * 2)])
 def test_budget_split_matches_the_paper(accounts, shares):
   assert queries.split_budget(100_000, accounts) == shares
 
