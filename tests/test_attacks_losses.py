@@ -59,7 +59,8 @@ def test_info_nce_matches_torch_value_and_gradient(pair, tau):
 def test_info_nce_is_scale_invariant_and_lower_for_matching_pairs(pair):
   stolen, victim = pair
   base = losses.info_nce(jnp.asarray(stolen), jnp.asarray(victim))
-  np.testing.assert_allclose(losses.info_nce(jnp.asarray(3 * stolen), jnp.asarray(victim)), base, rtol=1e-5)
+  scaled = losses.info_nce(jnp.asarray(3 * stolen), jnp.asarray(victim))
+  np.testing.assert_allclose(scaled, base, rtol=1e-5)
   perfect = losses.info_nce(jnp.asarray(victim), jnp.asarray(victim))
   shuffled = losses.info_nce(jnp.asarray(stolen[::-1].copy()), jnp.asarray(victim))
   assert float(perfect) < float(base) < float(shuffled)

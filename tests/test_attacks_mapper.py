@@ -1,4 +1,4 @@
-"""Sybil mapper: recovers a dense affine per-user transform under noise, as well as least squares does."""
+"""Sybil mapper: undoes a dense affine per-user transform under noise as well as least squares."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,6 @@
 """Query plans (exact budgets, the sybil overlap), config arguments and the paper's settings."""
+import os
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -9,8 +11,9 @@ from b4b_jax.attacks import queries
 from b4b_jax.attacks import steal
 
 
-@pytest.mark.parametrize("accounts,shares", [(1, [100_000]), (2, [50_000] * 2),
-                                              (3, [33_334, 33_333, 33_333]), (6, [16_667] * 4 + [16_666] * 2)])
+@pytest.mark.parametrize("accounts,shares", [
+    (1, [100_000]), (2, [50_000] * 2), (3, [33_334, 33_333, 33_333]),
+    (6, [16_667] * 4 + [16_666] * 2)])
 def test_budget_split_matches_the_paper(accounts, shares):
   assert queries.split_budget(100_000, accounts) == shares
 
@@ -79,3 +82,23 @@ def test_stolen_model_gets_the_dino_head_only_when_dims_differ():
   assert same.proj is None and same.rep_dim == 64
   other = nnx.eval_shape(lambda: steal._create_stolen(c, 96, 0))  # pylint: disable=protected-access
   assert other.proj is not None and other.rep_dim == 96
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("train.loss", "cosine", "unknown stealing loss"),
+    ("attack.mapper.kind", "conv", "unknown attack.mapper.kind"),
+    ("train.base_lr", 0.0, "base_lr"),
+    ("train.epochs", 0, "train.epochs"),
+    ("attack.num_queries_mapping", 10, "too small to fit the sybil mappers"),
+])
+def test_bad_config_is_refused_before_any_query(tmp_path, field, value, match):
+  c = config_lib.steal_config("simsiam", "tiny,sybils=2")
+  section, name = field.split(".", 1)
+  node = c[section]
+  *parents, leaf = name.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=match):
+    steal.run_steal(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / "attack")

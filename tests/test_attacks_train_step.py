@@ -1,4 +1,4 @@
-"""The jitted stealing step: 8 devices equal 1 device; the SGD/cosine schedule is the paper's; augments."""
+"""The jitted stealing step: 8 devices equal 1 device; the paper's SGD/cosine schedule; augments."""
 import colorsys
 
 import jax
@@ -97,7 +97,8 @@ def test_simclr_views_are_seeded_valid_and_varied():
   np.testing.assert_array_equal(a, b)
   assert np.abs(a - c).mean() > 1e-2
   # Crop boxes follow torchvision's sampler: inside the image, area fraction in [0.08, 1].
-  boxes = [augment._crop_box(jax.random.key(i), 24, 24) for i in range(64)]  # pylint: disable=protected-access
+  crop_box = augment._crop_box  # pylint: disable=protected-access
+  boxes = [crop_box(jax.random.key(i), 24, 24) for i in range(64)]
   for top, left, h, w in boxes:
     assert 0 <= top <= 24 - h and 0 <= left <= 24 - w
     assert 0.08 * 576 * 0.8 <= float(h * w) <= 576

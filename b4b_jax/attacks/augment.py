@@ -66,12 +66,13 @@ def _hsv_to_rgb(h, s, v):
   f = h * 6.0 - i
   p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
   i = i.astype(jnp.int32) % 6
-  choices = [jnp.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))]
+  sectors = ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))
+  choices = [jnp.stack(c, -1) for c in sectors]
   return jnp.select([(i == k)[..., None] for k in range(6)], choices)
 
 
 def _adjust(x, which, factor):
-  """ColorJitter's four adjustments; `which` is traced (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
+  """ColorJitter's adjustments; `which` is traced (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
   bright = x * factor[0]
   contrast = (x - jnp.mean(_gray(x))) * factor[1] + jnp.mean(_gray(x))
   sat = (x - _gray(x)) * factor[2] + _gray(x)

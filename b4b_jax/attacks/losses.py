@@ -54,7 +54,7 @@ def mse(stolen: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
 
 def soft_nearest_neighbor(stolen: jnp.ndarray, target: jnp.ndarray, *,
                           temperature: float = 1000.0) -> jnp.ndarray:
-  """With one same-label neighbour per point this is -mean log(exp(-d_pair/T) / sum_{j!=i} exp(-d_ij/T))."""
+  """One same-label neighbour per point: -mean log(exp(-d_pair/T) / sum_{j!=i} exp(-d_ij/T))."""
   _check_pair(stolen, target)
   z = jnp.concatenate([stolen, target], axis=0).astype(jnp.float32)
   sq = jnp.sum(z * z, axis=1)
@@ -62,7 +62,8 @@ def soft_nearest_neighbor(stolen: jnp.ndarray, target: jnp.ndarray, *,
   return _paired_cross_entropy(-dist / temperature)
 
 
-def get_loss(name: str, *, temperature: float = None) -> Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]:
+def get_loss(name: str, *, temperature: float = None
+             ) -> Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]:
   """Loss by config name; `temperature` overrides the loss's default (InfoNCE 0.25, SoftNN 1000)."""
   if name == "infonce":
     t = 0.25 if temperature is None else temperature

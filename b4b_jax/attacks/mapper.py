@@ -140,7 +140,8 @@ def _trainer(graphdef, learning_rate: float, batch_size: int, epochs: int, num_t
       val = jnp.mean(jnp.square(pred - y_va))
       better = val < best_val
       best_p = jax.tree.map(lambda new, old: jnp.where(better, new, old), p, best_p)
-      return (p, opt, best_p, jnp.where(better, val, best_val), jnp.where(better, epoch, best_epoch)), val
+      best_val = jnp.where(better, val, best_val)
+      return (p, opt, best_p, best_val, jnp.where(better, epoch, best_epoch)), val
 
     init = (p, tx.init(p), p, jnp.asarray(jnp.inf, jnp.float32), jnp.asarray(-1, jnp.int32))
     (_, _, best_p, best_val, best_epoch), curve = jax.lax.scan(epoch_fn, init, jnp.arange(epochs))
@@ -160,7 +161,8 @@ def fit_mapper(source, target, *, kind: str = "linear", epochs: int = 250, learn
   source = np.asarray(source, np.float32)
   target = np.asarray(target, np.float32)
   if source.ndim != 2 or target.ndim != 2 or len(source) != len(target):
-    raise ValueError(f"mapper needs paired [N, D] arrays, got source {source.shape}, target {target.shape}")
+    raise ValueError(f"mapper needs paired [N, D] arrays, got source {source.shape}, "
+                     f"target {target.shape}")
   if not (np.all(np.isfinite(source)) and np.all(np.isfinite(target))):
     raise ValueError("mapper inputs contain NaN or Inf")
   if kind not in MAPPER_KINDS:

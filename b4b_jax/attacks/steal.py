@@ -25,10 +25,9 @@ each process feeds its own slice of every global batch; only process 0 writes re
 """
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -38,6 +37,8 @@ from jax.experimental import multihost_utils
 from b4b_jax import data as data_lib
 from b4b_jax import defense as defense_lib
 from b4b_jax import models as models_lib
+from b4b_jax.attacks import losses as losses_lib
+from b4b_jax.attacks import mapper as mapper_lib
 from b4b_jax.attacks import protocol
 from b4b_jax.attacks import queries as queries_lib
 from b4b_jax.attacks import train_state as ts
@@ -247,7 +248,20 @@ def _step_config(config, input_size, mean, std, total_steps) -> ts.StepConfig:
 
 
 def _validate(config) -> None:
+  """Checks what would otherwise fail only after the (charged) query phase."""
   ac, tc = config.attack, config.train
+  losses_lib.get_loss(tc.loss, temperature=tc.get("temperature"))
+  if ac.mapper.kind not in mapper_lib.MAPPER_KINDS:
+    raise ValueError(f"unknown attack.mapper.kind {ac.mapper.kind!r}; choose one of "
+                     f"{mapper_lib.MAPPER_KINDS}")
+  if not 0.0 < ac.mapper.val_fraction < 1.0:
+    raise ValueError(f"attack.mapper.val_fraction must be in (0, 1), got {ac.mapper.val_fraction}")
+  if ac.num_accounts > 1:
+    n_map = int(ac.num_queries_mapping)
+    n_val = int(round(n_map * ac.mapper.val_fraction))
+    if n_val < 1 or n_map - n_val < ac.mapper.batch_size:
+      raise ValueError(f"attack.num_queries_mapping={n_map} is too small to fit the sybil mappers "
+                       f"(validation {ac.mapper.val_fraction:.0%}, batch {ac.mapper.batch_size})")
   if tc.epochs < 1 or tc.batch_size < 2:
     raise ValueError(f"train.epochs must be >= 1 and train.batch_size >= 2, got {tc.epochs}, "
                      f"{tc.batch_size}")
@@ -284,7 +298,8 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   views = Views(pool, config, mean, std, input_size)
   requery = bool(ac.requery_each_epoch)
   mapper_kwargs = dict(kind=ac.mapper.kind, epochs=int(ac.mapper.epochs),
-                       learning_rate=float(ac.mapper.learning_rate), batch_size=int(ac.mapper.batch_size),
+                       learning_rate=float(ac.mapper.learning_rate),
+                       batch_size=int(ac.mapper.batch_size),
                        val_fraction=float(ac.mapper.val_fraction), seed=seed)
   train_indices = plan.train_indices
   row_accounts = protocol.accounts_of_rows(plan)
@@ -302,9 +317,10 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
 
   def on_batch(entry: protocol.QueryLogEntry):
     counter["batches"] += 1
-    writer.write_scalars(counter["batches"], {f"account{entry.account}/coverage": entry.coverage,
-                                              f"account{entry.account}/sigma": entry.sigma,
-                                              f"account{entry.account}/charged_queries": entry.num_queries},
+    prefix = f"account{entry.account}"
+    writer.write_scalars(counter["batches"], {f"{prefix}/coverage": entry.coverage,
+                                              f"{prefix}/sigma": entry.sigma,
+                                              f"{prefix}/charged_queries": entry.num_queries},
                          stage=f"{STAGE}/queries")
     query_progress.update(counter["batches"], account=entry.account, coverage=entry.coverage,
                           sigma=entry.sigma)
@@ -356,7 +372,8 @@ def run_steal(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   eval_images = _load_split(config.eval, seed)
   eval_images = data_lib.apply_transform(eval_images, _transform(config.eval.view_transform, input_size),
                                          seed=seed)
-  victim_eval = victim_representations(victim, views.normalized(eval_images), int(config.eval.batch_size))
+  victim_eval = victim_representations(victim, views.normalized(eval_images),
+                                       int(config.eval.batch_size))
   responses_eval = clean_response_space(config, victim.rep_dim, victim_eval)
   centered = bool(config.train.center_targets)
 
@@ -536,8 +553,8 @@ def render_report(r: Dict[str, Any]) -> str:
   ]
   for a in r["accounts"]:
     m = a.get("mapper", {})
-    mapper_cols = (f"{m['val_mse']:.4g} | {m['val_cosine']:.4f} ({m.get('val_cosine_unmapped', float('nan')):.4f})"
-                   if m else "- | -")
+    unmapped = m.get("val_cosine_unmapped", float("nan")) if m else None
+    mapper_cols = (f"{m['val_mse']:.4g} | {m['val_cosine']:.4f} ({unmapped:.4f})" if m else "- | -")
     lines.append(f"| {a['account']} | {a['charged_queries']} | {a['coverage']:.2f} | {a['sigma']:.4g} | "
                  f"{mapper_cols} |")
   fi, fl = r["similarity_initial"], r["similarity_final"]

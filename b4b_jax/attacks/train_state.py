@@ -45,8 +45,8 @@ def scaled_learning_rate(base_lr: float, global_batch: int) -> float:
 
 def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
   if not cfg.learning_rate > 0 or cfg.total_steps < 1 or not 0 <= cfg.momentum < 1:
-    raise ValueError(f"invalid optimiser settings: lr={cfg.learning_rate}, total_steps={cfg.total_steps}, "
-                     f"momentum={cfg.momentum}")
+    raise ValueError(f"invalid optimiser settings: lr={cfg.learning_rate}, "
+                     f"total_steps={cfg.total_steps}, momentum={cfg.momentum}")
   schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.total_steps)
   parts = []
   if cfg.weight_decay:
@@ -68,8 +68,8 @@ def _cosine(a, b):
 
 @functools.lru_cache(maxsize=16)
 def make_train_step(graphdef, cfg: StepConfig, mesh: jax.sharding.Mesh):
-  """Compiled `step(state, images uint8, targets, key) -> (state, metrics)`; cached per (model, cfg, mesh)
-  so repeated runs in one process (resumption, tests) reuse the compilation."""
+  """Compiled `step(state, images uint8, targets, key) -> (state, metrics)`; cached per (model, cfg,
+  mesh) so repeated runs in one process (resumption, tests) reuse the compilation."""
   tx = make_optimizer(cfg)
   loss_fn = losses.get_loss(cfg.loss, temperature=cfg.temperature)
   repl = NamedSharding(mesh, P())
