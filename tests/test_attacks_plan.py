@@ -102,3 +102,14 @@ def test_bad_config_is_refused_before_any_query(tmp_path, field, value, match):
   with pytest.raises(ValueError, match=match):
     steal.run_steal(c, str(tmp_path))
   assert not os.path.exists(tmp_path / "attack")
+
+
+def test_refused_config_does_not_claim_the_workdir(tmp_path):
+  """run_job validates before recording the workdir, so the corrected config can use it."""
+  from b4b_jax.jobs.runner import run_job
+  from b4b_jax.attacks import config_lib
+  bad = config_lib.steal_config("simsiam", "tiny")
+  bad.train.loss = "no_such_loss"
+  with pytest.raises(ValueError):
+    run_job(bad, str(tmp_path))
+  assert not (tmp_path / "run_info.json").exists()

@@ -236,8 +236,10 @@ def random_baseline(config, data, probe_cfg, victim_reps, workdir: str) -> dict:
 def remapping(config, victim, data, defense_cfg) -> dict:
   rc = config.remap
   train_x, test_x = embed(victim, data["digits_train"]), embed(victim, data["digits_test"])
+  base = defense_cfg.copy_and_resolve_references()
+  base.pad_dim = int(rc.pad_dim)
   return remap_lib.remap_experiment(
-      train_x, data["digits_train_y"], test_x, data["digits_test_y"], base_defense_config=defense_cfg,
+      train_x, data["digits_train_y"], test_x, data["digits_test_y"], base_defense_config=base,
       transforms=tuple(rc.transforms), noise_modes=tuple(rc.noise_modes), overlaps=tuple(rc.overlaps),
       classifier_cfg=config.probe, mapper_kind=str(rc.mapper),
       query_batch_size=int(config.query_batch_size), seed=int(config.seed))

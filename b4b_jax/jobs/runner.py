@@ -17,5 +17,9 @@ def run_job(config, workdir: str):
     if e.name == f"b4b_jax.jobs.{job}":
       raise ValueError(f"unknown job {job!r}: no module b4b_jax/jobs/{job}.py") from e
     raise
+  # A job may check its config first, so a config it refuses never claims the workdir.
+  validate = getattr(module, "validate_config", None)
+  if validate is not None:
+    validate(config)
   workdir_lib.prepare_workdir(workdir, config, job)
   return module.run(config, workdir)

@@ -9,3 +9,8 @@ from b4b_jax.attacks import steal
 
 def run(config, workdir: str):
   return steal.run_steal(config, workdir)
+
+
+def validate_config(config) -> None:
+  """Run by run_job before the workdir is claimed, so a refused config leaves no trace."""
+  steal._validate(config)  # pylint: disable=protected-access
