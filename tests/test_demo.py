@@ -50,7 +50,8 @@ def test_demo_writes_report_table_plots_and_finite_results(demo_run):
   assert stored["attack_b4b"]["accounts"][0]["sigma"] > 0.0
   assert len(stored["attack_sybil"]["accounts"]) == 2
   assert stored["calibration"]["alpha"] > stored["calibration"]["lam"] > 0
-  assert len(results["claims"]) == 4
+  assert len(results["claims"]) == 5
+  assert all(isinstance(c["holds"], bool) and c["evidence"] for c in results["claims"])
 
 
 def test_demo_rerun_resumes_and_refuses_other_config(demo_run):
