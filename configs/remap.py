@@ -33,7 +33,7 @@ def get_config(arg=None):
   config.overlaps = (0, 10, 50, 100, 300) if tiny else (
       0, 10, 50, 100, 500, 1000, 2000, 3000, 4000, 5000, 10000)
   config.mapper = ml_collections.ConfigDict()
-  config.mapper.kind = "linear"        # "linear" (closed-form least squares, the paper's choice) | "mlp"
+  config.mapper.kind = "linear"        # "linear" (closed-form least squares) | "linear_adam" | "mlp"
   config.mapper.options = ml_collections.ConfigDict({"ridge": 1e-9})
   config.query_batch_size = 64 if tiny else 256
   # The reference classifier on A's train representations.
