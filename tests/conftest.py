@@ -15,6 +15,17 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Exact float32 matmuls everywhere in tests (numeric references are compared at full precision).
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """For modules of tiny shapes, where compile time dominates: XLA's optimisation passes off for the
+  module, restored afterwards (use with `pytestmark = pytest.mark.usefixtures("fast_compiles")`)."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)

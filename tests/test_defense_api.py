@@ -14,12 +14,8 @@ from b4b_jax.defense import state as state_lib
 D = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+# Tiny shapes: compile time dominates, so XLA's optimisation passes are off in this module.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _cfg(preset="simsiam", **kw):

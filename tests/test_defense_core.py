@@ -10,13 +10,8 @@ from b4b_jax.defense import lsh
 from b4b_jax.defense import state as state_lib
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # Small arrays: compile time dominates, so skip XLA's optimisation passes in this module only.
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+# Tiny shapes: compile time dominates, so XLA's optimisation passes are off in this module.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 # ---------------------------------------------------------------------------------------------- cost

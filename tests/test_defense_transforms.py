@@ -1,5 +1,4 @@
 """Per-user transforms: deterministic per user, different between users, dims, inverses, binary."""
-import jax
 import numpy as np
 import pytest
 
@@ -8,12 +7,8 @@ from b4b_jax import defense
 D, PAD = 12, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+# Tiny shapes: compile time dominates, so XLA's optimisation passes are off in this module.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _cfg(transform, **kw):

@@ -11,12 +11,8 @@ from b4b_jax.evaluation import coverage_curves
 DIM, N, BATCH = 16, 512, 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+# Tiny shapes: compile time dominates, so XLA's optimisation passes are off in this module.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

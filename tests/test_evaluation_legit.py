@@ -13,12 +13,8 @@ DIM, CLASSES, N_TRAIN, N_TEST, BATCH = 16, 5, 512, 256, 128
 PROBE = ml_collections.ConfigDict({"method": "ridge", "seeds": (0,), "val_fraction": 0.1})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+# Tiny shapes: compile time dominates, so XLA's optimisation passes are off in this module.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

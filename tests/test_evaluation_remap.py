@@ -14,13 +14,8 @@ DIM, CLASSES = 16, 4
 N_TRAIN, N_TEST, BATCH = 512, 256, 128   # multiples of the batch: one compiled query shape
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  # Tiny shapes: compile time dominates, and XLA's optimisations do not pay for themselves here.
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+# Tiny shapes: compile time dominates, so XLA's optimisation passes are off in this module.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")
