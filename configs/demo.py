@@ -1,4 +1,4 @@
-r"""The offline end-to-end B4B demo (README quickstart), about 10-15 minutes on 2 CPU cores:
+r"""The offline end-to-end B4B demo (README quickstart), about 6 minutes on 2 CPU cores:
 
   python -m b4b_jax.main --config=configs/demo.py --workdir=/tmp/b4b_demo
 
