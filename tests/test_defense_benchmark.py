@@ -3,7 +3,6 @@ import importlib.util
 import json
 import os
 
-import jax
 import pytest
 
 from b4b_jax import main

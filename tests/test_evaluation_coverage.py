@@ -1,6 +1,5 @@
 """Coverage and cost curves through the defense: monotone, bounded by 100, wide query sets cover more
 than narrow ones, per-bucket counts agree with the API's coverage, sigma curves follow Eq. (1)."""
-import jax
 import numpy as np
 import pytest
 

@@ -9,7 +9,6 @@ import json
 import math
 import os
 
-import jax
 import numpy as np
 import pytest
 

@@ -1,6 +1,5 @@
 """Legit users through the API: every query charged, transforms cost ~nothing, static noise of the
 paper's large sigma hurts, and what the probe sees is what the API returned."""
-import jax
 import ml_collections
 import numpy as np
 import pytest

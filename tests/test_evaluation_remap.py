@@ -1,7 +1,6 @@
 """Remapping between sybil accounts through the real DefendedEncoder: affine transforms are undone by a
 linear map given enough overlap, binary ones are not; B4B noise makes remapping lossy; the mapper fits
 least squares exactly."""
-import jax
 import ml_collections
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ them in order through StageRunner)."""
 import os
 from typing import Dict
 
-import jax
 import numpy as np
 
 from b4b_jax import data as data_lib
@@ -243,7 +242,3 @@ def remapping(config, victim, data, defense_cfg) -> dict:
       transforms=tuple(rc.transforms), noise_modes=tuple(rc.noise_modes), overlaps=tuple(rc.overlaps),
       classifier_cfg=config.probe, mapper_kind=str(rc.mapper),
       query_batch_size=int(config.query_batch_size), seed=int(config.seed))
-
-
-def jax_device_summary() -> str:
-  return f"{jax.device_count()} {jax.default_backend()} device(s)"

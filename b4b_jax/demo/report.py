@@ -1,6 +1,5 @@
 """The demo's report: the paper's Table 1 layout for our rows, the claims checked one by one, the
 calibration, and the coverage / sigma / remapping plots."""
-import math
 import os
 from typing import Dict, List
 
@@ -167,10 +166,6 @@ def sections(results: Dict, config, table_md: str) -> List[tuple]:
   out.append(("Remapping between two accounts (cosine distance / accuracy drop of A's classifier)",
               report_lib.markdown_table(["transform", "noise", "A's top-1"] + [f"n={n}" for n in ns],
                                         remap_rows)))
-  out.append(("Run", f"Stage times (s): " + ", ".join(
+  out.append(("Run", "Stage times (s): " + ", ".join(
       f"{k} {v:.0f}" for k, v in results["stage_seconds"].items()) + "."))
   return out
-
-
-def finite(x) -> bool:
-  return isinstance(x, (int, float)) and math.isfinite(x)

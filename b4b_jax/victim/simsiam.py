@@ -5,7 +5,7 @@ The backbone is the same `create_resnet` module every other part uses; only the 
 victim encoder (its pooled features are the API's representations, as for the released SimSiam).
 """
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
