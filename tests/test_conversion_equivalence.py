@@ -18,6 +18,7 @@ import torch
 import torchvision
 
 from b4b_jax import models
+from tests.torch_reference import randomise_batchnorm
 from weight_conversion import convert
 
 N_IMAGES = 2
@@ -59,16 +60,10 @@ def _simsiam_model(dim=2048, pred_dim=512):
   predictor = torch.nn.Sequential(
       torch.nn.Linear(dim, pred_dim, bias=False), torch.nn.BatchNorm1d(pred_dim),
       torch.nn.ReLU(inplace=True), torch.nn.Linear(pred_dim, dim))
-  g = torch.Generator().manual_seed(1)
-  for m in encoder.modules():  # random affine + running statistics, so BN errors cannot hide
+  randomise_batchnorm(encoder, seed=1)
+  for m in encoder.modules():  # a trained checkpoint's counter (the converter must ignore it)
     if isinstance(m, torch.nn.BatchNorm2d):
-      n = m.num_features
-      with torch.no_grad():
-        m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
-        m.bias.copy_(0.1 * torch.randn(n, generator=g))
-        m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-        m.num_batches_tracked.fill_(12345)
+      m.num_batches_tracked.fill_(12345)
 
   class SimSiam(torch.nn.Module):
 

@@ -14,6 +14,7 @@ from flax import nnx
 from b4b_jax import models
 from b4b_jax.models import functional
 from b4b_jax.utils import distributed
+from tests.torch_reference import randomise_batchnorm
 from weight_conversion import keymaps
 
 
@@ -25,18 +26,6 @@ def fast_compile():
   jax.config.update("jax_disable_most_optimizations", False)
 
 
-def _randomise_bn(module: torch.nn.Module, seed: int) -> None:
-  g = torch.Generator().manual_seed(seed)
-  for m in module.modules():
-    if isinstance(m, torch.nn.BatchNorm2d):
-      n = m.num_features
-      with torch.no_grad():
-        m.weight.copy_(1 + 0.2 * torch.randn(n, generator=g))
-        m.bias.copy_(0.1 * torch.randn(n, generator=g))
-        m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-
-
 def _torch_resnet18(small_input: bool):
   torch.manual_seed(0)
   net = torchvision.models.resnet18()
@@ -44,7 +33,7 @@ def _torch_resnet18(small_input: bool):
     net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     net.maxpool = torch.nn.Identity()
   net.fc = torch.nn.Identity()
-  _randomise_bn(net, 1)
+  randomise_batchnorm(net, 1)
   return net
 
 
