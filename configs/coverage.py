@@ -14,7 +14,7 @@ seconds per curve.
 """
 import ml_collections
 
-from b4b_jax.evaluation import config_blocks
+from configs import common
 
 
 def _query_set(name, dataset, split, num_queries, shuffle=False):
@@ -27,14 +27,12 @@ def _sigma(lam, alpha, beta):
 
 
 def get_config(arg=None):
-  if arg not in (None, "", "tiny"):
-    raise ValueError(f"configs/coverage.py takes no argument or 'tiny', got {arg!r}")
-  tiny = arg == "tiny"
+  tiny = common.tiny_arg(arg, "coverage")
   config = ml_collections.ConfigDict()
   config.job = "coverage"
   config.seed = 0
-  config.source = config_blocks.source_block(tiny=tiny)
-  config.defense = config_blocks.defense_block(preset="simsiam", tiny=tiny)
+  config.source = common.source_block(tiny=tiny)
+  config.defense = common.evaluation_defense("simsiam", tiny=tiny)
   config.query_batch_size = 64 if tiny else 256
   if tiny:
     config.query_sets = (

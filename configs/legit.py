@@ -16,22 +16,20 @@ Runtime: the embedding pass plus (rows x datasets) probes; ~20 min on one GPU fo
 """
 import ml_collections
 
-from b4b_jax.evaluation import config_blocks
+from configs import common
 
 
 def get_config(arg=None):
-  if arg not in (None, "", "tiny", "dino"):
-    raise ValueError(f"configs/legit.py takes no argument, 'dino' or 'tiny', got {arg!r}")
-  tiny = arg == "tiny"
+  tiny = common.tiny_arg(arg, "legit", variants=("dino",))
   config = ml_collections.ConfigDict()
   config.job = "legit"
   config.seed = 0
   # Which victim this is: "simsiam" / "dino" select the paper numbers to compare with (Tables 1, 6-8);
   # anything else (the tiny random encoder) is compared with nothing.
   config.encoder_kind = {"dino": "dino", "tiny": "random"}.get(arg, "simsiam")
-  config.source = config_blocks.source_block(tiny=tiny)
-  config.datasets = (config_blocks.TINY_DATASET,) if tiny else config_blocks.PAPER_DATASETS
-  config.defense = config_blocks.defense_block(preset="dino" if arg == "dino" else "simsiam", tiny=tiny)
+  config.source = common.source_block(tiny=tiny)
+  config.datasets = (common.TINY_DATASET,) if tiny else common.PAPER_DATASETS
+  config.defense = common.evaluation_defense("dino" if arg == "dino" else "simsiam", tiny=tiny)
   config.b4b_transform = "diag_affine"     # the B4B row's per-user transform (paper: random affine)
   # Table 8 rows (transforms only) and Table 6 rows (static noise); the tiny variant keeps one of each.
   config.transforms = ("binary",) if tiny else ("diag_affine", "pad_shuffle", "affine_pad_shuffle",
@@ -42,7 +40,7 @@ def get_config(arg=None):
   # device call); the other rows send the clean representations (identical answers, tested).
   config.through_images = True
   config.save_responses = False   # keep the B4B row's received representations (responses/*.npz)
-  config.probe = config_blocks.probe_block(tiny=tiny)
+  config.probe = common.probe_block(tiny=tiny)
   if tiny:
     config.probe.method = "ridge"   # closed form: no compile for the CPU variant
   return config

@@ -14,6 +14,7 @@ from absl import logging
 
 from b4b_jax.attacks import mapper as mapper_lib
 from b4b_jax.attacks import queries as queries_lib
+from b4b_jax.evaluation import api_client
 
 
 def account_name(index: int) -> str:
@@ -58,15 +59,11 @@ class Attacker:
   # ------------------------------------------------------------------------------------------------
   def query(self, account: int, indices: np.ndarray, *, phase: str, epoch: int = 0) -> np.ndarray:
     """Sends `indices` through account `account` (0-based) in batches; returns the raw responses."""
-    out = []
-    user = self.users[account]
-    for start in range(0, len(indices), self.batch_size):
-      chunk = indices[start:start + self.batch_size]
-      out.append(np.asarray(self.api.query(user, self.views(chunk, epoch)), np.float32))
-      self._record(account, phase)
-    if not out:
-      return np.zeros((0, self.api.out_dim), np.float32)
-    return np.concatenate(out)
+    images = (self.views(chunk, epoch) for chunk in api_client.chunks(indices, self.batch_size))
+    responses, _ = api_client.send_batches(
+        self.api, self.users[account], images, representations=False,
+        on_batch=lambda trace: self._record(account, phase, trace.sigma[-1]))
+    return responses
 
   def query_rows(self, accounts_per_row: np.ndarray, indices: np.ndarray, *, epoch: int,
                  images: Optional[np.ndarray] = None) -> np.ndarray:
@@ -90,11 +87,14 @@ class Attacker:
       out[rows] = out_rows
     return out
 
-  def _record(self, account: int, phase: str) -> None:
+  def _record(self, account: int, phase: str, sigma: Optional[float] = None) -> None:
+    """Logs the account's state after a batch; `sigma` is the noise std the batch was answered with
+    (for a mixed batch: read from the API's per-row info)."""
     user = self.users[account]
-    info = self.api.last_info or {}
-    rows = [i for i, u in enumerate(info.get("users", [])) if u == user]
-    sigma = float(np.asarray(info["sigma"])[rows[-1]]) if rows else self.api.sigma(user)
+    if sigma is None:
+      info = self.api.last_info or {}
+      rows = [i for i, u in enumerate(info.get("users", [])) if u == user]
+      sigma = float(np.asarray(info["sigma"])[rows[-1]]) if rows else self.api.sigma(user)
     entry = QueryLogEntry(account + 1, phase, self.api.num_queries(user), self.api.coverage(user), sigma)
     self.log.append(entry)
     self.on_batch(entry)

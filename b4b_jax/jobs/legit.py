@@ -12,7 +12,6 @@ import numpy as np
 from absl import logging
 
 from b4b_jax import data as data_lib
-from b4b_jax.evaluation import config_blocks
 from b4b_jax.evaluation import embeddings as embeddings_lib
 from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import paper_numbers
@@ -51,7 +50,7 @@ def _b4b_through_images(source, emb, dataset, cfg, config, workdir):
 def run(config, workdir: str):
   writer = metrics_lib.MetricsWriter(workdir)
   source = embeddings_lib.EmbeddingSource(config.source, workdir, seed=config.seed)
-  base = config_blocks.build_defense_config(config.defense)
+  base = config.defense
   rows = legit_lib.row_specs(base, b4b_transform=config.b4b_transform, transforms=config.transforms,
                              static_sigmas=config.static_sigmas)
   results = {}
@@ -143,8 +142,8 @@ def _write_report(config, workdir, base, results):
   paper_caption = (paper_numbers.TABLES[paper_table]["caption"] if paper_table
                    else "none (setting differs)")
   sections = [
-      ("Setup", f"Encoder `{config.source.encoder}` ({config.encoder_kind}); defense preset "
-                f"`{config.defense.preset}` (lambda={base.lam:g}, alpha={base.alpha:g}, "
+      ("Setup", f"Encoder `{config.source.encoder}` ({config.encoder_kind}); defense "
+                f"(lambda={base.lam:g}, alpha={base.alpha:g}, "
                 f"beta={base.beta:g}%, 2^{base.num_hyperplanes} buckets, P={base.num_projections}); "
                 f"B4B rows use the `{config.b4b_transform}` transform. Every train and test query of "
                 f"each row is charged to that row's account (batches of {config.query_batch_size}); "

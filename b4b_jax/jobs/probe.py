@@ -22,7 +22,7 @@ def probe_datasets(config, workdir, *, writer, stage="probe"):
   source = embeddings_lib.EmbeddingSource(config.source, workdir, seed=config.seed)
   results = {}
   for dataset in config.datasets:
-    emb = source.get(dataset, progress=_embed_progress(dataset))
+    emb = source.get(dataset)
     prog = progress_lib.Progress(f"{stage}/{dataset}", config.probe.epochs, unit="epoch")
 
     def on_epoch(epoch, stats, dataset=dataset, prog=prog):
@@ -39,17 +39,6 @@ def probe_datasets(config, workdir, *, writer, stage="probe"):
     results[dataset] = dict(probe.to_dict(), num_train=int(len(emb["train_y"])),
                             num_test=int(len(emb["test_y"])), rep_dim=int(emb["train_x"].shape[1]))
   return results
-
-
-def _embed_progress(dataset):
-  """progress(split, done, total) callback for EmbeddingSource.get: one progress line per split."""
-  state = {}
-
-  def update(split, done, total):
-    if split not in state:
-      state[split] = progress_lib.Progress(f"embed/{dataset}/{split}", total, unit="image")
-    state[split].update(done)
-  return update
 
 
 def run(config, workdir: str):

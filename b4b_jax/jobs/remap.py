@@ -9,7 +9,6 @@ import os
 
 from absl import logging
 
-from b4b_jax.evaluation import config_blocks
 from b4b_jax.evaluation import embeddings as embeddings_lib
 from b4b_jax.evaluation import remap as remap_lib
 from b4b_jax.evaluation import report
@@ -21,7 +20,7 @@ def run(config, workdir: str):
   writer = metrics_lib.MetricsWriter(workdir)
   source = embeddings_lib.EmbeddingSource(config.source, workdir, seed=config.seed)
   emb = source.get(config.dataset)
-  base = config_blocks.build_defense_config(config.defense)
+  base = config.defense
   total = len(config.transforms) * len(config.noise_modes)
   prog = progress_lib.Progress("remap", total, unit="cell")
 
@@ -52,8 +51,9 @@ def run(config, workdir: str):
                    report.fmt_acc(c["reference_top1"]), report.fmt_num(p["top1_drop"])])
   sections = [
       ("Setup", f"Dataset `{config.dataset}` ({results['num_train']} train / {results['num_test']} test "
-                f"queries per account), encoder `{config.source.encoder}`, defense preset "
-                f"`{config.defense.preset}`. Accounts A and B of one DefendedEncoder get independent "
+                f"queries per account), encoder `{config.source.encoder}`, defense "
+                f"lambda={config.defense.lam:g}, alpha={config.defense.alpha:g}, "
+                f"beta={config.defense.beta:g}%, 2^{config.defense.num_hyperplanes} buckets. Accounts A and B of one DefendedEncoder get independent "
                 f"transforms of the same type; noise `none` = transforms only, `b4b` = the B4B cost of "
                 f"each account's own coverage. A {config.mapper.kind} mapper B->A is fitted on the "
                 f"first n overlapping train queries; metrics on the test queries. n = 0: unmapped."),
