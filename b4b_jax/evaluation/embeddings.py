@@ -246,6 +246,18 @@ def safe_name(name: str) -> str:
   return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def check_source(source) -> None:
+  """Raises ValueError naming the first invalid field of a `source` block (configs/common.py)."""
+  if not source.encoder and not source.npz_dir:
+    raise ValueError("config.source needs an encoder (an encoder directory, a stealing workdir or "
+                     "random:<arch>@<size>) or an npz_dir of precomputed embeddings")
+  for name in ("train_limit", "test_limit"):
+    if source[name] is not None and source[name] < 1:
+      raise ValueError(f"source.{name} must be >= 1 or None (all), got {source[name]}")
+  if source.batch_size < 1:
+    raise ValueError(f"source.batch_size must be >= 1, got {source.batch_size}")
+
+
 class EmbeddingSource:
   """Representations per dataset for a job, from a config `source` block (configs/common.py source_block).
 

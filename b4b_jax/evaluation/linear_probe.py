@@ -405,3 +405,27 @@ def run_probe(train_x, train_y, test_x, test_y, cfg, *, num_classes=None, on_epo
       batch_size=cfg.get("batch_size", 64), learning_rate=cfg.get("learning_rate", 1e-3),
       momentum=cfg.get("momentum", 0.9), weight_decay=cfg.get("weight_decay", 0.0),
       on_epoch=on_epoch, **common)
+
+
+def check_probe_config(cfg) -> None:
+  """Raises ValueError naming the first invalid field of a probe config (before any job starts)."""
+  method = cfg.get("method", "adam")
+  if method not in METHODS:
+    raise ValueError(f"probe.method must be one of {METHODS}, got {method!r}")
+  if cfg.get("normalization", "standardize") not in NORMALIZATIONS:
+    raise ValueError(f"probe.normalization must be one of {NORMALIZATIONS}, got "
+                     f"{cfg.get('normalization')!r}")
+  if not 0.0 < cfg.get("val_fraction", 0.1) < 1.0:
+    raise ValueError(f"probe.val_fraction must be in (0, 1), got {cfg.get('val_fraction')}")
+  if not tuple(cfg.get("seeds", (0,))):
+    raise ValueError("probe.seeds must name at least one seed")
+  if method == "ridge":
+    alphas = tuple(cfg.get("ridge_alphas", DEFAULT_RIDGE_GRID))
+    if not alphas or any(not a > 0 for a in alphas):
+      raise ValueError(f"probe.ridge_alphas must be positive numbers, got {alphas}")
+    return
+  for name in ("epochs", "batch_size"):
+    if cfg.get(name, 1) < 1:
+      raise ValueError(f"probe.{name} must be >= 1, got {cfg.get(name)}")
+  if not cfg.get("learning_rate", 1e-3) > 0:
+    raise ValueError(f"probe.learning_rate must be > 0, got {cfg.get('learning_rate')}")

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from b4b_jax import defense
 from b4b_jax.evaluation import coverage_curves
 from b4b_jax.evaluation import embeddings as embeddings_lib
 from b4b_jax.evaluation import paper_numbers
@@ -44,6 +45,19 @@ def query_set_reps(config, workdir, source):
     embeddings_lib.save_array(path, reps, meta={"dataset": qs.dataset, "split": qs.split})
     sets[name] = reps
   return sets
+
+
+def validate_config(config) -> None:
+  """Run by run_job before the workdir is claimed: every value, so a refused config leaves no trace."""
+  embeddings_lib.check_source(config.source)
+  if config.query_batch_size < 1:
+    raise ValueError(f"query_batch_size must be >= 1, got {config.query_batch_size}")
+  for k in config.bucket_bits:
+    defense.validate_config(coverage_curves.counting_config(config.defense, k))
+  defense.validate_config(config.defense)
+  for qs in config.query_sets:
+    if qs.num_queries < 1:
+      raise ValueError(f"query set {qs.name!r}: num_queries must be >= 1, got {qs.num_queries}")
 
 
 def run(config, workdir: str):

@@ -13,6 +13,13 @@ from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import report
 
 
+def validate_config(config) -> None:
+  """Run by run_job before the workdir is claimed: every value, so a refused config leaves no trace."""
+  embeddings_lib.check_source(config.source)
+  if not config.datasets:
+    raise ValueError("config.datasets is empty")
+
+
 def run(config, workdir: str):
   source = embeddings_lib.EmbeddingSource(config.source, workdir, seed=config.seed)
   results = {}

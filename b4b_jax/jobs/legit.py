@@ -14,6 +14,7 @@ from absl import logging
 from b4b_jax import data as data_lib
 from b4b_jax.evaluation import embeddings as embeddings_lib
 from b4b_jax.evaluation import legit as legit_lib
+from b4b_jax.evaluation import linear_probe
 from b4b_jax.evaluation import paper_numbers
 from b4b_jax.evaluation import report
 from b4b_jax.utils import metrics as metrics_lib
@@ -45,6 +46,19 @@ def _b4b_through_images(source, emb, dataset, cfg, config, workdir):
                             meta={"row": "B4B", "through_images": True}, train_x=received[0],
                             train_y=emb["train_y"], test_x=received[1], test_y=emb["test_y"])
   return res
+
+
+def validate_config(config) -> None:
+  """Run by run_job before the workdir is claimed: every value, so a refused config leaves no trace."""
+  embeddings_lib.check_source(config.source)
+  linear_probe.check_probe_config(config.probe)
+  if config.query_batch_size < 1:
+    raise ValueError(f"query_batch_size must be >= 1, got {config.query_batch_size}")
+  if not config.datasets:
+    raise ValueError("config.datasets is empty")
+  # Builds (and so validates) the defense config of every row.
+  legit_lib.row_specs(config.defense, b4b_transform=config.b4b_transform, transforms=config.transforms,
+                      static_sigmas=config.static_sigmas)
 
 
 def run(config, workdir: str):

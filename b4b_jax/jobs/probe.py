@@ -17,6 +17,14 @@ from b4b_jax.utils import metrics as metrics_lib
 from b4b_jax.utils import progress as progress_lib
 
 
+def validate_config(config) -> None:
+  """Run by run_job before the workdir is claimed: every value, so a refused config leaves no trace."""
+  embeddings_lib.check_source(config.source)
+  linear_probe.check_probe_config(config.probe)
+  if not config.datasets:
+    raise ValueError("config.datasets is empty")
+
+
 def probe_datasets(config, workdir, *, writer, stage="probe"):
   """Embeds (or reads) each dataset and probes it; {dataset: probe result dict}."""
   source = embeddings_lib.EmbeddingSource(config.source, workdir, seed=config.seed)

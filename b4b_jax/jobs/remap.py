@@ -9,11 +9,30 @@ import os
 
 from absl import logging
 
+from b4b_jax import defense
+from b4b_jax.attacks import mapper as mapper_lib
 from b4b_jax.evaluation import embeddings as embeddings_lib
+from b4b_jax.evaluation import linear_probe
 from b4b_jax.evaluation import remap as remap_lib
 from b4b_jax.evaluation import report
 from b4b_jax.utils import metrics as metrics_lib
 from b4b_jax.utils import progress as progress_lib
+
+
+def validate_config(config) -> None:
+  """Run by run_job before the workdir is claimed: every value, so a refused config leaves no trace."""
+  embeddings_lib.check_source(config.source)
+  linear_probe.check_probe_config(config.probe)
+  if config.query_batch_size < 1:
+    raise ValueError(f"query_batch_size must be >= 1, got {config.query_batch_size}")
+  for transform in config.transforms:
+    for noise in config.noise_modes:
+      defense.validate_config(remap_lib.account_config(config.defense, transform, noise))
+  if not config.overlaps or min(config.overlaps) < 0:
+    raise ValueError(f"overlaps must be non-empty counts >= 0, got {config.overlaps}")
+  if config.mapper.kind not in mapper_lib.MAPPER_KINDS:
+    raise ValueError(f"unknown mapper.kind {config.mapper.kind!r}; choose one of "
+                     f"{mapper_lib.MAPPER_KINDS}")
 
 
 def run(config, workdir: str):
