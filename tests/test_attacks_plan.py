@@ -103,11 +103,7 @@ def test_stolen_model_gets_the_dino_head_only_when_dims_differ():
 def test_bad_config_is_refused_before_the_workdir_is_claimed(tmp_path, field, value, match):
   """run_job validates every value before recording the workdir, so the corrected config can use it."""
   c = steal_simsiam.get_config("tiny,sybils=2")
-  *parents, leaf = field.split(".")
-  node = c
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+  c.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=match):
     run_job(c, str(tmp_path))
   assert os.listdir(tmp_path) == []

@@ -51,11 +51,7 @@ def test_tiny_variants_pass_their_jobs_validation(name):
 ])
 def test_refused_evaluation_config_leaves_the_workdir_unclaimed(tmp_path, name, field, value, match):
   config = importlib.import_module(f"configs.{name}").get_config("tiny")
-  *parents, leaf = field.split(".")
-  node = config
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+  config.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=match):
     run_job(config, str(tmp_path))
   assert not list(tmp_path.iterdir())
