@@ -9,6 +9,7 @@ Each query set is sent by its own account to a counting API (clean answers, cove
 2^8..2^14 buckets. Expected (paper text; curves are figures only): at 2^12 buckets the downstream sets
 stay below 30% coverage after 50k queries, ImageNet reaches ~80% after ~100k; 2^8 saturates after ~50k
 ImageNet queries; 2^14 stays below ~40%. Sigma curves are Eq. (1) exactly (Fig. 4, 7).
+Defense: the full defense_config block, e.g. --config.defense.lam=1e-5 --config.defense.beta=50.
 Runtime: the embedding pass (~350k images for the default sets: ~30 min on one A100 at 224 px), then
 seconds per curve.
 """

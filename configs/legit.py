@@ -12,6 +12,7 @@ Each row is a fresh API with one legit account that sends all train then all tes
 charged). Expected (SimSiam, Table 1 / 6 / 8): NONE 90.41 / 95.08 / 75.47 / 91.22, B4B 90.24 / 95.05 /
 74.96 / 91.7 (< 1 point drop); sigma 0.1 ~no drop, sigma 10 65.11 / 76.37 / 33.23 / 65.83 (paper scale:
 SimSiam features x1000, see the report's scale table); Binary 88.78 / 94.72 / 68.42 / 88.91.
+Defense: the full defense_config block, e.g. --config.defense.lam=1e-5 --config.defense.beta=50.
 Runtime: the embedding pass plus (rows x datasets) probes; ~20 min on one GPU for the paper setting.
 """
 import ml_collections

@@ -4,10 +4,12 @@ r"""Remapping between two sybil accounts (paper §4.3, Fig. 5): per-user transfo
       --config.source.encoder=workdirs/victims/simsiam --config.source.data_dir=$TFDS_DATA_DIR
   python -m b4b_jax.main --config=configs/remap.py:tiny --workdir=/tmp/remap_tiny   # CPU, ~1 min
 
-Two accounts query the same CIFAR10 train images (the overlap) and the test images; a linear mapper (closed-form
-least squares) from B's to A's space is fitted on the first n overlapping queries. Expected (Fig. 5, figure only): cosine
-distances below ~0.16, binary the highest; without noise the affine-type transforms are inverted almost
-exactly by a linear map once n exceeds the representation dimension.
+Two accounts query the same CIFAR10 train images (the overlap) and the test images; a linear mapper
+(closed-form least squares, mapper.kind "lstsq") from B's to A's space is fitted on the first n
+overlapping queries. Expected (Fig. 5, figure only): cosine distances below ~0.16, binary the highest;
+without noise the affine-type transforms are inverted almost exactly by a linear map once n exceeds
+the representation dimension.
+Defense: the full defense_config block, e.g. --config.defense.lam=1e-5 --config.defense.beta=50.
 Runtime: one embedding pass, then per (transform, noise) cell 2 x 60k API queries and one least-squares
 fit per n (a 2049 x 2049 solve): ~10 min on a GPU host for 4 transforms x 2 noise modes.
 """

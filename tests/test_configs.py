@@ -1,6 +1,6 @@
-"""Configs: one style. Every job with a defense takes the full defense block from the command line (as
-b4b_jax.main parses it), every `:tiny` variant passes its job's validation, and a refused value leaves the
-workdir unclaimed."""
+"""Configs: one style. Every job with a defense takes the full defense block from the command line
+(as b4b_jax.main parses it), every `:tiny` variant passes its job's validation, and a refused value
+leaves the workdir unclaimed."""
 import importlib
 
 import pytest

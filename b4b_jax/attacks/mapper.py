@@ -8,8 +8,8 @@ remapping experiment alike:
     scale: evaluation.least_squares). The best any linear mapper trained on the same pairs can do, so a
     remapping cost measured with it is not inflated by an under-trained optimiser.
 
-Training of "linear" / "mlp": a sybil attacker queries the same images (the overlap) through account 1 and account k, then fits a
-mapper f with f(response_k) ~ response_1 by MSE. The paper uses a linear model; the original end-to-end
+Training of "linear" / "mlp": a sybil attacker queries the same images (the overlap) through account 1
+and account k, then fits a mapper f with f(response_k) ~ response_1 by MSE. The paper uses a linear model; the original end-to-end
 code a 3-layer ReLU MLP (kind="mlp", hidden width = output dim). Training follows the paper's code:
 Adam lr 1e-4, batch 64, MSE, a seeded 80/20 split of the overlap. Unlike the original (which kept the
 model whose *last validation batch* had the lowest loss), the model is selected on the MSE over the

@@ -259,7 +259,7 @@ def check_source(source) -> None:
 
 
 class EmbeddingSource:
-  """Representations per dataset for a job, from a config `source` block (configs/common.py source_block).
+  """Representations per dataset for a job, from a config `source` block (configs/common.py).
 
   Precomputed files (source.npz_dir/<dataset>.npz) are read as they are; otherwise the encoder embeds
   the dataset once and the result is cached in workdir/embeddings/, so a resumed job does not re-embed.

@@ -72,10 +72,11 @@ def run(config, workdir: str):
       ("Setup", f"Dataset `{config.dataset}` ({results['num_train']} train / {results['num_test']} test "
                 f"queries per account), encoder `{config.source.encoder}`, defense "
                 f"lambda={config.defense.lam:g}, alpha={config.defense.alpha:g}, "
-                f"beta={config.defense.beta:g}%, 2^{config.defense.num_hyperplanes} buckets. Accounts A and B of one DefendedEncoder get independent "
-                f"transforms of the same type; noise `none` = transforms only, `b4b` = the B4B cost of "
-                f"each account's own coverage. A {config.mapper.kind} mapper B->A is fitted on the "
-                f"first n overlapping train queries; metrics on the test queries. n = 0: unmapped."),
+                f"beta={config.defense.beta:g}%, 2^{config.defense.num_hyperplanes} buckets. Accounts "
+                f"A and B of one DefendedEncoder get independent transforms of the same type; noise "
+                f"`none` = transforms only, `b4b` = the B4B cost of each account's own coverage. A "
+                f"{config.mapper.kind} mapper B->A is fitted on the first n overlapping train "
+                f"queries; metrics on the test queries. n = 0: unmapped."),
       ("Results", report.markdown_table(
           ["noise", "transform", "n overlap", "mean cosine distance", "top-1 on mapped B %",
            "top-1 on A %", "drop (points)"], rows)),
