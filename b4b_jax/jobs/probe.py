@@ -1,6 +1,6 @@
 """Job `probe`: linear-probe accuracy of a frozen encoder (victim or stolen) on downstream datasets.
 
-  python -m b4b_jax.main --config=configs/probe.py:encoder=DIR --workdir=DIR
+  python -m b4b_jax.main --config=configs/probe.py --workdir=DIR --config.source.encoder=ENC_DIR
 
 Writes results.json, report.md (Table-1 layout where a paper row is named), val_curves.png,
 metrics.jsonl / TensorBoard, and embeddings/<dataset>.npz (reused on resume).

@@ -383,10 +383,8 @@ def train_phase(config, workdir: str, s: SetUp, q: Queried) -> Trained:
   tc, seed = config.train, int(config.seed)
   requery = bool(config.attack.requery_each_epoch)
   api = q.attacker.api
-  train_indices = s.plan.train_indices
-  row_accounts = protocol.accounts_of_rows(s.plan)
   batch_size = int(tc.batch_size)
-  steps_per_epoch = len(train_indices) // batch_size
+  steps_per_epoch = len(s.plan.train_indices) // batch_size
   total_steps = steps_per_epoch * int(tc.epochs)
   pre = s.victim.manifest["preprocessing"]
   step_cfg = _step_config(config, pre, total_steps)
@@ -423,15 +421,7 @@ def train_phase(config, workdir: str, s: SetUp, q: Queried) -> Trained:
 
   while step < total_steps:
     epoch, i = divmod(step, steps_per_epoch)
-    rows = np.random.default_rng([seed, 7, epoch]).permutation(len(train_indices))[
-        i * batch_size:(i + 1) * batch_size]
-    if requery:  # every view of every epoch is a new charged query
-      images = s.views.uint8(train_indices[rows], epoch + 1)
-      targets = q.attacker.query_rows(row_accounts[rows], train_indices[rows], epoch=epoch + 1,
-                                      images=s.views.normalized(images))
-    else:
-      images = s.views.uint8(train_indices[rows], 0)
-      targets = q.targets[rows]
+    images, targets = _batch(config, s, q, epoch, i)
     state, step_metrics = train_step(state, distributed.global_batch(images[local], s.mesh),
                                      distributed.global_batch(targets[local], s.mesh), key)
     step += 1
@@ -478,6 +468,21 @@ def train_phase(config, workdir: str, s: SetUp, q: Queried) -> Trained:
   return Trained(state=state, graphdef=graphdef, architecture=model.architecture(), step=step,
                  total_steps=total_steps, steps_per_epoch=steps_per_epoch, epoch_losses=epoch_losses,
                  initial_eval=meta["initial_eval"], stolen=stolen, stopped=stopped, timings=timings)
+
+
+def _batch(config, s: SetUp, q: Queried, epoch: int, i: int):
+  """Global batch i of `epoch`: (uint8 images, targets); rows from a permutation seeded by the epoch."""
+  batch_size = int(config.train.batch_size)
+  train_indices = s.plan.train_indices
+  rows = np.random.default_rng([int(config.seed), 7, epoch]).permutation(len(train_indices))[
+      i * batch_size:(i + 1) * batch_size]
+  if not config.attack.requery_each_epoch:
+    return s.views.uint8(train_indices[rows], 0), q.targets[rows]
+  # Re-query: every view of every epoch is a new charged query, each row sent by its own account.
+  images = s.views.uint8(train_indices[rows], epoch + 1)
+  targets = q.attacker.query_rows(protocol.accounts_of_rows(s.plan)[rows], train_indices[rows],
+                                  epoch=epoch + 1, images=s.views.normalized(images))
+  return images, targets
 
 
 def _step_config(config, pre, total_steps: int) -> ts.StepConfig:
