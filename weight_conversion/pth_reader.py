@@ -239,6 +239,8 @@ def load_pth(path: str) -> Any:
   Raises FileNotFoundError, or CheckpointError (a ValueError) for truncated/corrupt files, legacy
   files, and UnsafeCheckpointError for pickles naming globals outside the allow-list.
   """
+  if os.path.isdir(path):
+    raise CheckpointError(f"checkpoint {path} is a directory, not a .pth file")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
   with open(path, "rb") as f:
