@@ -63,6 +63,9 @@ def test_convert_checkpoint_that_is_a_directory_says_so(tmp_path, capsys):
   assert rc == 2
   assert "is a directory" in err and str(tmp_path) in err and "does not exist" not in err
   assert not (tmp_path / "out").exists()
+  rc, err = _convert(capsys, "--kind", "simsiam", "--checkpoint", "/dev/zero",
+                     "--output", str(tmp_path / "out"))  # would otherwise be read forever
+  assert rc == 2 and "/dev/zero is not a regular file" in err
 
 
 def test_convert_output_in_a_read_only_parent_is_refused_before_converting(tmp_path, capsys, monkeypatch,

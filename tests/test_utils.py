@@ -197,3 +197,13 @@ def test_damaged_latest_step_is_not_silently_dropped(tmp_path):
   ckpt = checkpoint.Checkpointer(str(directory), max_to_keep=3)
   assert ckpt.latest_step() == 2  # saves are atomic: a damaged latest step is damage, not a leftover
   ckpt.close()
+
+
+def test_read_json_names_the_torn_file(tmp_path):
+  path = tmp_path / "stage.json"
+  path.write_text('{"result": {"acc": 0.')
+  with pytest.raises(ValueError, match=r"stage.json is not valid JSON \(torn or corrupt"):
+    files.read_json(str(path))
+  path.write_bytes(b"\xff\xfe{}")
+  with pytest.raises(ValueError, match="stage.json is not valid JSON"):
+    files.read_json(str(path))

@@ -199,6 +199,8 @@ def convert_checkpoint(kind: str, checkpoint: str, output: str, *, arch: Optiona
   # Every path problem fails here, before the (slow) read and conversion.
   if os.path.isdir(checkpoint):
     raise files.PathError(f"checkpoint {checkpoint} is a directory, not a .pth file")
+  if os.path.exists(checkpoint) and not os.path.isfile(checkpoint):
+    raise files.PathError(f"checkpoint {checkpoint} is not a regular file (a device or pipe)")
   if not os.path.isfile(checkpoint):
     raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
   try:

@@ -200,6 +200,8 @@ def read_manifest(directory: str) -> Dict[str, Any]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{directory} is not an encoder directory: no {MANIFEST}")
   manifest = files.read_json(path)
+  if not isinstance(manifest, dict):
+    raise ValueError(f"{path}: a manifest is a JSON object, got {type(manifest).__name__}")
   if manifest.get("format") != FORMAT:
     raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
   for key in ("architecture", "representation", "rep_dim", "preprocessing", "params_sha256"):

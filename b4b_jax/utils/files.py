@@ -78,8 +78,13 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 
 def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  """The JSON value in `path`; a torn or corrupt file is a ValueError naming the path."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return json.loads(data.decode("utf-8"))
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise ValueError(f"{path} is not valid JSON (torn or corrupt: {e})") from e
 
 
 def _json_default(obj):
