@@ -207,3 +207,13 @@ def test_read_json_names_the_torn_file(tmp_path):
   path.write_bytes(b"\xff\xfe{}")
   with pytest.raises(ValueError, match="stage.json is not valid JSON"):
     files.read_json(str(path))
+
+
+def test_checkpointer_path_errors_and_reading_creates_nothing(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(files.PathError, match="checkpoint directory .*file is a regular file"):
+    checkpoint.Checkpointer(str(blocker))
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    checkpoint.load_pytree(str(tmp_path / "missing"))
+  assert not (tmp_path / "missing").exists()

@@ -21,6 +21,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from b4b_jax.utils import files
+
 TRASH = ".deleted"
 # Files every complete step of ours holds (orbax 0.12: step metadata, PyTree and JSON item metadata).
 _STEP_MARKERS = ("_CHECKPOINT_METADATA", os.path.join("state", "_METADATA"),
@@ -37,6 +39,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: Optional[int] = 2, async_save: bool = False):
     self.directory = os.path.abspath(directory)
+    files.check_output_dir(self.directory, "checkpoint directory", must_be_writable=False)
     if os.path.isdir(self.directory) and jax.process_index() == 0:
       _empty_trash(self.directory)
       _remove_incomplete_old_steps(self.directory)
@@ -131,7 +134,13 @@ def save_pytree(directory: str, tree: Any, meta: Optional[dict] = None) -> None:
 
 
 def load_pytree(directory: str, abstract_tree: Any = None):
-  """Loads what save_pytree wrote. Without `abstract_tree`, arrays come back as saved (host/default)."""
+  """Loads what save_pytree wrote. Without `abstract_tree`, arrays come back as saved (host/default).
+
+  Reads only: a missing `directory` is a FileNotFoundError (it is not created), and a read-only one
+  works.
+  """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoint under {directory} (no such directory)")
   ckpt = Checkpointer(directory, max_to_keep=None)
   try:
     step = ckpt.latest_step()
