@@ -2,19 +2,23 @@
 `convert --overwrite` only replaces what the converter wrote, atomically (issue 14 items 8, 10, 11)."""
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import tempfile
 
 import ml_collections
+import numpy as np
 import pytest
 import torch
 import torchvision
 
 from b4b_jax import models
 from b4b_jax.jobs import runner
+from b4b_jax.utils import checkpoint
 from b4b_jax.utils import files
+from b4b_jax.utils import metrics
 from b4b_jax.utils import workdir as workdir_lib
 from weight_conversion import convert
 from weight_conversion import converters
@@ -130,16 +134,57 @@ def test_reopening_a_finished_run_in_a_read_only_workdir(tmp_path, monkeypatch):
     runner.run_job(config, str(wd))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_workdir_real_permissions(tmp_path):
+_READ_ONLY_SCRIPT = """
+import sys
+import ml_collections, numpy as np
+from b4b_jax.jobs import runner
+from b4b_jax.utils import checkpoint, files, metrics, workdir
+wd = sys.argv[1]
+config = ml_collections.ConfigDict(dict(job="embeddings", seed=0))
+assert workdir.prepare_workdir(wd, config, "embeddings", writable=False) is True
+assert metrics.read_metrics(wd) == [{"step": 1, "stage": "s", "loss": 1.0}]
+ckpt = checkpoint.Checkpointer(wd + "/checkpoints")
+state, meta = ckpt.restore(checkpoint.abstract_like({"w": np.zeros(3)}))
+assert meta == {"step": 2} and float(state["w"][0]) == 2.0
+ckpt.close()
+try:
+  runner.run_job(config, wd)
+except files.PathError as e:
+  print("REFUSED", e)
+"""
+
+
+def _without_root_privileges():
+  """argv prefix that runs a command with permission checks enforced (as a user, or as root without
+  the capabilities that bypass them)."""
+  if os.geteuid() != 0:
+    return []
+  if shutil.which("setpriv") is None:
+    pytest.skip("running as root without setpriv: directory permissions cannot be enforced")
+  return ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+
+
+def test_finished_run_in_a_really_read_only_workdir(tmp_path):
+  """With real permissions: results, metrics and checkpoints of a finished run read fine from a
+  read-only workdir; running the job there is refused up front with one clear error."""
   wd = tmp_path / "wd"
   workdir_lib.prepare_workdir(str(wd), _config(), "embeddings")
-  os.chmod(wd, 0o555)
+  writer = metrics.MetricsWriter(str(wd))
+  writer.write_scalars(1, {"loss": 1.0}, stage="s")
+  writer.close()
+  ckpt = checkpoint.Checkpointer(str(wd / "checkpoints"))
+  for step in (1, 2):
+    ckpt.save(step, {"w": np.full(3, float(step))}, {"step": step})
+  ckpt.close()
+  subprocess.run(["chmod", "-R", "a-w", str(wd)], check=True)
   try:
-    with pytest.raises(files.PathError, match="not writable"):
-      runner.run_job(_config(), str(wd))
+    proc = subprocess.run(_without_root_privileges() + [sys.executable, "-c", _READ_ONLY_SCRIPT, str(wd)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
   finally:
-    os.chmod(wd, 0o755)
+    subprocess.run(["chmod", "-R", "u+w", str(wd)], check=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"REFUSED workdir {wd} is not writable" in proc.stdout
 
 
 # ------------------------------------------------------------------------------ item 11: the umask
