@@ -70,10 +70,11 @@ class Attacker:
     """One call for a batch whose rows belong to several accounts (re-query mode); mapped responses."""
     users = [self.users[a] for a in accounts_per_row]
     images = self.views(indices, epoch) if images is None else images
-    raw = np.asarray(self.api.query_mixed(users, images), np.float32)
+    result = self.api.query_mixed(users, images)
     for account in sorted(set(int(a) for a in accounts_per_row)):
-      self._record(account, "requery")
-    return self.map_rows(accounts_per_row, raw)
+      last_row = int(np.flatnonzero(np.asarray(accounts_per_row) == account)[-1])
+      self._record(account, "requery", float(result.sigma[last_row]))
+    return self.map_rows(accounts_per_row, result.reps)
 
   def map_rows(self, accounts_per_row: np.ndarray, responses: np.ndarray) -> np.ndarray:
     """Carries rows of accounts >= 2 into account 1's space with their mappers."""
@@ -87,14 +88,9 @@ class Attacker:
       out[rows] = out_rows
     return out
 
-  def _record(self, account: int, phase: str, sigma: Optional[float] = None) -> None:
-    """Logs the account's state after a batch; `sigma` is the noise std the batch was answered with
-    (for a mixed batch: read from the API's per-row info)."""
+  def _record(self, account: int, phase: str, sigma: float) -> None:
+    """Logs the account's state after a batch; `sigma`: the noise std the batch was answered with."""
     user = self.users[account]
-    if sigma is None:
-      info = self.api.last_info or {}
-      rows = [i for i, u in enumerate(info.get("users", [])) if u == user]
-      sigma = float(np.asarray(info["sigma"])[rows[-1]]) if rows else self.api.sigma(user)
     entry = QueryLogEntry(account + 1, phase, self.api.num_queries(user), self.api.coverage(user), sigma)
     self.log.append(entry)
     self.on_batch(entry)

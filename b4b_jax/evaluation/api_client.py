@@ -34,11 +34,11 @@ class QueryTrace:
 def _send_one(api, user: str, batch, trace: QueryTrace, *, representations: bool) -> np.ndarray:
   """One charged call of `user`; appends the account's state after it to `trace`."""
   query = api.query_representations if representations else api.query
-  out = np.asarray(query(user, batch), np.float32)
+  result = query(user, batch)  # a defense.QueryResult: this call's responses and per-row sigma
   trace.num_queries.append(int(api.num_queries(user)))
   trace.coverage.append(float(api.coverage(user)))
-  trace.sigma.append(float(np.max(np.asarray(api.last_info["sigma"]))))
-  return out
+  trace.sigma.append(float(np.max(result.sigma)))
+  return np.asarray(result.reps, np.float32)
 
 
 def send_batches(api, user: str, batches: Iterable, *, representations: bool = True,

@@ -96,29 +96,28 @@ def legit_user(train, train_y, test, test_y, *, defense_config, probe_cfg, query
   return _received(probe, train_trace, test_trace, (received_train, received_test), return_responses)
 
 
-def _normalized_chunks(batches, normalize: Callable, batch_size: int, labels: list):
-  """Query batches of at most `batch_size` normalised images from a stream of (uint8 images, labels)
-  batches; the labels are collected into `labels`."""
+def _chunks(batches, batch_size: int, labels: list):
+  """Query batches of at most `batch_size` uint8 images from a stream of (images, labels) batches; the
+  labels are collected into `labels`."""
   for images, y in batches:
     labels.append(np.asarray(y))
-    yield from api_client.chunks(normalize(images), batch_size)
+    yield from api_client.chunks(images, batch_size)
 
 
 def legit_user_images(encoder, defense_config, train_batches, test_batches, *, probe_cfg,
-                      normalize: Callable, query_batch_size: int = 256, user: str = "legit",
+                      query_batch_size: int = 256, user: str = "legit",
                       return_responses: bool = False) -> dict:
   """A legit user streaming its images through DefendedEncoder.query (the encoder fused into the API).
 
   train_batches/test_batches: iterables of (uint8 images, labels), already transformed to the
-  encoder's input size; `normalize` maps them to the encoder's float input.
+  encoder's input size; the API normalises them as the encoder's manifest says.
   """
-  api = defense.DefendedEncoder(encoder, defense_config, encoder.rep_dim, capacity=2)
+  api = defense.DefendedEncoder.from_encoder(encoder, defense_config, capacity=2)
   received, traces, labels = [], [], []
   for batches in (train_batches, test_batches):
     split_labels = []
     responses, trace = api_client.send_batches(
-        api, user, _normalized_chunks(batches, normalize, query_batch_size, split_labels),
-        representations=False)
+        api, user, _chunks(batches, query_batch_size, split_labels), representations=False)
     if not split_labels:
       raise ValueError(f"user {user!r} has no images to send")
     received.append(responses)
