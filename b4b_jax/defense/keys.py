@@ -11,7 +11,7 @@ import hashlib
 import jax
 import numpy as np
 
-_STREAMS = {"lsh": 0, "transform": 1, "noise": 2}
+_STREAMS = {"lsh": 0, "transform": 1, "noise": 2, "fine": 3, "input_noise": 4}
 
 
 def master_key(seed: int) -> jax.Array:
