@@ -7,6 +7,7 @@ mean and range over seeds), error_ratio_vs_n.png, metrics.jsonl (stage "attack_s
 import os
 
 import ml_collections
+from absl import logging
 import numpy as np
 
 from b4b_jax import data as data_lib
@@ -104,6 +105,7 @@ def run_seed(config, encoder, to_input, size: int, seed: int) -> dict:
                                     ratio, name)
     for p in config.perturbations:
       account = f"repeat_{p}"
+      logging.info("attack_suite: seed %d, %s defense, attack %s", seed, name, account)
       strat = strategies.RepeatAverage(api, [account], copies=max(int(n) for n in config.ns),
                                        perturbation=p, seed=seed, to_input=to_input, batch_size=bs)
       strat.send(coverage_images)
