@@ -39,6 +39,9 @@ def get_config(arg=None):
   c.canary = True
   c.legit = True
   c.legit_limit = 128 if tiny else 0        # digits train images (0 = all); the test split is kept whole
+  # Extra legit rows at a constant sigma of m x per-dimension std (the cost leaves the digits user
+  # almost noise free, so these show what the hardened keying costs when there is noise).
+  c.legit_static_sigmas = (1.0,) if tiny else (0.5, 1.0, 2.0)
   # The cost, calibrated on the server's own photo crops (as the demo).
   c.calibration = ml_collections.ConfigDict()
   # beta = the coverage of as many server images as the thief's coverage phase sends: the thief ends

@@ -24,7 +24,9 @@ def test_attack_suite_tiny_end_to_end(tmp_path):
   assert ratio["hardened"]["repeat_exact"][n]["max"] == pytest.approx(1.0)
   seed = results["seeds"]["0"]
   assert seed["provider"]["hardened"]["repeat_exact"]["repeats"] > 0
-  assert set(seed["legit"]) == {"none", "paper", "hardened"}
+  assert set(seed["legit"]) == {"none", "paper", "hardened", "paper sigma=1std", "hardened sigma=1std"}
+  # the static rows apply the same sigma under both keyings
+  assert seed["legit"]["paper sigma=1std"]["sigma"] == seed["legit"]["hardened sigma=1std"]["sigma"] > 0
   assert "| repeat_jitter | hardened |" in (tmp_path / "report.md").read_text()
 
 
