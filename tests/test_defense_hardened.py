@@ -25,21 +25,26 @@ def _reps(n, seed=0, d=D):
   return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
 
 
+def _q(api, user, reps):
+  return np.asarray(api.query_representations(user, reps).reps)
+
+
 def _noise(api, user, reps):
-  out = api.query_representations(user, reps)
-  return (out - reps) / api.last_info["sigma"][:, None]
+  result = api.query_representations(user, reps)
+  return (np.asarray(result.reps) - reps) / np.asarray(result.sigma)[:, None]
 
 
 def test_same_input_same_account_gets_the_same_answer_and_near_duplicates_mostly_too():
   api = DefendedEncoder(None, _cfg(static_sigma=0.5), D)
   reps = _reps(64)
-  first = api.query_representations("alice", reps)
-  np.testing.assert_array_equal(api.query_representations("alice", reps), first)
-  np.testing.assert_array_equal(api.query_representations("alice", reps[::-1]), first[::-1])
+  result = api.query_representations("alice", reps)
+  first = np.asarray(result.reps)
+  np.testing.assert_array_equal(_q(api, "alice", reps), first)
+  np.testing.assert_array_equal(_q(api, "alice", reps[::-1]), first[::-1])
   jitter = reps + 1e-4 * _reps(64, seed=1)  # ~1e-4 relative: a code flips for few rows, if any
-  noise0 = (first - reps) / 1.0  # applied sigma of static 0.5 at ratio 2: level -1 -> 0.5
-  assert np.allclose(api.last_info["sigma"], 0.5)
-  noise1 = api.query_representations("alice", jitter) - jitter
+  noise0 = first - reps
+  assert np.allclose(result.sigma, 0.5)  # static 0.5 at ratio 2: level -1, applied exactly 0.5
+  noise1 = _q(api, "alice", jitter) - jitter
   corr = np.sum(noise0 * noise1, 1) / np.linalg.norm(noise0, axis=1) / np.linalg.norm(noise1, axis=1)
   assert np.mean(corr > 0.999) >= 0.9, corr
 
@@ -70,12 +75,12 @@ def test_sigma_level_rounds_up_by_less_than_the_ratio():
 def test_a_new_sigma_level_is_a_new_draw_and_the_two_level_bound_holds():
   reps = _reps(2000)
   # static sigma 1.2 and 1.9 share level 1 (applied 2): identical answers, nothing to difference.
-  a = DefendedEncoder(None, _cfg(static_sigma=1.2), D).query_representations("eve", reps)
-  b = DefendedEncoder(None, _cfg(static_sigma=1.9), D).query_representations("eve", reps)
+  a = _q(DefendedEncoder(None, _cfg(static_sigma=1.2), D), "eve", reps)
+  b = _q(DefendedEncoder(None, _cfg(static_sigma=1.9), D), "eve", reps)
   np.testing.assert_array_equal(a, b)
   # Level 0 (applied 1) vs level 1 (applied 2): independent draws. Were it the same z (the naive keyed
   # design), (2 a1 - a2) would recover reps exactly.
-  a1 = DefendedEncoder(None, _cfg(static_sigma=0.9), D).query_representations("eve", reps)
+  a1 = _q(DefendedEncoder(None, _cfg(static_sigma=0.9), D), "eve", reps)
   z1, z2 = a1 - reps, (b - reps) / 2.0
   assert abs(np.corrcoef(z1.ravel(), z2.ravel())[0, 1]) < 0.03
   naive = 2 * a1 - b
@@ -90,11 +95,11 @@ def test_mixed_batches_equal_per_user_calls():
   reps = _reps(24)
   users = ["alice", "bob", "carol"] * 8
   mixed_api = DefendedEncoder(None, _cfg(), D)
-  mixed = mixed_api.query_representations(users, reps)
+  mixed = _q(mixed_api, users, reps)
   single_api = DefendedEncoder(None, _cfg(), D)
   for u in ("carol", "alice", "bob"):
     rows = [i for i, v in enumerate(users) if v == u]
-    np.testing.assert_array_equal(single_api.query_representations(u, reps[rows]), mixed[rows])
+    np.testing.assert_array_equal(_q(single_api, u, reps[rows]), mixed[rows])
   assert hardened.provider_stats(mixed_api) == hardened.provider_stats(single_api)
 
 
@@ -107,10 +112,8 @@ def test_save_restore_unchanged(tmp_path):
   restored = DefendedEncoder.restore(str(tmp_path), None)
   assert hardened.provider_stats(restored) == hardened.provider_stats(api)
   for u in ("alice", "bob"):
-    np.testing.assert_array_equal(restored.query_representations(u, more),
-                                  api.query_representations(u, more))
-    np.testing.assert_array_equal(restored.query_representations(u, reps[:5]),
-                                  api.query_representations(u, reps[:5]))
+    np.testing.assert_array_equal(_q(restored, u, more), _q(api, u, more))
+    np.testing.assert_array_equal(_q(restored, u, reps[:5]), _q(api, u, reps[:5]))
   assert hardened.provider_stats(restored) == hardened.provider_stats(api)
 
 
@@ -146,21 +149,21 @@ def test_paper_b4b_is_the_default_and_matches_the_per_query_formula():
   reps = _reps(12)
   a, b = DefendedEncoder(None, cfg, D), DefendedEncoder(None, old, D)
   for _ in range(2):
-    np.testing.assert_array_equal(a.query_representations("u", reps), b.query_representations("u", reps))
+    np.testing.assert_array_equal(_q(a, "u", reps), _q(b, "u", reps))
   assert a.state.fine_occupancy is None
   # the per-query formula, computed here from the key derivation (docs/defense.md), not from step.py
   api = DefendedEncoder(None, cfg, D)
   api.query_representations("u", reps)  # batch 0
-  out = api.query_representations("u", reps)  # batch 1
-  sigma = api.last_info["sigma"]
+  result = api.query_representations("u", reps)  # batch 1
+  out, sigma = np.asarray(result.reps), np.asarray(result.sigma)
   base = keys_lib.user_key(keys_lib.stream_key(0, "noise"), keys_lib.uid_from_name("u"))
   for r in (0, 5):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, 1), r), 0)
     z = np.asarray(jax.random.normal(key, (D,), np.float32))
     np.testing.assert_allclose(out[r], reps[r] + sigma[r] * z, rtol=1e-6, atol=1e-6)
   # ...whose repeats average away (what the hardening is for)
-  z0 = (api.query_representations("u", reps) - reps) / sigma[:, None]
-  z1 = (api.query_representations("u", reps) - reps) / sigma[:, None]
+  z0 = (_q(api, "u", reps) - reps) / sigma[:, None]
+  z1 = (_q(api, "u", reps) - reps) / sigma[:, None]
   assert abs(np.corrcoef(z0.ravel(), z1.ravel())[0, 1]) < 0.2
 
 
