@@ -40,14 +40,14 @@ def get_config(arg=None):
   c.capacity = 64 if tiny else 1024  # account slots pre-sized (growing recompiles under traffic)
 
   c.batching = ml_collections.ConfigDict()
-  c.batching.max_rows = 64 if tiny else 256      # row budget of one micro-batch (padded to 8, 16, ...)
+  c.batching.max_rows = 32 if tiny else 512      # row budget of one micro-batch (padded to 8, 16, ...)
   c.batching.max_wait_ms = 4.0                   # how long a batch waits for more requests
   c.batching.max_queued_rows = 8192 if tiny else 65536
   c.batching.warm_up = True                      # compile every padded batch size before serving
 
   c.limits = ml_collections.ConfigDict()
   c.limits.max_request_bytes = (8 if tiny else 64) * 2**20
-  c.limits.max_rows_per_request = 128 if tiny else 1024
+  c.limits.max_rows_per_request = 32 if tiny else 512   # <= batching.max_rows
   c.limits.max_image_pixels = 4096 * 4096        # decoded pixels per image (bomb guard)
   c.limits.max_image_bytes = (4 if tiny else 16) * 2**20
   c.limits.max_connections = 512
@@ -57,7 +57,7 @@ def get_config(arg=None):
   c.persistence.snapshot_every_seconds = 300.0
   c.persistence.snapshot_every_entries = 500 if tiny else 20000
   c.persistence.min_free_bytes = 64 * 2**20       # refuse to start with less free space in the workdir
-  c.persistence.compilation_cache = True         # <workdir>/jax_cache: fast restarts
+  c.persistence.compilation_cache_dir = ""       # "" = <workdir>/jax_cache (fast restarts); "none": off
 
   c.observability = ml_collections.ConfigDict()
   c.observability.coverage_thresholds = (10.0, 50.0)   # metric: accounts at or above these coverages

@@ -23,8 +23,9 @@ def validate_config(config) -> None:
   if int(config.batching.max_rows) < 1 or int(config.limits.max_rows_per_request) < 1:
     raise ValueError("config.batching.max_rows and config.limits.max_rows_per_request must be >= 1")
   if int(config.limits.max_rows_per_request) > int(config.batching.max_rows):
-    logging.info("requests of more than %d rows run as their own (larger) batch",
-                 int(config.batching.max_rows))
+    raise ValueError(f"config.limits.max_rows_per_request ({config.limits.max_rows_per_request}) must "
+                     f"be <= config.batching.max_rows ({config.batching.max_rows}): only the batch "
+                     "sizes up to max_rows are compiled before serving")
 
 
 def demo_victim(config, workdir: str):
@@ -71,8 +72,9 @@ def resolved_config(config, workdir: str):
 
 
 def run(config, workdir: str):
-  if config.persistence.compilation_cache:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+  cache = str(config.persistence.compilation_cache_dir) or os.path.join(workdir, "jax_cache")
+  if cache != "none":
+    jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   config, encoder_dir = resolved_config(config, workdir)
   try:

@@ -22,6 +22,7 @@ refused request) or 503 when the service cannot answer (then nothing was charged
 """
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import logging as std_logging
@@ -108,7 +109,18 @@ def _bearer(request: Request) -> str:
 
 def create_app(service: Service) -> FastAPI:
   limits = service.limits
-  app = FastAPI(title="b4b-jax defended encoder", docs_url=None, redoc_url=None, openapi_url=None)
+
+  @contextlib.asynccontextmanager
+  async def lifespan(_):
+    # The service was started before the port was bound (start-up errors never bind it); on shutdown
+    # (SIGTERM/SIGINT: uvicorn drains open requests first) it stops here, before uvicorn re-raises the
+    # signal.
+    yield
+    await run_in_threadpool(service.stop)
+    logging.info("%s", json.dumps({"event": "stopped", "journal_seq": service.store.last_seq}))
+
+  app = FastAPI(title="b4b-jax defended encoder", docs_url=None, redoc_url=None, openapi_url=None,
+                lifespan=lifespan)
 
   @app.exception_handler(errors.RequestError)
   async def _request_error(request, exc: errors.RequestError):
@@ -296,7 +308,7 @@ def run_server(config, workdir: str, encoder_dir: str) -> None:
   service.start()
   app = create_app(service)
   uv = uvicorn.Config(app, host=str(config.host), port=int(config.port), log_level="warning",
-                      access_log=False, lifespan="off", timeout_graceful_shutdown=10,
+                      access_log=False, lifespan="on", timeout_graceful_shutdown=10,
                       limit_concurrency=int(config.limits.max_connections))
   server = uvicorn.Server(uv)
   logging.info("%s", json.dumps({"event": "listening", "host": str(config.host),
@@ -306,5 +318,4 @@ def run_server(config, workdir: str, encoder_dir: str) -> None:
   try:
     server.run()
   finally:
-    service.stop()
-    logging.info("%s", json.dumps({"event": "stopped", "journal_seq": service.store.last_seq}))
+    service.stop()  # no-op if the lifespan already stopped it

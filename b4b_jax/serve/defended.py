@@ -119,8 +119,8 @@ def state_arrays(api) -> dict:
   return state_lib.state_to_numpy(inner(api).state)
 
 
-def input_size(api) -> int:
-  return int(api.encoder.input_size)
+def preprocessing(api) -> dict:
+  return api.encoder.manifest["preprocessing"]
 
 
 def defense_fingerprint(config) -> dict:

@@ -147,7 +147,18 @@ class Service:
 
   # -------------------------------------------------------------------------------- start/stop
   def start(self) -> None:
+    """open() then serve()."""
     t0 = time.perf_counter()
+    self.open()
+    self.serve()
+    self.start_seconds = time.perf_counter() - t0
+    logging.info("service ready in %.1f s: %d accounts, journal at seq %d, snapshot seq %d",
+                 self.start_seconds, len(self.store.accounts()), self.store.last_seq,
+                 self._snapshot_seq)
+
+  def open(self) -> None:
+    """Checks the workdir, opens the database, restores snapshot + journal and checks the counters.
+    Writes nothing but the database file and the admin token (read-only inspection uses this)."""
     p = self.config.persistence
     check_workdir(self.workdir, int(p.min_free_bytes))
     self.admin_token = admin_token(self.workdir)
@@ -162,7 +173,10 @@ class Service:
                                         auth_cache_seconds=float(self.config.limits.auth_cache_seconds),
                                         max_rows_per_request=self.limits.max_rows_per_request)
     self._check_counters()
-    self.geometry = images_lib.Geometry(self.api.encoder.manifest["preprocessing"])
+    self.geometry = images_lib.Geometry(defended.preprocessing(self.api))
+
+  def serve(self) -> None:
+    """Compiles the batch shapes and starts the batching threads."""
     self._warm_up()
     b = self.config.batching
     self.batcher = batcher_lib.Batcher(self._compute, self._commit, max_rows=int(b.max_rows),
@@ -173,9 +187,6 @@ class Service:
     self.batcher.start()
     self.metrics.up.set(1)
     self.started_at = time.time()
-    self.start_seconds = time.perf_counter() - t0
-    logging.info("service ready in %.1f s: %d accounts, journal at seq %d, snapshot seq %d",
-                 self.start_seconds, len(self._coverage), self.store.last_seq, self._snapshot_seq)
 
   def _restore(self) -> None:
     root = os.path.join(self.workdir, SNAPSHOTS)
@@ -352,5 +363,13 @@ class Service:
     return self.batcher.run_on_worker(lambda: self._snapshot(force=True)).result(timeout=300)
 
   def state_arrays(self) -> Tuple[List[str], dict]:
-    return self.batcher.run_on_worker(
-        lambda: (defended.inner(self.api).users, defended.state_arrays(self.api))).result(timeout=60)
+    """(users in slot order, state arrays); on the worker thread when serving."""
+    read = lambda: (defended.inner(self.api).users, defended.state_arrays(self.api))  # noqa: E731
+    if self.batcher is None:
+      return read()
+    return self.batcher.run_on_worker(read).result(timeout=60)
+
+  def close(self) -> None:
+    """Closes a service that was only opened (no snapshot written)."""
+    if self.store is not None:
+      self.store.close()

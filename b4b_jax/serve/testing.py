@@ -57,7 +57,7 @@ class ServerProcess:
     return f"http://{LOOPBACK}:{self.port}"
 
   def command(self) -> List[str]:
-    return [sys.executable, "-m", "b4b_jax.main", "--config=configs/serve.py:tiny",
+    return [sys.executable, "-m", "b4b_jax.serve", "--config=configs/serve.py:tiny",
             f"--workdir={self.workdir}", f"--config.port={self.port}",
             f"--config.encoder_dir={self.encoder_dir}", *self.overrides]
 
