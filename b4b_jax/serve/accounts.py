@@ -33,6 +33,7 @@ class Gatekeeper:
     self._committed: Dict[str, int] = {}
     self._reserved: Dict[str, int] = {}
     self._buckets: Dict[str, Tuple[float, float]] = {}  # account -> (tokens, last refill time)
+    self._loaded_at = 0.0
     self.reload()
 
   def reload(self) -> None:
@@ -41,6 +42,16 @@ class Gatekeeper:
     with self._lock:
       self._limits = {n: (a["quota_rows"], a["rate_rows_per_s"]) for n, a in accounts.items()}
       self._committed = {n: a["rows"] for n, a in accounts.items()}
+      self._loaded_at = time.monotonic()
+
+  def refresh_limits(self, max_age_s: float = 5.0) -> None:
+    """Re-reads the limits if older than max_age_s (changes made with the admin CLI)."""
+    if time.monotonic() - self._loaded_at < max_age_s:
+      return
+    accounts = self._store.accounts()
+    with self._lock:
+      self._limits = {n: (a["quota_rows"], a["rate_rows_per_s"]) for n, a in accounts.items()}
+      self._loaded_at = time.monotonic()
 
   def forget_keys(self) -> None:
     with self._lock:

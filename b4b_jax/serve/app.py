@@ -26,6 +26,7 @@ import contextlib
 import hmac
 import json
 import logging as std_logging
+import signal
 import time
 
 import numpy as np
@@ -169,6 +170,7 @@ def create_app(service: Service) -> FastAPI:
 
   def _prepare(key: str, content_type: str, body: bytes, files):
     account = service.gate.authenticate(key)
+    service.gate.refresh_limits()
     return account, _parse(content_type, body, files)
 
   @app.post("/v1/embeddings")
@@ -300,17 +302,37 @@ def _json_embeddings(payload: dict, reps: np.ndarray) -> str:
   return json.dumps(payload)
 
 
+def _make_server_class():
+  import uvicorn  # pylint: disable=g-import-not-at-top
+
+  class Server(uvicorn.Server):
+    """uvicorn.Server whose SIGINT/SIGTERM handling drains and returns (exit status 0) instead of
+    re-raising the signal after shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+      previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+      try:
+        yield
+      finally:
+        for sig, handler in previous.items():
+          signal.signal(sig, handler)
+
+  return Server
+
+
 def run_server(config, workdir: str, encoder_dir: str) -> None:
   """Starts the service (StartupError before the port is bound if it cannot), then serves until
   SIGINT/SIGTERM, then drains, snapshots and exits."""
   import uvicorn  # pylint: disable=g-import-not-at-top
+  _Server = _make_server_class()  # pylint: disable=invalid-name
   service = Service(config, workdir, encoder_dir)
   service.start()
   app = create_app(service)
   uv = uvicorn.Config(app, host=str(config.host), port=int(config.port), log_level="warning",
                       access_log=False, lifespan="on", timeout_graceful_shutdown=10,
                       limit_concurrency=int(config.limits.max_connections))
-  server = uvicorn.Server(uv)
+  server = _Server(uv)
   logging.info("%s", json.dumps({"event": "listening", "host": str(config.host),
                                  "port": int(config.port), "workdir": workdir,
                                  "encoder_dir": encoder_dir, "start_seconds": service.start_seconds}))
