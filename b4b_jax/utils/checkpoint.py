@@ -65,11 +65,12 @@ def save_pytree(directory: str, tree: Any, meta: Optional[dict] = None) -> None:
   ckpt.close()
 
 
-def load_pytree(directory: str, abstract_tree: Any = None):
-  """Loads what save_pytree wrote. Without `abstract_tree`, arrays come back as saved (host/default)."""
+def load_pytree(directory: str, abstract_tree: Any = None, *, step: Optional[int] = None):
+  """Loads what save_pytree wrote (`step`, default the latest). Without `abstract_tree`, arrays come
+  back as saved (host/default)."""
   ckpt = Checkpointer(directory, max_to_keep=None)
   try:
-    step = ckpt.latest_step()
+    step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {directory}")
     if abstract_tree is None:
