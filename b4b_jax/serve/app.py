@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from b4b_jax.defense.errors import DefenseError
 from b4b_jax.serve import errors
 from b4b_jax.serve import images as images_lib
 from b4b_jax.serve.service import Service
@@ -132,6 +133,11 @@ def create_app(service: Service) -> FastAPI:
   async def _unavailable(request, exc: errors.ServiceUnavailable):
     return JSONResponse({"error": {"code": "unavailable", "message": exc.message}}, status_code=503,
                         headers={"Retry-After": str(max(1, int(exc.retry_after)))})
+
+  @app.exception_handler(DefenseError)
+  async def _refused(request, exc: DefenseError):
+    # Inputs are validated before they are queued, so this is rare: the batch was refused unchanged.
+    return JSONResponse({"error": {"code": "refused_by_defense", "message": str(exc)}}, status_code=422)
 
   @app.exception_handler(Exception)
   async def _internal(request, exc: Exception):

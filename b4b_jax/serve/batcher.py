@@ -57,7 +57,7 @@ class Batcher:
 
   def __init__(self, compute: Callable, commit: Callable, *, max_rows: int, max_wait_s: float,
                between_batches: Optional[Callable[[], None]] = None, on_batch=None,
-               max_queued_rows: int = 65536):
+               max_queued_rows: int = 65536, max_users: Optional[int] = None):
     self._compute, self._commit = compute, commit
     self.max_rows, self.max_wait_s = int(max_rows), float(max_wait_s)
     self._between = between_batches
@@ -68,6 +68,7 @@ class Batcher:
     self._stop = threading.Event()
     self._queued_rows = 0
     self._max_queued_rows = int(max_queued_rows)
+    self._max_users = max_users  # distinct accounts one call may hold (matrix transforms' cache)
     self._lock = threading.Lock()
     self.broken: Optional[str] = None
     self._compute_thread = threading.Thread(target=self._compute_loop, name="b4b-compute", daemon=True)
@@ -130,6 +131,7 @@ class Batcher:
         continue
       break
     batch, rows = [first], first.images.shape[0]
+    accounts = {first.account}
     deadline = time.perf_counter() + self.max_wait_s
     while rows < self.max_rows:
       try:
@@ -144,9 +146,11 @@ class Batcher:
           break
       if item is None:
         break
-      if isinstance(item, _Control) or rows + item.images.shape[0] > self.max_rows:
+      if isinstance(item, _Control) or rows + item.images.shape[0] > self.max_rows or (
+          self._max_users and item.account not in accounts and len(accounts) >= self._max_users):
         self._carry = item
         break
+      accounts.add(item.account)
       batch.append(item)
       rows += item.images.shape[0]
     return batch

@@ -183,7 +183,8 @@ class Service:
                                        max_wait_s=float(b.max_wait_ms) / 1000.0,
                                        between_batches=self._maybe_snapshot,
                                        on_batch=self.metrics.on_batch,
-                                       max_queued_rows=int(b.max_queued_rows))
+                                       max_queued_rows=int(b.max_queued_rows),
+                                       max_users=defended.max_users_per_call(self.api))
     self.batcher.start()
     self.metrics.up.set(1)
     self.started_at = time.time()
