@@ -41,7 +41,9 @@ class ServerProcess:
   """A service process on 127.0.0.1:<port>; `stop()` (SIGTERM, graceful) or `kill()` (SIGKILL)."""
 
   def __init__(self, workdir: str, encoder_dir: str, *, port: Optional[int] = None,
-               overrides: Optional[List[str]] = None, env: Optional[dict] = None, log_path=None):
+               overrides: Optional[List[str]] = None, env: Optional[dict] = None, log_path=None,
+               config: str = "configs/serve.py:tiny"):
+    self.config = config
     self.workdir, self.encoder_dir = workdir, encoder_dir
     self.port = port or free_port()
     self.overrides = list(overrides or [])
@@ -57,7 +59,7 @@ class ServerProcess:
     return f"http://{LOOPBACK}:{self.port}"
 
   def command(self) -> List[str]:
-    return [sys.executable, "-m", "b4b_jax.serve", "--config=configs/serve.py:tiny",
+    return [sys.executable, "-m", "b4b_jax.serve", f"--config={self.config}",
             f"--workdir={self.workdir}", f"--config.port={self.port}",
             f"--config.encoder_dir={self.encoder_dir}", *self.overrides]
 
