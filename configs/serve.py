@@ -37,6 +37,8 @@ def get_config(arg=None):
   c.demo = demo_config.get_config("tiny" if tiny else None)
   c.calibrate_defense = ml_collections.config_dict.placeholder(bool)  # None: iff serving the demo victim
   c.defense = defense.defense_config("simsiam", transform="diag_affine")
+  c.defense_json = ""                # a JSON file of defense fields replacing the block above (e.g. the
+                                     # demo's calibrated defense, hash_center included)
   c.capacity = 64 if tiny else 1024  # account slots pre-sized (growing recompiles under traffic)
 
   c.batching = ml_collections.ConfigDict()

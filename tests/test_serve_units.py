@@ -337,3 +337,19 @@ def test_unwritable_or_full_workdir_is_a_clear_error_at_start(tmp_path, encoder_
     for m in reversed(mounted):
       subprocess.run(["umount", m], capture_output=True)
     os.chmod(str(ro), 0o755)
+
+
+def test_config_resolution_encoder_dir_and_defense_json(tmp_path, encoder_dir):
+  import json  # pylint: disable=g-import-not-at-top
+  from b4b_jax.jobs import serve as serve_job  # pylint: disable=g-import-not-at-top
+  c = _config()
+  c.encoder_dir = encoder_dir
+  config, resolved = serve_job.resolved_config(c, str(tmp_path))
+  assert resolved == os.path.abspath(encoder_dir) and config.defense.transform == "diag_affine"
+  (tmp_path / "d.json").write_text(json.dumps({"lam": 1e-4, "beta": 30.0, "hash_center": [0.5] * 8}))
+  c.defense_json = str(tmp_path / "d.json")
+  config, _ = serve_job.resolved_config(c, str(tmp_path))
+  assert (config.defense.lam, config.defense.beta, config.defense.hash_center) == (1e-4, 30.0, [0.5] * 8)
+  c.limits.max_rows_per_request = c.batching.max_rows + 1
+  with pytest.raises(ValueError, match="max_rows_per_request"):
+    serve_job.validate_config(c)

@@ -4,11 +4,13 @@
   config.demo_workdir and the demo's cost calibration), then serves until SIGINT/SIGTERM.
 """
 import ipaddress
+import json
 import os
 
 import jax
 from absl import logging
 
+from b4b_jax import defense
 from b4b_jax.serve import app as app_lib
 from b4b_jax.serve import errors
 
@@ -59,15 +61,16 @@ def resolved_config(config, workdir: str):
   if not encoder_dir:
     encoder_dir, calib = demo_victim(config, workdir)
   if calibrate is None:
-    calibrate = calib is not None
+    calibrate = calib is not None and not config.defense_json
+  if config.defense_json:
+    with open(config.defense_json) as f:
+      fields = json.load(f)
+    config.defense = defense.defense_config("simsiam", **fields)
   if calibrate:
     if calib is None:
       raise ValueError("calibrate_defense=True needs the demo victim (leave encoder_dir empty)")
-    for key in ("lam", "alpha", "beta"):
-      config.defense[key] = float(calib[key])
-    config.defense.hash_center = [float(v) for v in calib["center"]]
-    config.defense.num_projections = int(config.demo.defense.num_projections)
-    config.defense.num_hyperplanes = int(config.demo.defense.num_hyperplanes)
+    from b4b_jax.demo import pipeline  # pylint: disable=g-import-not-at-top
+    config.defense = pipeline.defended_config(config.demo, calib)  # the demo's calibrated B4B
   return config, os.path.abspath(encoder_dir)
 
 
