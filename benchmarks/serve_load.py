@@ -109,6 +109,7 @@ def main():
   p.add_argument("--large_rows", type=int, default=64)
   p.add_argument("--max_rows", type=int, default=256)
   p.add_argument("--image_size", type=int, default=16)
+  p.add_argument("--cache_dir", default="", help="JAX compilation cache shared between runs")
   args = p.parse_args()
   if args.tiny:
     args.clients, args.requests, args.accounts = 16, 160, 4
@@ -121,6 +122,8 @@ def main():
   config = serve_config.get_config()
   overrides = {"encoder_dir": encoder_dir, "capacity": 64, "batching.max_rows": args.max_rows,
                "limits.max_rows_per_request": args.max_rows}
+  if args.cache_dir:
+    overrides["persistence.compilation_cache_dir"] = args.cache_dir
   config.unlock()
   config.capacity = 64
   accounts = [f"user{i:02d}" for i in range(args.accounts)]
@@ -171,8 +174,10 @@ def main():
   users, arrays = svc.state_arrays()
   svc.close()
   ref = defense.DefendedEncoder.from_encoder_dir(encoder_dir, config.defense, capacity=64)
-  for i in ok:
-    ref.query(bodies[i][0], bodies[i][1])
+  users_sent = [bodies[i][0] for i in ok for _ in range(len(bodies[i][1]))]
+  images_sent = np.concatenate([bodies[i][1] for i in ok])
+  for j in range(0, len(users_sent), args.max_rows):  # coverage is a set union: any grouping
+    ref.query_mixed(users_sent[j:j + args.max_rows], images_sent[j:j + args.max_rows])
   mismatches = []
   for account in accounts:
     if account not in ref.users:

@@ -16,6 +16,7 @@ If `commit` fails, the batch's requests fail and the batcher refuses all further
 in-memory state counted a batch the journal lacks, so the only safe continuation is a restart (which
 replays the journal: the unacknowledged batch is simply not counted).
 """
+import collections
 import concurrent.futures
 import queue
 import threading
@@ -64,7 +65,7 @@ class Batcher:
     self._on_batch = on_batch
     self._queue: "queue.Queue[Optional[_Request]]" = queue.Queue()
     self._commits: "queue.Queue" = queue.Queue(maxsize=2)
-    self._carry: Optional[_Request] = None
+    self._carry: "collections.deque" = collections.deque()  # taken from the queue, not yet batched
     self._stop = threading.Event()
     self._queued_rows = 0
     self._max_queued_rows = int(max_queued_rows)
@@ -109,50 +110,57 @@ class Batcher:
     self._commits.join()
 
   # ------------------------------------------------------------------------------ compute thread
+  def _next(self, timeout: Optional[float]):
+    """The oldest carried item, else the queue's next (None: nothing within timeout)."""
+    if self._carry:
+      return self._carry.popleft()
+    try:
+      return self._queue.get(timeout=timeout) if timeout else self._queue.get_nowait()
+    except queue.Empty:
+      return None
+
   def _gather(self) -> List[_Request]:
-    first = self._carry
-    self._carry = None
+    """The next batch: the oldest request first, then later ones while they fit the row budget.
+    A request that does not fit is carried to the next batch (ahead of newer ones), and smaller ones
+    behind it may still fill this batch, so batches run close to the padded size they compile to."""
     while True:
+      if self._stop.is_set() and not self._carry and self._queue.empty():
+        return []
+      first = self._next(0.5)
       if first is None:
-        if self._stop.is_set() and self._queue.empty():
-          return []
-        try:
-          first = self._queue.get(timeout=0.5)
-        except queue.Empty:
-          if self._between is not None:
-            self._between()
-          continue
-        if first is None:
-          continue
+        if self._between is not None:
+          self._between()
+        continue
       if isinstance(first, _Control):
         self.barrier()
         first.run()
-        first = None
         continue
       break
-    batch, rows = [first], first.images.shape[0]
-    accounts = {first.account}
+    batch, rows, accounts = [first], first.images.shape[0], {first.account}
+    skipped = []
     deadline = time.perf_counter() + self.max_wait_s
     while rows < self.max_rows:
-      try:
-        item = self._queue.get_nowait()
-      except queue.Empty:
+      item = self._next(None)
+      if item is None:
         remaining = deadline - time.perf_counter()
         if remaining <= 0:
           break
-        try:
-          item = self._queue.get(timeout=remaining)
-        except queue.Empty:
+        item = self._next(remaining)
+        if item is None:
           break
-      if item is None:
+      if isinstance(item, _Control):
+        skipped.append(item)
         break
-      if isinstance(item, _Control) or rows + item.images.shape[0] > self.max_rows or (
+      if rows + item.images.shape[0] > self.max_rows or (
           self._max_users and item.account not in accounts and len(accounts) >= self._max_users):
-        self._carry = item
-        break
+        skipped.append(item)
+        if len(skipped) >= 8:  # do not scan a long queue for fillers
+          break
+        continue
       accounts.add(item.account)
       batch.append(item)
       rows += item.images.shape[0]
+    self._carry.extendleft(reversed(skipped))
     return batch
 
   def _compute_loop(self) -> None:

@@ -185,6 +185,7 @@ class Service:
                                        on_batch=self.metrics.on_batch,
                                        max_queued_rows=int(b.max_queued_rows),
                                        max_users=defended.max_users_per_call(self.api))
+    self._last_snapshot_time = time.monotonic()
     self.batcher.start()
     self.metrics.up.set(1)
     self.started_at = time.time()
