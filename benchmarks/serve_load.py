@@ -72,6 +72,8 @@ async def _run_load(url, keys, bodies, clients, duration):
             np.load(io.BytesIO(r.content))
         except httpx.HTTPError as e:
           status = f"{type(e).__name__}"
+          print(f"[serve_load] request {i} ({account}, {len(bodies[i][1])} images) failed after "
+                f"{time.perf_counter() - t0:.2f} s: {type(e).__name__}: {e}")
         results[i] = (status, time.perf_counter() - t0)
 
     t0 = time.perf_counter()

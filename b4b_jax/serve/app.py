@@ -337,6 +337,7 @@ def run_server(config, workdir: str, encoder_dir: str) -> None:
   app = create_app(service)
   uv = uvicorn.Config(app, host=str(config.host), port=int(config.port), log_level="warning",
                       access_log=False, lifespan="on", timeout_graceful_shutdown=10,
+                      timeout_keep_alive=75,  # longer than clients keep idle pooled connections
                       limit_concurrency=int(config.limits.max_connections))
   server = _Server(uv)
   logging.info("%s", json.dumps({"event": "listening", "host": str(config.host),
