@@ -132,6 +132,10 @@ def test_from_encoder_dir_takes_uint8_and_normalises_inside_the_jit(tmp_path):
   np.testing.assert_array_equal(out.buckets, ref.buckets)
   # The weights are jit arguments, not compiled-in constants.
   assert api_lib._encoder_parts(api._encoder_fn)[1] is not None  # pylint: disable=protected-access
+  api.save(str(tmp_path / "api"))
+  restored = defense.DefendedEncoder.restore(str(tmp_path / "api"), str(tmp_path / "enc"))
+  again = images[::-1].copy()
+  np.testing.assert_array_equal(restored.query("alice", again).reps, api.query("alice", again).reps)
   snap = _snap(api)
   for bad in (normalised, images[:, :6], images[..., :1]):
     with pytest.raises(defense.BadInputError):

@@ -4,7 +4,7 @@
   result = api.query("alice", images)     # uint8 NHWC at the manifest's input size -> QueryResult
   result.reps, result.coverage, result.sigma, result.buckets    # [N, out_dim], [N], [N], [N, P]
   api.coverage("alice"), api.sigma("alice"), api.num_queries("alice"), api.stats()
-  api.save(path); api = DefendedEncoder.restore(path, encoder_fn)
+  api.save(path); api = DefendedEncoder.restore(path, "encoders/victim")
   api.replay(result.users, result.buckets)  # after restore: repeats a journaled call's charges exactly
 
 Every experiment (legit users, attackers, sybils) goes through this object. The encoder forward and the
@@ -320,6 +320,8 @@ class DefendedEncoder:
       names the older intact step; restoring that one (and losing what was charged after it) takes an
       explicit `step=` and is logged. Only a save that never committed (killed mid-save) falls back to
       the previous step on its own, with a warning: that is the designed crash behaviour.
+    encoder_fn: as the constructor; for an API built by from_encoder_dir, the encoder directory (or its
+      loaded models.Encoder) again.
     kwargs: `fuse_encoder`, `input_shape` (defaults from the checkpoint), `pad_batches`.
     Raises NoCheckpointError (a FileNotFoundError) if nothing was ever committed at `path`, and
     CorruptCheckpointError if it is damaged, edited or inconsistent.
@@ -410,6 +412,11 @@ class DefendedEncoder:
       raise corrupt(f"{where}: unregistered slots hold state")
     kwargs.setdefault("input_shape", meta.get("input_shape"))
     kwargs.setdefault("uint8_images", bool(meta.get("uint8_images", False)))
+    if kwargs["uint8_images"] and isinstance(encoder_fn, str):  # an encoder directory
+      from b4b_jax import models  # pylint: disable=g-import-not-at-top
+      encoder_fn = models.load_encoder(encoder_fn)
+    if kwargs["uint8_images"] and hasattr(encoder_fn, "manifest"):  # a models.Encoder
+      encoder_fn = _normalising_encoder(encoder_fn)
     api = cls(encoder_fn, config, rep_dim, capacity=capacity,
               require_registration=bool(meta.get("require_registration", False)), **kwargs)
     if _sha256(api._params.hyperplanes) != meta.get("hyperplanes_sha256"):
