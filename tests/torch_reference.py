@@ -130,13 +130,18 @@ def torchvision_rrc_params(height, width, scale, ratio, u_area, u_log_ratio, u_t
       torch.zeros(1, height, width), list(scale), list(ratio)))
 
 
-def torchvision_color_jitter_params(strength, perm, u_b, u_c, u_s, u_h):
-  """torchvision's ColorJitter(*strength).get_params with the given order and uniforms: returns
-  (order, brightness, contrast, saturation, hue) as torchvision computes them."""
-  scripted = _ScriptedTorch([u_b, u_c, u_s, u_h], perm=perm)
+def torchvision_color_jitter(strength, perm, uniforms):
+  """image -> torchvision's ColorJitter(*strength) applied with op order `perm` and the uniforms
+  (brightness, contrast, saturation, hue) in [0, 1) in place of torch's draws."""
+  def apply(image):
+    scripted = _ScriptedTorch(uniforms, perm=perm)
+    return _with_scripted_torch(scripted, lambda tv: tv.ColorJitter(*strength)(image))
+  return apply
 
-  def run(tv):
-    cj = tv.ColorJitter(*strength)
-    order, b, c, s, h = tv.ColorJitter.get_params(cj.brightness, cj.contrast, cj.saturation, cj.hue)
-    return [int(i) for i in order], b, c, s, h
-  return _with_scripted_torch(scripted, run)
+
+def torchvision_gaussian_blur(kernel_size, sigma_range, u):
+  """image -> torchvision's GaussianBlur(kernel_size, sigma_range) with its sigma drawn from u."""
+  def apply(image):
+    scripted = _ScriptedTorch([u])
+    return _with_scripted_torch(scripted, lambda tv: tv.GaussianBlur(kernel_size, sigma_range)(image))
+  return apply
