@@ -41,7 +41,7 @@ _AUG = ["tests/test_attacks_augment.py"]
 _SYBIL = ["tests/test_attacks_protocol.py"]
 _CLAIMS = ["tests/test_demo_claims.py"]
 _SIMSIAM = ["tests/test_victim_simsiam_loss.py"]
-_TRANSFORMS = ["tests/test_defense_transforms.py", "-k", "binary"]
+_TRANSFORMS = ["tests/test_defense_transforms.py", "-k", "binary_slopes or binary_transform_follows"]
 _RESTORE = ["tests/test_defense_restore_integrity.py"]
 _WRITERS = ["tests/test_process_zero_writes.py"]
 
@@ -184,6 +184,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("-k", action="append", default=[], help="substring of mutation names to run")
   parser.add_argument("--list", action="store_true")
+  parser.add_argument("--check", action="store_true", help="only check every old snippet still matches")
   parser.add_argument("--baseline", action="store_true", help="run the selected tests unmutated first")
   parser.add_argument("--timeout", type=int, default=900, help="seconds per mutation")
   args = parser.parse_args(argv)
@@ -192,6 +193,15 @@ def main(argv=None) -> int:
     for m in selected:
       print(f"{m.name:58s} {m.path}  ->  {' '.join(m.tests)}")
     return 0
+  if args.check:
+    stale = []
+    for m in selected:
+      with open(os.path.join(ROOT, m.path)) as f:
+        if f.read().count(m.old) != 1:
+          stale.append(m.name)
+    print(f"{len(selected) - len(stale)}/{len(selected)} snippets match" + "".join(
+        f"\n  STALE {n}" for n in stale))
+    return 1 if stale else 0
   scratch = tempfile.mkdtemp(prefix="b4b-mutation-")
   results = []
   try:
