@@ -40,16 +40,16 @@ class _RecordingAPI:
     return getattr(self._api, name)
 
   def query(self, user, images):
-    out = self._api.query(user, images)
-    self.received.setdefault(user, []).append(np.array(out, copy=True))
-    return out
+    result = self._api.query(user, images)
+    self.received.setdefault(user, []).append(np.array(result.reps, copy=True))
+    return result
 
   def query_mixed(self, users, images):
-    out = self._api.query_mixed(users, images)
+    result = self._api.query_mixed(users, images)
     for u in set(users):
       rows = [i for i, v in enumerate(users) if v == u]
-      self.received.setdefault(u, []).append(np.array(out[rows], copy=True))
-    return out
+      self.received.setdefault(u, []).append(np.array(result.reps[rows], copy=True))
+    return result
 
 
 def _attacker(num_accounts=3):
