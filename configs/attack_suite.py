@@ -19,7 +19,7 @@ by <= 0.2 points. Runtime: ~5-10 min on 2 CPU cores (random-init encoder at 16 p
 """
 import ml_collections
 
-from b4b_jax.evaluation import config_blocks
+from configs import common
 
 
 def get_config(arg=None):
@@ -60,7 +60,7 @@ def get_config(arg=None):
   c.hardened.fine_code_bits = 16
   c.hardened.fine_codes = 4
   c.hardened.sigma_level_ratio = 2.0
-  c.probe = config_blocks.probe_block(tiny=True)
+  c.probe = common.probe_block(tiny=True)
   c.probe.method = "ridge"
   c.probe.seeds = (0,) if tiny else (0, 1, 2)
   return c

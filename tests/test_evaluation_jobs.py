@@ -4,7 +4,7 @@ round-trips.
 
 The embeddings job runs first; its random tiny encoder and digits embeddings are then reused by the
 other jobs (config.source.encoder / npz_dir), as a user would chain them."""
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 
 from b4b_jax import data as data_lib
-from b4b_jax.evaluation import config_blocks
 from b4b_jax.evaluation import embeddings
 from b4b_jax.evaluation import legit
 from b4b_jax.main import run_job
 from b4b_jax.utils import metrics as metrics_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # Tiny shapes: compile time dominates, so XLA's optimisation passes are off in this module.
@@ -27,11 +25,7 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def tiny_config(name):
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs",
-                                                                               f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("tiny")
+  return importlib.import_module(f"configs.{name}").get_config("tiny")
 
 
 def _finite_numbers(tree, path="results"):
@@ -153,8 +147,7 @@ def test_legit_job_and_the_images_path(exported, tmp_path):
   # the exported clean representations to an API of the same config answers the same.
   received = embeddings.load_npz(os.path.join(str(tmp_path), "responses", "digits_B4B.npz"))
   emb = embeddings.load_npz(os.path.join(exported["npz_dir"], "digits.npz"))
-  base = config_blocks.build_defense_config(config.defense)
-  cfg = legit.row_specs(base, b4b_transform=config.b4b_transform)[1][1]
+  cfg = legit.row_specs(config.defense, b4b_transform=config.b4b_transform)[1][1]
   via_reps = legit.legit_user(emb["train_x"], emb["train_y"], emb["test_x"], emb["test_y"],
                               defense_config=cfg, probe_cfg=config.probe,
                               query_batch_size=config.query_batch_size, return_responses=True)

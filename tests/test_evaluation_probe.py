@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
+from b4b_jax.evaluation import least_squares
 from b4b_jax.evaluation import linear_probe as lp
 
 # One shape for every gradient-probe call below, so the jitted epoch compiles once for the module.
@@ -83,7 +84,7 @@ def test_ridge_matches_sklearn_and_chooses_on_validation(separable):
   norm = lp.Normalizer.fit("standardize", x)
   xn = norm(x).astype(np.float64)
   onehot = np.eye(CLASSES)[y]
-  (alpha, w, b), = lp._ridge_solutions(xn, onehot, [0.5])  # pylint: disable=protected-access
+  (alpha, w, b), = least_squares.fit(xn, onehot, [0.5])
   xc = xn - xn.mean(0)
   scale = np.linalg.eigvalsh(xc.T @ xc).mean()
   ref = Ridge(alpha=alpha * scale, fit_intercept=True).fit(xn, onehot)

@@ -75,7 +75,7 @@ def run_seed(config, encoder, to_input, size: int, seed: int) -> dict:
   targets = held_out[:n_targets].astype(np.float32) / 255
   canary_image = held_out[n_targets].astype(np.float32) / 255
 
-  fn = legit_lib.encoder_api_fn(encoder)
+  fn = encoder  # the Encoder itself: the API fuses its forward, weights as jit arguments
   clean_api = defense_lib.DefendedEncoder(fn, defense_lib.defense_config("none"), encoder.rep_dim)
   clean = strategies.QueryOnce(clean_api, ["reference"], to_input=to_input, batch_size=256)
   clean_targets = clean.steal(targets).astype(np.float64)
