@@ -360,9 +360,27 @@ def main(argv=None):
     settings["users_mixed"] = tuple(int(u) for u in args.users.split(","))
   settings.update(encoders=tuple(e for e in args.encoders.split(",") if e),
                   encoder_batch=args.encoder_batch, encoder_size=args.encoder_size)
-  if args.workdir:
-    return run_into(args.workdir, settings)
-  return run(**settings)
+  results = run_into(args.workdir, settings) if args.workdir else run(**settings)
+  return results
+
+
+def rows(results: Dict) -> list:
+  """The headline figures as benchmarks.common rows (for benchmarks/device.sh's table)."""
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  c = results["coverage_update"]
+  serving = results["serving"]
+  out = [common.Row("defense: coverage update vs original", f"{c['ours_reps_per_s']:,.0f} reps/s",
+                    f"original {c['original_reps_per_s']:,.0f} reps/s", c["speedup"])]
+  for users, r in serving["by_users"].items():
+    full = r["full_defense"]
+    out.append(common.Row(f"defense: full, {users} users/batch of {serving['batch_size']}",
+                          f"{full['reps_per_s']:,.0f} reps/s",
+                          f"matmul floor {serving['floor_reps_per_s']:,.0f}", 1.0 / full["over_floor"]))
+  for name, r in results.get("encoders", {}).items():
+    out.append(common.Row(f"defense: overhead on {name} b{r['batch']}", f"{r['defended_ms']:.1f} ms",
+                          f"forward {r['forward_ms']:.1f} ms", r["forward_ms"] / r["defended_ms"],
+                          f"+{100 * r['overhead_share']:.1f}% time"))
+  return out
 
 
 if __name__ == "__main__":
