@@ -89,11 +89,30 @@ def test_embeddings_job_exports_npz(exported):
   assert "digits" in report
 
 
+def _sklearn_top1(emb, model):
+  """Independent reference: scikit-learn on the same exported embeddings, standardised with train
+  statistics (the probes' normalisation)."""
+  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
+  scaler = StandardScaler().fit(emb["train_x"].astype(np.float64))
+  model.fit(scaler.transform(emb["train_x"].astype(np.float64)), emb["train_y"])
+  return 100.0 * float(np.mean(model.predict(scaler.transform(emb["test_x"].astype(np.float64)))
+                               == emb["test_y"]))
+
+
 def test_probe_job(exported, tmp_path):
-  results = run_job(_reuse(tiny_config("probe"), exported), str(tmp_path))
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  config = _reuse(tiny_config("probe"), exported)
+  config.probe.epochs, config.probe.learning_rate = 30, 1e-2  # converged, for the comparison below
+  results = run_job(config, str(tmp_path))
   out, report = _check_outputs(str(tmp_path), plots=("val_curves.png",))
   digits = out["datasets"]["digits"]
   assert digits["test_top1_mean"] > 30.0         # 10 classes: a random encoder is well above chance
+  # The job's Adam probe (epoch chosen on validation) lands near a converged logistic regression on
+  # the same embeddings: not a probe of shuffled labels, wrong rows, or an unused part of train.
+  emb = embeddings.load_npz(os.path.join(exported["npz_dir"], "digits.npz"))
+  reference = _sklearn_top1(emb, LogisticRegression(C=1.0, max_iter=2000))
+  print(f"probe job digits top-1 {digits['test_top1_mean']:.2f}, sklearn logistic {reference:.2f}")
+  assert abs(digits["test_top1_mean"] - reference) < 4.0, (digits["test_top1_mean"], reference)
   assert len(digits["seeds"]) == 2 and results["datasets"]["digits"]["num_train"] == 384
   assert metrics_lib.read_metrics(str(tmp_path), stage="probe/digits")
   assert "| LEGIT | NONE |" in report
@@ -102,6 +121,7 @@ def test_probe_job(exported, tmp_path):
 def test_legit_job_and_the_images_path(exported, tmp_path):
   config = _reuse(tiny_config("legit"), exported)
   config.save_responses = True
+  config.probe.ridge_alphas = (1.0,)  # one strength: the NONE row is then sklearn's Ridge, below
   results = run_job(config, str(tmp_path))
   out, report = _check_outputs(str(tmp_path), plots=("legit_digits_coverage.png",
                                                      "legit_digits_sigma.png"))
@@ -110,6 +130,24 @@ def test_legit_job_and_the_images_path(exported, tmp_path):
   assert rows["B4B"]["through_images"] and rows["B4B"]["account"]["num_queries"] == 384 + 192
   assert "Table 8" in report and "Table 6" in report
   assert results["datasets"]["digits"]["rows"]["NONE"]["account"]["coverage"] is None
+  # NONE row (clean representations): the accuracy of scikit-learn's Ridge on one-hot targets, fit on
+  # all of train (the probe refits there), strength 1.0 x the mean eigenvalue of the centred Gram
+  # matrix (the probe's scale-free convention, b4b_jax/evaluation/linear_probe.py).
+  from sklearn.linear_model import Ridge  # pylint: disable=g-import-not-at-top
+  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
+  emb = embeddings.load_npz(os.path.join(exported["npz_dir"], "digits.npz"))
+  xs = StandardScaler().fit(emb["train_x"].astype(np.float64)).transform(emb["train_x"])
+  xc = xs - xs.mean(0)
+  scale = np.linalg.eigvalsh(xc.T @ xc).clip(0).mean()
+
+  class _OneHotRidge(Ridge):
+    def fit(self, x, y):
+      return super().fit(x, np.eye(10)[y])
+
+    def predict(self, x):
+      return np.argmax(super().predict(x), axis=1)
+  reference = _sklearn_top1(emb, _OneHotRidge(alpha=scale))
+  assert rows["NONE"]["test_top1_mean"] == pytest.approx(reference, abs=0.6), reference  # <= 1 image
 
   # The B4B row sent the images through DefendedEncoder.query (encoder fused into the API); sending
   # the exported clean representations to an API of the same config answers the same.

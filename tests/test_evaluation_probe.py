@@ -89,6 +89,13 @@ def test_ridge_matches_sklearn_and_chooses_on_validation(separable):
   ref = Ridge(alpha=alpha * scale, fit_intercept=True).fit(xn, onehot)
   np.testing.assert_allclose(w, ref.coef_.T, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(b, ref.intercept_, rtol=1e-4, atol=1e-6)
+  # The probe itself (moments minus the validation part, refit on all of train), not only the
+  # reference path above: with one strength its classifier is sklearn's Ridge on all of train.
+  single = lp.ridge_probe(x, y, xt, yt, seeds=(0,), alphas=(0.5,))
+  np.testing.assert_allclose(single.classifiers[0].logits(xt), ref.predict(norm(xt).astype(np.float64)),
+                             rtol=1e-4, atol=1e-4)
+  assert single.test_top1_mean == pytest.approx(
+      100.0 * np.mean(np.argmax(ref.predict(norm(xt).astype(np.float64)), 1) == yt))
 
 
 def test_normalisation_uses_train_statistics_only(separable):

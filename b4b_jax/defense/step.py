@@ -18,6 +18,7 @@ Per row, in order:
      counter, the row's rank among the user's rows in this call): fresh for every query ever made.
      The values come from noise.standard_normal (a keyed counter hash + inverse CDF, fused with the
      add; ~3x cheaper than jax.random.normal per row on a CPU).
+     With noise_keying="per_input" hardened.py keys it by (user, input code, sigma level) instead.
   4. the user's transform (transforms.py).
 With config.enabled False the clean representation is returned (no noise, no transform, sigma 0) while
 coverage and counters are still tracked.
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from b4b_jax.defense import cost
+from b4b_jax.defense import hardened
 from b4b_jax.defense import keys as keys_lib
 from b4b_jax.defense import lsh
 from b4b_jax.defense import noise as noise_lib
@@ -59,8 +61,9 @@ def charge(state: DefenseState, users_w: jax.Array, buckets: jax.Array, num_hype
       positions - jax.lax.cummax(jnp.where(first, positions, 0)))
   num_batches = state.num_batches.at[sorted_users].add(first.astype(jnp.int32), mode="drop")
   num_queries = state.num_queries.at[users_w].add(1, mode="drop")
-  return DefenseState(occupancy=occupancy, counts=counts, num_batches=num_batches,
-                      num_queries=num_queries, uids=state.uids), rank
+  # replace, not a new DefenseState: the hardened mode's fields (fine_occupancy, ...) pass through.
+  return state.replace(occupancy=occupancy, counts=counts, num_batches=num_batches,
+                       num_queries=num_queries), rank
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
@@ -113,6 +116,8 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
   coverage_before = lsh.coverage_percent(state.counts[slot], s.num_hyperplanes)
   new_state, rank = charge(state, users_w, buckets, s.num_hyperplanes)
   coverage_after = lsh.coverage_percent(new_state.counts[slot], s.num_hyperplanes)
+  if s.noise_keying == "per_input":
+    new_state = hardened.count_seen_codes(params, new_state, users_w, reps)
 
   zeros = jnp.zeros((n,), jnp.float32)
   if not s.enabled:
@@ -136,8 +141,12 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
   def row_key(uid, c, r):
     return jax.random.fold_in(jax.random.fold_in(keys_lib.user_key(params.noise_key, uid), c), r)
 
-  row_keys = jax.vmap(row_key)(uids, counter, rank)
-  noise = noise_lib.standard_normal(jax.vmap(lambda k: jax.random.fold_in(k, 0))(row_keys), d)
+  if s.noise_keying == "per_input":
+    sigma, noise, row_keys = hardened.input_keyed_noise(params, uids, sigma, reps)
+    sigma = jnp.where(valid, sigma, 0.0)
+  else:
+    row_keys = jax.vmap(row_key)(uids, counter, rank)
+    noise = noise_lib.standard_normal(jax.vmap(lambda k: jax.random.fold_in(k, 0))(row_keys), d)
   noised = reps + sigma[:, None] * noise
 
   # 4. per-user transform.
