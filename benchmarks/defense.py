@@ -1,31 +1,387 @@
-r"""Defense speed benchmark: our jitted step vs the original coverage algorithm and the matmul floor.
+r"""Defense speed: our jitted step vs the original coverage algorithm, the matmul floor, the encoder.
 
-  python benchmarks/defense.py            # D=2048, P=20, K=12, 20480 reps in batches of 256
-  python benchmarks/defense.py --tiny     # seconds, for a smoke check
+  python -m benchmarks.defense                    # D=2048, P=20, K=12, 20480 reps in batches of 256
+  python -m benchmarks.defense --tiny             # seconds, a smoke check
+  python -m benchmarks.defense --workdir=DIR      # also DIR/results.json, DIR/report.md, metrics
+  python -m benchmarks.defense --encoders=resnet50,vit_small --encoder-batch=256   # section (e)
 
-Prints (a) coverage-update throughput (ours vs a numpy/Python-set port of the original get_buckets,
-with the ratio), (b) the matmul floor, (c) serving throughput with 1, 64 and 1024 users mixed per
-batch (and the ratio to the floor), (d) bytes of state per user. Never asserts a time. The same code
-runs as a job: python -m b4b_jax.main --config=configs/defense_benchmark.py --workdir=DIR
+Measures, on the same random representations:
+  (a) coverage-update throughput of our jitted step (defense disabled: hash + occupancy update +
+      coverage, nothing else) vs a faithful numpy / Python-set port of the original `get_buckets`
+      coverage loop, and checks both reach the same coverage;
+  (b) the matmul floor: only x @ R_p for all projections (exact hashing cannot be cheaper);
+  (c) serving throughput of the full defense (coverage + cost + noise + transform) and of the coverage
+      update alone, with 1, 64, ... users mixed in every batch, each against the floor at that batch;
+  (d) bytes of defense state per user;
+  (e) optionally, the defense's overhead on an encoder's forward: the encoder alone vs encoder + full
+      defense jitted together (as DefendedEncoder serves), random weights, 64 users mixed per batch.
+Timings are best-of interleaved trials (load from other processes hits all alike). Nothing here
+asserts a time; the figures are printed, returned, and with --workdir written (metrics: one stage per
+section). The full run takes one to two minutes on a 2-core CPU (mostly the original algorithm).
 """
-import importlib.util
+import argparse
+import collections
 import os
-import sys
+import time
+from typing import Callable, Dict, Optional, Sequence
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _ROOT)
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from b4b_jax.defense import benchmark  # noqa: E402  pylint: disable=wrong-import-position
+from b4b_jax.defense import config as config_lib
+from b4b_jax.defense import keys as keys_lib
+from b4b_jax.defense import noise as noise_lib
+from b4b_jax.defense import state as state_lib
+from b4b_jax.defense import step as step_lib
+from b4b_jax.utils import files
+from b4b_jax.utils.metrics import MetricsWriter
+from b4b_jax.utils.versions import library_versions
+
+# The paper-scale settings and a seconds-long smoke variant (tests/test_defense_benchmark.py).
+FULL = dict(rep_dim=2048, num_projections=20, num_hyperplanes=12, batch_size=256, num_reps=20480,
+            serving_batch_size=1024, users_mixed=(1, 64, 1024), repeats=5, trials=5, seed=0)
+TINY = dict(rep_dim=64, num_projections=4, num_hyperplanes=6, batch_size=32, num_reps=256,
+            serving_batch_size=32, users_mixed=(1, 4, 16), repeats=2, trials=1, seed=0)
+SECTIONS = ("coverage_update", "matmul_floor", "serving", "state", "encoders")
 
 
-def _load_config(variant):
-  spec = importlib.util.spec_from_file_location(
-      "defense_benchmark_config", os.path.join(_ROOT, "configs", "defense_benchmark.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+def original_coverage_curve(reps: np.ndarray, hyperplanes: np.ndarray, batch_size: int):
+  """Port of the original buckets.py loop: per batch and projection, the set of bucket strings.
+
+  hyperplanes: (P, D, K). Returns the mean coverage (percent) after every batch, like the original.
+  """
+  num_proj, _, k = hyperplanes.shape
+  projections = [np.asarray(hyperplanes[p], np.float64) for p in range(num_proj)]
+  seen = [set() for _ in range(num_proj)]
+  curve = []
+  for start in range(0, len(reps) - batch_size + 1, batch_size):
+    features = reps[start:start + batch_size]
+    for p, proj in enumerate(projections):
+      seen[p].update(_get_buckets(features, proj))
+    curve.append(float(np.mean([100 * len(s) / 2**k for s in seen])))
+  return curve
+
+
+def _get_buckets(data, proj):
+  # As the original: sign pattern of data @ proj per row, grouped in a dict, returned as strings.
+  hashed = list(map(tuple, (data @ proj > 0).astype(int)))
+  rows_of_bucket = collections.defaultdict(list)
+  for i, row in enumerate(hashed):
+    rows_of_bucket[row].append(i)
+  return {str(code) for code in rows_of_bucket}
+
+
+def _best_seconds(fns: Dict[str, Callable[[], object]], repeats: int, trials: int,
+                  setup: Optional[Dict[str, Callable[[], None]]] = None) -> Dict[str, float]:
+  """Best-of-`trials` seconds per call of each fn; trials interleave the fns so that load from other
+  processes on a shared machine hits all of them alike. Every fn is warmed up (compiled) first;
+  setup[name], if given, runs untimed before each trial of fn `name`."""
+  setup = setup or {}
+  for name, fn in fns.items():
+    setup.get(name, lambda: None)()
+    jax.block_until_ready(fn())
+  best = {name: float("inf") for name in fns}
+  for _ in range(trials):
+    for name, fn in fns.items():
+      setup.get(name, lambda: None)()
+      start = time.perf_counter()
+      for _ in range(repeats):
+        out = fn()
+      jax.block_until_ready(out)
+      best[name] = min(best[name], (time.perf_counter() - start) / repeats)
+  return best
+
+
+def _registered_state(params, capacity: int):
+  state = state_lib.init_state(params, capacity)
+  uids = np.stack([keys_lib.uid_from_name(f"user{i}") for i in range(capacity)])
+  return state.replace(uids=jax.device_put(uids))
+
+
+def _floor_fn(params) -> Callable:
+  """x -> x @ R_p for all p: the hashing matmul alone, in our layout (the fastest on CPU)."""
+  hi = jax.lax.Precision.HIGHEST
+  return jax.jit(lambda x, r: jax.lax.dot_general(x, r, (((1,), (1,)), ((), ())), precision=hi))
+
+
+def _stepper(params, capacity, users, batches):
+  """A callable running the jitted step over `batches` (state carried and donated, as in serving)."""
+  holder = [_registered_state(params, capacity)]
+
+  def run_batches():
+    for batch in batches:
+      holder[0], out, _ = step_lib.defense_step(params, holder[0], users, batch)
+    return out
+
+  return run_batches, holder
+
+
+def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int = 12,
+        batch_size: int = 256, num_reps: int = 20480, serving_batch_size: int = 1024,
+        users_mixed=(1, 64, 1024), repeats: int = 5, trials: int = 3, seed: int = 0,
+        encoders: Sequence[str] = (), encoder_batch: int = 256, encoder_size: int = 224,
+        log: Optional[Callable[[str], None]] = None,
+        on_section: Optional[Callable[[str, Dict], None]] = None) -> Dict:
+  """Runs (a)-(d); returns a JSON-friendly dict of figures.
+
+  `log` receives the printed lines (default print); `on_section(name, figures)` is called after each
+  section of SECTIONS that ran (metrics with --workdir). `encoders` (names for models.create_*,
+  e.g. "resnet50", "vit_small") adds section (e) at encoder_batch images of encoder_size pixels.
+  """
+  log = log or print
+  on_section = on_section or (lambda name, figures: None)
+  lines = []
+
+  def say(line):
+    lines.append(line)
+    log(line)
+
+  rng = np.random.default_rng(seed)
+  say(f"defense benchmark on {jax.devices()[0].platform} ({jax.device_count()} device(s)): D={rep_dim}"
+      f" P={num_projections} K={num_hyperplanes}")
+  results: Dict = {"rep_dim": rep_dim, "num_projections": num_projections,
+                   "num_hyperplanes": num_hyperplanes, "batch_size": batch_size,
+                   "num_reps": num_reps, "platform": jax.devices()[0].platform}
+  common = dict(num_projections=num_projections, num_hyperplanes=num_hyperplanes, seed=seed)
+  count_params = state_lib.make_params(config_lib.defense_config("none", **common), rep_dim)
+  serve_params = state_lib.make_params(config_lib.defense_config("simsiam", **common), rep_dim)
+
+  # (a) coverage update: ours vs the original algorithm, one user, num_reps in batches.
+  num_batches = max(1, num_reps // batch_size)
+  reps = rng.standard_normal((num_batches * batch_size, rep_dim)).astype(np.float32)
+  device_batches = [jax.device_put(reps[i * batch_size:(i + 1) * batch_size]) for i in range(num_batches)]
+  one_user = jnp.zeros((batch_size,), jnp.int32)
+  coverage_pass, holder = _stepper(count_params, 1, one_user, device_batches)
+  floor = _floor_fn(count_params)
+
+  def floor_pass():
+    for batch in device_batches:
+      out = floor(batch, count_params.projection)
+    return out
+
+  def empty_state():  # each pass starts empty, so the final coverage is that of exactly num_reps
+    holder[0] = jax.block_until_ready(_registered_state(count_params, 1))
+
+  seconds = _best_seconds({"ours": coverage_pass, "floor": floor_pass}, 1, max(trials, 5),
+                          setup={"ours": empty_state})
+  ours_coverage = float(jnp.sum(holder[0].counts[0]) * 100.0 / (num_projections * 2**num_hyperplanes))
+  start = time.perf_counter()
+  curve = original_coverage_curve(reps, np.asarray(count_params.hyperplanes), batch_size)
+  original_s = time.perf_counter() - start
+  ours_rate, original_rate = len(reps) / seconds["ours"], len(reps) / original_s
+  floor_rate = len(reps) / seconds["floor"]
+  results["coverage_update"] = {
+      "ours_reps_per_s": ours_rate, "original_reps_per_s": original_rate,
+      "speedup": ours_rate / original_rate, "ours_final_coverage": ours_coverage,
+      "original_final_coverage": curve[-1]}
+  say(f"(a) coverage update, {len(reps)} reps in batches of {batch_size}, 1 user:")
+  say(f"    ours (jitted step)      {ours_rate:12,.0f} reps/s")
+  say(f"    original (numpy + sets) {original_rate:12,.0f} reps/s")
+  say(f"    speedup                 {ours_rate / original_rate:12.1f}x   final coverage: ours "
+      f"{ours_coverage:.4f}% original {curve[-1]:.4f}%")
+
+  # (b) the matmul floor on the same batches.
+  results["matmul_floor"] = {"batch_size": batch_size, "reps_per_s": floor_rate,
+                             "coverage_update_over_floor": seconds["ours"] / seconds["floor"]}
+  on_section("coverage_update", results["coverage_update"])
+  say(f"(b) matmul floor (x @ R_p for all p), batches of {batch_size}: {floor_rate:12,.0f} reps/s; "
+      f"our coverage update takes {seconds['ours'] / seconds['floor']:.2f}x the floor")
+
+  on_section("matmul_floor", results["matmul_floor"])
+
+  # (c) serving with users mixed in each batch.
+  n = serving_batch_size
+  capacity = max(users_mixed)
+  serve_batch = [jax.device_put(rng.standard_normal((n, rep_dim)).astype(np.float32))]
+  row_keys = jax.random.split(jax.random.key(seed), n)
+  # Our generator (defense/noise.py) and, for reference, jax.random.normal (threefry) as drawn before.
+  noise = jax.jit(lambda k: noise_lib.standard_normal(k, rep_dim))
+  threefry = jax.jit(lambda k: jax.vmap(lambda r: jax.random.normal(r, (rep_dim,), jnp.float32))(k))
+  base = _best_seconds({"floor": lambda: floor(serve_batch[0], count_params.projection),
+                        "noise": lambda: noise(row_keys), "threefry": lambda: threefry(row_keys)},
+                       repeats, trials)
+  floor_n = n / base["floor"]
+  results["serving"] = {"batch_size": n, "floor_reps_per_s": floor_n,
+                        "noise_only_reps_per_s": n / base["noise"],
+                        "threefry_noise_reps_per_s": n / base["threefry"], "by_users": {}}
+  say(f"(c) serving, batches of {n}, {capacity} registered users; floor {floor_n:,.0f} reps/s; "
+      f"the N(0, 1) noise alone: ours {n / base['noise']:,.0f} reps/s ({base['noise'] / base['floor']:.2f}x"
+      f" floor), jax.random.normal {n / base['threefry']:,.0f} reps/s "
+      f"({base['threefry'] / base['floor']:.2f}x floor)")
+  for num_users in users_mixed:
+    users = jax.device_put(rng.permutation(np.arange(n) % num_users).astype(np.int32))
+    coverage_only, _ = _stepper(count_params, capacity, users, serve_batch)
+    full, _ = _stepper(serve_params, capacity, users, serve_batch)
+    t = _best_seconds({"coverage_only": coverage_only, "full_defense": full}, repeats, trials)
+    row = {name: {"reps_per_s": n / sec, "over_floor": sec / base["floor"]} for name, sec in t.items()}
+    row["full_defense"]["over_floor_plus_noise"] = t["full_defense"] / (base["floor"] + base["noise"])
+    results["serving"]["by_users"][str(num_users)] = row
+    say(f"    {num_users:5d} users/batch: coverage update {row['coverage_only']['reps_per_s']:10,.0f}"
+        f" reps/s ({row['coverage_only']['over_floor']:.2f}x floor); full defense "
+        f"{row['full_defense']['reps_per_s']:10,.0f} reps/s ({row['full_defense']['over_floor']:.2f}x"
+        f" floor, {row['full_defense']['over_floor_plus_noise']:.2f}x floor + noise)")
+
+  on_section("serving", results["serving"])
+
+  # (d) state per user.
+  per_user = state_lib.state_bytes_per_user(count_params)
+  results["state_bytes_per_user"] = per_user
+  say(f"(d) defense state per user: {per_user} bytes ({per_user / 1024:.2f} KiB)")
+  on_section("state", {"state_bytes_per_user": per_user})
+
+  # (e) overhead on the encoder's forward.
+  if encoders:
+    results["encoders"] = {}
+    say(f"(e) defense overhead on the encoder forward, batch {encoder_batch}, {encoder_size}px, "
+        f"64 users mixed, random weights:")
+    for name in encoders:
+      row = _encoder_overhead(name, encoder_batch, encoder_size, seed, repeats, trials, common)
+      results["encoders"][name] = row
+      say(f"    {name:10s} forward {row['forward_ms']:8.1f} ms, forward + defense "
+          f"{row['defended_ms']:8.1f} ms: the defense adds {100 * row['overhead_share']:.1f}% "
+          f"(D={row['rep_dim']})")
+    on_section("encoders", results["encoders"])
+  results["lines"] = lines
+  return results
+
+
+def _encoder_overhead(name, batch, size, seed, repeats, trials, common) -> Dict:
+  """Encoder forward alone vs encoder + full defense in one jitted call (DefendedEncoder's fusion)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from b4b_jax import models  # pylint: disable=g-import-not-at-top
+  if name.startswith("vit"):
+    model = models.create_vit(name, rngs=nnx.Rngs(seed), img_size=size)
+  else:
+    model = models.create_resnet(name, rngs=nnx.Rngs(seed))
+  rep_dim = model.rep_dim
+  graphdef, params, stats = models.split_model(model)
+  apply = lambda p, s, x: models.apply_model(graphdef, p, s, x, train=False)[0]  # noqa: E731
+  defense_params = state_lib.make_params(config_lib.defense_config("simsiam", **common), rep_dim)
+  holder = [_registered_state(defense_params, 64)]
+  users = jnp.asarray(np.arange(batch) % 64, jnp.int32)
+  images = jax.device_put(np.random.default_rng(seed).standard_normal(
+      (batch, size, size, 3)).astype(np.float32))
+  forward = jax.jit(apply)
+  defended = jax.jit(lambda dp, st, u, p, s, x: step_lib.defense_step_impl(dp, st, u, apply(p, s, x)),
+                     donate_argnums=(1,))
+
+  def run_defended():
+    holder[0], out, _ = defended(defense_params, holder[0], users, params, stats, images)
+    return out
+
+  t = _best_seconds({"forward": lambda: forward(params, stats, images), "defended": run_defended},
+                    max(1, repeats // 2), trials)
+  return {"rep_dim": rep_dim, "batch": batch, "forward_ms": 1e3 * t["forward"],
+          "defended_ms": 1e3 * t["defended"],
+          "overhead_share": (t["defended"] - t["forward"]) / t["forward"]}
+
+
+def _scalars(figures, prefix=""):
+  """Flattens nested figures to {"a/b": float} (numbers only)."""
+  out = {}
+  for key, value in figures.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_scalars(value, name + "/"))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      out[name] = float(value)
+  return out
+
+
+def run_into(workdir: str, settings: Dict) -> Dict:
+  """`run(**settings)` writing DIR/results.json (figures, settings, library versions), DIR/report.md
+  and metrics (TensorBoard + metrics.jsonl, one stage per section) as each section ends."""
+  os.makedirs(workdir, exist_ok=True)
+  writer = MetricsWriter(workdir)
+  results = run(**settings, on_section=lambda name, figures: writer.write_scalars(
+      0, _scalars(figures), stage=name))
+  writer.flush()
+  writer.close()
+  results = {**results, "settings": settings, "versions": library_versions()}
+  files.atomic_write_json(os.path.join(workdir, "results.json"), results)
+  files.atomic_write_text(os.path.join(workdir, "report.md"), _report(results))
+  return results
+
+
+def _report(results: dict) -> str:
+  c = results["coverage_update"]
+  serving = results["serving"]
+  rows = "\n".join(
+      f"| {users} | {r['coverage_only']['reps_per_s']:,.0f} | {r['coverage_only']['over_floor']:.2f}x "
+      f"| {r['full_defense']['reps_per_s']:,.0f} | {r['full_defense']['over_floor']:.2f}x |"
+      for users, r in serving["by_users"].items())
+  lines = "\n".join(results["lines"])
+  return f"""# Defense benchmark
+
+Platform: {results['platform']}; D={results['rep_dim']}, P={results['num_projections']},
+K={results['num_hyperplanes']}.
+
+## Coverage update ({results['num_reps']} representations, batches of {results['batch_size']}, 1 user)
+
+| | reps/s |
+|---|---|
+| ours (jitted step) | {c['ours_reps_per_s']:,.0f} |
+| original algorithm (numpy + Python sets) | {c['original_reps_per_s']:,.0f} |
+| speedup | {c['speedup']:.1f}x |
+| matmul floor | {results['matmul_floor']['reps_per_s']:,.0f} |
+| ours / floor (time) | {results['matmul_floor']['coverage_update_over_floor']:.2f}x |
+
+Final coverage: ours {c['ours_final_coverage']:.4f}%, original {c['original_final_coverage']:.4f}%.
+
+## Serving (batches of {serving['batch_size']}; floor {serving['floor_reps_per_s']:,.0f} reps/s, \
+N(0,1) noise alone {serving['noise_only_reps_per_s']:,.0f} reps/s)
+
+| users per batch | coverage update reps/s | / floor | full defense reps/s | / floor |
+|---|---|---|---|---|
+{rows}
+
+State per user: {results['state_bytes_per_user']} bytes.
+
+## Printed output
+
+```
+{lines}
+```
+"""
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tiny", action="store_true", help="seconds-long smoke variant")
+  parser.add_argument("--workdir", default=None, help="also write results.json, report.md, metrics")
+  parser.add_argument("--encoders", default="", help="comma-separated, e.g. resnet50,vit_small")
+  parser.add_argument("--encoder-batch", type=int, default=256)
+  parser.add_argument("--encoder-size", type=int, default=224)
+  parser.add_argument("--users", default=None, help="users mixed per serving batch, e.g. 1,64,1024")
+  args = parser.parse_args(argv)
+  settings = dict(TINY if args.tiny else FULL)
+  if args.users:
+    settings["users_mixed"] = tuple(int(u) for u in args.users.split(","))
+  settings.update(encoders=tuple(e for e in args.encoders.split(",") if e),
+                  encoder_batch=args.encoder_batch, encoder_size=args.encoder_size)
+  results = run_into(args.workdir, settings) if args.workdir else run(**settings)
+  return results
+
+
+def rows(results: Dict) -> list:
+  """The headline figures as benchmarks.common rows (for benchmarks/device.sh's table)."""
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  c = results["coverage_update"]
+  serving = results["serving"]
+  out = [common.Row("defense: coverage update vs original", f"{c['ours_reps_per_s']:,.0f} reps/s",
+                    f"original {c['original_reps_per_s']:,.0f} reps/s", c["speedup"])]
+  for users, r in serving["by_users"].items():
+    full = r["full_defense"]
+    out.append(common.Row(f"defense: full, {users} users/batch of {serving['batch_size']}",
+                          f"{full['reps_per_s']:,.0f} reps/s",
+                          f"matmul floor {serving['floor_reps_per_s']:,.0f}", 1.0 / full["over_floor"]))
+  for name, r in results.get("encoders", {}).items():
+    out.append(common.Row(f"defense: overhead on {name} b{r['batch']}", f"{r['defended_ms']:.1f} ms",
+                          f"forward {r['forward_ms']:.1f} ms", r["forward_ms"] / r["defended_ms"],
+                          f"+{100 * r['overhead_share']:.1f}% time"))
+  return out
 
 
 if __name__ == "__main__":
-  config = _load_config("tiny" if "--tiny" in sys.argv[1:] else None)
-  benchmark.run(**config.benchmark.to_dict())
+  main()

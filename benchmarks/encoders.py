@@ -2,24 +2,22 @@
 
   python -m benchmarks.encoders                       # ResNet-50 and ViT-S/16, batch 32, 224x224, f32
   python -m benchmarks.encoders --models=resnet50 --iters=5 --batch=32
+  python -m benchmarks.encoders --batch=256 --iters=10  # GPU/TPU size (benchmarks/device.sh)
 
 Both sides get the same (converted) random weights and the same images; the script prints images/s of
-each, the ratio Flax/PyTorch (target >= 1.0), the XLA compile time, and the max relative difference of
-the outputs as a sanity check. Uses every CPU core for both (torch.set_num_threads(os.cpu_count())).
+each, the ratio Flax/PyTorch (target >= 1.0), the XLA compile time, the max relative difference of the
+outputs as a sanity check, and our achieved FLOP/s as a share of the device's peak (benchmarks/common.py).
+Timed forwards of the two alternate (one each in turn), so both see the same load on a shared machine.
+PyTorch runs on CUDA when JAX runs on a GPU and torch sees one, else on the CPU with every core.
 """
+import argparse
 import os
 import time
 
-from absl import app
-from absl import flags
-
-_MODELS = flags.DEFINE_list("models", ["resnet50", "vit_small"], "resnet50 and/or vit_small")
-_BATCH = flags.DEFINE_integer("batch", 32, "images per forward")
-_SIZE = flags.DEFINE_integer("size", 224, "image side")
-_ITERS = flags.DEFINE_integer("iters", 5, "timed forwards per model and framework (after 1 warm-up)")
+from benchmarks import common
 
 
-def _torch_model(name):
+def _torch_model(name, device):
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
@@ -27,9 +25,9 @@ def _torch_model(name):
   if name == "resnet50":
     net = torchvision.models.resnet50()
     net.fc = torch.nn.Identity()
-    return net.eval(), "resnet", lambda m, x: m(x)
+    return net.eval().to(device), "resnet", lambda m, x: m(x)
   net = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
-  return net, "vit", lambda m, x: m(x)
+  return net.to(device), "vit", lambda m, x: m(x)
 
 
 def _flax_forward(name, state_dict):
@@ -53,45 +51,71 @@ def _flax_forward(name, state_dict):
   return forward, params, stats
 
 
-def _time(fn, iters):
-  fn()  # warm-up
-  start = time.perf_counter()
-  for _ in range(iters):
+def _interleaved(fns, iters):
+  """Median seconds per call of each fn, calls alternating (one each in turn) after one warm-up."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  for fn in fns.values():
     fn()
-  return (time.perf_counter() - start) / iters
+  times = {name: [] for name in fns}
+  for _ in range(iters):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def main(argv):
-  del argv
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default="resnet50,vit_small", help="resnet50 and/or vit_small")
+  parser.add_argument("--batch", type=int, default=32, help="images per forward")
+  parser.add_argument("--size", type=int, default=224, help="image side")
+  parser.add_argument("--iters", type=int, default=5, help="timed forwards per model and framework")
+  args = parser.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count())
-  batch, size, iters = _BATCH.value, _SIZE.value, _ITERS.value
-  print(f"CPU cores {os.cpu_count()}, jax {jax.__version__} ({jax.devices()[0].platform}, "
-        f"{jax.device_count()} device(s)), torch {torch.__version__} ({torch.get_num_threads()} "
-        f"threads); batch {batch}, {size}x{size}, float32, {iters} timed iterations")
+  device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+  if device == "cpu":
+    torch.set_num_threads(os.cpu_count())
+  batch, size, iters = args.batch, args.size, args.iters
+  print(f"CPU cores {os.cpu_count()}, jax {jax.__version__} ({common.device_kind()}, "
+        f"{jax.device_count()} device(s)), torch {torch.__version__} on {device} "
+        f"({torch.get_num_threads()} threads); batch {batch}, {size}x{size}, float32, {iters} timed "
+        f"iterations; load {open('/proc/loadavg').read().split()[0] if os.path.exists('/proc/loadavg') else '?'}")
   x = np.random.RandomState(0).randn(batch, 3, size, size).astype(np.float32)
   x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-  for name in _MODELS.value:
-    net, _, call = _torch_model(name)
-    state_dict = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+  rows = []
+  for name in args.models.split(","):
+    net, _, call = _torch_model(name, device)
+    state_dict = {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
     forward, params, stats = _flax_forward(name, state_dict)
     xj = jax.device_put(x_nhwc)
     start = time.perf_counter()
     compiled = forward.lower(params, stats, xj).compile()
     compile_s = time.perf_counter() - start
-    xt = torch.from_numpy(x)
-    with torch.inference_mode():
-      torch_s = _time(lambda: call(net, xt), iters)
-      ref = call(net, xt).numpy()
-    flax_s = _time(lambda: compiled(params, stats, xj).block_until_ready(), iters)
+    xt = torch.from_numpy(x).to(device)
+
+    def torch_call():
+      with torch.inference_mode():
+        out = call(net, xt)
+      if device == "cuda":
+        torch.cuda.synchronize()
+      return out
+
+    t = _interleaved({"flax": lambda: compiled(params, stats, xj).block_until_ready(),
+                      "torch": torch_call}, iters)
+    ref = torch_call().cpu().numpy()
     ours = np.asarray(compiled(params, stats, xj))
     rel = np.abs(ours - ref).max() / np.abs(ref).max()
-    flax_ips, torch_ips = batch / flax_s, batch / torch_s
+    flax_ips, torch_ips = batch / t["flax"], batch / t["torch"]
+    flops = common.flops_share(common.compiled_flops(compiled), t["flax"])
     print(f"{name:9s} flax {flax_ips:7.1f} img/s | torch {torch_ips:7.1f} img/s | ratio "
-          f"{flax_ips / torch_ips:5.2f}x | compile {compile_s:5.1f} s | max rel diff {rel:.1e}")
+          f"{flax_ips / torch_ips:5.2f}x | compile {compile_s:5.1f} s | max rel diff {rel:.1e} | {flops}")
+    rows.append(common.Row(f"encoders: {name} forward b{batch} {size}px", f"{flax_ips:.1f} img/s",
+                           f"torch({device}) {torch_ips:.1f} img/s", flax_ips / torch_ips, flops))
+  return rows
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -102,3 +102,39 @@ def test_simclr_views_are_seeded_valid_and_varied():
   for top, left, h, w in boxes:
     assert 0 <= top <= 24 - h and 0 <= left <= 24 - w
     assert 0.08 * 576 * 0.8 <= float(h * w) <= 576
+
+
+def test_bfloat16_step_tracks_the_float32_loss_over_100_steps():
+  """Mixed precision (compute_dtype="bfloat16": bf16 forward/backward, float32 params, optimiser state
+  and BatchNorm statistics) follows the float32 run: over 100 steps of a tiny ResNet fitting fixed
+  targets, the first 4 steps' losses (one pass over the 4 batches; measured 0.5% at worst) differ by
+  under 1% of the float32 loss; later the two trajectories
+  drift apart as any two SGD runs do (measured: 7% at worst, 1.9% on average), so the bounds there are
+  10% per step and 3% on average, while both losses fall by more than a third. bf16 keeps 8 mantissa
+  bits (0.4% per value)."""
+  model = models.create_resnet("resnet18_w0.125", rngs=nnx.Rngs(0), small_input=True)
+  graphdef, params, batch_stats = models.split_model(model)
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (4, 16, 16, 16, 3), dtype=np.uint8)
+  targets = rng.normal(size=(4, 16, 64)).astype(np.float32)
+  cycle = [i % 4 for i in range(100)]
+  curves = {}
+  for dtype in ("float32", "bfloat16"):
+    cfg = ts.StepConfig(learning_rate=0.05, total_steps=100, input_size=16, compute_dtype=dtype)
+    state, curves[dtype] = _run_steps(1, graphdef, params, batch_stats, images[cycle], targets[cycle],
+                                      cfg)
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state["params"]))
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state["opt_state"])
+               if np.issubdtype(leaf.dtype, np.floating))
+  f32, bf16 = np.asarray(curves["float32"]), np.asarray(curves["bfloat16"])
+  assert f32[-5:].mean() < 0.66 * f32[:4].mean() and bf16[-5:].mean() < 0.66 * bf16[:4].mean()
+  rel = np.abs(bf16 - f32) / f32
+  assert rel[:4].max() < 0.01 and rel.max() < 0.10 and rel.mean() < 0.03, rel
+  assert rel.max() > 0  # bf16 really ran: not the float32 numbers
+
+
+def test_unknown_compute_dtype_is_refused():
+  model = models.create_resnet("resnet18_w0.125", rngs=nnx.Rngs(0), small_input=True)
+  graphdef, _, _ = models.split_model(model)
+  with pytest.raises(ValueError, match="compute_dtype"):
+    ts.make_train_step(graphdef, ts.StepConfig(compute_dtype="float16"), distributed.data_mesh(1))

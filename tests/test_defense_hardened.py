@@ -9,6 +9,7 @@ import pytest
 
 from b4b_jax.defense import DefendedEncoder, defense_config, hardened
 from b4b_jax.defense import keys as keys_lib
+from b4b_jax.defense import noise as noise_lib
 from b4b_jax.defense.config import HARDENING_DEFAULTS
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -159,7 +160,7 @@ def test_paper_b4b_is_the_default_and_matches_the_per_query_formula():
   base = keys_lib.user_key(keys_lib.stream_key(0, "noise"), keys_lib.uid_from_name("u"))
   for r in (0, 5):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, 1), r), 0)
-    z = np.asarray(jax.random.normal(key, (D,), np.float32))
+    z = np.asarray(noise_lib.standard_normal(key[None], D))[0]  # defense/noise.py's N(0, 1) draw
     np.testing.assert_allclose(out[r], reps[r] + sigma[r] * z, rtol=1e-6, atol=1e-6)
   # ...whose repeats average away (what the hardening is for)
   z0 = (_q(api, "u", reps) - reps) / sigma[:, None]

@@ -24,6 +24,15 @@ from b4b_jax.models import apply_model
 from b4b_jax.utils import distributed
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def default_compute_dtype() -> str:
+  """bfloat16 on GPUs and TPUs (tensor cores / MXU; tests/test_attacks_train_step.py checks it tracks
+  the float32 loss), float32 on CPUs (XLA's CPU convolutions gain nothing from bf16)."""
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 class StepConfig(NamedTuple):
   """Everything the compiled step depends on besides shapes (hashable: a jit cache key)."""
   loss: str = "infonce"
@@ -37,6 +46,9 @@ class StepConfig(NamedTuple):
   augment: bool = False                # attacker-side SimCLR views of the (uint8) query images
   input_size: int = 224
   center_targets: bool = False         # subtract the global batch mean of the responses (see below)
+  # Mixed precision: "bfloat16" runs the forward and backward in bf16 (params, optimiser state, BatchNorm
+  # statistics, the loss and the update stay float32; models.apply_model). "float32": as before.
+  compute_dtype: str = "float32"
 
 
 def scaled_learning_rate(base_lr: float, global_batch: int) -> float:
@@ -70,6 +82,8 @@ def _cosine(a, b):
 def make_train_step(graphdef, cfg: StepConfig, mesh: jax.sharding.Mesh):
   """Compiled `step(state, images uint8, targets, key) -> (state, metrics)`; cached per (model, cfg,
   mesh) so repeated runs in one process (resumption, tests) reuse the compilation."""
+  if cfg.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {cfg.compute_dtype!r}")
   tx = make_optimizer(cfg)
   loss_fn = losses.get_loss(cfg.loss, temperature=cfg.temperature)
   repl = NamedSharding(mesh, P())
@@ -94,7 +108,8 @@ def make_train_step(graphdef, cfg: StepConfig, mesh: jax.sharding.Mesh):
     # BatchNorm update Variables that were created at the outer (jit) trace level.
     def objective(params, batch_stats):
       batch_stats = jax.tree.map(lambda v: v, batch_stats)
-      out, new_stats = apply_model(graphdef, params, batch_stats, x, train=True)
+      out, new_stats = apply_model(graphdef, params, batch_stats, x, train=True,
+                                   compute_dtype=jnp.dtype(cfg.compute_dtype))
       return loss_fn(out, targets), (out, new_stats)
 
     (loss, (out, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(

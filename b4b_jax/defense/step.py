@@ -16,6 +16,8 @@ Per row, in order:
      first batch is noise free). static_sigma replaces the cost by a constant.
   3. noise: i.i.d. N(0, sigma^2) per element, key = fold(noise stream, user id, the user's batch
      counter, the row's rank among the user's rows in this call): fresh for every query ever made.
+     The values come from noise.standard_normal (a keyed counter hash + inverse CDF, fused with the
+     add; ~3x cheaper than jax.random.normal per row on a CPU).
      With noise_keying="per_input" hardened.py keys it by (user, input code, sigma level) instead.
   4. the user's transform (transforms.py).
 With config.enabled False the clean representation is returned (no noise, no transform, sigma 0) while
@@ -35,6 +37,7 @@ from b4b_jax.defense import cost
 from b4b_jax.defense import hardened
 from b4b_jax.defense import keys as keys_lib
 from b4b_jax.defense import lsh
+from b4b_jax.defense import noise as noise_lib
 from b4b_jax.defense import transforms
 from b4b_jax.defense.state import DefenseParams, DefenseState
 
@@ -143,8 +146,7 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
     sigma = jnp.where(valid, sigma, 0.0)
   else:
     row_keys = jax.vmap(row_key)(uids, counter, rank)
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (d,), jnp.float32))(
-        row_keys)
+    noise = noise_lib.standard_normal(jax.vmap(lambda k: jax.random.fold_in(k, 0))(row_keys), d)
   noised = reps + sigma[:, None] * noise
 
   # 4. per-user transform.

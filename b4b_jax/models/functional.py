@@ -7,6 +7,7 @@ Also flat views of a state ({"layer1/0/conv1/kernel": array}) used by checkpoint
 from typing import Any, Dict, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -25,11 +26,22 @@ def merge_model(graphdef: nnx.GraphDef, params: nnx.State, batch_stats: nnx.Stat
 
 
 def apply_model(graphdef: nnx.GraphDef, params: nnx.State, batch_stats: nnx.State, x: jax.Array, *,
-                train: bool, method: str = "__call__", **kwargs) -> Tuple[Any, nnx.State]:
+                train: bool, method: str = "__call__", compute_dtype=None,
+                **kwargs) -> Tuple[Any, nnx.State]:
   """Runs `model.<method>(x, train=train)` and returns (output, new batch_stats).
 
   Pure (usable inside jax.jit/grad): batch_stats only change in the returned copy, and only when train.
+  compute_dtype (e.g. jnp.bfloat16): mixed precision. The float32 params and the input are cast to it
+  for the forward (under jax.grad the gradients still arrive in float32, params' dtype), BatchNorm
+  keeps its statistics and running averages in float32 (layers.BatchNorm), and floating outputs are
+  returned as float32. None: everything in the params' dtype, as before.
   """
+  if compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32:
+    cast = lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+    out, new_stats = apply_model(graphdef, jax.tree.map(cast, params), batch_stats, cast(x),
+                                 train=train, method=method, **kwargs)
+    to32 = lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+    return jax.tree.map(to32, out), new_stats
   # copy=True: fresh Variables, so the caller's states are never mutated and the module lives at the
   # current trace level (merging inside jax.grad under jax.jit would otherwise reuse outer Variables).
   model = nnx.merge(graphdef, params, batch_stats, copy=True)

@@ -39,9 +39,12 @@ class BatchNorm(nnx.Module):
       if count < 2:
         raise ValueError(f"BatchNorm in training needs more than 1 value per channel, got input "
                          f"shape {x.shape}")
-      mean = jnp.mean(x, axis=axes)
+      # Statistics in float32 even for bfloat16 activations (mixed precision): a bf16 sum over a
+      # batch of 256 x 56 x 56 values would lose the mean; the running averages stay float32.
+      x32 = x.astype(jnp.float32)
+      mean = jnp.mean(x32, axis=axes)
       # Two-pass variance: E[(x - mean)^2] is accurate where E[x^2] - mean^2 cancels.
-      var = jnp.mean(jnp.square(x - mean), axis=axes)
+      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
       unbiased = var * (count / (count - 1))
       m = self.momentum
       self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
@@ -49,4 +52,8 @@ class BatchNorm(nnx.Module):
     else:
       mean, var = self.mean[...], self.var[...]
     inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
-    return (x - mean) * inv + self.bias[...]
+    if x.dtype == jnp.float32:
+      return (x - mean) * inv + self.bias[...]
+    # Mixed precision: fold the normalisation into one scale and shift in float32, apply in x's dtype.
+    shift = self.bias[...] - mean * inv
+    return x * inv.astype(x.dtype) + shift.astype(x.dtype)

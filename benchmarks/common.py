@@ -1,0 +1,82 @@
+"""Shared by the benchmarks: the device's peak FLOP/s, a compiled function's FLOP count, result rows.
+
+Peaks are dense per-chip figures from the vendors' data sheets (TFLOP/s). "f32" is what XLA runs a
+float32 matmul/conv at by default: TF32 tensor cores on A100/H100/H200, one bf16 pass on TPUs
+(jax_default_matmul_precision="highest" would be slower than this peak suggests). A device kind not in
+the table, and every CPU, prints "n/a".
+"""
+import dataclasses
+import math
+from typing import List, Optional
+
+# (substring of jax's device_kind, bf16 TFLOP/s, f32-as-XLA-runs-it TFLOP/s); first match wins.
+PEAK_TFLOPS = (
+    ("H200", 989.0, 494.0),
+    ("H100", 989.0, 494.0),   # SXM; the PCIe card is ~25% lower
+    ("A100", 312.0, 156.0),
+    ("L4", 121.0, 60.0),
+    ("TPU v6", 918.0, 918.0),
+    ("TPU v5 lite", 197.0, 197.0),
+    ("TPU v5e", 197.0, 197.0),
+    ("TPU v5", 459.0, 459.0),  # v5p
+    ("TPU v4", 275.0, 275.0),
+    ("TPU v3", 123.0, 123.0),
+    ("TPU v2", 45.0, 45.0),
+)
+
+
+def device_kind() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  d = jax.devices()[0]
+  return f"{d.platform}:{d.device_kind}"
+
+
+def peak_flops(dtype: str = "f32") -> Optional[float]:
+  """Peak FLOP/s of device 0 for "f32" or "bf16" compute; None on CPU or an unknown device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  d = jax.devices()[0]
+  if d.platform == "cpu":
+    return None
+  for name, bf16, f32 in PEAK_TFLOPS:
+    if name.lower() in d.device_kind.lower():
+      return 1e12 * (bf16 if dtype == "bf16" else f32)
+  return None
+
+
+def compiled_flops(compiled) -> Optional[float]:
+  """FLOPs of one call of a jax `Compiled` (XLA's cost analysis), or None if XLA gives none."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def flops_share(flops: Optional[float], seconds: float, dtype: str = "f32") -> str:
+  """'12.3 TFLOP/s = 4.5% of peak' (or '... ; peak n/a' on CPU / unknown devices)."""
+  if not flops or not seconds or not math.isfinite(seconds):
+    return "FLOP/s n/a"
+  achieved = flops / seconds
+  peak = peak_flops(dtype)
+  share = f"{100 * achieved / peak:.1f}% of {dtype} peak" if peak else "peak n/a"
+  return f"{achieved / 1e12:.3f} TFLOP/s, {share}"
+
+
+@dataclasses.dataclass
+class Row:
+  """One printed figure: ours beside the reference, their ratio (>1 = ours faster), FLOP/s."""
+  benchmark: str
+  ours: str
+  reference: str
+  ratio: float
+  flops: str = "FLOP/s n/a"
+
+
+def print_table(rows: List[Row], title: str) -> None:
+  print(f"\n== {title} ({device_kind()})")
+  print(f"{'benchmark':<44} {'ours':>22} {'reference':>28} {'ratio':>7}  achieved")
+  for r in rows:
+    print(f"{r.benchmark:<44} {r.ours:>22} {r.reference:>28} {r.ratio:>6.2f}x  {r.flops}")

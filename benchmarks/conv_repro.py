@@ -1,0 +1,98 @@
+r"""Minimal repro of the CPU stealing-step gap: one conv layer's forward + backward, XLA vs PyTorch.
+
+  python -m benchmarks.conv_repro                 # ResNet shapes: 3x3 64->64 at 32px b64, 56px b16
+  python -m benchmarks.conv_repro --profile=DIR   # also a jax.profiler trace of ours in DIR
+
+Each case times, interleaved (one call each in turn, median), the forward alone and forward+backward
+(grad w.r.t. input and kernel of sum(conv(x, w)^2)) of a bias-free 3x3 stride-1 convolution in NHWC
+(ours, jax.lax.conv_general_dilated under jit) and NCHW (torch.nn.functional.conv2d, oneDNN). The
+backward's ratio is what benchmarks/steal_step.py's ResNets inherit on CPU; nothing in our model code
+sits between the step and these kernels (no layout transposes: NHWC end to end).
+"""
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+
+CASES = {  # name: (batch, size, channels in, channels out)
+    "3x3_64_32px_b64": (64, 32, 64, 64),
+    "3x3_64_56px_b16": (16, 56, 64, 64),
+    "3x3_256_14px_b16": (16, 14, 256, 256),
+}
+
+
+def _ours(batch, size, cin, cout):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(batch, size, size, cin)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)).astype(np.float32) * 0.05)
+
+  def conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  fwd = jax.jit(conv)
+  bwd = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
+  flops = common.compiled_flops(bwd.lower(x, w))
+  return (lambda: fwd(x, w).block_until_ready()), (lambda: jax.block_until_ready(bwd(x, w))), flops
+
+
+def _torch(batch, size, cin, cout):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
+  rng = np.random.default_rng(0)
+  x = torch.tensor(rng.normal(size=(batch, cin, size, size)).astype(np.float32), requires_grad=True)
+  w = torch.tensor(rng.normal(size=(cout, cin, 3, 3)).astype(np.float32) * 0.05, requires_grad=True)
+  conv = lambda: torch.nn.functional.conv2d(x, w, padding=1)  # noqa: E731
+
+  def fwd():
+    with torch.no_grad():
+      conv()
+
+  def bwd():
+    torch.autograd.grad((conv() ** 2).sum(), (x, w))
+
+  return fwd, bwd
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--cases", default=",".join(CASES))
+  parser.add_argument("--profile", default=None, help="write a jax.profiler trace of ours here")
+  args = parser.parse_args(argv)
+  load = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
+  print(f"one 3x3 conv, forward and forward+backward, {common.device_kind()}, load {load}")
+  rows = []
+  for name in args.cases.split(","):
+    ours_f, ours_b, flops = _ours(*CASES[name])
+    ref_f, ref_b = _torch(*CASES[name])
+    fns = {"ours_fwd": ours_f, "torch_fwd": ref_f, "ours_bwd": ours_b, "torch_bwd": ref_b}
+    for fn in fns.values():
+      fn()
+    times = {k: [] for k in fns}
+    for _ in range(args.iters):
+      for k, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        times[k].append(time.perf_counter() - t0)
+    t = {k: float(np.median(v)) for k, v in times.items()}
+    print(f"  {name:18s} forward ours {1e3 * t['ours_fwd']:7.2f} ms torch {1e3 * t['torch_fwd']:7.2f} ms"
+          f" ({t['torch_fwd'] / t['ours_fwd']:.2f}x) | fwd+bwd ours {1e3 * t['ours_bwd']:7.2f} ms torch "
+          f"{1e3 * t['torch_bwd']:7.2f} ms ({t['torch_bwd'] / t['ours_bwd']:.2f}x)")
+    rows.append(common.Row(f"conv_repro: {name} fwd+bwd", f"{1e3 * t['ours_bwd']:.2f} ms",
+                           f"torch {1e3 * t['torch_bwd']:.2f} ms", t["torch_bwd"] / t["ours_bwd"],
+                           common.flops_share(flops, t["ours_bwd"])))
+    if args.profile:
+      with jax.profiler.trace(args.profile):
+        for _ in range(3):
+          ours_b()
+  return rows
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,34 @@
+"""benchmarks/device.sh --smoke: every benchmark runs at tiny sizes and the summary table is printed."""
+import os
+import subprocess
+import sys
+
+from benchmarks import common
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_device_script_smoke_mode_runs_every_benchmark():
+  proc = subprocess.run(["bash", os.path.join(_ROOT, "benchmarks", "device.sh"), "--smoke"],
+                        cwd=_ROOT, capture_output=True, text=True, timeout=900,
+                        env={**os.environ, "PYTHON": sys.executable})
+  out = proc.stdout
+  assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+  table = out[out.index("== smoke benchmarks"):]
+  for name in ("encoders: resnet50", "steal_step: resnet18", "bfloat16", "defense: full",
+               "defense: overhead on resnet18_w0.25", "linear_probe"):
+    assert name in table, table
+  assert "FLOP/s" in table and "n/a" in table  # on CPU the peak share is n/a
+
+
+def test_peak_table_and_flops_share(monkeypatch):
+  class Dev:  # pylint: disable=too-few-public-methods
+    platform, device_kind = "gpu", "NVIDIA H100 80GB HBM3"
+  monkeypatch.setattr("jax.devices", lambda: [Dev()])
+  assert common.peak_flops("bf16") == 989e12
+  assert common.flops_share(494e12, 2.0) == "247.000 TFLOP/s, 50.0% of f32 peak"
+  Dev.platform, Dev.device_kind = "tpu", "TPU v4"
+  assert common.peak_flops() == 275e12
+  Dev.platform, Dev.device_kind = "cpu", "cpu"
+  assert common.peak_flops() is None and "peak n/a" in common.flops_share(1e9, 1.0)
+  assert common.flops_share(None, 1.0) == "FLOP/s n/a"
