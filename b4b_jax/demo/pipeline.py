@@ -14,7 +14,7 @@ from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import linear_probe
 from b4b_jax.evaluation import remap as remap_lib
 from b4b_jax.utils import progress as progress_lib
-from b4b_jax.victim import train_simsiam_victim
+from b4b_jax.demo.victim import train_simsiam_victim
 
 VICTIM_DIR = "victim_encoder"
 ATTACKS_DIR = "attacks"

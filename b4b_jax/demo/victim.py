@@ -1,8 +1,11 @@
-"""SimSiam (Chen & He, 2021): a ResNet backbone, a projector and a predictor trained so that the
-prediction from one augmented view matches the (stop-gradient) projection of the other.
+"""The demo's victim: SimSiam (Chen & He, 2021) trained from scratch on bundled data, so the whole B4B
+pipeline runs offline. (The paper's victims are pretrained checkpoints converted with weight_conversion.)
 
-The backbone is the same `create_resnet` module every other part uses; only the backbone is kept as the
-victim encoder (its pooled features are the API's representations, as for the released SimSiam).
+A ResNet backbone, a projector and a predictor are trained so that the prediction from one augmented view
+matches the (stop-gradient) projection of the other. The backbone is the same `create_resnet` module
+every other part uses; only the backbone is kept as the victim encoder (its pooled features are the API's
+representations, as for the released SimSiam), saved with `b4b_jax.models.save_encoder` so every later
+stage loads it exactly as it would a converted checkpoint.
 """
 import math
 from typing import Callable
