@@ -20,21 +20,27 @@ def get_config(arg=None):
   c.query_batch_size = 64
   c.num_devices = ml_collections.config_dict.placeholder(int)  # None: all devices
   c.progress_every_seconds = 10.0
+  # Held-out natural-photo crops for the copies' fidelity to the victim: half to fit the linear map from
+  # a copy's representations to the victim's, half to score it (enough rows that the 128-d fit is
+  # well determined and the paired bootstrap interval is narrow).
+  c.fidelity_photos = 256 if tiny else 2048
 
   c.victim = ml_collections.ConfigDict()
   c.victim.backbone = "resnet18_w0.125" if tiny else "resnet18_w0.25"
   c.victim.small_input = True
   c.victim.proj_dim = 64 if tiny else 256
   c.victim.pred_dim = 16 if tiny else 64
-  c.victim.epochs = 1 if tiny else 10
+  c.victim.epochs = 1 if tiny else 15
   c.victim.batch_size = 128
-  c.victim.base_lr = 0.05
+  c.victim.base_lr = 0.1                 # peak lr 0.05 at batch 128
   c.victim.momentum = 0.9
   c.victim.weight_decay = 5e-4
   c.victim.crop_scale = (0.2, 1.0)        # SimSiam's views
   c.victim.jitter = (0.4, 0.4, 0.4, 0.1)
   c.victim.num_photo_crops = 256 if tiny else 2048
   c.victim.seed = 0
+  c.victim.warmup_epochs = 1
+  c.victim.min_normalized_std = 0.1      # collapse check (b4b_jax/demo/victim.py collapse_stats)
 
   c.defense = ml_collections.ConfigDict()
   c.defense.num_projections = 20
@@ -70,8 +76,18 @@ def get_config(arg=None):
   c.probe.weight_decay = 0.0
   c.probe.val_fraction = 0.1
   c.probe.normalization = "standardize"
-  c.probe.seeds = (0, 1) if tiny else (0, 1, 2)
+  c.probe.seeds = (0, 1) if tiny else (0, 1, 2, 3, 4)
   c.probe.ridge_alphas = tuple(10.0 ** e for e in range(-3, 5))
+
+  # How each claim is decided (b4b_jax/demo/claims.py): a 95 % paired bootstrap interval that must clear
+  # the claim's threshold by a margin. The margins are what rounding alone moved the statistics by (a
+  # 1-thread vs 2-thread rerun, README "What varies from machine to machine"), rounded up.
+  c.claims = ml_collections.ConfigDict()
+  c.claims.confidence = 0.95
+  c.claims.bootstrap_samples = 200 if tiny else 1000
+  c.claims.fidelity_margin = 0.02        # R^2
+  c.claims.accuracy_margin = 0.25        # top-1 points
+  c.claims.coverage_margin = 5.0         # coverage points
 
   c.remap = ml_collections.ConfigDict()
   c.remap.transforms = ("diag_affine", "affine_pad_shuffle", "binary")

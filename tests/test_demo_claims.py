@@ -1,0 +1,95 @@
+"""The demo's claim verdicts (b4b_jax/demo/claims.py) on made-up results: the decision rule, the
+intervals, and the paired bootstraps checked against direct numpy computations."""
+import numpy as np
+import pytest
+
+from b4b_jax.demo import claims
+
+
+@pytest.mark.parametrize("lo,hi,side,margin,expected", [
+    (0.2, 0.4, "above", 0.0, claims.HOLDS),
+    (0.2, 0.4, "above", 0.2, claims.HOLDS),            # lo exactly threshold + margin
+    (0.2, 0.4, "above", 0.25, claims.UNDECIDED),       # inside the margin
+    (-0.4, -0.2, "above", 0.1, claims.DOES_NOT_HOLD),
+    (-0.4, -0.05, "above", 0.1, claims.UNDECIDED),
+    (-0.1, 0.3, "above", 0.0, claims.UNDECIDED),       # straddles
+    (-0.4, -0.2, "below", 0.1, claims.HOLDS),
+    (0.2, 0.4, "below", 0.1, claims.DOES_NOT_HOLD),
+    (-0.1, 0.3, "below", 0.0, claims.UNDECIDED),
+])
+def test_decide_zero_threshold(lo, hi, side, margin, expected):
+  assert claims.decide(lo, hi, 0.0, side, margin) == expected
+
+
+def test_decide_threshold_shifts_everything():
+  # "the legit user loses < 1 point": drop interval [0.1, 0.6] with margin 0.3 -> holds; [0.8, 1.5] -> no.
+  assert claims.decide(0.1, 0.6, 1.0, "below", 0.3) == claims.HOLDS
+  assert claims.decide(0.1, 0.8, 1.0, "below", 0.3) == claims.UNDECIDED
+  assert claims.decide(1.4, 2.5, 1.0, "below", 0.3) == claims.DOES_NOT_HOLD
+  assert claims.decide(0.8, 1.5, 1.0, "below", 0.3) == claims.UNDECIDED
+
+
+@pytest.mark.parametrize("args,match", [
+    ((0.0, 1.0, 0.0, "over", 0.0), "side"),
+    ((1.0, 0.0, 0.0, "above", 0.0), "inverted"),
+    ((0.0, float("nan"), 0.0, "above", 0.0), "finite"),
+    ((0.0, 1.0, 0.0, "above", -0.1), "margin"),
+])
+def test_decide_rejects_bad_input(args, match):
+  with pytest.raises(ValueError, match=match):
+    claims.decide(*args)
+
+
+def test_percentile_interval_matches_numpy_and_rejects_bad_input():
+  x = np.random.default_rng(0).normal(size=1000)
+  lo, hi = claims.percentile_interval(x, 0.9)
+  assert (lo, hi) == (np.percentile(x, 5.0), np.percentile(x, 95.0))
+  for bad in ([1.0], [[1.0, 2.0]], [1.0, float("inf")]):
+    with pytest.raises(ValueError, match="samples"):
+      claims.percentile_interval(bad)
+  with pytest.raises(ValueError, match="confidence"):
+    claims.percentile_interval(x, 1.0)
+
+
+def test_r2_from_terms_matches_direct_r2():
+  rng = np.random.default_rng(1)
+  y = rng.normal(size=(50, 3))
+  pred = y + 0.5 * rng.normal(size=y.shape)
+  direct = 1 - np.sum((y - pred) ** 2) / np.sum((y - y.mean(0)) ** 2)
+  assert np.isclose(claims.r2_from_terms(np.sum((y - pred) ** 2, 1), y), direct)
+  with pytest.raises(ValueError, match="no variance"):
+    claims.r2_from_terms(np.zeros(4), np.ones((4, 2)))
+
+
+def test_fidelity_gain_samples_are_paired_and_centred_on_the_gain():
+  rng = np.random.default_rng(2)
+  y = rng.normal(size=(400, 4))
+  good = np.sum((0.3 * rng.normal(size=y.shape)) ** 2, 1)       # R^2 about 0.91
+  bad = good + np.sum((0.6 * rng.normal(size=y.shape)) ** 2, 1)  # worse on every row
+  gain = claims.fidelity_gain_samples(good, bad, y, num_samples=300)
+  full = claims.r2_from_terms(good, y) - claims.r2_from_terms(bad, y)
+  lo, hi = claims.percentile_interval(gain)
+  assert lo < full < hi and lo > 0  # paired: the per-row advantage is never lost in resampling
+  assert claims.decide(lo, hi, 0.0, "above") == claims.HOLDS
+  # Same copy on both sides: every paired sample is exactly 0.
+  assert np.all(claims.fidelity_gain_samples(good, good, y, num_samples=20) == 0)
+  with pytest.raises(ValueError, match="same rows"):
+    claims.fidelity_gain_samples(good[:10], bad, y)
+
+
+def test_accuracy_drop_samples_cover_the_drop_and_resample_seeds():
+  rng = np.random.default_rng(3)
+  a = (rng.random((3, 450)) < 0.9).astype(np.float32)
+  b = a.copy()
+  b[:, :9] = 0.0  # b loses the first 9 images a got right (about 1.8 points)
+  drop = 100.0 * (a.mean() - b.mean())
+  samples = claims.accuracy_drop_samples(a, b, num_samples=500)
+  lo, hi = claims.percentile_interval(samples)
+  assert lo <= drop <= hi and lo >= 0
+  # Seed-only differences: seed 0 says +3 points, the others 0 -> the samples vary with the seed draw.
+  d = a.copy()
+  d[0, np.flatnonzero(a[0])[:14]] = 0.0
+  spread = claims.accuracy_drop_samples(a, d, num_samples=200)
+  assert spread.min() == 0.0 and spread.max() > 2.0
+  with pytest.raises(ValueError, match="seeds, images"):
+    claims.accuracy_drop_samples(a[0], b[0])
