@@ -1,10 +1,12 @@
-r"""The offline end-to-end B4B demo (README quickstart), about 6 minutes on 2 CPU cores:
+r"""The offline end-to-end B4B demo (README quickstart), about 7 minutes on 2 quiet CPU cores:
 
   python -m b4b_jax.main --config=configs/demo.py --workdir=/tmp/b4b_demo
 
-`configs/demo.py:tiny` is the seconds-scale variant the tests run. Expected result (full variant): the
-legit digits user loses < 1 point under B4B; the B4B thief's copy reproduces less of the victim than the
-undefended thief's; sybils do not recover it; report.md says which claims hold at this scale.
+`configs/demo.py:tiny` is the seconds-scale variant the tests run (tests/test_demo.py also runs it under
+two rounding settings and checks the verdicts agree). Expected result (full variant): each of the
+paper's claims gets "holds", "does not hold" or "undecided at this scale" from a 95 % paired bootstrap
+interval and the margins in `claims` (README "How a claim is decided"); the verdicts, not the last digits
+of the numbers, are what should agree across machines.
 """
 import ml_collections
 
@@ -80,8 +82,9 @@ def get_config(arg=None):
   c.probe.ridge_alphas = tuple(10.0 ** e for e in range(-3, 5))
 
   # How each claim is decided (b4b_jax/demo/claims.py): a 95 % paired bootstrap interval that must clear
-  # the claim's threshold by a margin. The margins are what rounding alone moved the statistics by (a
-  # 1-thread vs 2-thread rerun, README "What varies from machine to machine"), rounded up.
+  # the claim's threshold by a margin: the part of the statistic's spread a single run's interval cannot
+  # see (another machine's rounding draws another victim and other copies; README "What varies from
+  # machine to machine").
   c.claims = ml_collections.ConfigDict()
   c.claims.confidence = 0.95
   c.claims.bootstrap_samples = 200 if tiny else 1000
