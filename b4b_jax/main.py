@@ -3,6 +3,8 @@ r"""Entry point for every b4b-jax experiment.
   python -m b4b_jax.main --config=configs/<name>.py[:variant] --workdir=DIR [--config.field=value]
 
 `config.job` names a module in `b4b_jax.jobs`; that module's `run(config, workdir)` does the work.
+A workdir that cannot be used (a regular file, not writable) ends the run with one `error:` line naming
+it and exit status 1, before anything is written.
 """
 import os
 
@@ -13,6 +15,7 @@ from ml_collections import config_flags
 
 from b4b_jax.jobs.runner import run_job  # re-exported: tests and scripts call b4b_jax.main.run_job
 from b4b_jax.utils import distributed
+from b4b_jax.utils import files
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -44,7 +47,10 @@ def main(argv):
   distributed.initialize_distributed()
   workdir = os.path.abspath(_WORKDIR.value)
   logging.info("job %s -> workdir %s", _CONFIG.value.get("job"), workdir)
-  run_job(_CONFIG.value, workdir)
+  try:
+    run_job(_CONFIG.value, workdir)
+  except files.PathError as e:  # a path the user gave is unusable: one line, not a traceback
+    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

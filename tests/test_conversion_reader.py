@@ -172,3 +172,107 @@ def test_conversion_is_deterministic_and_keeps_half_precision_values(resnet18_sd
     converters.convert_checkpoint("torchvision_resnet", str(path), str(tmp_path / "a"))
   c = converters.convert_checkpoint("torchvision_resnet", str(path), str(tmp_path / "a"), overwrite=True)
   assert c == a
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resource limits (issue 14 item 9): small hostile files must not make the reader allocate much.
+# ---------------------------------------------------------------------------------------------------
+class _StorageRef:
+  """Stands for storage "0" in a hand-built pickle (persistent id like torch's)."""
+
+
+class _TensorRef:
+
+  def __init__(self, size, stride, offset=0):
+    self.size, self.stride, self.offset = size, stride, offset
+
+  def __reduce__(self):
+    return (torch._utils._rebuild_tensor_v2,
+            (_StorageRef(), self.offset, self.size, self.stride, False, collections.OrderedDict()))
+
+
+def _write_pth(path, obj, *, numel, record_chunks, compress=False):
+  """A torch-format zip whose pickle declares storage "0" as `numel` float32s and whose data/0 record
+  holds the concatenation of `record_chunks` (written chunk by chunk: a 1 GiB record never sits in
+  this process's memory)."""
+  import io
+  import pickle
+
+  class Pickler(pickle.Pickler):
+
+    def persistent_id(self, o):
+      if isinstance(o, _StorageRef):
+        return ("storage", torch.FloatStorage, "0", "cpu", numel)
+      return None
+  buf = io.BytesIO()
+  Pickler(buf, protocol=2).dump(obj)
+  mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+  with zipfile.ZipFile(path, "w", compression=mode, compresslevel=1 if compress else None) as z:
+    z.writestr("archive/data.pkl", buf.getvalue())
+    z.writestr("archive/byteorder", "little")
+    with z.open("archive/data/0", "w", force_zip64=True) as f:
+      for chunk in record_chunks:
+        f.write(chunk)
+
+
+def _peak_allocation(fn):
+  """(exception raised by fn, peak bytes traced while it ran): numpy reports its buffers to
+  tracemalloc, so a 2 GB copy shows even if an error follows it."""
+  import tracemalloc
+  tracemalloc.start()
+  try:
+    fn()
+  except Exception as e:  # pylint: disable=broad-except
+    return e, tracemalloc.get_traced_memory()[1]
+  finally:
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+  return None, peak
+
+
+def test_stride_zero_tensor_cannot_make_the_reader_allocate_gigabytes(tmp_path):
+  path = tmp_path / "expand.pth"
+  torch.save({"w": torch.ones(1).expand(2 ** 29)}, path)  # 4 bytes of storage, 2 GiB as a copy
+  assert os.path.getsize(path) < 2000
+  err, peak = _peak_allocation(lambda: pth_reader.load_pth(str(path)))
+  assert isinstance(err, pth_reader.CheckpointError), err
+  assert "stride (0,)" in str(err) and "on storage expand/data/0" in str(err) and "limit" in str(err)
+  assert peak < 80 * 2 ** 20
+  # A legitimate small expanded tensor still loads (and is materialised).
+  torch.save({"w": torch.arange(3.0).expand(4, 3)}, tmp_path / "small.pth")
+  np.testing.assert_array_equal(pth_reader.load_pth(str(tmp_path / "small.pth"))["w"],
+                                np.tile(np.arange(3.0, dtype=np.float32), (4, 1)))
+
+
+def test_compressed_gigabyte_storage_record_is_refused_before_reading(tmp_path):
+  path = tmp_path / "bomb.pth"
+  zeros = bytes(1 << 20)
+  _write_pth(path, {"w": _TensorRef((2 ** 28,), (1,))}, numel=2 ** 28,
+             record_chunks=(zeros for _ in range(1024)), compress=True)
+  assert os.path.getsize(path) < 8 * 2 ** 20
+  err, peak = _peak_allocation(lambda: pth_reader.load_pth(str(path)))
+  assert isinstance(err, pth_reader.CheckpointError), err
+  assert "archive/data/0" in str(err) and "limit" in str(err)
+  assert peak < 80 * 2 ** 20
+  # Declaring a small storage does not let the huge record through either.
+  _write_pth(path, {"w": _TensorRef((1,), (1,))}, numel=1,
+             record_chunks=(zeros for _ in range(1024)), compress=True)
+  err, peak = _peak_allocation(lambda: pth_reader.load_pth(str(path)))
+  assert isinstance(err, pth_reader.CheckpointError) and "archive/data/0" in str(err), err
+  assert peak < 80 * 2 ** 20
+
+
+def test_declared_storage_size_and_geometry_are_checked_against_the_record(tmp_path):
+  path = tmp_path / "short.pth"
+  _write_pth(path, {"w": _TensorRef((1000,), (1,))}, numel=1000, record_chunks=[bytes(40)])
+  with pytest.raises(pth_reader.CheckpointError, match=r"archive/data/0 holds 40 bytes, expected 4000"):
+    pth_reader.load_pth(str(path))
+  _write_pth(path, {"w": _TensorRef((5, 4), (4, 1), offset=2)}, numel=20, record_chunks=[bytes(80)])
+  with pytest.raises(pth_reader.CheckpointError, match="reaches element 21"):
+    pth_reader.load_pth(str(path))
+  _write_pth(path, {"w": _TensorRef((5, 4), (4, 1))}, numel=20,
+             record_chunks=[np.arange(20, dtype="<f4").tobytes()])
+  np.testing.assert_array_equal(pth_reader.load_pth(str(path))["w"], np.arange(20.0).reshape(5, 4))
+  # The cap can be set explicitly; a real checkpoint over it names the record.
+  with pytest.raises(pth_reader.CheckpointError, match="archive/data/0.*limit"):
+    pth_reader.load_pth(str(path), max_bytes=200)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from b4b_jax import defense
+from b4b_jax.defense import api as api_lib
 from b4b_jax.defense import state as state_lib
 
 D = 16
@@ -74,16 +75,15 @@ def _batches(seed, sizes, users):
 def test_mixed_batches_equal_per_user_sequential_calls(transform):
   cfg = _loud_cfg(transform=transform, pad_dim=3)
   users = ["u0", "u1", "u2", "u3", "u4"]
-  # Capacity growth (2 -> 8 slots) on one, an LRU of 2 matrices for 5 users on the other.
-  mixed = defense.DefendedEncoder(None, cfg, D, capacity=2 if transform != "dense_affine" else 8,
-                                  transform_cache_size=2)
+  # Capacity growth (2 -> 8 slots) on one (tests/test_defense_contract.py: the bounded matrix LRU).
+  mixed = defense.DefendedEncoder(None, cfg, D, capacity=2 if transform != "dense_affine" else 8)
   sequential = defense.DefendedEncoder(None, cfg, D, capacity=8)
   for batch_users, reps in _batches(1, (24, 7, 30), users):
-    out_mixed = mixed.query_representations(batch_users, reps)
+    out_mixed = mixed.query_representations(batch_users, reps).reps
     out_seq = np.zeros_like(out_mixed)
     for u in dict.fromkeys(batch_users):
       rows = np.flatnonzero(np.asarray(batch_users) == u)
-      out_seq[rows] = sequential.query_representations(u, reps[rows])
+      out_seq[rows] = sequential.query_representations(u, reps[rows]).reps
     np.testing.assert_array_equal(out_mixed, out_seq)
     assert out_mixed.shape == (len(reps), mixed.out_dim)
   for u in users:
@@ -97,40 +97,43 @@ def test_mixed_batches_equal_per_user_sequential_calls(transform):
 def test_noise_std_matches_sigma_and_is_fresh_per_query():
   api = defense.DefendedEncoder(None, _loud_cfg(), D)
   reps = np.random.default_rng(2).standard_normal((512, D)).astype(np.float32)
-  first = api.query_representations("alice", reps)
-  sigma = api.last_info["sigma"]
+  result = api.query_representations("alice", reps)
+  first, sigma = result.reps, result.sigma
   assert np.all(sigma == sigma[0]) and 0.05 < sigma[0] < 5
   assert sigma[0] == pytest.approx(api.sigma("alice"), rel=1e-5)  # "after": coverage incl. batch
   z = (first - reps) / sigma[0]
   assert abs(z.std() - 1.0) < 0.05 and abs(z.mean()) < 0.05
   # Same inputs again: fresh noise (new batch counter); another user: different noise.
-  again = api.query_representations("alice", reps)
-  other = api.query_representations("bob", reps)
+  again = api.query_representations("alice", reps).reps
+  other = api.query_representations("bob", reps).reps
   assert not np.any(again == first) and not np.any(other == first)
   # Rows of one batch get independent noise (rank in batch is part of the key).
-  same_rows = api.query_representations("carol", np.repeat(reps[:1], 4, axis=0))
+  same_rows = api.query_representations("carol", np.repeat(reps[:1], 4, axis=0)).reps
   assert len({tuple(r) for r in same_rows}) == 4
 
 
 def test_static_sigma_and_sigma_from_before_and_disabled():
   reps = np.random.default_rng(3).standard_normal((256, D)).astype(np.float32)
   static = defense.DefendedEncoder(None, _cfg(static_sigma=0.3), D)
-  out = static.query_representations("a", reps)
-  assert np.all(static.last_info["sigma"] == np.float32(0.3))
+  result = static.query_representations("a", reps)
+  out = result.reps
+  assert np.all(result.sigma == np.float32(0.3))
   assert abs((out - reps).std() / 0.3 - 1.0) < 0.05
   assert static.coverage("a") > 0  # still counted, for plots
 
   before = defense.DefendedEncoder(None, _loud_cfg(sigma_from="before"), D)
-  np.testing.assert_array_equal(before.query_representations("a", reps[:64]), reps[:64])
-  assert np.all(before.last_info["sigma"] == 0)
+  result = before.query_representations("a", reps[:64])
+  np.testing.assert_array_equal(result.reps, reps[:64])
+  assert np.all(result.sigma == 0)
   coverage_before = before.coverage("a")
-  before.query_representations("a", reps[64:128])
-  assert before.last_info["sigma"][0] == pytest.approx(
+  result = before.query_representations("a", reps[64:128])
+  assert result.sigma[0] == pytest.approx(
       defense.noise_std(coverage_before, 1e-2, 1.0, 100.0), rel=1e-5)
 
   off = defense.DefendedEncoder(None, _cfg("none", transform="binary"), D)
-  np.testing.assert_array_equal(off.query_representations("a", reps), reps)
-  assert off.out_dim == D and off.coverage("a") > 0 and np.all(off.last_info["sigma"] == 0)
+  result = off.query_representations("a", reps)
+  np.testing.assert_array_equal(result.reps, reps)
+  assert off.out_dim == D and off.coverage("a") > 0 and np.all(result.sigma == 0)
 
 
 # ------------------------------------------------------------------------------------- images path
@@ -138,19 +141,19 @@ def test_fused_encoder_equals_embedding_path_and_non_traceable_encoder_works():
   images = np.random.default_rng(4).uniform(size=(10, 4, 4, 3)).astype(np.float32)
   cfg = _loud_cfg(transform="diag_affine")
   fused = defense.DefendedEncoder(_encoder, cfg, D)
-  out = fused.query("alice", images)
+  out = fused.query("alice", images).reps
   assert fused._fuse is True  # pylint: disable=protected-access
   emb = defense.DefendedEncoder(None, cfg, D)
-  ref = emb.query_representations("alice", np.asarray(_encoder(images)))
+  ref = emb.query_representations("alice", np.asarray(_encoder(images))).reps
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
   assert fused.coverage("alice") == emb.coverage("alice")
 
   host = defense.DefendedEncoder(lambda x: np.tanh(np.asarray(x).reshape(len(x), -1) @ _W), cfg, D)
-  np.testing.assert_allclose(host.query("alice", images), out, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(host.query("alice", images).reps, out, rtol=1e-5, atol=1e-6)
   assert host._fuse is False  # pylint: disable=protected-access
   with_params = defense.DefendedEncoder(_ParamEncoder(), cfg, D)
-  np.testing.assert_array_equal(with_params.query("alice", images), out)
-  mixed = fused.query_mixed(["bob", "alice"] * 5, images)
+  np.testing.assert_array_equal(with_params.query("alice", images).reps, out)
+  mixed = fused.query_mixed(["bob", "alice"] * 5, images).reps
   assert mixed.shape == (10, D) and fused.num_queries("bob") == 5
 
 
@@ -170,8 +173,8 @@ def test_save_restore_continues_every_users_coverage_exactly(tmp_path):
   assert restored.users == original.users and restored.capacity == original.capacity
   assert json.dumps(restored.stats(), sort_keys=True) == json.dumps(original.stats(), sort_keys=True)
   for batch_users, reps in batches[2:]:
-    a = restored.query_representations(batch_users, reps)
-    b = uninterrupted.query_representations(batch_users, reps)
+    a = restored.query_representations(batch_users, reps).reps
+    b = uninterrupted.query_representations(batch_users, reps).reps
     np.testing.assert_array_equal(a, b)
   for u in users:
     assert restored.coverage(u) == uninterrupted.coverage(u)
@@ -250,10 +253,12 @@ def test_corrupted_or_mismatched_checkpoints_raise(tmp_path):
   def meta_file(path):
     return glob.glob(os.path.join(path, "0", "meta", "*"))[0]
 
-  def edit_meta(path, fn):
+  def edit_meta(path, fn, resign=True):
     with open(meta_file(path)) as f:
       meta = json.load(f)
     fn(meta)
+    if resign:  # a consistent digest, so the checks behind the integrity envelope are reached
+      meta["integrity_sha256"] = api_lib._meta_digest(meta)  # pylint: disable=protected-access
     with open(meta_file(path), "w") as f:
       json.dump(meta, f)
 
@@ -265,6 +270,8 @@ def test_corrupted_or_mismatched_checkpoints_raise(tmp_path):
   edit_meta(bad_lam, lambda m: m["config"].update(lam=0.0))
   tampered = saved("tampered")
   edit_meta(tampered, lambda m: m["arrays_sha256"].update(counts="0" * 64))
+  unsigned = saved("unsigned")
+  edit_meta(unsigned, lambda m: m["config"].update(lam=2e-2), resign=False)
   garbled = saved("garbled")
   for f in glob.glob(os.path.join(garbled, "0", "state", "**", "*"), recursive=True):
     if os.path.isfile(f):
@@ -272,15 +279,14 @@ def test_corrupted_or_mismatched_checkpoints_raise(tmp_path):
         out.write(b"\x00garbage" * 3)
   for path, match in [(renamed, "does not hold the id of user 'eve'"), (other_k, "shape"),
                       (bad_lam, "lam must be > 0"), (tampered, "checksum"),
-                      (garbled, "corrupted or unreadable")]:
-    with pytest.raises(ValueError, match=match):
+                      (unsigned, "integrity check"), (garbled, "damaged or unreadable")]:
+    with pytest.raises(defense.CorruptCheckpointError, match=match):
       defense.DefendedEncoder.restore(path, None)
 
 
 def test_a_models_encoder_runs_fused_with_its_weights_as_jit_arguments(tmp_path):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from b4b_jax import models  # pylint: disable=g-import-not-at-top
-  from b4b_jax.defense import api as api_lib  # pylint: disable=g-import-not-at-top
   model = models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(0), small_input=True)
   models.save_encoder(str(tmp_path / "enc"), model,
                       {"preprocessing": models.default_preprocessing(16, resize=None)})
@@ -289,7 +295,7 @@ def test_a_models_encoder_runs_fused_with_its_weights_as_jit_arguments(tmp_path)
   cfg = _loud_cfg(transform="diag_affine")
   api = defense.DefendedEncoder(encoder, cfg, encoder.rep_dim)
   images = np.random.default_rng(8).uniform(size=(5, 16, 16, 3)).astype(np.float32)
-  out = api.query("alice", images)
+  out = api.query("alice", images).reps
   assert api._fuse is True  # pylint: disable=protected-access
   # (Fused == eager equality is checked with the toy encoders above; here the real model's protocol.)
   assert out.shape == (5, encoder.rep_dim) and np.isfinite(out).all()

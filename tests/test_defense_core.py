@@ -121,11 +121,11 @@ def test_coverage_matches_set_reference_over_incremental_mixed_batches(num_proje
     batches.append((batch_users, rows))
   history = _reference_coverage(batches, api.params.hyperplanes)
   for (batch_users, rows), expected in zip(batches, history):
-    api.query_representations(batch_users, rows)
+    result = api.query_representations(batch_users, rows)
     for u, cov in expected.items():
       assert api.coverage(u) == pytest.approx(cov, rel=1e-12, abs=1e-12)
     for row, u in enumerate(batch_users):  # per-row info is the user's coverage after the batch
-      assert api.last_info["coverage"][row] == pytest.approx(expected[u], rel=1e-6)
+      assert result.coverage[row] == pytest.approx(expected[u], rel=1e-6)
   counts = np.asarray(api.state.counts)
   np.testing.assert_array_equal(lsh.popcount(api.state.occupancy), counts)
   assert api.num_queries("ann") + api.num_queries("bob") + api.num_queries("cy") == start

@@ -91,7 +91,7 @@ def test_binary_debinarize_through_the_api_keeps_the_bit_and_is_fresh():
   cfg = _cfg("binary", debinarize=True, static_sigma=0.0)
   api = defense.DefendedEncoder(None, cfg, D)
   x = np.random.default_rng(3).uniform(size=(8, D)).astype(np.float32)
-  first, second = api.query_representations("erin", x), api.query_representations("erin", x)
+  first, second = api.query_representations("erin", x).reps, api.query_representations("erin", x).reps
   bits = defense.apply_user_transform(_cfg("binary"), D,
                                       defense.user_transform_params(cfg, D, "erin"), x)
   for out in (first, second):
@@ -106,7 +106,7 @@ def test_api_applies_the_users_own_transform(transform):
   cfg = _cfg(transform, static_sigma=0.0)  # no noise: the output is exactly T_user(x)
   api = defense.DefendedEncoder(None, cfg, D)
   x = np.random.default_rng(4).standard_normal((6, D)).astype(np.float32)
-  out = api.query_representations(["frank", "gina"] * 3, x)
+  out = api.query_representations(["frank", "gina"] * 3, x).reps
   for name, rows in (("frank", [0, 2, 4]), ("gina", [1, 3, 5])):
     expected = defense.apply_user_transform(cfg, D, defense.user_transform_params(cfg, D, name),
                                             x[rows])

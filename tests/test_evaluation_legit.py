@@ -64,9 +64,9 @@ def test_probe_sees_exactly_what_the_api_returned(data):
   # The same user on a fresh API with the same master seed gets the very same answers (noise is keyed
   # by user and query counter), so the responses the probe used are the API's, train then test.
   api = api_client.representation_api(cfg, DIM)
-  ref_train = np.concatenate([api.query_representations("legit", train_x[i:i + BATCH])
+  ref_train = np.concatenate([api.query_representations("legit", train_x[i:i + BATCH]).reps
                               for i in range(0, N_TRAIN, BATCH)])
-  ref_test = np.concatenate([api.query_representations("legit", test_x[i:i + BATCH])
+  ref_test = np.concatenate([api.query_representations("legit", test_x[i:i + BATCH]).reps
                              for i in range(0, N_TEST, BATCH)])
   np.testing.assert_array_equal(res["responses"][0], ref_train)
   np.testing.assert_array_equal(res["responses"][1], ref_test)

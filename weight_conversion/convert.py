@@ -8,7 +8,10 @@
   python -m weight_conversion.convert --kind torchvision_resnet --checkpoint resnet18.pth --output DIR
 
 The architecture is inferred from the tensor shapes; --arch (e.g. resnet50, vit_small) makes it a check.
-Load the result with b4b_jax.models.load_encoder(DIR). An existing DIR is refused unless --overwrite.
+Load the result with b4b_jax.models.load_encoder(DIR). An existing DIR is refused unless --overwrite,
+and --overwrite only replaces an encoder directory (one whose manifest.json this tool wrote), in one
+atomic swap. Path problems (DIR under a regular file, a read-only parent, a directory as --checkpoint)
+are reported before the conversion starts; every error is one line on stderr and exit status 2.
 """
 import argparse
 import sys
@@ -37,7 +40,7 @@ def main(argv=None) -> int:
     manifest = converters.convert_checkpoint(
         args.kind, args.checkpoint, args.output, arch=args.arch, dino_weights=args.dino_weights,
         n_last_blocks=args.n_last_blocks, overwrite=args.overwrite)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError) as e:  # bad input, path problems (PathError), unreadable files
     print(f"error: {e}", file=sys.stderr)
     return 2
   arch = manifest["architecture"]

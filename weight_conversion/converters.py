@@ -23,8 +23,10 @@ import numpy as np
 from flax import nnx
 
 from b4b_jax import models
+from b4b_jax.models import encoder as encoder_lib
 from b4b_jax.models import resnet as resnet_lib
 from b4b_jax.models import vit as vit_lib
+from b4b_jax.utils import files
 from weight_conversion import keymaps
 from weight_conversion import pth_reader
 
@@ -194,9 +196,20 @@ def convert_checkpoint(kind: str, checkpoint: str, output: str, *, arch: Optiona
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   output = os.path.abspath(output)
-  if os.path.lexists(output) and not overwrite:  # fail before the (slow) read
-    raise ValueError(f"{output} already exists; choose a new directory or pass --overwrite")
-  digest = file_sha256(checkpoint) if os.path.isfile(checkpoint) else None
+  # Every path problem fails here, before the (slow) read and conversion.
+  if os.path.isdir(checkpoint):
+    raise files.PathError(f"checkpoint {checkpoint} is a directory, not a .pth file")
+  if os.path.exists(checkpoint) and not os.path.isfile(checkpoint):
+    raise files.PathError(f"checkpoint {checkpoint} is not a regular file (a device or pipe)")
+  if not os.path.isfile(checkpoint):
+    raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+  try:
+    encoder_lib.check_replaceable(output, overwrite=overwrite)
+  except ValueError as e:
+    if not overwrite and os.path.lexists(output):
+      raise ValueError(f"{output} already exists; choose a new directory or pass --overwrite") from e
+    raise
+  digest = file_sha256(checkpoint)
   ckpt = pth_reader.load_pth(checkpoint)
   what = f"{os.path.basename(checkpoint)} ({kind})"
   if kind == "simsiam":

@@ -11,15 +11,24 @@ with an UnsafeCheckpointError before anything runs, so a hostile checkpoint cann
 come back as numpy arrays (bfloat16 / float8 through ml_dtypes), copied out of their storage with their
 own sizes, strides and offsets (non-contiguous views are materialised).
 
+Resource limits: a small hostile file must not make the reader allocate much. Every storage record's
+declared size (numel x itemsize from the pickle) is checked against the zip entry's real size before
+it is read, and every tensor's (size, stride, offset) against its storage's actual byte size. All
+bytes the reader allocates (storage records read, tensors materialised, the pickle) count against one
+budget, `max_bytes` (default 4 x the file size + 64 MiB: a real checkpoint materialises each storage
+about once, while a stride-0 tensor or a compressed 1 GiB record in a 1 MB file exceeds it); going
+over is a CheckpointError naming the storage record, raised before the allocation.
+
 Legacy (pre-1.6, non-zip) checkpoints are refused with an explanation of how to re-save them.
 """
 import argparse
 import collections
 import io
+import math
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -77,15 +86,37 @@ class _TorchDtype:
     self.dtype = np.dtype(_TORCH_DTYPES[name])
 
 
+_MIB = 1 << 20
+
+
+class _Budget:
+  """Bytes the reader may still allocate; `take` refuses (before allocating) what would exceed it."""
+
+  def __init__(self, path: str, limit: int):
+    self.path = path
+    self.limit = int(limit)
+    self.used = 0
+
+  def take(self, nbytes: int, what: str) -> None:
+    if nbytes > self.limit - self.used:
+      raise CheckpointError(
+          f"{self.path}: {what} needs {nbytes} bytes, beyond the reader's limit ({self.used} of "
+          f"{self.limit} bytes already used; max_bytes defaults to 4 x the file size + 64 MiB). "
+          f"A checkpoint this size is hostile or malformed; pass max_bytes to load_pth if it is real")
+    self.used += nbytes
+
+
 class _Storage:
   """A loaded storage: raw bytes plus the dtype its storage class declares."""
 
-  def __init__(self, key: str, data: bytes, dtype: np.dtype, numel: int, byteorder: str):
+  def __init__(self, key: str, data: bytes, dtype: np.dtype, numel: int, byteorder: str,
+               budget: _Budget):
     self.key = key
     self.data = data
     self.dtype = dtype
     self.numel = numel
     self.byteorder = byteorder
+    self.budget = budget
 
   def as_array(self, dtype: np.dtype) -> np.ndarray:
     count = len(self.data) // dtype.itemsize
@@ -115,6 +146,9 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
   if last >= flat.size:
     raise CheckpointError(f"storage {storage.key}: tensor of size {size}, stride {stride}, offset "
                           f"{offset} reaches element {last} but the storage holds {flat.size}")
+  # The copy below allocates numel x itemsize, however few bytes the storage has (stride 0 repeats).
+  storage.budget.take(math.prod(size) * flat.itemsize,
+                      f"tensor of size {size} stride {stride} on storage {storage.key}")
   view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size,
                                          strides=tuple(s * flat.itemsize for s in stride),
                                          writeable=False)
@@ -187,11 +221,12 @@ _ALLOWED.update({("torch", name): _TorchDtype(name) for name in _TORCH_DTYPES})
 
 class _RestrictedUnpickler(pickle.Unpickler):
 
-  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str, budget: _Budget):
     super().__init__(file, encoding="utf-8")
     self._archive = archive
     self._prefix = prefix
     self._byteorder = byteorder
+    self._budget = budget
     self._storages: Dict[str, _Storage] = {}
 
   def find_class(self, module, name):
@@ -216,14 +251,22 @@ class _RestrictedUnpickler(pickle.Unpickler):
     if key not in self._storages:
       name = f"{self._prefix}data/{key}"
       try:
-        data = self._archive.read(name)
+        info = self._archive.getinfo(name)
       except KeyError:
         raise CheckpointError(f"checkpoint is missing storage record {name}") from None
-      expected = int(numel) * dtype.itemsize
-      if len(data) < expected:
-        raise CheckpointError(f"storage {name} holds {len(data)} bytes, expected {expected} "
+      if not isinstance(numel, int) or numel < 0:
+        raise CheckpointError(f"storage {name}: invalid element count {numel!r}")
+      expected = numel * dtype.itemsize
+      # Declared size against the record's real size, before reading anything.
+      if info.file_size < expected:
+        raise CheckpointError(f"storage {name} holds {info.file_size} bytes, expected {expected} "
                               f"({numel} x {dtype})")
-      self._storages[key] = _Storage(key, data[:expected], dtype, int(numel), self._byteorder)
+      # The whole record is read (the zip CRC is only checked at its end): its real size is what
+      # gets allocated, so that is what counts (a compressed record may expand far beyond the file).
+      self._budget.take(info.file_size, f"storage record {name}")
+      data = self._archive.read(info)
+      self._storages[key] = _Storage(name, data[:expected], dtype, numel, self._byteorder,
+                                     self._budget)
     return self._storages[key]
 
 
@@ -233,12 +276,15 @@ def _is_legacy(head: bytes) -> bool:
   return head[:2] == b"\x80\x02" or head[257:262] == b"ustar"
 
 
-def load_pth(path: str) -> Any:
+def load_pth(path: str, *, max_bytes: Optional[int] = None) -> Any:
   """The object torch.save wrote to `path`, with tensors as numpy arrays.
 
   Raises FileNotFoundError, or CheckpointError (a ValueError) for truncated/corrupt files, legacy
-  files, and UnsafeCheckpointError for pickles naming globals outside the allow-list.
+  files, files needing more than `max_bytes` of memory (default 4 x the file size + 64 MiB), and
+  UnsafeCheckpointError for pickles naming globals outside the allow-list.
   """
+  if os.path.isdir(path):
+    raise CheckpointError(f"checkpoint {path} is a directory, not a .pth file")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint {path} does not exist")
   with open(path, "rb") as f:
@@ -259,11 +305,17 @@ def load_pth(path: str) -> Any:
       prefix = pkl[0][:-len("data.pkl")]
       byteorder = "little"
       if f"{prefix}byteorder" in names:
+        if archive.getinfo(f"{prefix}byteorder").file_size > 16:
+          raise CheckpointError(f"{path}: byteorder record is not 'little' or 'big'")
         byteorder = archive.read(f"{prefix}byteorder").decode().strip()
         if byteorder not in ("little", "big"):
           raise CheckpointError(f"{path}: unknown byteorder record {byteorder!r}")
+      if max_bytes is None:
+        max_bytes = 4 * os.path.getsize(path) + 64 * _MIB
+      budget = _Budget(path, max_bytes)
+      budget.take(archive.getinfo(pkl[0]).file_size, f"pickle record {pkl[0]}")
       data = archive.read(pkl[0])
-      unpickler = _RestrictedUnpickler(io.BytesIO(data), archive, prefix, byteorder)
+      unpickler = _RestrictedUnpickler(io.BytesIO(data), archive, prefix, byteorder, budget)
       return unpickler.load()
   except CheckpointError:
     raise

@@ -62,8 +62,9 @@ class Attacker:
     user = self.users[account]
     for start in range(0, len(indices), self.batch_size):
       chunk = indices[start:start + self.batch_size]
-      out.append(np.asarray(self.api.query(user, self.views(chunk, epoch)), np.float32))
-      self._record(account, phase)
+      result = self.api.query(user, self.views(chunk, epoch))
+      out.append(result.reps)
+      self._record(account, phase, result)
     if not out:
       return np.zeros((0, self.api.out_dim), np.float32)
     return np.concatenate(out)
@@ -73,9 +74,10 @@ class Attacker:
     """One call for a batch whose rows belong to several accounts (re-query mode); mapped responses."""
     users = [self.users[a] for a in accounts_per_row]
     images = self.views(indices, epoch) if images is None else images
-    raw = np.asarray(self.api.query_mixed(users, images), np.float32)
+    result = self.api.query_mixed(users, images)
+    raw = result.reps
     for account in sorted(set(int(a) for a in accounts_per_row)):
-      self._record(account, "requery")
+      self._record(account, "requery", result)
     return self.map_rows(accounts_per_row, raw)
 
   def map_rows(self, accounts_per_row: np.ndarray, responses: np.ndarray) -> np.ndarray:
@@ -90,11 +92,10 @@ class Attacker:
       out[rows] = out_rows
     return out
 
-  def _record(self, account: int, phase: str) -> None:
+  def _record(self, account: int, phase: str, result) -> None:
     user = self.users[account]
-    info = self.api.last_info or {}
-    rows = [i for i, u in enumerate(info.get("users", [])) if u == user]
-    sigma = float(np.asarray(info["sigma"])[rows[-1]]) if rows else self.api.sigma(user)
+    rows = [i for i, u in enumerate(result.users) if u == user]
+    sigma = float(result.sigma[rows[-1]]) if rows else self.api.sigma(user)
     entry = QueryLogEntry(account + 1, phase, self.api.num_queries(user), self.api.coverage(user), sigma)
     self.log.append(entry)
     self.on_batch(entry)

@@ -1,22 +1,37 @@
-"""DefendedEncoder: the in-process B4B API (accounts, per-user state, save/restore).
+"""DefendedEncoder: the in-process B4B API (accounts, per-user state, save/restore, journal replay).
 
-  api = DefendedEncoder(encoder_fn, defense_config("simsiam"), rep_dim=2048)
-  out = api.query("alice", images)        # images NHWC float32 -> np.ndarray [N, api.out_dim]
+  api = DefendedEncoder.from_encoder_dir("encoders/victim", defense_config("simsiam"), capacity=1024)
+  result = api.query("alice", images)     # uint8 NHWC at the manifest's input size -> QueryResult
+  result.reps, result.coverage, result.sigma, result.buckets    # [N, out_dim], [N], [N], [N, P]
   api.coverage("alice"), api.sigma("alice"), api.num_queries("alice"), api.stats()
-  api.save(path); api = DefendedEncoder.restore(path, encoder_fn)
+  api.save(path); api = DefendedEncoder.restore(path, "encoders/victim")
+  api.replay(result.users, result.buckets)  # after restore: repeats a journaled call's charges exactly
 
 Every experiment (legit users, attackers, sybils) goes through this object. The encoder forward and the
 defense run as one jitted device call when encoder_fn is JAX-traceable (checked once with
-jax.eval_shape; otherwise the encoder runs eagerly and only the defense is jitted).
+jax.eval_shape; otherwise the encoder runs eagerly and only the defense is jitted). An encoder with
+`.apply_fn(params, images)` and `.params` (models.load_encoder's Encoder) has its weights passed to that
+jit as arguments, never compiled in as constants.
 
-Bad input (wrong shapes or dtypes, NaN/Inf representations, unknown users when registration is
-required, invalid config, corrupted checkpoints) raises ValueError naming the problem, and the defense
-state, the account registry and the counters are exactly as before the call.
+Contract (the served API builds on it):
+  * every query call returns its own QueryResult (nothing is left on the object to read afterwards);
+  * refused calls raise the typed errors of `errors.py` (all ValueError; a missing checkpoint is
+    NoCheckpointError, a FileNotFoundError) and leave the defense state, the account registry, the
+    counters and the expected input shape exactly as before the call;
+  * user names are compared in Unicode NFC form; registering several users is all-or-nothing;
+  * `capacity` user slots are allocated up front; registering more doubles them, which recompiles the
+    jitted step once for the new shape (pre-size it for a service under traffic);
+  * matrix transforms (dense_affine, binary) keep at most `config.transform_cache_mib` of per-user
+    matrices on device (an LRU); one call may hold at most `max_users_per_call` distinct users.
 """
 import collections
+import collections.abc
+import dataclasses
 import functools
 import hashlib
+import json
 import os
+import re
 import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -28,6 +43,7 @@ from absl import logging
 
 from b4b_jax.defense import config as config_lib
 from b4b_jax.defense import cost
+from b4b_jax.defense import errors
 from b4b_jax.defense import keys as keys_lib
 from b4b_jax.defense import lsh
 from b4b_jax.defense import state as state_lib
@@ -35,34 +51,54 @@ from b4b_jax.defense import step as step_lib
 from b4b_jax.defense import transforms
 from b4b_jax.utils import checkpoint
 
-CHECKPOINT_FORMAT = "b4b_jax.defense.DefendedEncoder/1"
+# /2: the metadata (config, seed, registry, settings, array checksums) is covered by one digest.
+CHECKPOINT_FORMAT = "b4b_jax.defense.DefendedEncoder/2"
+_PENDING_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")  # a save that never committed
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryResult:
+  """What one query call returned and charged.
+
+  reps: float32 [N, out_dim], what the users receive. coverage: float32 [N], the row's user's coverage
+  (percent) after this call. sigma: float32 [N], the noise std the row got (provider-only: it helps a
+  thief). buckets: int32 [N, P], the LSH bucket the row charged in each projection (what a journal keeps
+  to `replay` the call). users: the row's account name (NFC).
+  """
+  reps: np.ndarray
+  coverage: np.ndarray
+  sigma: np.ndarray
+  buckets: np.ndarray
+  users: Tuple[str, ...]
 
 
 class DefendedEncoder:
   """An encoder behind the B4B defense, serving many user accounts.
 
   Args:
-    encoder_fn: images (NHWC float32) -> representations [N, rep_dim]; any callable, ideally
-      JAX-traceable (then fused with the defense into one jitted call). If it has `.apply_fn(params,
-      images)` and `.params` (b4b_jax.models.load_encoder's Encoder), the weights are passed to the
-      fused jit as arguments rather than compiled in as constants. None for an embedding-level API
-      that only serves `query_representations`.
+    encoder_fn: images -> representations [N, rep_dim]; any callable, ideally JAX-traceable (then
+      fused with the defense into one jitted call). If it has `.apply_fn(params, images)` and
+      `.params`, the weights are passed to the fused jit as arguments rather than compiled in as
+      constants. None for an embedding-level API that only serves `query_representations`.
+      `from_encoder_dir` builds one that takes uint8 images and normalises them inside the jit.
     config: `defense_config(...)`; validated (ValueError naming the field).
     rep_dim: dimension D of the encoder's representations.
-    capacity: initial number of user slots; doubled automatically when more users register.
-    require_registration: if True, querying an unregistered user is a ValueError; otherwise a new user
-      name is registered on its first query.
+    capacity: user slots allocated up front. Registering user capacity+1 doubles them, and the next
+      call recompiles for the new shape: size it for the expected accounts when serving traffic.
+    require_registration: if True, querying an unregistered user is an UnknownUserError; otherwise a
+      new user name is registered on its first query.
     input_shape: (H, W, C) the images must have; None = fixed by the first successful query.
     fuse_encoder: True/False forces fusing encoder and defense in one jit; None = detect.
-    transform_cache_size: users whose matrix transform (dense_affine, binary) is kept on device (LRU).
     pad_batches: round batch sizes up (8, 16, ..., 1024, then multiples of 1024) with ignored padding
       rows, so varying batch sizes compile only a few shapes.
+    uint8_images: images are uint8 [0, 255] and encoder_fn normalises them itself (from_encoder_dir);
+      False: images are floating point, already normalised.
   """
 
   def __init__(self, encoder_fn: Optional[Callable], config: ml_collections.ConfigDict, rep_dim: int,
                *, capacity: int = 8, require_registration: bool = False,
                input_shape: Optional[Sequence[int]] = None, fuse_encoder: Optional[bool] = None,
-               transform_cache_size: int = 8, pad_batches: bool = True):
+               pad_batches: bool = True, uint8_images: bool = False):
     self._config = ml_collections.ConfigDict(config.to_dict())
     self._params = state_lib.make_params(self._config, rep_dim)  # validates config and rep_dim
     self._config.lock()
@@ -73,12 +109,33 @@ class DefendedEncoder:
     self._input_shape = None if input_shape is None else _shape_tuple(input_shape, "input_shape")
     self._fuse = fuse_encoder
     self._pad_batches = bool(pad_batches)
+    self._uint8 = bool(uint8_images)
     self._fused_serve = None
     self._names: List[str] = []
     self._slots: Dict[str, int] = {}
     self._uid_owner: Dict[Tuple[int, int], str] = {}
-    self._tables = _TransformTables(self._params, capacity, transform_cache_size)
-    self.last_info: Optional[dict] = None
+    self._tables = _TransformTables(self._params, self.capacity, self._config.transform_cache_mib)
+
+  @classmethod
+  def from_encoder_dir(cls, encoder_dir: str, config: ml_collections.ConfigDict, *, capacity: int = 8,
+                       **kwargs) -> "DefendedEncoder":
+    """The API in front of an encoder directory (models.save_encoder / weight_conversion.convert).
+
+    Queries take uint8 NHWC images at the manifest's input size (resized and cropped as its
+    preprocessing says); they are normalised with the manifest's mean/std inside the jitted call, and
+    the weights are jit arguments. kwargs: as the constructor (require_registration, ...).
+    """
+    from b4b_jax import models  # pylint: disable=g-import-not-at-top  (flax; only this path needs it)
+    return cls.from_encoder(models.load_encoder(encoder_dir), config, capacity=capacity, **kwargs)
+
+  @classmethod
+  def from_encoder(cls, encoder, config: ml_collections.ConfigDict, *, capacity: int = 8,
+                   **kwargs) -> "DefendedEncoder":
+    """As from_encoder_dir, for an already loaded models.Encoder."""
+    size = int(encoder.manifest["preprocessing"]["input_size"])
+    kwargs.setdefault("input_shape", (size, size, 3))
+    return cls(_normalising_encoder(encoder), config, encoder.rep_dim, capacity=capacity,
+               uint8_images=True, **kwargs)
 
   # ----------------------------------------------------------------------------- accounts
   @property
@@ -98,6 +155,15 @@ class DefendedEncoder:
     return self._state.capacity
 
   @property
+  def input_shape(self) -> Optional[Tuple[int, ...]]:
+    return self._input_shape
+
+  @property
+  def max_users_per_call(self) -> Optional[int]:
+    """Most distinct users one call may hold (matrix transforms' cache bound); None = no limit."""
+    return self._tables.bound
+
+  @property
   def users(self) -> List[str]:
     return list(self._names)
 
@@ -111,53 +177,79 @@ class DefendedEncoder:
     return self._state
 
   def register(self, user: str) -> int:
-    """Registers account `user` (idempotent) and returns its slot."""
-    if user in self._slots:
-      return self._slots[user]
-    uid = keys_lib.uid_from_name(user)  # ValueError for non-string / empty names
-    owner = self._uid_owner.get(tuple(int(v) for v in uid))
-    if owner is not None:  # 64-bit sha256 prefixes: practically never; refuse rather than share keys
-      raise ValueError(f"user {user!r} has the same 64-bit id as {owner!r}; choose another name")
-    slot = len(self._names)
-    if slot >= self.capacity:
-      new_capacity = max(2 * self.capacity, slot + 1)
-      self._state = state_lib.grow_state(self._state, new_capacity)
-      self._tables.grow(new_capacity)
-    self._state = _set_uid(self._state, slot, _device(uid, np.uint32))
-    self._tables.add_user(slot, uid)
-    self._names.append(user)
-    self._slots[user] = slot
-    self._uid_owner[tuple(int(v) for v in uid)] = user
-    return slot
+    """Registers account `user` (idempotent; name compared in NFC form) and returns its slot."""
+    name = keys_lib.normalize_name(user)
+    self._register_all([name])
+    return self._slots[name]
 
   def slot(self, user: str) -> int:
-    if user not in self._slots:
-      raise ValueError(f"unknown user {user!r} (registered: {len(self._names)} users)")
-    return self._slots[user]
+    name = keys_lib.normalize_name(user)
+    if name not in self._slots:
+      raise errors.UnknownUserError(f"unknown user {name!r} (registered: {len(self._names)} users)")
+    return self._slots[name]
 
   # ----------------------------------------------------------------------------- queries
-  def query(self, user: str, images) -> np.ndarray:
-    """What the API returns to `user` for `images` (NHWC float): np.ndarray [N, out_dim]."""
+  def query(self, user: str, images) -> QueryResult:
+    """What the API returns to `user` for `images` (NHWC; uint8 for from_encoder_dir, else float)."""
     images = self._check_images(images)
-    return self._serve([user] * images.shape[0], images, from_images=True)
+    return self._serve([keys_lib.normalize_name(user)] * images.shape[0], images, from_images=True)
 
-  def query_mixed(self, users_per_row: Sequence[str], images) -> np.ndarray:
+  def query_mixed(self, users_per_row: Sequence[str], images) -> QueryResult:
     """One call serving rows of many users; row n is a query of users_per_row[n]."""
     images = self._check_images(images)
     users = self._check_users(users_per_row, images.shape[0])
     return self._serve(users, images, from_images=True)
 
-  def query_representations(self, user, reps) -> np.ndarray:
+  def query_representations(self, user, reps) -> QueryResult:
     """Defends clean representations [N, rep_dim] that were already computed (embedding experiments).
 
     `user` is one name, or a sequence of names (one per row) for a mixed batch.
     """
     reps = self._check_reps(reps)
     if isinstance(user, str):
-      users = [user] * reps.shape[0]
+      users = [keys_lib.normalize_name(user)] * reps.shape[0]
     else:
       users = self._check_users(user, reps.shape[0])
     return self._serve(users, reps, from_images=False)
+
+  def replay(self, users_per_row: Sequence[str], buckets) -> None:
+    """Charges a call again from its journal entry, without computing representations.
+
+    users_per_row and buckets [N, P] int32 are one earlier call's `result.users` and `result.buckets`
+    (one replay per original call: a user's rows in one call are one query batch). Registers unknown
+    users as that call did and advances the same state (occupancy, counts, query and batch counters,
+    which key the noise), so snapshot + replay of every later call ends bit-identical to the state
+    before a crash. Bad entries raise BadInputError with nothing changed.
+    """
+    buckets_shape = getattr(buckets, "shape", None)
+    if buckets_shape is None or len(buckets_shape) != 2 or buckets_shape[1] != (
+        self._settings.num_projections):
+      raise errors.BadInputError(f"replay: buckets must have shape [N, {self._settings.num_projections}]"
+                                 f", got {buckets_shape}")
+    if not np.issubdtype(np.asarray(buckets).dtype, np.integer):
+      raise errors.BadInputError(f"replay: buckets must be integers, got dtype {buckets.dtype}")
+    buckets = np.asarray(buckets)
+    num_buckets = 1 << self._settings.num_hyperplanes
+    if buckets.size and (buckets.min() < 0 or buckets.max() >= num_buckets):
+      raise errors.BadInputError(f"replay: bucket ids must be in [0, {num_buckets}), got "
+                                 f"[{buckets.min()}, {buckets.max()}]")
+    users = self._check_users(users_per_row, buckets.shape[0])
+    n = len(users)
+    if n == 0:
+      return
+    new_users = self._admit(users)
+    slots = np.asarray([self._slots[u] for u in users], np.int32)
+    buckets = buckets.astype(np.int32)
+    if self._pad_batches:
+      size = _padded_size(n)
+      slots = np.concatenate([slots, np.full((size - n,), -1, np.int32)])
+      buckets = _pad_rows(buckets, size)
+    try:
+      self._state = step_lib.replay_step(self._settings.num_hyperplanes, self._state,
+                                         _device(slots, np.int32), _device(buckets, np.int32))
+    except Exception:
+      self._forget(new_users)
+      raise
 
   # ----------------------------------------------------------------------------- read-outs
   def coverage(self, user: str) -> float:
@@ -197,90 +289,143 @@ class DefendedEncoder:
   def save(self, path: str) -> int:
     """Saves state, registry and config under directory `path` (orbax; a new step each call).
 
-    Returns the step written. Older steps are kept (max 2), so a crash mid-save loses nothing.
+    Returns the step written. Older steps are kept (max 2), so a crash mid-save loses nothing. One
+    sha256 in the metadata covers everything else in it (config, seed, registry, settings, the arrays'
+    checksums): any edit or damage is a CorruptCheckpointError on restore.
     """
     arrays = state_lib.state_to_numpy(self._state)
     meta = {"format": CHECKPOINT_FORMAT, "config": self._config.to_dict(), "rep_dim": self.rep_dim,
             "capacity": self.capacity, "users": list(self._names),
             "require_registration": self._require_registration,
             "input_shape": None if self._input_shape is None else list(self._input_shape),
+            "uint8_images": self._uint8,
             "hyperplanes_sha256": _sha256(self._params.hyperplanes),
             "arrays_sha256": {k: _sha256(v) for k, v in arrays.items()}}
+    meta["integrity_sha256"] = _meta_digest(meta)
     ckpt = checkpoint.Checkpointer(path, max_to_keep=2)
     try:
-      latest = ckpt.latest_step()
-      step = 0 if latest is None else latest + 1
+      steps = ckpt.all_steps()
+      step = 0 if not steps else max(steps) + 1
       ckpt.save(step, arrays, meta)
     finally:
       ckpt.close()
     return step
 
   @classmethod
-  def restore(cls, path: str, encoder_fn: Optional[Callable], **kwargs) -> "DefendedEncoder":
+  def restore(cls, path: str, encoder_fn: Optional[Callable], *, step: Optional[int] = None,
+              **kwargs) -> "DefendedEncoder":
     """Rebuilds the API saved at `path`; every user continues exactly where it was.
 
-    kwargs: `fuse_encoder`, `transform_cache_size`, `input_shape` (defaults from the checkpoint).
-    Raises FileNotFoundError if there is no checkpoint, ValueError if it is corrupted or inconsistent.
+    step: None = the latest committed step. A damaged latest step is a CorruptCheckpointError that
+      names the older intact step; restoring that one (and losing what was charged after it) takes an
+      explicit `step=` and is logged. Only a save that never committed (killed mid-save) falls back to
+      the previous step on its own, with a warning: that is the designed crash behaviour.
+    encoder_fn: as the constructor; for an API built by from_encoder_dir, the encoder directory (or its
+      loaded models.Encoder) again.
+    kwargs: `fuse_encoder`, `input_shape` (defaults from the checkpoint), `pad_batches`.
+    Raises NoCheckpointError (a FileNotFoundError) if nothing was ever committed at `path`, and
+    CorruptCheckpointError if it is damaged, edited or inconsistent.
     """
+    if not os.path.lexists(path):
+      raise errors.NoCheckpointError(f"no defense checkpoint at {path!r}")
     if not os.path.isdir(path):
-      raise FileNotFoundError(f"no defense checkpoint directory at {path!r}")
+      raise errors.CorruptCheckpointError(f"{path!r} is not a defense checkpoint directory")
+    entries = os.listdir(path)
+    committed = sorted(int(e) for e in entries if e.isdigit() and os.path.isdir(os.path.join(path, e)))
+    pending = sorted(int(m.group(1)) for m in map(_PENDING_STEP.match, entries) if m)
+    if not committed:
+      raise errors.NoCheckpointError(
+          f"no committed defense checkpoint at {path!r}" +
+          (f" (a save of step {pending[-1]} never completed)" if pending else ""))
+    latest = committed[-1]
+    if step is None:
+      step = latest
+      if pending and pending[-1] > latest:
+        logging.warning("defense checkpoint %s: step %d was never completed (a save was interrupted); "
+                        "restoring step %d, the last committed one", path, pending[-1], latest)
+    elif step not in committed:
+      raise errors.NoCheckpointError(f"defense checkpoint {path!r} has no step {step} (steps "
+                                     f"{committed})")
+    elif step != latest:
+      logging.warning("defense checkpoint %s: restoring step %d as asked although step %d exists; "
+                      "what was charged after step %d is not in this state", path, step, latest, step)
+    older = [s for s in committed if s < step]
+    hint = (f"; the older step {older[-1]} may be intact: restore(path, encoder_fn, step={older[-1]}) "
+            f"restores it, losing what was charged after it" if older else "")
     try:
-      arrays, meta = checkpoint.load_pytree(path)
-    except FileNotFoundError:
-      raise
-    except Exception as e:  # orbax raises many kinds of errors for damaged files
-      raise ValueError(f"defense checkpoint at {path!r} is corrupted or unreadable: {e}") from e
-    return cls._from_checkpoint(path, arrays, meta, encoder_fn, **kwargs)
+      arrays, meta = checkpoint.load_pytree(path, step=step)
+      return cls._from_checkpoint(f"defense checkpoint at {path!r} step {step}", arrays, meta,
+                                  encoder_fn, **kwargs)
+    except errors.CorruptCheckpointError as e:
+      raise errors.CorruptCheckpointError(f"{e}{hint}") from e
+    except Exception as e:  # orbax raises many kinds (FileNotFoundError included) for damaged files
+      raise errors.CorruptCheckpointError(f"defense checkpoint at {path!r} step {step} is damaged or "
+                                          f"unreadable ({type(e).__name__}: {e}){hint}") from e
 
   @classmethod
-  def _from_checkpoint(cls, path, arrays, meta, encoder_fn, **kwargs):
-    where = f"defense checkpoint at {path!r}"
+  def _from_checkpoint(cls, where, arrays, meta, encoder_fn, **kwargs):
+    corrupt = errors.CorruptCheckpointError
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-      raise ValueError(f"{where}: not a {CHECKPOINT_FORMAT} checkpoint (format "
-                       f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+      raise corrupt(f"{where}: not a {CHECKPOINT_FORMAT} checkpoint (format "
+                    f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("integrity_sha256") != _meta_digest(meta):
+      raise corrupt(f"{where}: the metadata (config, seed, registry, settings) fails its integrity "
+                    "check: it was edited or damaged")
     try:
       config = ml_collections.ConfigDict(meta["config"])
       capacity, rep_dim, users = int(meta["capacity"]), int(meta["rep_dim"]), list(meta["users"])
       settings = config_lib.settings(config, rep_dim)
     except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"{where}: invalid metadata ({e})") from e
+      raise corrupt(f"{where}: invalid metadata ({e})") from e
     if capacity < max(1, len(users)):
-      raise ValueError(f"{where}: capacity {capacity} < {len(users)} registered users")
+      raise corrupt(f"{where}: capacity {capacity} < {len(users)} registered users")
     if len(set(users)) != len(users):
-      raise ValueError(f"{where}: duplicate user names in the registry")
+      raise corrupt(f"{where}: duplicate user names in the registry")
     expected = state_lib.state_shapes(settings, capacity)
     host = {}
     for name, (shape, dtype) in expected.items():
       if not isinstance(arrays, dict) or name not in arrays:
-        raise ValueError(f"{where}: state array {name!r} is missing")
+        raise corrupt(f"{where}: state array {name!r} is missing")
       a = np.asarray(arrays[name])
       if a.shape != shape or a.dtype != dtype:
-        raise ValueError(f"{where}: state array {name!r} has shape {a.shape} {a.dtype}, the config "
-                         f"expects {shape} {np.dtype(dtype)}")
+        raise corrupt(f"{where}: state array {name!r} has shape {a.shape} {a.dtype}, the config "
+                      f"expects {shape} {np.dtype(dtype)}")
       if _sha256(a) != meta.get("arrays_sha256", {}).get(name):
-        raise ValueError(f"{where}: state array {name!r} does not match its recorded checksum")
+        raise corrupt(f"{where}: state array {name!r} does not match its recorded checksum")
       host[name] = a
     if not np.array_equal(lsh.popcount(host["occupancy"]), host["counts"]):
-      raise ValueError(f"{where}: bucket counts disagree with the occupancy bits")
+      raise corrupt(f"{where}: bucket counts disagree with the occupancy bits")
     if (host["num_queries"] < 0).any() or (host["num_batches"] < 0).any() or (
         host["num_batches"] > host["num_queries"]).any():
-      raise ValueError(f"{where}: inconsistent query counters")
+      raise corrupt(f"{where}: inconsistent query counters")
+    try:
+      uids = np.stack([keys_lib.uid_from_name(name) for name in users]) if users else np.zeros(
+          (0, 2), np.uint32)
+    except errors.BadInputError as e:
+      raise corrupt(f"{where}: invalid user name in the registry ({e})") from e
     for slot, name in enumerate(users):
-      if not np.array_equal(host["uids"][slot], keys_lib.uid_from_name(name)):
-        raise ValueError(f"{where}: slot {slot} does not hold the id of user {name!r}")
+      if not np.array_equal(host["uids"][slot], uids[slot]) or keys_lib.normalize_name(name) != name:
+        raise corrupt(f"{where}: slot {slot} does not hold the id of user {name!r}")
     unused = slice(len(users), capacity)
     if host["occupancy"][unused].any() or host["num_queries"][unused].any() or host["uids"][
         unused].any():
-      raise ValueError(f"{where}: unregistered slots hold state")
+      raise corrupt(f"{where}: unregistered slots hold state")
     kwargs.setdefault("input_shape", meta.get("input_shape"))
+    kwargs.setdefault("uint8_images", bool(meta.get("uint8_images", False)))
+    if kwargs["uint8_images"] and isinstance(encoder_fn, str):  # an encoder directory
+      from b4b_jax import models  # pylint: disable=g-import-not-at-top
+      encoder_fn = models.load_encoder(encoder_fn)
+    if kwargs["uint8_images"] and hasattr(encoder_fn, "manifest"):  # a models.Encoder
+      encoder_fn = _normalising_encoder(encoder_fn)
     api = cls(encoder_fn, config, rep_dim, capacity=capacity,
               require_registration=bool(meta.get("require_registration", False)), **kwargs)
     if _sha256(api._params.hyperplanes) != meta.get("hyperplanes_sha256"):
-      raise ValueError(f"{where}: the LSH hyperplanes derived from the saved seed differ from the "
-                       "saved ones (different JAX PRNG?); coverage could not continue exactly")
-    for name in users:
-      api.register(name)
+      raise corrupt(f"{where}: the LSH hyperplanes derived from the saved seed differ from the "
+                    "saved ones (different JAX PRNG?); coverage could not continue exactly")
+    # The registry in one go: the saved state already holds the ids, the O(D) transform table is
+    # written in one device call.
     api._state = state_lib.state_from_numpy(host)
+    api._add_to_registry(users, uids, list(range(len(users))))
     return api
 
   # ----------------------------------------------------------------------------- internals
@@ -292,57 +437,140 @@ class DefendedEncoder:
       return float(s.static_sigma)
     return float(cost.noise_std(coverage, s.lam, s.alpha, s.beta))
 
+  def _add_to_registry(self, names: List[str], uids: np.ndarray, slots: List[int]) -> None:
+    for name, uid, slot in zip(names, uids, slots):
+      self._names.append(name)
+      self._slots[name] = slot
+      self._uid_owner[tuple(int(v) for v in uid)] = name
+    self._tables.add_users(slots, uids)
+
+  def _register_all(self, names: Sequence[str]) -> List[str]:
+    """Registers the new names among `names` (already NFC) all-or-nothing; returns those added."""
+    new = [n for n in dict.fromkeys(names) if n not in self._slots]
+    if not new:
+      return []
+    uids = np.stack([keys_lib.uid_from_name(n) for n in new])
+    owners = dict(self._uid_owner)
+    for name, uid in zip(new, uids):  # 64-bit sha256 prefixes: practically never; refuse to share keys
+      owner = owners.setdefault(tuple(int(v) for v in uid), name)
+      if owner != name:
+        raise errors.BadInputError(f"user {name!r} has the same 64-bit id as {owner!r}; choose "
+                                   "another name")
+    before = (self._state, self._tables.snapshot())
+    first = len(self._names)
+    slots = list(range(first, first + len(new)))
+    try:
+      if first + len(new) > self.capacity:
+        new_capacity = self.capacity
+        while new_capacity < first + len(new):  # doubling: few distinct shapes ever compile
+          new_capacity *= 2
+        self._state = state_lib.grow_state(self._state, new_capacity)
+        self._tables.grow(new_capacity)
+      self._state = state_lib.set_uid(self._state, slots, uids)
+      self._add_to_registry(new, uids, slots)
+    except BaseException:
+      self._state = before[0]
+      self._tables.restore(before[1])
+      self._drop_names(first)
+      raise
+    return new
+
+  def _drop_names(self, first: int) -> None:
+    for name in self._names[first:]:
+      slot = self._slots.pop(name, None)
+      self._uid_owner.pop(tuple(int(v) for v in keys_lib.uid_from_name(name)), None)
+      if slot is not None:
+        self._tables.remove_user(slot)
+    del self._names[first:]
+
+  def _admit(self, users: List[str]) -> Tuple[int, int, List[str]]:
+    """Refuses unknown users where registration is required, else registers them (undo: _forget)."""
+    unknown = [u for u in dict.fromkeys(users) if u not in self._slots]
+    if unknown and self._require_registration:
+      raise errors.UnknownUserError(f"unknown user {unknown[0]!r}: this API requires register() "
+                                    "before queries")
+    undo = (len(self._names), self.capacity)
+    return undo + (self._register_all(unknown),)
+
+  def _forget(self, admitted) -> None:
+    """Undoes the registrations of a call that failed (state otherwise untouched)."""
+    previous_users, previous_capacity, new = admitted
+    if not new:
+      return
+    slots = [self._slots[n] for n in new]
+    self._drop_names(previous_users)
+    self._state = state_lib.set_uid(self._state, slots, np.zeros((len(slots), 2), np.uint32))
+    if self.capacity > previous_capacity:
+      self._state = state_lib.resize_rows(self._state, previous_capacity)
+      self._tables.shrink(previous_capacity)
+
   def _check_images(self, images) -> jax.Array:
     if self._encoder_fn is None:
-      raise ValueError("this DefendedEncoder has no encoder_fn; use query_representations")
+      raise errors.BadInputError("this DefendedEncoder has no encoder_fn; use query_representations")
     shape = getattr(images, "shape", None)
     dtype = getattr(images, "dtype", None)
     if shape is None or dtype is None:
-      raise ValueError(f"images must be an array [N, H, W, C], got {type(images).__name__}")
+      raise errors.BadInputError(f"images must be an array [N, H, W, C], got {type(images).__name__}")
     if len(shape) != 4:
-      raise ValueError(f"images must be NHWC with rank 4, got shape {tuple(shape)}")
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise ValueError(f"images must be floating point (normalised float32), got dtype {dtype}")
+      raise errors.BadInputError(f"images must be NHWC with rank 4, got shape {tuple(shape)}")
+    if self._uint8 and dtype != np.uint8:
+      raise errors.BadInputError(f"images must be uint8 in [0, 255] (normalised inside the API), got "
+                                 f"dtype {dtype}")
+    if not self._uint8 and not jnp.issubdtype(dtype, jnp.floating):
+      raise errors.BadInputError(f"images must be floating point (normalised float32), got dtype "
+                                 f"{dtype}")
     if self._input_shape is not None and tuple(shape[1:]) != self._input_shape:
-      raise ValueError(f"images have shape {tuple(shape[1:])} per image, this API expects "
-                       f"{self._input_shape}")
+      raise errors.BadInputError(f"images have shape {tuple(shape[1:])} per image, this API expects "
+                                 f"{self._input_shape}")
     return images
 
   def _check_reps(self, reps) -> np.ndarray:
     shape = getattr(reps, "shape", None)
     dtype = getattr(reps, "dtype", None)
     if shape is None or dtype is None:
-      raise ValueError(f"representations must be an array [N, {self.rep_dim}], got "
-                       f"{type(reps).__name__}")
+      raise errors.BadInputError(f"representations must be an array [N, {self.rep_dim}], got "
+                                 f"{type(reps).__name__}")
     if len(shape) != 2 or shape[1] != self.rep_dim:
-      raise ValueError(f"representations must have shape [N, {self.rep_dim}], got {tuple(shape)}")
+      raise errors.BadInputError(f"representations must have shape [N, {self.rep_dim}], got "
+                                 f"{tuple(shape)}")
     if not jnp.issubdtype(dtype, jnp.floating):
-      raise ValueError(f"representations must be floating point, got dtype {dtype}")
+      raise errors.BadInputError(f"representations must be floating point, got dtype {dtype}")
     return reps
 
   def _check_users(self, users_per_row, n: int) -> List[str]:
-    if isinstance(users_per_row, str):
-      raise ValueError("users_per_row must be a sequence of user names, one per row, not a string")
+    if isinstance(users_per_row, (str, bytes)) or not isinstance(users_per_row, collections.abc.Iterable):
+      raise errors.BadInputError("users_per_row must be a sequence of user names, one per row, not "
+                                 f"{type(users_per_row).__name__}")
     users = list(users_per_row)
     if len(users) != n:
-      raise ValueError(f"users_per_row has {len(users)} names for {n} rows")
-    return users
+      raise errors.BadInputError(f"users_per_row has {len(users)} names for {n} rows")
+    canonical = {}
+    out = []
+    for row, u in enumerate(users):
+      if isinstance(u, str) and u in canonical:
+        out.append(canonical[u])
+        continue
+      try:
+        canonical[u] = keys_lib.normalize_name(u)
+      except errors.BadInputError as e:
+        raise errors.BadInputError(f"users_per_row[{row}]: {e}") from None
+      out.append(canonical[u])
+    return out
 
-  def _serve(self, users: List[str], inputs, *, from_images: bool) -> np.ndarray:
+  def _serve(self, users: List[str], inputs, *, from_images: bool) -> QueryResult:
     n = int(inputs.shape[0])
     if n == 0:
-      self.last_info = {"coverage": np.zeros((0,), np.float32), "sigma": np.zeros((0,), np.float32),
-                        "users": []}
-      return np.zeros((0, self.out_dim), np.float32)
+      return QueryResult(np.zeros((0, self.out_dim), np.float32), np.zeros((0,), np.float32),
+                         np.zeros((0,), np.float32),
+                         np.zeros((0, self._settings.num_projections), np.int32), ())
+    distinct = len(set(users))
+    if self._tables.bound is not None and distinct > self._tables.bound:
+      raise errors.BadInputError(
+          f"this call holds {distinct} distinct users; the {self._settings.transform} transform keeps "
+          f"at most {self._tables.bound} users' matrices on device (defense config "
+          f"transform_cache_mib={self._config.transform_cache_mib}): split the call or raise it")
     # All checks before any state changes: unknown users, then (only now) auto-registration.
-    unknown = sorted({u for u in users if u not in self._slots}, key=users.index)
-    for u in unknown:
-      if self._require_registration:
-        raise ValueError(f"unknown user {u!r}: this API requires register() before queries")
-      keys_lib.uid_from_name(u)  # validates the name
-    previous_capacity, previous_users = self.capacity, len(self._names)
-    for u in unknown:
-      self.register(u)
+    admitted = self._admit(users)
     slots = np.asarray([self._slots[u] for u in users], np.int32)
     try:
       table, index = self._tables.lookup(slots)
@@ -358,24 +586,27 @@ class DefendedEncoder:
             self._params, self._state, _device(slots, np.int32), _device(inputs, np.float32), table,
             _device(index, np.int32))
     except Exception:
-      self._forget_new_users(previous_users, previous_capacity)
+      self._forget(admitted)
       raise
     self._state = state  # unchanged values if the step rejected the batch (see step.py)
     if not bool(info["all_finite"]):
-      self._forget_new_users(previous_users, previous_capacity)
+      self._forget(admitted)
       what = "images" if from_images else "representations"
-      bad = _nonfinite_rows(inputs[:n])
+      bad = [] if self._uint8 else _nonfinite_rows(inputs[:n])
       where = f" (rows {bad[:10]})" if bad else " (the encoder produced them)"
-      raise ValueError(f"non-finite (NaN/Inf) representations for these {what}{where}; nothing was "
-                       "counted and the defense state is unchanged")
-    self.last_info = {"coverage": np.asarray(info["coverage"])[:n],
-                      "sigma": np.asarray(info["sigma"])[:n], "users": list(users)}
-    return np.asarray(returned)[:n]
+      raise errors.BadInputError(f"non-finite (NaN/Inf) representations for these {what}{where}; "
+                                 "nothing was counted and the defense state is unchanged")
+    if from_images and self._input_shape is None:  # only a call that was served fixes the shape
+      self._input_shape = tuple(int(v) for v in inputs.shape[1:])
+    return QueryResult(reps=np.asarray(returned)[:n], coverage=np.asarray(info["coverage"])[:n],
+                       sigma=np.asarray(info["sigma"])[:n],
+                       buckets=np.asarray(info["buckets"], np.int32)[:n], users=tuple(users))
 
   def _run_images(self, slots, table, index, images):
     reps = None
+    image_dtype = np.uint8 if self._uint8 else np.float32
     if self._fuse is None:
-      if _is_traceable(self._encoder_fn, images):
+      if _is_traceable(self._encoder_fn, images, image_dtype):
         self._fuse = True
       else:  # not traceable, or these images are bad: an eager call tells which
         reps = self._eager_encode(images)
@@ -385,60 +616,47 @@ class DefendedEncoder:
       if self._fused_serve is None:
         self._fused_serve = _fused_serve_for(self._encoder_fn)
       try:
-        result = self._fused_serve(self._params, self._state, table, _device(index, np.int32),
-                                   _device(slots, np.int32), _device(images, np.float32),
-                                   _encoder_parts(self._encoder_fn)[1])
+        return self._fused_serve(self._params, self._state, table, _device(index, np.int32),
+                                 _device(slots, np.int32), _device(images, image_dtype),
+                                 _encoder_parts(self._encoder_fn)[1])
       except (ValueError, FloatingPointError):
         raise
       except Exception as e:  # shape errors inside encoder_fn surface at trace time (nothing donated)
         if self._state.occupancy.is_deleted():
           raise
-        raise ValueError(f"encoder_fn failed on images of shape {tuple(images.shape)}: {e}") from e
-    else:
-      if reps is None:
-        reps = self._eager_encode(images)
-      result = step_lib.defense_step(self._params, self._state, _device(slots, np.int32), reps, table,
-                                     _device(index, np.int32))
-    if self._input_shape is None:
-      self._input_shape = tuple(int(v) for v in images.shape[1:])
-    return result
+        raise errors.BadInputError(f"encoder_fn failed on images of shape {tuple(images.shape)}: "
+                                   f"{e}") from e
+    if reps is None:
+      reps = self._eager_encode(images)
+    return step_lib.defense_step(self._params, self._state, _device(slots, np.int32), reps, table,
+                                 _device(index, np.int32))
 
   def _eager_encode(self, images):
     try:
       reps = self._encoder_fn(images)
     except Exception as e:
-      raise ValueError(f"encoder_fn failed on images of shape {tuple(images.shape)}: {e}") from e
+      raise errors.BadInputError(f"encoder_fn failed on images of shape {tuple(images.shape)}: "
+                                 f"{e}") from e
     return self._check_encoder_output(reps, images.shape[0])
 
   def _check_encoder_output(self, reps, n):
     shape = getattr(reps, "shape", None)
     if shape is None or tuple(shape) != (n, self.rep_dim):
-      raise ValueError(f"encoder_fn returned shape {shape}, expected ({n}, {self.rep_dim})")
+      raise errors.BadInputError(f"encoder_fn returned shape {shape}, expected ({n}, {self.rep_dim})")
     return _device(reps, np.float32)
-
-  def _forget_new_users(self, previous_users: int, previous_capacity: int) -> None:
-    """Undoes the auto-registrations of a call that failed (state otherwise untouched)."""
-    for name in self._names[previous_users:]:
-      slot = self._slots.pop(name)
-      del self._uid_owner[tuple(int(v) for v in keys_lib.uid_from_name(name))]
-      self._state = _set_uid(self._state, slot, _device(np.zeros((2,)), np.uint32))
-    del self._names[previous_users:]
-    if self.capacity > previous_capacity:
-      self._state = state_lib.resize_rows(self._state, previous_capacity)
-      self._tables.shrink(previous_capacity)
 
 
 class _TransformTables:
   """Per-user transform parameters kept on device, so no query regenerates them.
 
   O(D) transforms: one entry per slot (index = slot). Matrix transforms (dense_affine, binary; D x D or
-  D x 2D per user): an LRU of `cache_size` entries, grown when a single call needs more users.
+  D x 2D per user): an LRU of whole users, grown on demand up to `bound` entries, the most that fit in
+  `cache_mib` MiB (at least one). A call needing more distinct users than `bound` is refused by the
+  API before anything changes; results never depend on which entry holds a user.
   """
 
-  def __init__(self, params: state_lib.DefenseParams, capacity: int, cache_size: int):
+  def __init__(self, params: state_lib.DefenseParams, capacity: int, cache_mib: float):
     s = params.settings
-    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
-      raise ValueError(f"transform_cache_size must be a positive integer, got {cache_size!r}")
     self._settings = s
     self._stream = params.transform_key
     if not s.enabled or s.transform == "identity":
@@ -449,39 +667,60 @@ class _TransformTables:
       self.kind = "slots"
     self._uids: Dict[int, np.ndarray] = {}
     self._entry_of_slot: "collections.OrderedDict[int, int]" = collections.OrderedDict()
-    size = {"none": 0, "slots": capacity, "lru": cache_size}[self.kind]
-    self._table = self._empty(size) if size else {}
+    self.bound = None
+    self._table = {}
+    if self.kind == "none":
+      return
+    shapes = jax.eval_shape(lambda u: transforms.user_params(s, self._stream, u),
+                            jax.ShapeDtypeStruct((2,), jnp.uint32))
+    self._shapes = shapes
+    if self.kind == "lru":
+      per_user = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+      self.bound = max(1, int(float(cache_mib) * 2**20 // per_user))
+    self._table = self._empty(capacity if self.kind == "slots" else min(capacity, self.bound))
 
   def _empty(self, size: int):
-    shapes = jax.eval_shape(lambda u: transforms.user_params(self._settings, self._stream, u),
-                            jax.ShapeDtypeStruct((2,), jnp.uint32))
-    return jax.tree.map(lambda a: jax.device_put(np.zeros((size,) + a.shape, a.dtype)), shapes)
+    return jax.tree.map(lambda a: jax.device_put(np.zeros((size,) + a.shape, a.dtype)), self._shapes)
 
-  def _write(self, table, entry: int, uid):
-    return _write_table_entry(self._settings, table, jnp.int32(entry), self._stream, uid)
+  def _write(self, entries: Sequence[int], uids: np.ndarray) -> None:
+    """Writes the parameters of `uids` [n, 2] into `entries` in one device call (padded to 2^k)."""
+    size = 1 << max(0, len(entries) - 1).bit_length()
+    index = np.full((size,), self.entries(), np.int32)  # padding: out of range, dropped
+    index[:len(entries)] = entries
+    padded = np.zeros((size, 2), np.uint32)
+    padded[:len(entries)] = uids
+    self._table = _write_table_entries(self._settings, self._table, jax.device_put(index),
+                                       self._stream, jax.device_put(padded))
 
-  def _entries(self) -> int:
+  def entries(self) -> int:
     return jax.tree.leaves(self._table)[0].shape[0] if self._table else 0
 
-  def _resize(self, size: int):
-    self._table = state_lib.resize_rows(self._table, size)
+  def snapshot(self):
+    return self._table, dict(self._uids), collections.OrderedDict(self._entry_of_slot)
+
+  def restore(self, snap) -> None:
+    self._table, self._uids, self._entry_of_slot = snap
 
   def grow(self, capacity: int) -> None:
     if self.kind == "slots":
-      self._resize(capacity)
+      self._table = state_lib.resize_rows(self._table, capacity)
 
   def shrink(self, capacity: int) -> None:
     for slot in [s for s in self._uids if s >= capacity]:
-      del self._uids[slot]
-      self._entry_of_slot.pop(slot, None)
+      self.remove_user(slot)
     if self.kind == "slots":
-      self._resize(capacity)
+      self._table = state_lib.resize_rows(self._table, capacity)
 
-  def add_user(self, slot: int, uid: np.ndarray) -> None:
-    self._uids[slot] = np.asarray(uid, np.uint32)
+  def remove_user(self, slot: int) -> None:
+    self._uids.pop(slot, None)
     self._entry_of_slot.pop(slot, None)
-    if self.kind == "slots":
-      self._table = self._write(self._table, slot, _device(uid, np.uint32))
+
+  def add_users(self, slots: Sequence[int], uids: np.ndarray) -> None:
+    for slot, uid in zip(slots, uids):
+      self._uids[slot] = np.asarray(uid, np.uint32)
+      self._entry_of_slot.pop(slot, None)
+    if self.kind == "slots" and len(slots):
+      self._write(list(slots), np.asarray(uids, np.uint32))
 
   def lookup(self, slots: np.ndarray):
     """(table, entry index per row) for the rows' slots."""
@@ -490,10 +729,14 @@ class _TransformTables:
     if self.kind == "slots":
       return self._table, slots
     needed = list(dict.fromkeys(int(s) for s in slots))
-    if len(needed) > self._entries():
-      self._resize(max(2 * self._entries(), len(needed)))
+    if len(needed) > self.bound:  # the API refuses such calls first; never exceed the bound
+      raise errors.BadInputError(f"{len(needed)} distinct users in one call; at most {self.bound}")
+    if len(needed) > self.entries():
+      self._table = state_lib.resize_rows(
+          self._table, min(self.bound, max(2 * self.entries(), len(needed))))
     used = set(self._entry_of_slot.values())
-    free = [e for e in range(self._entries()) if e not in used]
+    free = [e for e in range(self.entries()) if e not in used]
+    writes = []
     for slot in needed:
       if slot in self._entry_of_slot:
         self._entry_of_slot.move_to_end(slot)
@@ -503,16 +746,52 @@ class _TransformTables:
       else:  # evict the least recently used user that this call does not need
         victim = next(s for s in self._entry_of_slot if s not in needed)
         entry = self._entry_of_slot.pop(victim)
-      self._table = self._write(self._table, entry, _device(self._uids[slot], np.uint32))
+      writes.append((entry, slot))
       self._entry_of_slot[slot] = entry
+    if writes:
+      self._write([e for e, _ in writes], np.stack([self._uids[s] for _, s in writes]))
     index = np.asarray([self._entry_of_slot[int(s)] for s in slots], np.int32)
     return self._table, index
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _write_table_entry(settings, table, entry, stream, uid):
-  new = transforms.user_params(settings, stream, uid)
-  return jax.tree.map(lambda t, v: t.at[entry].set(v), table, new)
+def _write_table_entries(settings, table, entries, stream, uids):
+  new = jax.vmap(lambda u: transforms.user_params(settings, stream, u))(uids)
+  return jax.tree.map(lambda t, v: t.at[entries].set(v, mode="drop"), table, new)
+
+
+_NORMALISING = weakref.WeakKeyDictionary()  # models.Encoder -> its uint8 wrapper (shares compilations)
+
+
+class _NormalisingEncoder:
+  """A models.Encoder taking uint8 images: normalised with its manifest's mean/std inside the jit."""
+
+  def __init__(self, encoder):
+    from b4b_jax.data import preprocess  # pylint: disable=g-import-not-at-top  (TensorFlow)
+    pre = encoder.manifest["preprocessing"]
+    self._normalize = functools.partial(preprocess.normalize, mean=pre["mean"], std=pre["std"])
+    self._apply = encoder.apply_fn
+    self.params = encoder.params
+    self.rep_dim = encoder.rep_dim
+
+  def apply_fn(self, params, images):
+    return self._apply(params, self._normalize(jnp.asarray(images)))
+
+  def __call__(self, images):
+    return self.apply_fn(self.params, images)
+
+
+def _normalising_encoder(encoder) -> _NormalisingEncoder:
+  fn = _NORMALISING.get(encoder)
+  if fn is None:
+    fn = _NORMALISING[encoder] = _NormalisingEncoder(encoder)
+  return fn
+
+
+def _meta_digest(meta: dict) -> str:
+  """sha256 of the metadata's canonical JSON (all keys but the digest itself)."""
+  body = {k: v for k, v in meta.items() if k != "integrity_sha256"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 _FUSED_CACHE = weakref.WeakKeyDictionary()  # encoder_fn -> jitted serve (shared by API instances)
@@ -550,16 +829,10 @@ def _make_fused_serve(encoder_fn):
   return jax.jit(serve, donate_argnums=(1,))
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_uid(state, slot, uid):
-  return state.replace(uids=state.uids.at[slot].set(uid))
-
-
-def _is_traceable(encoder_fn, images) -> bool:
+def _is_traceable(encoder_fn, images, dtype) -> bool:
   apply_fn, encoder_params = _encoder_parts(encoder_fn)
   try:
-    jax.eval_shape(apply_fn, encoder_params,
-                   jax.ShapeDtypeStruct(tuple(images.shape), jnp.float32))
+    jax.eval_shape(apply_fn, encoder_params, jax.ShapeDtypeStruct(tuple(images.shape), dtype))
     return True
   except Exception:  # pylint: disable=broad-except
     return False

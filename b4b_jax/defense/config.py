@@ -49,6 +49,10 @@ def defense_config(preset: str = "simsiam", **overrides) -> ml_collections.Confi
       ResNet) live in one orthant, where origin hyperplanes cut few cells and every query set looks
       alike; centring on the mean of the server's own representations (never on a user's queries)
       restores the contrast between narrow and diverse query sets. Server-side and secret like R_p.
+    transform_cache_mib: device memory (MiB) for the per-user matrices of dense_affine and binary (an
+      LRU of whole users; 16 MiB per user at D=2048, so the default 512 keeps 31): also the most
+      distinct users one call may hold. A resource bound, not a defense setting (results never depend
+      on it); the O(D) transforms ignore it.
   """
   if preset not in PRESET_NAMES:
     raise ValueError(f"unknown defense preset {preset!r}; expected one of {PRESET_NAMES}")
@@ -68,6 +72,7 @@ def defense_config(preset: str = "simsiam", **overrides) -> ml_collections.Confi
   config.debinarize = False
   config.seed = 0
   config.hash_center = None
+  config.transform_cache_mib = 512.0
   unknown = sorted(set(overrides) - set(config.keys()))
   if unknown:
     raise ValueError(f"unknown defense config field(s) {unknown}; known: {sorted(config.keys())}")
@@ -86,7 +91,7 @@ def validate_config(config) -> None:
   """Raises ValueError naming the first invalid field of a defense config."""
   required = ("enabled", "num_projections", "num_hyperplanes", "lam", "alpha", "beta", "sigma_from",
               "static_sigma", "transform", "pad_dim", "binary_ratio", "debinarize", "seed",
-              "hash_center")
+              "hash_center", "transform_cache_mib")
   missing = [k for k in required if k not in config]
   if missing:
     raise ValueError(f"defense config misses field(s) {missing}")
@@ -138,6 +143,9 @@ def validate_config(config) -> None:
   for name in ("enabled", "debinarize"):
     if not isinstance(config[name], bool):
       raise ValueError(f"defense config: {name} must be True or False, got {config[name]!r}")
+  if number("transform_cache_mib") <= 0:
+    raise ValueError(f"defense config: transform_cache_mib must be > 0, got "
+                     f"{config.transform_cache_mib}")
   seed = integer("seed")
   if not 0 <= seed < 2**32:  # jax.random.key keeps only 32 bits of a seed unless x64 is enabled.
     raise ValueError(f"defense config: seed must be in [0, 2^32), got {seed}")

@@ -102,9 +102,25 @@ def resize_rows(tree, rows: int):
   return jax.tree.map(resize, tree)
 
 
-def set_uid(state: DefenseState, slot: int, uid) -> DefenseState:
-  """Assigns the 64-bit id of a user (uint32 [2], see keys.uid_from_name) to an empty slot."""
-  return state.replace(uids=state.uids.at[slot].set(np.asarray(uid, np.uint32)))
+def set_uid(state: DefenseState, slot, uid) -> DefenseState:
+  """Assigns 64-bit user ids (uint32 [2] each, see keys.uid_from_name) to slots in one device call.
+
+  `slot` an int and `uid` [2], or slots [n] and uids [n, 2] (registering many users at once). The
+  state is not donated. Batches are padded to a power of two (padding dropped), so few shapes compile.
+  """
+  slots = np.asarray(slot, np.int32).reshape(-1)
+  uids = np.asarray(uid, np.uint32).reshape(-1, 2)
+  if len(slots) != len(uids):
+    raise ValueError(f"set_uid: {len(slots)} slots for {len(uids)} ids")
+  size = 1 << max(0, len(slots) - 1).bit_length()
+  slots = np.concatenate([slots, np.full((size - len(slots),), state.capacity, np.int32)])
+  uids = np.concatenate([uids, np.zeros((size - len(uids), 2), np.uint32)])
+  return _set_uids(state, jax.device_put(slots), jax.device_put(uids))
+
+
+@jax.jit
+def _set_uids(state, slots, uids):
+  return state.replace(uids=state.uids.at[slots].set(uids, mode="drop"))
 
 
 def state_bytes_per_user(state_or_params: Any) -> int:

@@ -1,6 +1,7 @@
 """The jitted defense step: count coverage, pick sigma, add noise, apply each user's transform.
 
   defense_step(params, state, user_index_per_row, reps) -> (state, returned, info)
+  replay_step(num_hyperplanes, state, user_index_per_row, buckets) -> state   (journal replay)
 
 One call serves a batch whose rows may belong to different users (row n belongs to slot
 user_index_per_row[n]; rows with an index outside [0, capacity) are ignored: no state change, zeros
@@ -36,6 +37,40 @@ from b4b_jax.defense import transforms
 from b4b_jax.defense.state import DefenseParams, DefenseState
 
 
+def charge(state: DefenseState, users_w: jax.Array, buckets: jax.Array, num_hyperplanes: int):
+  """Everything a call writes to the state: rows' buckets and the users' query and batch counters.
+
+  users_w: int32 [N] slot per row, `capacity` (or any out-of-range value) for rows that write nothing.
+  Returns (new state, rank [N] of each row among its user's rows in this call, in row order). Shared by
+  the step and by `replay_step`, so replaying a call's buckets advances exactly what the call did.
+  """
+  n = buckets.shape[0]
+  occupancy, counts = lsh.add_buckets(state.occupancy, state.counts, users_w, buckets,
+                                      num_hyperplanes)
+  # Rank of each row among its user's rows in this call (stable: row order), and the batch counters.
+  order = jnp.argsort(users_w, stable=True)
+  sorted_users = users_w[order]
+  first = jnp.concatenate([jnp.ones((1,), bool), sorted_users[1:] != sorted_users[:-1]])
+  positions = jnp.arange(n, dtype=jnp.int32)
+  rank = jnp.zeros((n,), jnp.int32).at[order].set(
+      positions - jax.lax.cummax(jnp.where(first, positions, 0)))
+  num_batches = state.num_batches.at[sorted_users].add(first.astype(jnp.int32), mode="drop")
+  num_queries = state.num_queries.at[users_w].add(1, mode="drop")
+  return DefenseState(occupancy=occupancy, counts=counts, num_batches=num_batches,
+                      num_queries=num_queries, uids=state.uids), rank
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def replay_step(num_hyperplanes: int, state: DefenseState, user_index_per_row: jax.Array,
+                buckets: jax.Array) -> DefenseState:
+  """The state after a call whose rows (slot per row; out-of-range slots ignored) had `buckets`
+  [N, P] int32: bit-identical to what `defense_step` wrote for those rows. State donated."""
+  num_users = state.occupancy.shape[0]
+  users = user_index_per_row.astype(jnp.int32)
+  users_w = jnp.where((users >= 0) & (users < num_users), users, num_users)
+  return charge(state, users_w, buckets.astype(jnp.int32), num_hyperplanes)[0]
+
+
 def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per_row: jax.Array,
                       reps: jax.Array, transform_table: Optional[dict] = None,
                       transform_index_per_row: Optional[jax.Array] = None):
@@ -52,7 +87,8 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
     transform_index_per_row: int [N] entry of transform_table per row; defaults to the user index.
   Returns:
     (new state, returned [N, out_dim] float32, info) with info = {"coverage": [N] float32 percent,
-    after this batch; "sigma": [N] float32 noise std applied; "all_finite": bool scalar}.
+    after this batch; "sigma": [N] float32 noise std applied; "all_finite": bool scalar; "buckets":
+    [N, P] int32 LSH bucket ids the row charged (what `replay_step` needs to repeat the call)}.
   """
   s = params.settings
   num_users = state.occupancy.shape[0]
@@ -72,27 +108,14 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
   buckets = lsh.bucket_ids(reps, params.projection, s.num_hyperplanes,
                            params.threshold if s.centered else None)
   coverage_before = lsh.coverage_percent(state.counts[slot], s.num_hyperplanes)
-  occupancy, counts = lsh.add_buckets(state.occupancy, state.counts, users_w, buckets,
-                                      s.num_hyperplanes)
-  coverage_after = lsh.coverage_percent(counts[slot], s.num_hyperplanes)
-
-  # Rank of each row among its user's rows in this call (stable: row order), and the batch counters.
-  order = jnp.argsort(users_w, stable=True)
-  sorted_users = users_w[order]
-  first = jnp.concatenate([jnp.ones((1,), bool), sorted_users[1:] != sorted_users[:-1]])
-  positions = jnp.arange(n, dtype=jnp.int32)
-  rank = jnp.zeros((n,), jnp.int32).at[order].set(
-      positions - jax.lax.cummax(jnp.where(first, positions, 0)))
-  num_batches = state.num_batches.at[sorted_users].add(first.astype(jnp.int32), mode="drop")
-  num_queries = state.num_queries.at[users_w].add(1, mode="drop")
-  new_state = DefenseState(occupancy=occupancy, counts=counts, num_batches=num_batches,
-                           num_queries=num_queries, uids=state.uids)
+  new_state, rank = charge(state, users_w, buckets, s.num_hyperplanes)
+  coverage_after = lsh.coverage_percent(new_state.counts[slot], s.num_hyperplanes)
 
   zeros = jnp.zeros((n,), jnp.float32)
   if not s.enabled:
     returned = jnp.where(valid[:, None], reps, 0.0)
     info = {"coverage": jnp.where(valid, coverage_after, 0.0), "sigma": zeros,
-            "all_finite": all_finite}
+            "all_finite": all_finite, "buckets": buckets}
     return new_state, returned, info
 
   # 2. sigma.
@@ -127,7 +150,8 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
   debinarize_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(row_keys)
   returned = transforms.apply(s, transform_table, table_index, noised, debinarize_keys)
   returned = jnp.where(valid[:, None], returned, 0.0)
-  info = {"coverage": jnp.where(valid, coverage_after, 0.0), "sigma": sigma, "all_finite": all_finite}
+  info = {"coverage": jnp.where(valid, coverage_after, 0.0), "sigma": sigma, "all_finite": all_finite,
+          "buckets": buckets}
   return new_state, returned, info
 
 

@@ -45,10 +45,11 @@ def send(api, user: str, data: np.ndarray, *, batch_size: int, representations: 
   num_batches = -(-n // batch_size)
   for b in range(num_batches):
     chunk = data[b * batch_size:(b + 1) * batch_size]
-    out.append(np.asarray(query(user, chunk), np.float32))
+    result = query(user, chunk)
+    out.append(result.reps)
     trace.num_queries.append(int(api.num_queries(user)))
     trace.coverage.append(float(api.coverage(user)))
-    trace.sigma.append(float(np.max(np.asarray(api.last_info["sigma"]))))
+    trace.sigma.append(float(np.max(result.sigma)))
     if on_batch is not None:
       on_batch(b + 1, num_batches)
   responses = np.concatenate(out, 0) if out else np.zeros((0, api.out_dim), np.float32)
@@ -62,8 +63,9 @@ def send_interleaved(api, users: Sequence[str], data: np.ndarray, *, batch_size:
   for start in range(0, len(data), batch_size):
     chunk = data[start:start + batch_size]
     for u in users:
-      per_user[u].append(np.asarray(api.query_representations(u, chunk), np.float32))
+      result = api.query_representations(u, chunk)
+      per_user[u].append(result.reps)
       traces[u].num_queries.append(int(api.num_queries(u)))
       traces[u].coverage.append(float(api.coverage(u)))
-      traces[u].sigma.append(float(np.max(np.asarray(api.last_info["sigma"]))))
+      traces[u].sigma.append(float(np.max(result.sigma)))
   return {u: np.concatenate(v, 0) for u, v in per_user.items()}, traces

@@ -106,13 +106,16 @@ def _apply_encoder(apply_fn, params, images):
   return apply_fn(params, images)
 
 
-def send_image_stream(api, user: str, batches, *, normalize: Callable, query_batch_size: int):
-  """Sends a stream of (uint8 images, labels) batches through `api.query`; returns
+def send_image_stream(api, user: str, batches, *, query_batch_size: int,
+                      normalize: Optional[Callable] = None):
+  """Sends a stream of (uint8 images, labels) batches through `api.query` (normalised by `normalize`
+  first, if given: an API of DefendedEncoder.from_encoder takes uint8); returns
   (responses, labels, QueryTrace)."""
   chunks, labels = [], []
   trace = api_client.QueryTrace(user, [], [], [])
   for images, y in batches:
-    out, t = api_client.send(api, user, normalize(images), batch_size=query_batch_size,
+    images = images if normalize is None else normalize(images)
+    out, t = api_client.send(api, user, images, batch_size=query_batch_size,
                              representations=False)
     chunks.append(out)
     labels.append(np.asarray(y))
@@ -125,15 +128,15 @@ def send_image_stream(api, user: str, batches, *, normalize: Callable, query_bat
 
 
 def legit_user_images(encoder, defense_config, train_batches, test_batches, *, probe_cfg,
-                      normalize: Callable, query_batch_size: int = 256, user: str = "legit",
+                      query_batch_size: int = 256, user: str = "legit",
                       return_responses: bool = False) -> dict:
   """A legit user sending its images through DefendedEncoder.query (the encoder fused into the API).
 
   train_batches/test_batches: iterables of (uint8 images, labels), already transformed to the
-  encoder's input size; `normalize` maps them to the encoder's float input.
+  encoder's input size; the API normalises them as the encoder's manifest says.
   """
-  api = defense.DefendedEncoder(encoder_api_fn(encoder), defense_config, encoder.rep_dim, capacity=2)
-  send = dict(normalize=normalize, query_batch_size=query_batch_size)
+  api = defense.DefendedEncoder.from_encoder(encoder, defense_config, capacity=2)
+  send = dict(query_batch_size=query_batch_size)
   train, train_y, train_trace = send_image_stream(api, user, train_batches, **send)
   test, test_y, test_trace = send_image_stream(api, user, test_batches, **send)
   probe = linear_probe.run_probe(train, train_y, test, test_y, probe_cfg)

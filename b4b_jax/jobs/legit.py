@@ -11,7 +11,6 @@ import os
 import numpy as np
 from absl import logging
 
-from b4b_jax import data as data_lib
 from b4b_jax.evaluation import config_blocks
 from b4b_jax.evaluation import embeddings as embeddings_lib
 from b4b_jax.evaluation import legit as legit_lib
@@ -24,7 +23,6 @@ from b4b_jax.utils import progress as progress_lib
 def _b4b_through_images(source, emb, dataset, cfg, config, workdir):
   """The B4B row with the images themselves sent through DefendedEncoder.query."""
   encoder = source.encoder
-  mean, std = data_lib.normalization(encoder)
   transform = embeddings_lib.eval_transform(encoder, config.source.transform)
 
   def batches(key):
@@ -34,7 +32,6 @@ def _b4b_through_images(source, emb, dataset, cfg, config, workdir):
 
   res = legit_lib.legit_user_images(encoder, cfg, batches("train"), batches("test"),
                                     probe_cfg=config.probe,
-                                    normalize=lambda im: data_lib.normalize(im, mean, std),
                                     query_batch_size=config.query_batch_size, return_responses=True)
   for key, labels in zip(("train", "test"), res.pop("labels")):
     if not np.array_equal(labels, emb[f"{key}_y"]):

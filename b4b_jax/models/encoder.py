@@ -15,7 +15,6 @@ import copy
 import hashlib
 import os
 import shutil
-import tempfile
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import jax
@@ -118,6 +117,8 @@ def save_encoder(directory: str, model_or_state: ModelOrState, manifest: Dict[st
   {"method": "forward"}), "source" (where the weights came from) and anything else JSON-serialisable.
   Architecture, rep_dim, format and the parameter digest are filled in from the model.
   """
+  directory = os.path.abspath(directory)
+  check_replaceable(directory, overwrite=overwrite)  # before any work
   if isinstance(model_or_state, nnx.Module):
     graphdef, params, batch_stats = functional.split_model(model_or_state)
   elif isinstance(model_or_state, tuple) and len(model_or_state) == 3:
@@ -149,36 +150,49 @@ def save_encoder(directory: str, model_or_state: ModelOrState, manifest: Dict[st
   manifest["params_sha256"] = params_digest(params, batch_stats)
   tree = _checkpoint_tree(params, batch_stats)
 
-  directory = os.path.abspath(directory)
-  if os.path.lexists(directory) and not overwrite:
-    raise ValueError(f"{directory} already exists; choose a new directory or pass overwrite=True")
+  check_replaceable(directory, overwrite=overwrite)  # again: the directory may have appeared meanwhile
   parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.tmp-")
+  files.make_dir(parent)
+  staging = files.staging_dir(parent, prefix=f".{os.path.basename(directory)}.tmp-")
   try:
     checkpoint.save_pytree(os.path.join(staging, PARAMS_DIR), tree, {"format": FORMAT})
     files.atomic_write_json(os.path.join(staging, MANIFEST), manifest)
-    _replace_dir(staging, directory)
+    files.replace_dir(staging, directory)  # one atomic swap: the old or the new encoder, never neither
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
   return manifest
 
 
-def _replace_dir(new: str, target: str) -> None:
-  """Moves `new` to `target`; an existing target is kept until the new one is in place."""
-  if not os.path.lexists(target):
-    os.rename(new, target)
-    return
-  backup = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.old-")
-  os.rmdir(backup)
-  os.rename(target, backup)
+def is_encoder_dir(directory: str) -> bool:
+  """True if `directory` holds a manifest this module wrote (so overwriting it loses no foreign data)."""
   try:
-    os.rename(new, target)
-  except BaseException:
-    os.rename(backup, target)
-    raise
-  shutil.rmtree(backup, ignore_errors=True)
+    manifest = files.read_json(os.path.join(directory, MANIFEST))
+  except (OSError, ValueError):
+    return False
+  return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def check_replaceable(directory: str, *, overwrite: bool) -> None:
+  """Raises ValueError (files.PathError for path problems) unless an encoder can be written to
+  `directory`: it must not exist, or (with overwrite) be an encoder directory save_encoder wrote.
+  Anything else (a dataset, a home directory, a regular file) is never deleted."""
+  if os.path.lexists(directory):
+    if not overwrite:
+      raise ValueError(f"{directory} already exists; choose a new directory or pass overwrite=True")
+    if os.path.isdir(directory) and not os.path.islink(directory):
+      if not is_encoder_dir(directory):
+        raise files.PathError(f"output {directory} is not an encoder directory (no {MANIFEST} of "
+                              f"format {FORMAT}); overwrite only replaces encoder directories, so it "
+                              f"is left untouched")
+      # The new encoder is staged next to it and swapped in: the parent must be writable.
+      files.check_writable(os.path.dirname(directory), f"parent of output {directory}:")
+      return
+    kind = ("symbolic link" if os.path.islink(directory) else
+            "regular file" if os.path.isfile(directory) else "special file")
+    raise files.PathError(f"output {directory} is a {kind}, not an encoder directory; refusing to "
+                          f"overwrite it")
+  files.check_output_dir(directory, "output")
 
 
 def read_manifest(directory: str) -> Dict[str, Any]:
@@ -186,6 +200,8 @@ def read_manifest(directory: str) -> Dict[str, Any]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{directory} is not an encoder directory: no {MANIFEST}")
   manifest = files.read_json(path)
+  if not isinstance(manifest, dict):
+    raise ValueError(f"{path}: a manifest is a JSON object, got {type(manifest).__name__}")
   if manifest.get("format") != FORMAT:
     raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
   for key in ("architecture", "representation", "rep_dim", "preprocessing", "params_sha256"):
