@@ -1,4 +1,5 @@
-r"""The offline end-to-end B4B demo (README quickstart), about 7 minutes on 2 quiet CPU cores:
+r"""The offline end-to-end B4B demo (README quickstart), about 7-10 minutes on 2 quiet CPU cores
+(13.9 CPU-minutes measured under load):
 
   python -m b4b_jax.main --config=configs/demo.py --workdir=/tmp/b4b_demo
 
@@ -91,7 +92,9 @@ def get_config(arg=None):
   c.claims = ml_collections.ConfigDict()
   c.claims.confidence = 0.95
   c.claims.bootstrap_samples = 200 if tiny else 1000
-  c.claims.fidelity_margin = 0.02        # R^2
+  # Tiny: its copies (2 epochs on 256 queries) moved the fidelity gains by up to 0.18 R^2 between default
+  # and fast-math rounding (tests/test_demo.py's pair), so its margin is 0.2. Full: 0.02, not yet measured.
+  c.claims.fidelity_margin = 0.2 if tiny else 0.02   # R^2
   c.claims.accuracy_margin = 0.25        # top-1 points
   c.claims.coverage_margin = 5.0         # coverage points
 
