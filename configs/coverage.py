@@ -9,12 +9,13 @@ Each query set is sent by its own account to a counting API (clean answers, cove
 2^8..2^14 buckets. Expected (paper text; curves are figures only): at 2^12 buckets the downstream sets
 stay below 30% coverage after 50k queries, ImageNet reaches ~80% after ~100k; 2^8 saturates after ~50k
 ImageNet queries; 2^14 stays below ~40%. Sigma curves are Eq. (1) exactly (Fig. 4, 7).
+Defense: the full defense_config block, e.g. --config.defense.lam=1e-5 --config.defense.beta=50.
 Runtime: the embedding pass (~350k images for the default sets: ~30 min on one A100 at 224 px), then
 seconds per curve.
 """
 import ml_collections
 
-from b4b_jax.evaluation import config_blocks
+from configs import common
 
 
 def _query_set(name, dataset, split, num_queries, shuffle=False):
@@ -27,14 +28,12 @@ def _sigma(lam, alpha, beta):
 
 
 def get_config(arg=None):
-  if arg not in (None, "", "tiny"):
-    raise ValueError(f"configs/coverage.py takes no argument or 'tiny', got {arg!r}")
-  tiny = arg == "tiny"
+  tiny = common.tiny_arg(arg, "coverage")
   config = ml_collections.ConfigDict()
   config.job = "coverage"
   config.seed = 0
-  config.source = config_blocks.source_block(tiny=tiny)
-  config.defense = config_blocks.defense_block(preset="simsiam", tiny=tiny)
+  config.source = common.source_block(tiny=tiny)
+  config.defense = common.evaluation_defense("simsiam", tiny=tiny)
   config.query_batch_size = 64 if tiny else 256
   if tiny:
     config.query_sets = (

@@ -102,6 +102,6 @@ def get_config(arg=None):
   c.remap.transforms = ("diag_affine", "affine_pad_shuffle", "binary")
   c.remap.noise_modes = ("none", "b4b")
   c.remap.overlaps = (16, 64, 256) if tiny else (16, 64, 128, 256, 512, 1024)
-  c.remap.mapper = "linear"
+  c.remap.mapper = "lstsq"                 # closed-form least squares (attacks.mapper kinds)
   c.remap.pad_dim = 64                     # affine_pad_shuffle: constants appended (original: 1536)
   return c

@@ -11,16 +11,14 @@ configs reuses them. Runtime: ~5 min per 60k images for ResNet-50 at 224 px on o
 """
 import ml_collections
 
-from b4b_jax.evaluation import config_blocks
+from configs import common
 
 
 def get_config(arg=None):
-  if arg not in (None, "", "tiny"):
-    raise ValueError(f"configs/embeddings.py takes no argument or 'tiny', got {arg!r}")
-  tiny = arg == "tiny"
+  tiny = common.tiny_arg(arg, "embeddings")
   config = ml_collections.ConfigDict()
   config.job = "embeddings"
   config.seed = 0
-  config.source = config_blocks.source_block(tiny=tiny)
-  config.datasets = (config_blocks.TINY_DATASET,) if tiny else config_blocks.PAPER_DATASETS
+  config.source = common.source_block(tiny=tiny)
+  config.datasets = (common.TINY_DATASET,) if tiny else common.PAPER_DATASETS
   return config

@@ -12,26 +12,25 @@ Each row is a fresh API with one legit account that sends all train then all tes
 charged). Expected (SimSiam, Table 1 / 6 / 8): NONE 90.41 / 95.08 / 75.47 / 91.22, B4B 90.24 / 95.05 /
 74.96 / 91.7 (< 1 point drop); sigma 0.1 ~no drop, sigma 10 65.11 / 76.37 / 33.23 / 65.83 (paper scale:
 SimSiam features x1000, see the report's scale table); Binary 88.78 / 94.72 / 68.42 / 88.91.
+Defense: the full defense_config block, e.g. --config.defense.lam=1e-5 --config.defense.beta=50.
 Runtime: the embedding pass plus (rows x datasets) probes; ~20 min on one GPU for the paper setting.
 """
 import ml_collections
 
-from b4b_jax.evaluation import config_blocks
+from configs import common
 
 
 def get_config(arg=None):
-  if arg not in (None, "", "tiny", "dino"):
-    raise ValueError(f"configs/legit.py takes no argument, 'dino' or 'tiny', got {arg!r}")
-  tiny = arg == "tiny"
+  tiny = common.tiny_arg(arg, "legit", variants=("dino",))
   config = ml_collections.ConfigDict()
   config.job = "legit"
   config.seed = 0
   # Which victim this is: "simsiam" / "dino" select the paper numbers to compare with (Tables 1, 6-8);
   # anything else (the tiny random encoder) is compared with nothing.
   config.encoder_kind = {"dino": "dino", "tiny": "random"}.get(arg, "simsiam")
-  config.source = config_blocks.source_block(tiny=tiny)
-  config.datasets = (config_blocks.TINY_DATASET,) if tiny else config_blocks.PAPER_DATASETS
-  config.defense = config_blocks.defense_block(preset="dino" if arg == "dino" else "simsiam", tiny=tiny)
+  config.source = common.source_block(tiny=tiny)
+  config.datasets = (common.TINY_DATASET,) if tiny else common.PAPER_DATASETS
+  config.defense = common.evaluation_defense("dino" if arg == "dino" else "simsiam", tiny=tiny)
   config.b4b_transform = "diag_affine"     # the B4B row's per-user transform (paper: random affine)
   # Table 8 rows (transforms only) and Table 6 rows (static noise); the tiny variant keeps one of each.
   config.transforms = ("binary",) if tiny else ("diag_affine", "pad_shuffle", "affine_pad_shuffle",
@@ -42,7 +41,7 @@ def get_config(arg=None):
   # device call); the other rows send the clean representations (identical answers, tested).
   config.through_images = True
   config.save_responses = False   # keep the B4B row's received representations (responses/*.npz)
-  config.probe = config_blocks.probe_block(tiny=tiny)
+  config.probe = common.probe_block(tiny=tiny)
   if tiny:
     config.probe.method = "ridge"   # closed form: no compile for the CPU variant
   return config

@@ -16,19 +16,17 @@ Runtime: embedding dominates (ResNet-50 at 224 px: ~5 min per 60k images on one 
 """
 import ml_collections
 
-from b4b_jax.evaluation import config_blocks
+from configs import common
 
 
 def get_config(arg=None):
-  tiny = arg == "tiny"
-  if arg not in (None, "", "tiny"):
-    raise ValueError(f"configs/probe.py takes no argument or 'tiny', got {arg!r}")
+  tiny = common.tiny_arg(arg, "probe")
   config = ml_collections.ConfigDict()
   config.job = "probe"
   config.seed = 0
-  config.source = config_blocks.source_block(tiny=tiny)
-  config.datasets = (config_blocks.TINY_DATASET,) if tiny else config_blocks.PAPER_DATASETS
-  config.probe = config_blocks.probe_block(tiny=tiny)
+  config.source = common.source_block(tiny=tiny)
+  config.datasets = (common.TINY_DATASET,) if tiny else common.PAPER_DATASETS
+  config.probe = common.probe_block(tiny=tiny)
   # How the result appears in the paper's Table-1 layout, and the paper table to put beside it (only
   # when the setting matches: e.g. "table1" for the SimSiam preset; "" for none).
   config.table_row = ml_collections.ConfigDict(

@@ -4,28 +4,28 @@ r"""Remapping between two sybil accounts (paper §4.3, Fig. 5): per-user transfo
       --config.source.encoder=workdirs/victims/simsiam --config.source.data_dir=$TFDS_DATA_DIR
   python -m b4b_jax.main --config=configs/remap.py:tiny --workdir=/tmp/remap_tiny   # CPU, ~1 min
 
-Two accounts query the same CIFAR10 train images (the overlap) and the test images; a linear mapper from
-B's to A's space is fitted on the first n overlapping queries. Expected (Fig. 5, figure only): cosine
-distances below ~0.16, binary the highest; without noise the affine-type transforms are inverted almost
-exactly by a linear map once n exceeds the representation dimension.
+Two accounts query the same CIFAR10 train images (the overlap) and the test images; a linear mapper
+(closed-form least squares, mapper.kind "lstsq") from B's to A's space is fitted on the first n
+overlapping queries. Expected (Fig. 5, figure only): cosine distances below ~0.16, binary the highest;
+without noise the affine-type transforms are inverted almost exactly by a linear map once n exceeds
+the representation dimension.
+Defense: the full defense_config block, e.g. --config.defense.lam=1e-5 --config.defense.beta=50.
 Runtime: one embedding pass, then per (transform, noise) cell 2 x 60k API queries and one least-squares
 fit per n (a 2049 x 2049 solve): ~10 min on a GPU host for 4 transforms x 2 noise modes.
 """
 import ml_collections
 
-from b4b_jax.evaluation import config_blocks
+from configs import common
 
 
 def get_config(arg=None):
-  if arg not in (None, "", "tiny"):
-    raise ValueError(f"configs/remap.py takes no argument or 'tiny', got {arg!r}")
-  tiny = arg == "tiny"
+  tiny = common.tiny_arg(arg, "remap")
   config = ml_collections.ConfigDict()
   config.job = "remap"
   config.seed = 0
-  config.source = config_blocks.source_block(tiny=tiny)
-  config.dataset = config_blocks.TINY_DATASET if tiny else "cifar10"
-  config.defense = config_blocks.defense_block(preset="simsiam", tiny=tiny)
+  config.source = common.source_block(tiny=tiny)
+  config.dataset = common.TINY_DATASET if tiny else "cifar10"
+  config.defense = common.evaluation_defense("simsiam", tiny=tiny)
   config.transforms = ("diag_affine", "binary") if tiny else (
       "diag_affine", "pad_shuffle", "affine_pad_shuffle", "binary")
   config.noise_modes = ("none", "b4b")
@@ -33,11 +33,12 @@ def get_config(arg=None):
   config.overlaps = (0, 10, 50, 100, 300) if tiny else (
       0, 10, 50, 100, 500, 1000, 2000, 3000, 4000, 5000, 10000)
   config.mapper = ml_collections.ConfigDict()
-  config.mapper.kind = "linear"        # "linear" (closed-form least squares) | "linear_adam" | "mlp"
+  # "lstsq" (closed-form least squares) | "linear" (Adam-trained, as the sybil attack) | "mlp"
+  config.mapper.kind = "lstsq"
   config.mapper.options = ml_collections.ConfigDict({"ridge": 1e-9})
   config.query_batch_size = 64 if tiny else 256
   # The reference classifier on A's train representations.
-  config.probe = config_blocks.probe_block(tiny=tiny)
+  config.probe = common.probe_block(tiny=tiny)
   if tiny:
     config.probe.method = "ridge"   # closed form: no compile for the CPU variant
   config.probe.seeds = (0,)

@@ -10,10 +10,10 @@ The victim's representation is the concatenated CLS tokens of the last 4 blocks 
 ResNet-50 gets the paper's 1x1 conv 2048 -> 1536 before pooling (stolen.out_dim = auto). B4B: lam 1e-6,
 alpha 1000, beta 60 % (DINO norms are ~10^3 x SimSiam's). Expected (Table 7, CIFAR10 probe): 67.92
 undefended / 42.02 B4B at 50k; 75.07 / 19.27 at 100k; sybils 2x50k 45.56.
-Arguments: see b4b_jax/attacks/config_lib.py.
+Arguments: see configs/common.py (STEAL_ARGS).
 """
-from b4b_jax.attacks import config_lib
+from configs import common
 
 
 def get_config(arg=None):
-  return config_lib.steal_config("dino", arg)
+  return common.steal_config("dino", arg)

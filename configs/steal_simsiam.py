@@ -19,10 +19,10 @@ cosine, 100 epochs, batch 256; B4B lam 1e-6, alpha 1, beta 80 %, 2^12 buckets, d
 account. Expected (Table 1, CIFAR10 linear probe of workdir/stolen_encoder): 65.2 undefended / 35.72
 B4B at 50k; 68.1 / 12.01 at 100k; sybils 2x50k 39.56. Runtime (estimate): ~1.5 h for 100 epochs x 50k
 on one A100-class GPU, ~40 min on a TPU v3-8; double for 100k.
-Arguments: see b4b_jax/attacks/config_lib.py.
+Arguments: see configs/common.py (STEAL_ARGS).
 """
-from b4b_jax.attacks import config_lib
+from configs import common
 
 
 def get_config(arg=None):
-  return config_lib.steal_config("simsiam", arg)
+  return common.steal_config("simsiam", arg)

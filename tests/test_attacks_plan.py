@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from b4b_jax.attacks import config_args
-from b4b_jax.attacks import config_lib
 from b4b_jax.attacks import queries
-from b4b_jax.attacks import steal
+from b4b_jax.jobs import steal
+from b4b_jax.main import run_job
+from configs import common
+from configs import steal_dino
+from configs import steal_simsiam
 
 
 @pytest.mark.parametrize("accounts,shares", [
@@ -46,19 +48,19 @@ def test_plan_rejects_impossible_budgets():
 
 
 def test_parse_arg():
-  got = config_args.parse_arg("tiny, defended=1,queries=1e5,loss=mse", tiny=False, defended=False,
+  got = common.parse_arg("tiny, defended=1,queries=1e5,loss=mse", tiny=False, defended=False,
                               queries=50_000, loss="infonce")
   assert got == {"tiny": True, "defended": True, "queries": 100_000, "loss": "mse"}
   with pytest.raises(ValueError, match="unknown config arg"):
-    config_args.parse_arg("sybil=2", sybils=1)
+    common.parse_arg("sybil=2", sybils=1)
   with pytest.raises(ValueError, match="boolean"):
-    config_args.parse_arg("defended=maybe", defended=False)
+    common.parse_arg("defended=maybe", defended=False)
   with pytest.raises(ValueError, match="int"):
-    config_args.parse_arg("sybils=2.5", sybils=1)
+    common.parse_arg("sybils=2.5", sybils=1)
 
 
 def test_paper_configs():
-  c = config_lib.steal_config("simsiam", "defended=1,sybils=2,queries=100000")
+  c = steal_simsiam.get_config("defended=1,sybils=2,queries=100000")
   assert (c.job, c.attack.num_queries, c.attack.num_accounts, c.attack.num_queries_mapping) == (
       "steal", 100_000, 2, 10_000)
   assert (c.stolen.arch, c.train.epochs, c.train.batch_size, c.train.base_lr, c.train.loss,
@@ -67,17 +69,17 @@ def test_paper_configs():
           c.defense.transform) == (True, 1e-6, 1.0, 80.0, 12, "dense_affine")
   assert c.attack.mapper.kind == "linear" and c.attack.mapper.learning_rate == 1e-4
   assert c.attack.mapper.batch_size == 64 and not c.attack.requery_each_epoch
-  d = config_lib.steal_config("dino", "defended=1")
+  d = steal_dino.get_config("defended=1")
   assert (d.defense.alpha, d.defense.beta, d.attack.num_queries) == (1000.0, 60.0, 50_000)
-  assert not config_lib.steal_config("dino").defense.enabled
-  tiny = config_lib.steal_config("dino", "tiny")
+  assert not steal_dino.get_config().defense.enabled
+  tiny = steal_dino.get_config("tiny")
   assert tiny.victim.build_tiny == "vit_tiny" and tiny.image_size == 16
   with pytest.raises(ValueError, match="unknown config arg"):
-    config_lib.steal_config("simsiam", "sybls=2")
+    steal_simsiam.get_config("sybls=2")
 
 
 def test_stolen_model_gets_the_dino_head_only_when_dims_differ():
-  c = config_lib.steal_config("simsiam", "tiny")
+  c = steal_simsiam.get_config("tiny")
   same = nnx.eval_shape(lambda: steal._create_stolen(c, 64, 0))  # pylint: disable=protected-access
   assert same.proj is None and same.rep_dim == 64
   other = nnx.eval_shape(lambda: steal._create_stolen(c, 96, 0))  # pylint: disable=protected-access
@@ -90,26 +92,25 @@ def test_stolen_model_gets_the_dino_head_only_when_dims_differ():
     ("train.base_lr", 0.0, "base_lr"),
     ("train.epochs", 0, "train.epochs"),
     ("attack.num_queries_mapping", 10, "too small to fit the sybil mappers"),
+    ("attack.num_queries", -5, "num_queries"),
+    ("attack.num_accounts", 0, "num_accounts"),
+    ("attack.query_batch_size", 0, "query_batch_size"),
+    ("defense.beta", 0.0, "beta"),
+    ("defense.lam", 2.0, "alpha must be > lam"),
+    ("defense.num_hyperplanes", 30, "num_hyperplanes"),
+    ("checkpoint_every_steps", 0, "checkpoint_every_steps"),
 ])
-def test_bad_config_is_refused_before_any_query(tmp_path, field, value, match):
-  c = config_lib.steal_config("simsiam", "tiny,sybils=2")
-  section, name = field.split(".", 1)
-  node = c[section]
-  *parents, leaf = name.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
+def test_bad_config_is_refused_before_the_workdir_is_claimed(tmp_path, field, value, match):
+  """run_job validates every value before recording the workdir, so the corrected config can use it."""
+  c = steal_simsiam.get_config("tiny,sybils=2")
+  c.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=match):
-    steal.run_steal(c, str(tmp_path))
-  assert not os.path.exists(tmp_path / "attack")
+    run_job(c, str(tmp_path))
+  assert os.listdir(tmp_path) == []
 
 
-def test_refused_config_does_not_claim_the_workdir(tmp_path):
-  """run_job validates before recording the workdir, so the corrected config can use it."""
-  from b4b_jax.jobs.runner import run_job
-  from b4b_jax.attacks import config_lib
-  bad = config_lib.steal_config("simsiam", "tiny")
-  bad.train.loss = "no_such_loss"
-  with pytest.raises(ValueError):
-    run_job(bad, str(tmp_path))
-  assert not (tmp_path / "run_info.json").exists()
+@pytest.mark.parametrize("arg", ["queries=-5", "queries=0", "sybils=0", "epochs=-1", "mapping=0"])
+def test_non_positive_config_args_are_refused(arg):
+  """`value > 0 else default` would silently run the default; a non-positive number is an error."""
+  with pytest.raises(ValueError, match=f"config arg {arg.split('=')[0]}=.*must be > 0"):
+    steal_simsiam.get_config("tiny," + arg)

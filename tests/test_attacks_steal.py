@@ -5,6 +5,7 @@ every epoch are shared by the tests; each resume test repeats a run in a fresh w
 """
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -12,10 +13,10 @@ import pytest
 from flax import nnx
 
 from b4b_jax import models
-from b4b_jax.attacks import config_lib
-from b4b_jax.attacks import steal
+from b4b_jax.jobs import steal
 from b4b_jax.main import run_job
 from b4b_jax.utils import metrics
+from configs import steal_simsiam
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def victim_dir(tmp_path_factory):
 
 
 def _config(victim_dir, arg, **train):
-  c = config_lib.steal_config("simsiam", "tiny," + arg)
+  c = steal_simsiam.get_config("tiny," + arg)
   c.victim.encoder_dir = victim_dir
   c.victim.build_tiny = ""
   c.checkpoint_every_steps = 8
@@ -140,18 +141,17 @@ def test_sybil_mapper_brings_responses_closer_to_account_one(defended):
   assert "mapper" not in r["accounts"][0]
 
 
-def test_killed_defended_run_resumes_to_the_same_result(defended, tmp_path, monkeypatch):
+def test_killed_defended_run_resumes_to_the_same_result(defended, tmp_path):
   config, workdir, reference = defended
   workdir2 = str(tmp_path / "killed")
-
-  def crash(step):
-    if step == 11:  # after the checkpoint at step 8, before the end (16 steps)
-      raise KeyboardInterrupt("simulated kill")
-
-  monkeypatch.setattr(steal, "after_step", crash)
-  with pytest.raises(KeyboardInterrupt):
-    run_job(config, workdir2)
-  monkeypatch.setattr(steal, "after_step", lambda step: None)
+  stopped = config.copy_and_resolve_references()
+  stopped.max_steps_this_run = 11  # checkpoints at 8 (every 8 steps) and 11; the run has 16 steps
+  assert run_job(stopped, workdir2)["status"] == "max_steps_this_run"
+  # What a kill after step 11 but before its checkpoint leaves: the checkpoint (and the API state) of
+  # step 8, and metrics of steps 9-11. The resumed run redoes steps 9-11, re-charging their queries
+  # from the API state of step 8.
+  shutil.rmtree(os.path.join(workdir2, "checkpoints", "11"))
+  shutil.rmtree(os.path.join(workdir2, "attack", "api_train", f"step_{11:09d}"))
   r = run_job(config, workdir2)
   assert r["epoch_losses"] == reference["epoch_losses"]
   assert r["accounts"] == reference["accounts"]

@@ -18,6 +18,8 @@ import torch
 import torchvision
 
 from b4b_jax import models
+from tests.torch_reference import assert_no_default_values
+from tests.torch_reference import randomise_all
 from tests.torch_reference import randomise_batchnorm
 from weight_conversion import convert
 
@@ -86,6 +88,7 @@ def simsiam(tmp_path_factory):
               "optimizer": optimizer.state_dict()}, path)
   net = model.module.encoder.eval()
   net.fc = torch.nn.Identity()
+  assert_no_default_values(net)  # convs random at init, every BatchNorm randomised
   return path, net, root
 
 
@@ -133,14 +136,10 @@ def test_simsiam_refusals(simsiam, tmp_path):
 def _vit_small(seed):
   torch.manual_seed(seed)
   vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
-  g = torch.Generator().manual_seed(seed + 100)
-  with torch.no_grad():  # non-trivial LayerNorms and position embedding (timm inits them to 1/0/small)
-    for m in vit.modules():
-      if isinstance(m, torch.nn.LayerNorm):
-        m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-        m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-    vit.pos_embed.copy_(0.5 * torch.randn(vit.pos_embed.shape, generator=g))
-    vit.cls_token.copy_(torch.randn(vit.cls_token.shape, generator=g))
+  # Every parameter random: timm inits all Linear biases (qkv, proj, fc1, fc2) to 0 and LayerNorms to
+  # 1/0, so a converter that dropped a bias would still match at init (real DINO weights have them).
+  randomise_all(vit, seed + 100)
+  assert_no_default_values(vit)
   return vit
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from b4b_jax.data import preprocess as pp  # noqa: E402
 from b4b_jax.data._tf import tf  # noqa: E402
+from tests import torch_reference  # noqa: E402
 
 _PIL_METHOD = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
@@ -76,12 +77,21 @@ def test_center_crop_offsets_and_padding_like_torchvision():
     np.testing.assert_array_equal(ours, ref)
 
 
-def _our_params(h, w, n, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+def _our_params(h, w, n, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), with_draws=False):
+  """Boxes of pp.random_resized_crop_params for n example seeds and, with_draws, the uniforms in
+  [0, 1) behind them: its four [2] sub-seeds each give ten float64 uniforms (one per attempt) for the
+  area fraction, the log aspect ratio, the top and the left offset."""
   seeds = tf.stack([pp.example_seed(7, i) for i in range(n)])
-  fn = tf.function(lambda s: tf.map_fn(
-      lambda x: tf.stack(pp.random_resized_crop_params(h, w, x, scale, ratio)), s,
-      fn_output_signature=tf.int32))
-  return fn(seeds).numpy()
+
+  def one(seed):
+    box = tf.stack(pp.random_resized_crop_params(h, w, seed, scale, ratio))
+    subs = tf.random.experimental.stateless_split(seed, 4)
+    draws = tf.stack([tf.random.stateless_uniform([10], subs[k], dtype=tf.float64) for k in range(4)])
+    return box, draws
+
+  fn = tf.function(lambda s: tf.map_fn(one, s, fn_output_signature=(tf.int32, tf.float64)))
+  boxes, draws = fn(seeds)
+  return (boxes.numpy(), draws.numpy()) if with_draws else boxes.numpy()
 
 
 def _torch_params(h, w, n, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -90,25 +100,41 @@ def _torch_params(h, w, n, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
   return np.array([T.RandomResizedCrop.get_params(img, list(scale), list(ratio)) for _ in range(n)])
 
 
+# (height, width, scale): boxes that mostly fit; a wide image where about a quarter of the examples
+# use all ten attempts and fall back to torchvision's centre crop; a tall one; small crops of a small
+# image, where off-by-one offsets show.
+@pytest.mark.parametrize("h,w,scale", [(60, 90, (0.08, 1.0)), (60, 90, (0.7, 1.0)),
+                                       (90, 40, (0.5, 1.0)), (9, 7, (0.05, 0.3))])
+def test_random_resized_crop_params_equal_torchvision_box_by_box(h, w, scale):
+  """Each of our boxes equals the box torchvision's own get_params computes from the same uniform
+  draws (tests/torch_reference.py runs torchvision's code with its random calls scripted): area
+  fraction, log-uniform aspect ratio, rounding of the sides, first fitting attempt, offsets
+  floor(u * (H - h + 1)), and the centre-crop fallback after ten misses."""
+  n = 200
+  ratio = (3 / 4, 4 / 3)
+  ours, draws = _our_params(h, w, n, scale, ratio, with_draws=True)
+  ref = np.array([torch_reference.torchvision_rrc_params(h, w, scale, ratio, *d) for d in draws])
+  mismatched = np.flatnonzero((ours != ref).any(axis=1))
+  # Float32 (torch's log of the ratio bounds) against float64 can move a side across a .5 rounding
+  # boundary in a rare draw; anything systematic changes most boxes.
+  assert len(mismatched) <= 1, (ours[mismatched[:5]], ref[mismatched[:5]])
+  full = (ref[:, 2] == h) | (ref[:, 3] == w)
+  if scale[0] == 0.7:  # the fallback branch was exercised, and agreed
+    assert 20 < full.sum() < 180
+  assert len(np.unique(ref, axis=0)) > n // 4  # varied boxes, not one repeated fallback
+
+
 def test_random_resized_crop_params_match_torchvision_distribution():
-  h, w, n = 60, 90, 1500
+  # torchvision with its own random stream: same law of the boxes (a check of the seeding, which the
+  # box-by-box test above takes as given).
+  h, w, n = 60, 90, 600
   ours, ref = _our_params(h, w, n), _torch_params(h, w, n)
   for boxes in (ours, ref):
     top, left, bh, bw = boxes.T
     assert (top >= 0).all() and (left >= 0).all() and (top + bh <= h).all() and (left + bw <= w).all()
-    area = bh * bw / (h * w)
-    # Rounding of sides moves the area and ratio a little past the nominal bounds.
-    assert area.min() > 0.06 and area.max() <= 1.0
-    assert (bw / bh).min() > 0.7 and (bw / bh).max() < 1.45
-  # Same distribution: means and spreads of every coordinate agree within sampling error.
   for k, name in enumerate(["top", "left", "h", "w"]):
     se = np.sqrt(ours[:, k].var() / n + ref[:, k].var() / n)
     assert abs(ours[:, k].mean() - ref[:, k].mean()) < 4 * se, name
-    assert abs(ours[:, k].std() - ref[:, k].std()) < 0.1 * ref[:, k].std() + 0.5, name
-  # Area fraction quantiles agree (the scale law), not only the means.
-  qs = [0.1, 0.5, 0.9]
-  np.testing.assert_allclose(np.quantile(ours[:, 2] * ours[:, 3], qs),
-                             np.quantile(ref[:, 2] * ref[:, 3], qs), rtol=0.1)
 
 
 @pytest.mark.parametrize("hw", [(5, 300), (300, 5)])

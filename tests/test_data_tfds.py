@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from b4b_jax.data import get_dataset, load_arrays, train_batches
+from b4b_jax.data import get_dataset, load_arrays
+from b4b_jax.data import make_transform
 from b4b_jax.data._tf import tf
+from b4b_jax.evaluation.embeddings import batches_of
 
 
 @pytest.mark.parametrize("name,split", [("cifar10", "train"), ("stl10", "unlabelled"),
@@ -26,9 +28,9 @@ def test_mock_dataset_resized_and_batched():
     images, _ = load_arrays("stl10", "train", image_size=32, limit=3)
     assert images.shape == (3, 32, 32, 3)
     ds = get_dataset("cifar10", "train", shuffle_files=True, seed=0)
-    crop = {"mode": "random_resized_crop", "size": 32, "flip": True}
-    batch = next(train_batches(ds, global_batch_size=8, seed=0, transform=crop))
-  assert batch["image"].shape == (8, 32, 32, 3) and batch["label"].shape == (8,)
+    crop = make_transform({"mode": "random_resized_crop", "size": 32, "flip": True})
+    images, labels = next(batches_of(ds, transform=crop, batch_size=8))
+  assert images.shape == (8, 32, 32, 3) and images.dtype == np.uint8 and labels.shape == (8,)
 
 
 @pytest.fixture(scope="module")

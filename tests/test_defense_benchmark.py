@@ -1,5 +1,4 @@
 """The defense benchmark job (tiny variant) through the real entry point's run_job."""
-import importlib.util
 import json
 import os
 
@@ -7,8 +6,7 @@ import pytest
 
 from b4b_jax import main
 from b4b_jax.utils import metrics
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from configs import defense_benchmark
 
 
 # Tiny shapes: compile time dominates, so XLA's optimisation passes are off in this module.
@@ -16,11 +14,7 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _config(arg):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(_ROOT, "configs",
-                                                                     "defense_benchmark.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return defense_benchmark.get_config(arg)
 
 
 def test_tiny_benchmark_job_writes_results_report_and_metrics(tmp_path):

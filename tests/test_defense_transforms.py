@@ -87,6 +87,34 @@ def test_binary_transform_follows_the_paper_construction():
     defense.invert_user_transform(cfg, D, p, bits)
 
 
+def test_binary_slopes_and_intercepts_are_the_papers_on_the_users_draws():
+  """Original code: slopes -tan(2 pi U) (last row ones); each hyperplane passes through a random point
+  whose coordinates are picked from np.linspace(0, 1, 1000); intercept b_j = S_j . p_j. The uniforms
+  and grid indices are redrawn from the user's key (streams _SLOPES = 6, _POINTS = 7 of
+  defense/transforms.py); slopes, grid and intercepts are recomputed in float64 numpy."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from b4b_jax.defense import keys  # pylint: disable=g-import-not-at-top
+  cfg = _cfg("binary")
+  p = defense.user_transform_params(cfg, D, "dave")
+  m = 2 * D
+  key = keys.user_key(keys.stream_key(cfg.seed, "transform"), jnp.asarray(keys.uid_from_name("dave")))
+  angles = np.asarray(jax.random.uniform(jax.random.fold_in(key, 6), (D - 1, m)), np.float64)
+  points = np.linspace(0, 1, 1000)[np.asarray(jax.random.randint(jax.random.fold_in(key, 7), (D, m),
+                                                                 0, 1000))]
+  slopes = np.concatenate([-np.tan(2 * np.pi * angles), np.ones((1, m))])
+  ours = p["matrix"].astype(np.float64)
+  tame = np.abs(slopes) < 1e3  # float32 angles near a pole of tan: relative error grows without bound
+  np.testing.assert_allclose(ours[tame], slopes[tame], rtol=1e-3)
+  intercepts = np.sum(ours * points, axis=0)
+  np.testing.assert_allclose(p["bias"], intercepts, rtol=0,
+                             atol=1e-5 * np.abs(ours * points).sum(axis=0).max())
+  # Without the draws: every hyperplane meets the unit cube [0, 1]^D (it passes through a point of it).
+  low, high = np.minimum(ours, 0).sum(axis=0), np.maximum(ours, 0).sum(axis=0)
+  assert np.all((low <= p["bias"]) & (p["bias"] <= high))
+  assert np.abs(p["bias"]).min() > 0 and np.ptp(p["bias"]) > 0.5
+
+
 def test_binary_debinarize_through_the_api_keeps_the_bit_and_is_fresh():
   cfg = _cfg("binary", debinarize=True, static_sigma=0.0)
   api = defense.DefendedEncoder(None, cfg, D)

@@ -46,11 +46,22 @@ def test_coverage_curves_are_monotone_bounded_and_ordered(query_sets, base):
 
 
 def test_queries_per_bucket_agree_with_the_api_coverage(query_sets, base):
-  reps = query_sets["diverse"]
+  cfg = coverage_curves.counting_config(base, 6)
+  planes = np.asarray(defense.make_params(cfg, DIM).hyperplanes, np.float64)  # [P, D, K]
+  assert not cfg.get("hash_center", False)  # hyperplanes through the origin, as the original
+  scores = np.einsum("nd,pdk->npk", query_sets["diverse"].astype(np.float64), planes)
+  reps = query_sets["diverse"][np.abs(scores).min(axis=(1, 2)) > 1e-4]  # no float32 rounding ties
+  scores = scores[np.abs(scores).min(axis=(1, 2)) > 1e-4]
   per_bucket = coverage_curves.queries_per_bucket(reps, base_config=base, num_hyperplanes=6)
   counts = np.asarray(per_bucket["queries"])
   assert np.all(np.diff(counts) <= 0)              # busiest bucket first
-  assert counts.sum() == pytest.approx(N)          # every query lands in one bucket per projection
+  assert counts.sum() == pytest.approx(len(reps))  # every query lands in one bucket per projection
+  # Numpy reference (the original's buckets.py): code = bits of (x . r_k > 0), counted per projection.
+  codes = ((scores > 0) * (1 << np.arange(6))).sum(-1)  # [N, P]
+  ref = np.stack([np.sort(np.bincount(codes[:, p], minlength=64))[::-1] for p in range(codes.shape[1])])
+  np.testing.assert_allclose(counts, ref.mean(0)[:len(counts)], rtol=1e-12)
+  assert np.all(ref.mean(0)[len(counts):] == 0)
+  assert per_bucket["occupied_pct"] == pytest.approx(100.0 * np.mean((ref > 0).sum(1)) / 64)
   api = api_client.representation_api(coverage_curves.counting_config(base, 6), DIM)
   api.query_representations("u", reps)
   assert per_bucket["occupied_pct"] == pytest.approx(api.coverage("u"), rel=1e-6)

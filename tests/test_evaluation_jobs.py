@@ -4,7 +4,7 @@ round-trips.
 
 The embeddings job runs first; its random tiny encoder and digits embeddings are then reused by the
 other jobs (config.source.encoder / npz_dir), as a user would chain them."""
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 
 from b4b_jax import data as data_lib
-from b4b_jax.evaluation import config_blocks
 from b4b_jax.evaluation import embeddings
 from b4b_jax.evaluation import legit
 from b4b_jax.main import run_job
 from b4b_jax.utils import metrics as metrics_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # Tiny shapes: compile time dominates, so XLA's optimisation passes are off in this module.
@@ -27,11 +25,7 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def tiny_config(name):
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs",
-                                                                               f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("tiny")
+  return importlib.import_module(f"configs.{name}").get_config("tiny")
 
 
 def _finite_numbers(tree, path="results"):
@@ -89,11 +83,30 @@ def test_embeddings_job_exports_npz(exported):
   assert "digits" in report
 
 
+def _sklearn_top1(emb, model):
+  """Independent reference: scikit-learn on the same exported embeddings, standardised with train
+  statistics (the probes' normalisation)."""
+  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
+  scaler = StandardScaler().fit(emb["train_x"].astype(np.float64))
+  model.fit(scaler.transform(emb["train_x"].astype(np.float64)), emb["train_y"])
+  return 100.0 * float(np.mean(model.predict(scaler.transform(emb["test_x"].astype(np.float64)))
+                               == emb["test_y"]))
+
+
 def test_probe_job(exported, tmp_path):
-  results = run_job(_reuse(tiny_config("probe"), exported), str(tmp_path))
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  config = _reuse(tiny_config("probe"), exported)
+  config.probe.epochs, config.probe.learning_rate = 30, 1e-2  # converged, for the comparison below
+  results = run_job(config, str(tmp_path))
   out, report = _check_outputs(str(tmp_path), plots=("val_curves.png",))
   digits = out["datasets"]["digits"]
   assert digits["test_top1_mean"] > 30.0         # 10 classes: a random encoder is well above chance
+  # The job's Adam probe (epoch chosen on validation) lands near a converged logistic regression on
+  # the same embeddings: not a probe of shuffled labels, wrong rows, or an unused part of train.
+  emb = embeddings.load_npz(os.path.join(exported["npz_dir"], "digits.npz"))
+  reference = _sklearn_top1(emb, LogisticRegression(C=1.0, max_iter=2000))
+  print(f"probe job digits top-1 {digits['test_top1_mean']:.2f}, sklearn logistic {reference:.2f}")
+  assert abs(digits["test_top1_mean"] - reference) < 4.0, (digits["test_top1_mean"], reference)
   assert len(digits["seeds"]) == 2 and results["datasets"]["digits"]["num_train"] == 384
   assert metrics_lib.read_metrics(str(tmp_path), stage="probe/digits")
   assert "| LEGIT | NONE |" in report
@@ -102,6 +115,7 @@ def test_probe_job(exported, tmp_path):
 def test_legit_job_and_the_images_path(exported, tmp_path):
   config = _reuse(tiny_config("legit"), exported)
   config.save_responses = True
+  config.probe.ridge_alphas = (1.0,)  # one strength: the NONE row is then sklearn's Ridge, below
   results = run_job(config, str(tmp_path))
   out, report = _check_outputs(str(tmp_path), plots=("legit_digits_coverage.png",
                                                      "legit_digits_sigma.png"))
@@ -110,13 +124,30 @@ def test_legit_job_and_the_images_path(exported, tmp_path):
   assert rows["B4B"]["through_images"] and rows["B4B"]["account"]["num_queries"] == 384 + 192
   assert "Table 8" in report and "Table 6" in report
   assert results["datasets"]["digits"]["rows"]["NONE"]["account"]["coverage"] is None
+  # NONE row (clean representations): the accuracy of scikit-learn's Ridge on one-hot targets, fit on
+  # all of train (the probe refits there), strength 1.0 x the mean eigenvalue of the centred Gram
+  # matrix (the probe's scale-free convention, b4b_jax/evaluation/linear_probe.py).
+  from sklearn.linear_model import Ridge  # pylint: disable=g-import-not-at-top
+  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
+  emb = embeddings.load_npz(os.path.join(exported["npz_dir"], "digits.npz"))
+  xs = StandardScaler().fit(emb["train_x"].astype(np.float64)).transform(emb["train_x"])
+  xc = xs - xs.mean(0)
+  scale = np.linalg.eigvalsh(xc.T @ xc).clip(0).mean()
+
+  class _OneHotRidge(Ridge):
+    def fit(self, x, y):
+      return super().fit(x, np.eye(10)[y])
+
+    def predict(self, x):
+      return np.argmax(super().predict(x), axis=1)
+  reference = _sklearn_top1(emb, _OneHotRidge(alpha=scale))
+  assert rows["NONE"]["test_top1_mean"] == pytest.approx(reference, abs=0.6), reference  # <= 1 image
 
   # The B4B row sent the images through DefendedEncoder.query (encoder fused into the API); sending
   # the exported clean representations to an API of the same config answers the same.
   received = embeddings.load_npz(os.path.join(str(tmp_path), "responses", "digits_B4B.npz"))
   emb = embeddings.load_npz(os.path.join(exported["npz_dir"], "digits.npz"))
-  base = config_blocks.build_defense_config(config.defense)
-  cfg = legit.row_specs(base, b4b_transform=config.b4b_transform)[1][1]
+  cfg = legit.row_specs(config.defense, b4b_transform=config.b4b_transform)[1][1]
   via_reps = legit.legit_user(emb["train_x"], emb["train_y"], emb["test_x"], emb["test_y"],
                               defense_config=cfg, probe_cfg=config.probe,
                               query_batch_size=config.query_batch_size, return_responses=True)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
+from b4b_jax.evaluation import least_squares
 from b4b_jax.evaluation import linear_probe as lp
 
 # One shape for every gradient-probe call below, so the jitted epoch compiles once for the module.
@@ -83,12 +84,19 @@ def test_ridge_matches_sklearn_and_chooses_on_validation(separable):
   norm = lp.Normalizer.fit("standardize", x)
   xn = norm(x).astype(np.float64)
   onehot = np.eye(CLASSES)[y]
-  (alpha, w, b), = lp._ridge_solutions(xn, onehot, [0.5])  # pylint: disable=protected-access
+  (alpha, w, b), = least_squares.fit(xn, onehot, [0.5])
   xc = xn - xn.mean(0)
   scale = np.linalg.eigvalsh(xc.T @ xc).mean()
   ref = Ridge(alpha=alpha * scale, fit_intercept=True).fit(xn, onehot)
   np.testing.assert_allclose(w, ref.coef_.T, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(b, ref.intercept_, rtol=1e-4, atol=1e-6)
+  # The probe itself (moments minus the validation part, refit on all of train), not only the
+  # reference path above: with one strength its classifier is sklearn's Ridge on all of train.
+  single = lp.ridge_probe(x, y, xt, yt, seeds=(0,), alphas=(0.5,))
+  np.testing.assert_allclose(single.classifiers[0].logits(xt), ref.predict(norm(xt).astype(np.float64)),
+                             rtol=1e-4, atol=1e-4)
+  assert single.test_top1_mean == pytest.approx(
+      100.0 * np.mean(np.argmax(ref.predict(norm(xt).astype(np.float64)), 1) == yt))
 
 
 def test_normalisation_uses_train_statistics_only(separable):

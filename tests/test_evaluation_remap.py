@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from b4b_jax import defense
-from b4b_jax.evaluation import mapper as mapper_lib
+from b4b_jax.attacks import mapper as mapper_lib
 from b4b_jax.evaluation import remap
 
 DIM, CLASSES = 16, 4
@@ -73,20 +73,21 @@ def test_linear_mapper_equals_least_squares_and_mlp_learns():
   src = rng.normal(size=(200, 6))
   w, b = rng.normal(size=(6, 3)), rng.normal(size=3)
   dst = src @ w + b + 0.1 * rng.normal(size=(200, 3))
-  fitted = mapper_lib.fit_mapper("linear", src, dst, ridge=1e-12)
+  fitted = mapper_lib.fit_mapper(src, dst, kind="lstsq", ridge=1e-12)
   design = np.concatenate([src, np.ones((200, 1))], 1)
   ref = np.linalg.lstsq(design, dst, rcond=None)[0]
   test = rng.normal(size=(20, 6))
-  np.testing.assert_allclose(fitted(test), np.concatenate([test, np.ones((20, 1))], 1) @ ref,
+  np.testing.assert_allclose(fitted.apply(test), np.concatenate([test, np.ones((20, 1))], 1) @ ref,
                              rtol=1e-4, atol=1e-4)
   # The attack's own Adam-trained mappers (hidden width = input dim, as the original: use 32 dims).
   src, test = rng.normal(size=(400, 32)), rng.normal(size=(40, 32))
   w, b = rng.normal(size=(32, 8)) / 4, rng.normal(size=8)
   dst = src @ w + b + 0.05 * rng.normal(size=(400, 8))
   baseline = np.mean((test @ w + b - dst.mean(0)) ** 2)
-  for kind in ("mlp", "linear_adam"):
-    trained = mapper_lib.fit_mapper(kind, src, dst, epochs=60, batch_size=16, learning_rate=3e-3, seed=0)
-    assert np.mean((trained(test) - (test @ w + b)) ** 2) < 0.2 * baseline, kind
+  for kind in ("mlp", "linear"):
+    trained = mapper_lib.fit_mapper(src, dst, kind=kind, epochs=60, batch_size=16, learning_rate=3e-3,
+                                    seed=0)
+    assert np.mean((trained.apply(test) - (test @ w + b)) ** 2) < 0.2 * baseline, kind
 
 
 def test_bad_remap_arguments_raise(data):
@@ -97,8 +98,8 @@ def test_bad_remap_arguments_raise(data):
     remap.remap_cell(*data, defense_config=remap.account_config(base, "diag_affine", "none"),
                      overlaps=(N_TRAIN + 1,), classifier_cfg=PROBE)
   with pytest.raises(ValueError, match="unknown mapper kind"):
-    mapper_lib.fit_mapper("quadratic", np.ones((4, 2)), np.ones((4, 2)))
+    mapper_lib.fit_mapper(np.ones((4, 2)), np.ones((4, 2)), kind="quadratic")
   with pytest.raises(ValueError, match="NaN"):
-    mapper_lib.fit_mapper("linear", np.full((4, 2), np.nan), np.ones((4, 2)))
+    mapper_lib.fit_mapper(np.full((4, 2), np.nan), np.ones((4, 2)), kind="lstsq")
   with pytest.raises(ValueError, match="equal shapes"):
     remap.cosine_distance(np.ones((3, 2)), np.ones((3, 4)))

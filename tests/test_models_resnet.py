@@ -14,6 +14,7 @@ from flax import nnx
 from b4b_jax import models
 from b4b_jax.models import functional
 from b4b_jax.utils import distributed
+from tests.torch_reference import assert_no_default_values
 from tests.torch_reference import randomise_batchnorm
 from weight_conversion import keymaps
 
@@ -34,6 +35,7 @@ def _torch_resnet18(small_input: bool):
     net.maxpool = torch.nn.Identity()
   net.fc = torch.nn.Identity()
   randomise_batchnorm(net, 1)
+  assert_no_default_values(net)  # convs random at init (no biases), every BatchNorm randomised
   return net
 
 

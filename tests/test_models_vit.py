@@ -12,6 +12,8 @@ from flax import nnx
 
 from b4b_jax import models
 from b4b_jax.models import interpolate
+from tests.torch_reference import assert_no_default_values
+from tests.torch_reference import randomise_all
 from weight_conversion import keymaps
 
 
@@ -59,8 +61,8 @@ def _dino_interpolate_pos_encoding(pos_embed, height, width, patch):
 def test_vit_other_resolution_matches_dino_torch():
   torch.manual_seed(0)
   vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
-  with torch.no_grad():
-    vit.pos_embed.normal_()
+  randomise_all(vit, 1)  # biases, LayerNorms, patch embedding, CLS and position embedding included
+  assert_no_default_values(vit)
   model = models.create_vit("vit_tiny", rngs=nnx.Rngs(0))
   graphdef, params, stats = keymaps.load_into_model(
       model, {k: v.numpy() for k, v in vit.state_dict().items()}, family="vit")

@@ -1,4 +1,10 @@
-"""Helpers shared by the tests that compare against real PyTorch models."""
+"""Helpers shared by the tests that compare against real PyTorch models.
+
+Initialisers leave many parameters at special values (timm: every ViT Linear bias exactly 0, LayerNorm
+1/0; torchvision: BatchNorm 1/0 and running statistics 0/1), and a converter that drops or transposes
+such a parameter still matches at init. These helpers give every parameter and running statistic a
+random, non-trivial value before a comparison.
+"""
 import torch
 
 
@@ -14,3 +20,128 @@ def randomise_batchnorm(module: torch.nn.Module, seed: int) -> None:
         m.bias.copy_(0.1 * torch.randn(n, generator=g))
         m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
         m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+
+
+def randomise_all(module: torch.nn.Module, seed: int) -> None:
+  """Every floating parameter and BatchNorm running statistic of `module` gets a fresh random value.
+
+  Linear / Conv weights ~ N(0, 1/fan_in) (activations keep their scale through deep stacks), their
+  biases ~ 0.1 N(0, 1); norm layers' weights 1 + 0.2 N(0, 1) and biases 0.1 N(0, 1); any other
+  parameter (ViT position embedding, CLS token) 0.5 N(0, 1). Raises if a parameter was left untouched,
+  so a new module type cannot silently keep its init.
+  """
+  g = torch.Generator().manual_seed(seed)
+  done = set()
+
+  def fill(p, values):
+    with torch.no_grad():
+      p.copy_(values.to(p.dtype))
+    done.add(id(p))
+
+  randomise_batchnorm(module, seed + 1)
+  for m in module.modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+      done.update(id(p) for p in (m.weight, m.bias) if p is not None)
+  for m in module.modules():
+    if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+      fan_in = m.weight[0].numel()
+      fill(m.weight, torch.randn(m.weight.shape, generator=g) / fan_in ** 0.5)
+      if m.bias is not None:
+        fill(m.bias, 0.1 * torch.randn(m.bias.shape, generator=g))
+    elif isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm1d)) and m.weight is not None:
+      fill(m.weight, 1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+      fill(m.bias, 0.1 * torch.randn(m.bias.shape, generator=g))
+  for _, p in module.named_parameters():
+    if id(p) not in done:
+      fill(p, 0.5 * torch.randn(p.shape, generator=g))
+  untouched = [n for n, p in module.named_parameters() if id(p) not in done]
+  assert not untouched, untouched
+
+
+def assert_no_default_values(module: torch.nn.Module) -> None:
+  """Fails if any parameter tensor is constant (an all-zero bias, an all-one LayerNorm scale)."""
+  constant = [n for n, p in module.named_parameters() if p.numel() > 1 and float(p.detach().std()) == 0.0]
+  assert not constant, f"parameters left at a constant value: {constant}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# torchvision's own samplers, fed with given uniform draws
+# ----------------------------------------------------------------------------------------------------
+class _ScriptedTorch:
+  """Stands in for the `torch` module inside torchvision.transforms.transforms, so torchvision's own
+  sampling code runs unchanged on draws we choose: `torch.empty(1).uniform_(lo, hi)` returns
+  lo + u * (hi - lo) for the next u of `uniforms` (float64), `torch.randint(low, high)` returns
+  low + floor(u * (high - low)) with u = randint_u(number of uniforms used so far), `torch.randperm(n)`
+  returns `perm`. Everything else is real torch."""
+
+  def __init__(self, uniforms, randint_u=None, perm=None):
+    self.uniforms = [float(u) for u in uniforms]
+    self.used = 0
+    self.randint_calls = 0
+    self.randint_u = randint_u
+    self.perm = perm
+
+  def __getattr__(self, name):
+    return getattr(torch, name)
+
+  def empty(self, *shape, **kwargs):
+    del shape, kwargs
+    owner = self
+
+    class _Draw:
+
+      def uniform_(self, lo, hi):
+        u = owner.uniforms[owner.used]
+        owner.used += 1
+        return torch.tensor([float(lo) + u * (float(hi) - float(lo))], dtype=torch.float64)
+    return _Draw()
+
+  def randint(self, low, high, size=None, **kwargs):
+    del size, kwargs
+    u = self.randint_u(self.used, self.randint_calls)
+    self.randint_calls += 1
+    return torch.tensor([int(low) + int(u * (int(high) - int(low)))])
+
+  def randperm(self, n, **kwargs):
+    del kwargs
+    assert len(self.perm) == n
+    return torch.tensor(list(self.perm))
+
+
+def _with_scripted_torch(scripted, fn):
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  import torchvision.transforms.transforms as tv_transforms  # pylint: disable=g-import-not-at-top
+  with mock.patch.object(tv_transforms, "torch", scripted):
+    return fn(tv_transforms)
+
+
+def torchvision_rrc_params(height, width, scale, ratio, u_area, u_log_ratio, u_top, u_left):
+  """torchvision's RandomResizedCrop.get_params (its real code) where attempt k draws its area fraction
+  from u_area[k] and its log aspect ratio from u_log_ratio[k] and, if its box fits, its offsets from
+  u_top[k] and u_left[k] (torch.randint(0, n) -> floor(u * n)). Returns (top, left, h, w)."""
+  uniforms = [u for pair in zip(u_area, u_log_ratio) for u in pair]
+
+  def randint_u(used, call):  # `used` uniforms so far: the box of attempt used // 2 - 1 fitted
+    attempt = used // 2 - 1
+    return (u_top if call == 0 else u_left)[attempt]
+
+  scripted = _ScriptedTorch(uniforms, randint_u)
+  return _with_scripted_torch(scripted, lambda tv: tv.RandomResizedCrop.get_params(
+      torch.zeros(1, height, width), list(scale), list(ratio)))
+
+
+def torchvision_color_jitter(strength, perm, uniforms):
+  """image -> torchvision's ColorJitter(*strength) applied with op order `perm` and the uniforms
+  (brightness, contrast, saturation, hue) in [0, 1) in place of torch's draws."""
+  def apply(image):
+    scripted = _ScriptedTorch(uniforms, perm=perm)
+    return _with_scripted_torch(scripted, lambda tv: tv.ColorJitter(*strength)(image))
+  return apply
+
+
+def torchvision_gaussian_blur(kernel_size, sigma_range, u):
+  """image -> torchvision's GaussianBlur(kernel_size, sigma_range) with its sigma drawn from u."""
+  def apply(image):
+    scripted = _ScriptedTorch([u])
+    return _with_scripted_torch(scripted, lambda tv: tv.GaussianBlur(kernel_size, sigma_range)(image))
+  return apply

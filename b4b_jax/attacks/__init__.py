@@ -1,7 +1,7 @@
 """Stealing attacks: query protocol, losses, stolen-model training, sybil mappers.
 
-Light modules are re-exported here; the training side lives in `b4b_jax.attacks.train_state` and
-`b4b_jax.attacks.steal` (`run_steal(config, workdir)`, the `steal` job), which pull in TensorFlow data.
+Light modules are re-exported here; the step function of the stolen model's training is
+`b4b_jax.attacks.train_state`, and the job that runs the whole attack is `b4b_jax.jobs.steal`.
 See docs/attacks.md.
 """
 from b4b_jax.attacks.losses import LOSSES, get_loss, info_nce, mse, soft_nearest_neighbor

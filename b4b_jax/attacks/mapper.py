@@ -1,7 +1,15 @@
-"""Sybil mappers: learn to carry account k's responses into account 1's representation space.
+"""Mappers between accounts: carry account k's responses into account 1's representation space.
 
-A sybil attacker queries the same images (the overlap) through account 1 and account k, then fits a
-mapper f with f(response_k) ~ response_1 by MSE. The paper uses a linear model; the original end-to-end
+`fit_mapper(source, target, kind=...)` is the one way to fit one, for the sybil attack and the
+remapping experiment alike:
+  * "linear" (the paper's choice): one affine layer trained with Adam + MSE (below);
+  * "mlp": the original end-to-end code's 3-layer ReLU network, trained the same way;
+  * "lstsq": the affine least-squares map in closed form (float64, a tiny ridge relative to the data
+    scale: evaluation.least_squares). The best any linear mapper trained on the same pairs can do, so a
+    remapping cost measured with it is not inflated by an under-trained optimiser.
+
+Training of "linear" / "mlp": a sybil attacker queries the same images (the overlap) through account 1
+and account k, then fits a mapper f with f(response_k) ~ response_1 by MSE. The paper uses a linear model; the original end-to-end
 code a 3-layer ReLU MLP (kind="mlp", hidden width = output dim). Training follows the paper's code:
 Adam lr 1e-4, batch 64, MSE, a seeded 80/20 split of the overlap. Unlike the original (which kept the
 model whose *last validation batch* had the lowest loss), the model is selected on the MSE over the
@@ -23,15 +31,18 @@ import numpy as np
 import optax
 from flax import nnx
 
-MAPPER_KINDS = ("linear", "mlp")
+from b4b_jax.evaluation import least_squares
+
+MAPPER_KINDS = ("linear", "mlp", "lstsq")
+TRAINED_KINDS = ("linear", "mlp")
 
 
 class MapperNet(nnx.Module):
   """linear: one affine layer. mlp: Linear-ReLU-Linear-ReLU-Linear with hidden width = out_dim."""
 
   def __init__(self, in_dim: int, out_dim: int, kind: str, *, rngs: nnx.Rngs):
-    if kind not in MAPPER_KINDS:
-      raise ValueError(f"unknown mapper kind {kind!r}; choose one of {MAPPER_KINDS}")
+    if kind not in TRAINED_KINDS:
+      raise ValueError(f"unknown trained mapper kind {kind!r}; choose one of {TRAINED_KINDS}")
     dims = [in_dim, out_dim] if kind == "linear" else [in_dim, out_dim, out_dim, out_dim]
     self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
 
@@ -54,14 +65,20 @@ class Mapper:
   metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
-    self._graphdef = nnx.graphdef(MapperNet(self.in_dim, self.out_dim, self.kind, rngs=nnx.Rngs(0)))
-    self._apply = _make_apply(self._graphdef)
+    if self.kind == "lstsq":  # params {"w": [in, out], "b": [out]} in float64, applied on the host
+      self._apply = lambda params, _, x: np.asarray(x, np.float64) @ params["w"] + params["b"]
+    else:
+      graphdef = nnx.graphdef(MapperNet(self.in_dim, self.out_dim, self.kind, rngs=nnx.Rngs(0)))
+      self._apply = _make_apply(graphdef)
 
   def apply(self, x) -> np.ndarray:
     x = np.asarray(x, np.float32)
     if x.ndim != 2 or x.shape[1] != self.in_dim:
       raise ValueError(f"mapper expects [N, {self.in_dim}] responses, got {x.shape}")
-    return np.asarray(self._apply(self.params, self.normalization, jnp.asarray(x)))
+    return np.asarray(self._apply(self.params, self.normalization, x), np.float32)
+
+  def __call__(self, x) -> np.ndarray:
+    return self.apply(x)
 
   def state(self) -> dict:
     """Pytree of numpy arrays with flat string keys, for checkpoints (see `from_state`)."""
@@ -79,7 +96,8 @@ class Mapper:
       for part in parts[:-1]:
         node = node.setdefault(part, {})
       node[parts[-1]] = np.asarray(value)
-    norm = {k: np.asarray(v, np.float32) for k, v in state["normalization"].items()}
+    dtype = np.float64 if kind == "lstsq" else np.float32
+    norm = {k: np.asarray(v, dtype) for k, v in state["normalization"].items()}
     return cls(kind, in_dim, out_dim, params, norm, dict(metrics or {}))
 
 
@@ -151,15 +169,19 @@ def _trainer(graphdef, learning_rate: float, batch_size: int, epochs: int, num_t
 
 
 def fit_mapper(source, target, *, kind: str = "linear", epochs: int = 250, learning_rate: float = 1e-4,
-               batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0) -> Mapper:
-  """Fits a mapper source -> target on paired rows; returns it with its validation metrics.
+               batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0,
+               ridge: float = 1e-9) -> Mapper:
+  """Fits a mapper source -> target on paired rows (source[i] and target[i] answer the same query).
 
-  `metrics` holds val_mse (selected model, whole validation split, original units), val_mse_unmapped
-  (the MSE of not mapping at all, when dims agree), val_cosine / val_cosine_unmapped, train_mse,
-  best_epoch, num_train, num_val, val_mse_first_epoch.
+  "lstsq" uses all pairs and only `ridge` (relative to the mean Gram eigenvalue); metrics: train_mse,
+  num_train. The trained kinds use the other arguments; their `metrics` hold val_mse (selected
+  model, whole validation split, original units), val_mse_unmapped (the MSE of not mapping at all,
+  when dims agree), val_cosine / val_cosine_unmapped, train_mse, best_epoch, num_train, num_val,
+  val_mse_first_epoch.
   """
-  source = np.asarray(source, np.float32)
-  target = np.asarray(target, np.float32)
+  dtype = np.float64 if kind == "lstsq" else np.float32
+  source = np.asarray(source, dtype)
+  target = np.asarray(target, dtype)
   if source.ndim != 2 or target.ndim != 2 or len(source) != len(target):
     raise ValueError(f"mapper needs paired [N, D] arrays, got source {source.shape}, "
                      f"target {target.shape}")
@@ -167,6 +189,10 @@ def fit_mapper(source, target, *, kind: str = "linear", epochs: int = 250, learn
     raise ValueError("mapper inputs contain NaN or Inf")
   if kind not in MAPPER_KINDS:
     raise ValueError(f"unknown mapper kind {kind!r}; choose one of {MAPPER_KINDS}")
+  if len(source) < 1:
+    raise ValueError("mapper needs at least one pair")
+  if kind == "lstsq":
+    return _fit_lstsq(source, target, ridge)
   if not 0.0 < val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
   if epochs < 1 or batch_size < 1 or not learning_rate > 0:
@@ -210,4 +236,14 @@ def fit_mapper(source, target, *, kind: str = "linear", epochs: int = 250, learn
     metrics["val_mse_unmapped"] = float(np.mean(np.square(source[va] - target[va])))
     metrics["val_cosine_unmapped"] = _cosine(source[va], target[va])
   mapper.metrics = metrics
+  return mapper
+
+
+def _fit_lstsq(source: np.ndarray, target: np.ndarray, ridge: float) -> Mapper:
+  if not ridge >= 0:
+    raise ValueError(f"lstsq mapper ridge must be >= 0, got {ridge}")
+  (_, w, b), = least_squares.fit(source, target, [float(ridge)])
+  mapper = Mapper("lstsq", source.shape[1], target.shape[1], {"w": w, "b": b}, {})
+  mapper.metrics = {"train_mse": float(np.mean(np.square(mapper.apply(source) - target))),
+                    "num_train": int(len(source))}
   return mapper

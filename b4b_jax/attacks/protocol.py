@@ -14,6 +14,7 @@ from absl import logging
 
 from b4b_jax.attacks import mapper as mapper_lib
 from b4b_jax.attacks import queries as queries_lib
+from b4b_jax.evaluation import api_client
 
 
 def account_name(index: int) -> str:
@@ -58,16 +59,11 @@ class Attacker:
   # ------------------------------------------------------------------------------------------------
   def query(self, account: int, indices: np.ndarray, *, phase: str, epoch: int = 0) -> np.ndarray:
     """Sends `indices` through account `account` (0-based) in batches; returns the raw responses."""
-    out = []
-    user = self.users[account]
-    for start in range(0, len(indices), self.batch_size):
-      chunk = indices[start:start + self.batch_size]
-      result = self.api.query(user, self.views(chunk, epoch))
-      out.append(result.reps)
-      self._record(account, phase, result)
-    if not out:
-      return np.zeros((0, self.api.out_dim), np.float32)
-    return np.concatenate(out)
+    images = (self.views(chunk, epoch) for chunk in api_client.chunks(indices, self.batch_size))
+    responses, _ = api_client.send_batches(
+        self.api, self.users[account], images, representations=False,
+        on_batch=lambda trace: self._record(account, phase, trace.sigma[-1]))
+    return responses
 
   def query_rows(self, accounts_per_row: np.ndarray, indices: np.ndarray, *, epoch: int,
                  images: Optional[np.ndarray] = None) -> np.ndarray:
@@ -75,10 +71,10 @@ class Attacker:
     users = [self.users[a] for a in accounts_per_row]
     images = self.views(indices, epoch) if images is None else images
     result = self.api.query_mixed(users, images)
-    raw = result.reps
     for account in sorted(set(int(a) for a in accounts_per_row)):
-      self._record(account, "requery", result)
-    return self.map_rows(accounts_per_row, raw)
+      last_row = int(np.flatnonzero(np.asarray(accounts_per_row) == account)[-1])
+      self._record(account, "requery", float(result.sigma[last_row]))
+    return self.map_rows(accounts_per_row, result.reps)
 
   def map_rows(self, accounts_per_row: np.ndarray, responses: np.ndarray) -> np.ndarray:
     """Carries rows of accounts >= 2 into account 1's space with their mappers."""
@@ -92,10 +88,9 @@ class Attacker:
       out[rows] = out_rows
     return out
 
-  def _record(self, account: int, phase: str, result) -> None:
+  def _record(self, account: int, phase: str, sigma: float) -> None:
+    """Logs the account's state after a batch; `sigma`: the noise std the batch was answered with."""
     user = self.users[account]
-    rows = [i for i, u in enumerate(result.users) if u == user]
-    sigma = float(result.sigma[rows[-1]]) if rows else self.api.sigma(user)
     entry = QueryLogEntry(account + 1, phase, self.api.num_queries(user), self.api.coverage(user), sigma)
     self.log.append(entry)
     self.on_batch(entry)

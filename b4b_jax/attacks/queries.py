@@ -16,6 +16,8 @@ from typing import List
 
 import numpy as np
 
+MAX_ACCOUNTS = 10  # the paper's sybil experiments use up to 6
+
 
 @dataclasses.dataclass(frozen=True)
 class AccountPlan:
@@ -59,8 +61,8 @@ def split_budget(num_queries: int, num_accounts: int) -> List[int]:
 def plan_queries(pool_size: int, num_queries: int, *, num_accounts: int = 1,
                  num_queries_mapping: int = 10_000, num_eval: int = 0, seed: int = 0) -> QueryPlan:
   """Draws the attacker's queries from a pool of `pool_size` images (see the module docstring)."""
-  if not 1 <= num_accounts <= 10:
-    raise ValueError(f"num_accounts must be in 1..10, got {num_accounts}")
+  if not 1 <= num_accounts <= MAX_ACCOUNTS:
+    raise ValueError(f"num_accounts must be in 1..{MAX_ACCOUNTS}, got {num_accounts}")
   if num_queries < 1 or num_eval < 0 or num_queries_mapping < 0:
     raise ValueError(f"invalid query counts: num_queries={num_queries}, num_eval={num_eval}, "
                      f"num_queries_mapping={num_queries_mapping}")

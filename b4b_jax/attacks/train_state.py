@@ -110,17 +110,3 @@ def make_train_step(graphdef, cfg: StepConfig, mesh: jax.sharding.Mesh):
 
   return jax.jit(step, in_shardings=(repl, data, data, repl), out_shardings=(repl, repl),
                  donate_argnums=(0,))
-
-
-@functools.lru_cache(maxsize=16)
-def make_embed_fn(graphdef, mesh: jax.sharding.Mesh, mean, std):
-  """Compiled inference forward of the stolen model on uint8 images (BatchNorm running stats)."""
-  repl = NamedSharding(mesh, P())
-  data = NamedSharding(mesh, P(distributed.DATA_AXIS))
-
-  def embed(params, batch_stats, images):
-    out, _ = apply_model(graphdef, params, batch_stats, preprocess.normalize(images, mean, std),
-                         train=False)
-    return out
-
-  return jax.jit(embed, in_shardings=(repl, repl, data), out_shardings=data)

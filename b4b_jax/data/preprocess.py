@@ -354,7 +354,7 @@ def apply_transform(images: np.ndarray, transform, *, seed: int = 0, ids: Option
   """Runs `transform` over in-memory uint8 images [N, H, W, C] -> uint8 [N, size, size, 3].
 
   Example i draws its randomness from example_seed(seed, epoch, ids[i]) (ids default to 0..N-1), the
-  same per-example seeds the batching pipeline uses, so augmenting arrays here or there agrees.
+  same per-example seeds as evaluation.embeddings.batches_of, so arrays and streams agree.
   """
   transform = make_transform(transform)
   images = np.asarray(images)

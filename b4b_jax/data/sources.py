@@ -122,7 +122,7 @@ def get_dataset(name: str, split: str, *, data_dir: Optional[str] = None,
 
   Processes get disjoint contiguous shares that together cover the split (process_index/process_count
   default to JAX's). shuffle_files: TFDS file order / the folder file list, seeded; example order within
-  a share is otherwise fixed (train_batches shuffles). Bundled sources are loaded with load_arrays
+  a share is otherwise fixed. Bundled sources are loaded with load_arrays
   (array_options: image_size, limit, ...) and served from memory.
   """
   process_index, process_count = resolve_process(process_index, process_count)

@@ -767,9 +767,11 @@ class _NormalisingEncoder:
   """A models.Encoder taking uint8 images: normalised with its manifest's mean/std inside the jit."""
 
   def __init__(self, encoder):
-    from b4b_jax.data import preprocess  # pylint: disable=g-import-not-at-top  (TensorFlow)
     pre = encoder.manifest["preprocessing"]
-    self._normalize = functools.partial(preprocess.normalize, mean=pre["mean"], std=pre["std"])
+    # data.preprocess.normalize's arithmetic, without importing it (it loads TensorFlow: seconds at
+    # every server start).
+    mean, std = np.asarray(pre["mean"], np.float32), np.asarray(pre["std"], np.float32)
+    self._normalize = lambda x: (x.astype(jnp.float32) / np.float32(255.0) - mean) / std
     self._apply = encoder.apply_fn
     self.params = encoder.params
     self.rep_dim = encoder.rep_dim

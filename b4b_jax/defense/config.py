@@ -18,6 +18,12 @@ INVERTIBLE_TRANSFORMS = ("identity", "diag_affine", "dense_affine", "pad_shuffle
 SIGMA_FROM = ("after", "before")
 MAX_HYPERPLANES = 24  # 2^24 buckets x P projections: 2 MiB of occupancy bits per projection per user.
 PRESET_NAMES = ("simsiam", "dino", "none")
+NOISE_KEYINGS = ("per_query", "per_input")
+# Hardening fields (hardened.py), optional in a config so configs and checkpoints written before they
+# existed still load; absent = these defaults = the paper's B4B.
+HARDENING_DEFAULTS = {"noise_keying": "per_query", "fine_code_bits": 16, "fine_codes": 4,
+                      "sigma_level_ratio": 2.0}
+MAX_FINE_CODE_BITS = 24  # the per-account set of seen codes is 2^bits bits (16 bits: 8 KiB)
 
 
 def defense_config(preset: str = "simsiam", **overrides) -> ml_collections.ConfigDict:
@@ -49,6 +55,15 @@ def defense_config(preset: str = "simsiam", **overrides) -> ml_collections.Confi
       ResNet) live in one orthant, where origin hyperplanes cut few cells and every query set looks
       alike; centring on the mean of the server's own representations (never on a user's queries)
       restores the contrast between narrow and diverse query sets. Server-side and secret like R_p.
+    noise_keying: "per_query" (the paper: a fresh draw for every query, so repeats average away) or
+      "per_input" (hardened.py: the draw is keyed by the account, a fine LSH code of the clean
+      representation and the account's quantised sigma level, so repeats and near-duplicates get the
+      same noise while the level holds; sigma is rounded up to a power of sigma_level_ratio).
+    fine_code_bits, fine_codes: per_input only: the noise is the normalised sum of `fine_codes`
+      independent draws, each keyed by a `fine_code_bits`-bit sign code (hyperplanes through
+      hash_center when set), so one flipped code changes only 1/fine_codes of the noise variance.
+    sigma_level_ratio: per_input only: ratio r > 1 between sigma levels (see docs/defense.md for the
+      bound it gives on what differencing answers across levels reveals).
     transform_cache_mib: device memory (MiB) for the per-user matrices of dense_affine and binary (an
       LRU of whole users; 16 MiB per user at D=2048, so the default 512 keeps 31): also the most
       distinct users one call may hold. A resource bound, not a defense setting (results never depend
@@ -73,6 +88,7 @@ def defense_config(preset: str = "simsiam", **overrides) -> ml_collections.Confi
   config.seed = 0
   config.hash_center = None
   config.transform_cache_mib = 512.0
+  config.update(HARDENING_DEFAULTS)
   unknown = sorted(set(overrides) - set(config.keys()))
   if unknown:
     raise ValueError(f"unknown defense config field(s) {unknown}; known: {sorted(config.keys())}")
@@ -95,9 +111,10 @@ def validate_config(config) -> None:
   missing = [k for k in required if k not in config]
   if missing:
     raise ValueError(f"defense config misses field(s) {missing}")
-  unknown = sorted(set(config.keys()) - set(required))
+  known = set(required) | set(HARDENING_DEFAULTS)
+  unknown = sorted(set(config.keys()) - known)
   if unknown:  # e.g. a typo set after creation: cfg.lamda = ...
-    raise ValueError(f"unknown defense config field(s) {unknown}; known: {sorted(required)}")
+    raise ValueError(f"unknown defense config field(s) {unknown}; known: {sorted(known)}")
 
   def number(name):
     value = config[name]
@@ -154,6 +171,26 @@ def validate_config(config) -> None:
         config.hash_center) else None
     if center is None or center.ndim != 1 or not np.all(np.isfinite(center)):
       raise ValueError("defense config: hash_center must be None or a list of finite numbers")
+  _validate_hardening(config)
+
+
+def hardening(config) -> dict:
+  """The hardening fields of `config`, defaults filled in for configs written before they existed."""
+  return {k: config[k] if k in config else v for k, v in HARDENING_DEFAULTS.items()}
+
+
+def _validate_hardening(config) -> None:
+  h = hardening(config)
+  if h["noise_keying"] not in NOISE_KEYINGS:
+    raise ValueError(f"defense config: noise_keying must be one of {NOISE_KEYINGS}, got "
+                     f"{h['noise_keying']!r}")
+  for name, low, high in (("fine_code_bits", 1, MAX_FINE_CODE_BITS), ("fine_codes", 1, 64)):
+    v = h[name]
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+      raise ValueError(f"defense config: {name} must be an integer in [{low}, {high}], got {v!r}")
+  r = h["sigma_level_ratio"]
+  if isinstance(r, bool) or not isinstance(r, (int, float)) or not 1.0 < r < float("inf"):
+    raise ValueError(f"defense config: sigma_level_ratio must be a finite number > 1, got {r!r}")
 
 
 def _is_number_list(value) -> bool:
@@ -198,6 +235,10 @@ class Settings(NamedTuple):
   debinarize: bool
   seed: int
   centered: bool
+  noise_keying: str = "per_query"
+  fine_code_bits: int = 16
+  fine_codes: int = 4
+  sigma_level_ratio: float = 2.0
 
 
 def settings(config, rep_dim: int) -> Settings:
@@ -217,4 +258,10 @@ def settings(config, rep_dim: int) -> Settings:
       transform=str(config.transform), pad_dim=int(config.pad_dim),
       binary_dim=binary_dim(config, rep_dim) if config.transform == "binary" else 0,
       debinarize=bool(config.debinarize), seed=int(config.seed),
-      centered=config.hash_center is not None)
+      centered=config.hash_center is not None, **_hardening_settings(config))
+
+
+def _hardening_settings(config) -> dict:
+  h = hardening(config)
+  return {"noise_keying": str(h["noise_keying"]), "fine_code_bits": int(h["fine_code_bits"]),
+          "fine_codes": int(h["fine_codes"]), "sigma_level_ratio": float(h["sigma_level_ratio"])}

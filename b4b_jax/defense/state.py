@@ -7,9 +7,12 @@ State layout for capacity U, P projections, K hyperplanes (W = max(1, 2^K / 32) 
   num_queries  int32  [U]        representations answered
   uids         uint32 [U, 2]     64-bit user id (sha256 of the account name) per slot
 At P=20, K=12: 10240 + 80 + 4 + 4 + 8 = 10336 bytes per user.
+Only with noise_keying="per_input" (hardened.py; None otherwise, so the paper's state is unchanged):
+  fine_occupancy uint32 [U, 1, W'] the fine input codes (first code) this user was answered for
+  fine_counts    int32  [U, 1]     how many distinct ones (repeats = num_queries - fine_counts)
 """
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import flax.struct
 import jax
@@ -30,6 +33,8 @@ class DefenseParams:
   transform_key: jax.Array  # typed PRNG key: per-user transforms
   noise_key: jax.Array  # typed PRNG key: per-user, per-query noise
   settings: config_lib.Settings = flax.struct.field(pytree_node=False)
+  fine_projection: Optional[jax.Array] = None  # per_input only: (T*b, D) fine-code hyperplanes
+  fine_threshold: Optional[jax.Array] = None  # per_input only: (T*b,) hash_center @ fine hyperplanes
 
 
 @flax.struct.dataclass
@@ -39,13 +44,16 @@ class DefenseState:
   num_batches: jax.Array
   num_queries: jax.Array
   uids: jax.Array
+  fine_occupancy: Optional[jax.Array] = None
+  fine_counts: Optional[jax.Array] = None
 
   @property
   def capacity(self) -> int:
     return self.occupancy.shape[0]
 
 
-STATE_FIELDS = ("occupancy", "counts", "num_batches", "num_queries", "uids")
+STATE_FIELDS = ("occupancy", "counts", "num_batches", "num_queries", "uids", "fine_occupancy",
+                "fine_counts")
 
 
 def make_params(config, rep_dim: int) -> DefenseParams:
@@ -54,9 +62,13 @@ def make_params(config, rep_dim: int) -> DefenseParams:
   hyperplanes, projection, transform_key, noise_key = _derive(
       jnp.uint32(s.seed), s.num_projections, s.rep_dim, s.num_hyperplanes)
   center = None if config.hash_center is None else jnp.asarray(config.hash_center, jnp.float32)
+  fine = {}
+  if s.noise_keying == "per_input":
+    from b4b_jax.defense import hardened  # pylint: disable=g-import-not-at-top  (imports this module)
+    fine = hardened.make_fine_params(s, center)
   return DefenseParams(hyperplanes=hyperplanes, projection=projection,
                        threshold=lsh.hash_threshold(projection, center),
-                       transform_key=transform_key, noise_key=noise_key, settings=s)
+                       transform_key=transform_key, noise_key=noise_key, settings=s, **fine)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -72,7 +84,10 @@ def state_shapes(settings: config_lib.Settings, capacity: int) -> dict:
   p, w = settings.num_projections, lsh.words_per_projection(settings.num_hyperplanes)
   return {"occupancy": ((capacity, p, w), np.uint32), "counts": ((capacity, p), np.int32),
           "num_batches": ((capacity,), np.int32), "num_queries": ((capacity,), np.int32),
-          "uids": ((capacity, 2), np.uint32)}
+          "uids": ((capacity, 2), np.uint32)} | (
+              {"fine_occupancy": ((capacity, 1, lsh.words_per_projection(settings.fine_code_bits)),
+                                  np.uint32), "fine_counts": ((capacity, 1), np.int32)}
+              if settings.noise_keying == "per_input" else {})
 
 
 def init_state(params: DefenseParams, capacity: int) -> DefenseState:
@@ -131,8 +146,9 @@ def state_bytes_per_user(state_or_params: Any) -> int:
 
 
 def state_to_numpy(state: DefenseState) -> dict:
-  return {k: np.asarray(getattr(state, k)) for k in STATE_FIELDS}
+  return {k: np.asarray(getattr(state, k)) for k in STATE_FIELDS if getattr(state, k) is not None}
 
 
 def state_from_numpy(arrays: dict) -> DefenseState:
-  return DefenseState(**{k: jax.device_put(np.asarray(arrays[k])) for k in STATE_FIELDS})
+  return DefenseState(**{k: jax.device_put(np.asarray(arrays[k])) for k in STATE_FIELDS
+                         if k in arrays})

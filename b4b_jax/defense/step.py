@@ -16,6 +16,7 @@ Per row, in order:
      first batch is noise free). static_sigma replaces the cost by a constant.
   3. noise: i.i.d. N(0, sigma^2) per element, key = fold(noise stream, user id, the user's batch
      counter, the row's rank among the user's rows in this call): fresh for every query ever made.
+     With noise_keying="per_input" hardened.py keys it by (user, input code, sigma level) instead.
   4. the user's transform (transforms.py).
 With config.enabled False the clean representation is returned (no noise, no transform, sigma 0) while
 coverage and counters are still tracked.
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from b4b_jax.defense import cost
+from b4b_jax.defense import hardened
 from b4b_jax.defense import keys as keys_lib
 from b4b_jax.defense import lsh
 from b4b_jax.defense import transforms
@@ -56,8 +58,9 @@ def charge(state: DefenseState, users_w: jax.Array, buckets: jax.Array, num_hype
       positions - jax.lax.cummax(jnp.where(first, positions, 0)))
   num_batches = state.num_batches.at[sorted_users].add(first.astype(jnp.int32), mode="drop")
   num_queries = state.num_queries.at[users_w].add(1, mode="drop")
-  return DefenseState(occupancy=occupancy, counts=counts, num_batches=num_batches,
-                      num_queries=num_queries, uids=state.uids), rank
+  # replace, not a new DefenseState: the hardened mode's fields (fine_occupancy, ...) pass through.
+  return state.replace(occupancy=occupancy, counts=counts, num_batches=num_batches,
+                       num_queries=num_queries), rank
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
@@ -110,6 +113,8 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
   coverage_before = lsh.coverage_percent(state.counts[slot], s.num_hyperplanes)
   new_state, rank = charge(state, users_w, buckets, s.num_hyperplanes)
   coverage_after = lsh.coverage_percent(new_state.counts[slot], s.num_hyperplanes)
+  if s.noise_keying == "per_input":
+    new_state = hardened.count_seen_codes(params, new_state, users_w, reps)
 
   zeros = jnp.zeros((n,), jnp.float32)
   if not s.enabled:
@@ -133,8 +138,13 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
   def row_key(uid, c, r):
     return jax.random.fold_in(jax.random.fold_in(keys_lib.user_key(params.noise_key, uid), c), r)
 
-  row_keys = jax.vmap(row_key)(uids, counter, rank)
-  noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (d,), jnp.float32))(row_keys)
+  if s.noise_keying == "per_input":
+    sigma, noise, row_keys = hardened.input_keyed_noise(params, uids, sigma, reps)
+    sigma = jnp.where(valid, sigma, 0.0)
+  else:
+    row_keys = jax.vmap(row_key)(uids, counter, rank)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (d,), jnp.float32))(
+        row_keys)
   noised = reps + sigma[:, None] * noise
 
   # 4. per-user transform.

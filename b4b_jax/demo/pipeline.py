@@ -9,13 +9,15 @@ from b4b_jax import data as data_lib
 from b4b_jax import defense as defense_lib
 from b4b_jax import models as models_lib
 from b4b_jax.attacks import augment
-from b4b_jax.attacks import config_lib as steal_config_lib
 from b4b_jax.demo import claims as claims_lib
+from b4b_jax.demo import victim as victim_lib
+from b4b_jax.evaluation import embeddings
+from b4b_jax.evaluation import least_squares
 from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import linear_probe
 from b4b_jax.evaluation import remap as remap_lib
 from b4b_jax.utils import progress as progress_lib
-from b4b_jax.demo import victim as victim_lib
+from configs import steal_simsiam
 
 VICTIM_DIR = "victim_encoder"
 ATTACKS_DIR = "attacks"
@@ -42,10 +44,8 @@ def normalizer(encoder):
   return lambda images: data_lib.normalize(images, mean, std)
 
 
-def embed(encoder, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-  norm = normalizer(encoder)
-  return np.concatenate([np.asarray(encoder(norm(images[i:i + batch_size])), np.float32)
-                         for i in range(0, len(images), batch_size)])
+def embed(encoder, images: np.ndarray) -> np.ndarray:
+  return embeddings.embed_images(encoder, images)
 
 
 # ------------------------------------------------------------------------------------------ victim
@@ -137,7 +137,7 @@ def legit_users(config, victim, data, defense_cfg) -> dict:
   b4b = legit_lib.legit_user(
       norm(data["digits_train"]), y_train, norm(data["digits_test"]), y_test,
       defense_config=defense_cfg, probe_cfg=probe_cfg, through_images=True,
-      encoder_fn=legit_lib.encoder_api_fn(victim), rep_dim=victim.rep_dim,
+      encoder_fn=victim, rep_dim=victim.rep_dim,
       query_batch_size=int(config.query_batch_size), user="legit-digits", return_responses=True)
   # Per seed and test image: right or wrong (the probe is deterministic, so refitting it on the same
   # responses gives the classifiers behind the numbers above).
@@ -161,7 +161,7 @@ def _strip(result: dict) -> dict:
 def steal_config(config, workdir: str, *, defended: bool, accounts: int, defense_cfg):
   """The stealing job's config (configs/steal_simsiam.py) pointed at the demo's victim and photos."""
   ac = config.attack
-  c = steal_config_lib.steal_config("simsiam", "tiny")
+  c = steal_simsiam.get_config("tiny")
   c.seed = int(config.seed)
   c.image_size = int(config.image_size)
   c.victim.build_tiny = ""
@@ -205,12 +205,10 @@ def fidelity_residuals(stolen_train, victim_train, stolen_test, victim_test,
                        ridge: float = 1e-3) -> np.ndarray:
   """Per test row, the squared error of the victim's representation predicted linearly (ridge, fit on
   train) from the copy's."""
-  xm, ym = stolen_train.mean(0), victim_train.mean(0)
-  xs = stolen_train.std(0) + 1e-8
-  x = (stolen_train - xm) / xs
-  y = victim_train - ym
-  w = np.linalg.solve(x.T @ x + ridge * len(x) * np.eye(x.shape[1]), x.T @ y)
-  pred = ((stolen_test - xm) / xs) @ w + ym
+  xm, xs = stolen_train.mean(0), stolen_train.std(0) + 1e-8
+  (_, w, b), = least_squares.fit((stolen_train - xm) / xs, victim_train, [ridge * len(stolen_train)],
+                                 relative=False)
+  pred = ((stolen_test - xm) / xs) @ w + b
   return np.sum((victim_test - pred) ** 2, axis=1)
 
 
@@ -260,14 +258,10 @@ def probes(config, victim, data, attack_dirs: Dict[str, str], workdir: str) -> d
 
 def random_baseline(config, data, probe_cfg, victim_reps, workdir: str) -> dict:
   """A randomly initialised network of the stolen architecture: what stealing must beat."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(workdir, "random_encoder")
-  if not os.path.isdir(directory):
-    model = models_lib.create_resnet(str(config.attack.stolen_arch), rngs=nnx.Rngs(int(config.seed) + 7),
-                                     small_input=True)
-    models_lib.save_encoder(directory, model, {
-        "preprocessing": models_lib.default_preprocessing(int(config.image_size), resize=None),
-        "source": {"kind": "random init baseline"}})
+  directory = models_lib.save_random_encoder(
+      os.path.join(workdir, "random_encoder"), str(config.attack.stolen_arch),
+      image_size=int(config.image_size), seed=int(config.seed) + 7,
+      source={"kind": "random init baseline"})
   return probe_encoder(models_lib.load_encoder(directory), data, probe_cfg, victim_reps)
 
 

@@ -2,7 +2,9 @@
 
 See docs/evaluation.md. Public names:
   linear_probe.train_linear_probe / ridge_probe / run_probe / LinearClassifier / Normalizer
-  embeddings.resolve_encoder / embed_dataset / EmbeddingSource / BatchEmbedder / save_npz / load_npz
+  embeddings.resolve_encoder / embed_images / embed_dataset / EmbeddingSource / save_npz / load_npz
+  least_squares.fit / moments / solve
+  api_client.send_batches / send / send_interleaved
   legit.row_specs / legit_user / legit_user_images / legit_rows
   remap.remap_cell / remap_experiment / cosine_distance
   coverage_curves.coverage_vs_queries / sigma_vs_coverage / sigma_vs_queries / queries_per_bucket

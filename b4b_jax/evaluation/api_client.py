@@ -7,7 +7,7 @@ coverage curves, many legit-user rows) send clean representations they computed 
 encoder's output for the same images (the encoder is deterministic), without re-running the encoder.
 """
 import dataclasses
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -31,41 +31,53 @@ class QueryTrace:
     return dataclasses.asdict(self)
 
 
-def send(api, user: str, data: np.ndarray, *, batch_size: int, representations: bool = True,
-         on_batch: Optional[Callable[[int, int], None]] = None):
-  """Sends `data` (clean representations, or images with representations=False) in order, in batches.
-
-  Returns (responses [N, out_dim] float32, QueryTrace). Every row is a charged query of `user`.
-  """
-  if batch_size < 1:
-    raise ValueError(f"query batch_size must be >= 1, got {batch_size}")
-  n = len(data)
-  out, trace = [], QueryTrace(user, [], [], [])
+def _send_one(api, user: str, batch, trace: QueryTrace, *, representations: bool) -> np.ndarray:
+  """One charged call of `user`; appends the account's state after it to `trace`."""
   query = api.query_representations if representations else api.query
-  num_batches = -(-n // batch_size)
-  for b in range(num_batches):
-    chunk = data[b * batch_size:(b + 1) * batch_size]
-    result = query(user, chunk)
-    out.append(result.reps)
-    trace.num_queries.append(int(api.num_queries(user)))
-    trace.coverage.append(float(api.coverage(user)))
-    trace.sigma.append(float(np.max(result.sigma)))
+  result = query(user, batch)  # a defense.QueryResult: this call's responses and per-row sigma
+  trace.num_queries.append(int(api.num_queries(user)))
+  trace.coverage.append(float(api.coverage(user)))
+  trace.sigma.append(float(np.max(result.sigma)))
+  return np.asarray(result.reps, np.float32)
+
+
+def send_batches(api, user: str, batches: Iterable, *, representations: bool = True,
+                 on_batch: Optional[Callable[[QueryTrace], None]] = None):
+  """Sends each batch (clean representations, or normalised images with representations=False) as
+  one charged call of `user`, in order: the one way an account sends a stream of queries.
+
+  Returns (responses [N, out_dim] float32, QueryTrace); on_batch(trace) runs after every batch.
+  """
+  out, trace = [], QueryTrace(user, [], [], [])
+  for batch in batches:
+    out.append(_send_one(api, user, batch, trace, representations=representations))
     if on_batch is not None:
-      on_batch(b + 1, num_batches)
+      on_batch(trace)
   responses = np.concatenate(out, 0) if out else np.zeros((0, api.out_dim), np.float32)
   return responses, trace
+
+
+def chunks(data, batch_size: int) -> Iterator:
+  """data[0:b], data[b:2b], ... (the last chunk may be shorter)."""
+  if batch_size < 1:
+    raise ValueError(f"query batch_size must be >= 1, got {batch_size}")
+  return (data[i:i + batch_size] for i in range(0, len(data), batch_size))
+
+
+def send(api, user: str, data: np.ndarray, *, batch_size: int, representations: bool = True,
+         on_batch: Optional[Callable[[int, int], None]] = None):
+  """send_batches over `data` cut into batches of `batch_size`; on_batch(done, total)."""
+  total = -(-len(data) // batch_size) if batch_size > 0 else 0
+  report = None if on_batch is None else (lambda trace: on_batch(len(trace.num_queries), total))
+  return send_batches(api, user, chunks(data, batch_size), representations=representations,
+                      on_batch=report)
 
 
 def send_interleaved(api, users: Sequence[str], data: np.ndarray, *, batch_size: int):
   """Every user in `users` sends the same rows, batch by batch (the overlap of sybil accounts)."""
   per_user = {u: [] for u in users}
   traces = {u: QueryTrace(u, [], [], []) for u in users}
-  for start in range(0, len(data), batch_size):
-    chunk = data[start:start + batch_size]
+  for chunk in chunks(data, batch_size):
     for u in users:
-      result = api.query_representations(u, chunk)
-      per_user[u].append(result.reps)
-      traces[u].num_queries.append(int(api.num_queries(u)))
-      traces[u].coverage.append(float(api.coverage(u)))
-      traces[u].sigma.append(float(np.max(result.sigma)))
+      per_user[u].append(_send_one(api, u, chunk, traces[u], representations=True))
   return {u: np.concatenate(v, 0) for u, v in per_user.items()}, traces

@@ -15,7 +15,8 @@ Encoder specs (`resolve_encoder`):
 import io
 import json
 import os
-from typing import Callable, Iterator, Optional, Tuple
+import weakref
+from typing import Iterator, Optional, Tuple
 
 import jax
 import numpy as np
@@ -24,6 +25,7 @@ from b4b_jax import data as data_lib
 from b4b_jax import models
 from b4b_jax.utils import distributed
 from b4b_jax.utils import files
+from b4b_jax.utils import progress as progress_lib
 
 STOLEN_SUBDIR = "stolen_encoder"
 RANDOM_PREFIX = "random:"
@@ -54,13 +56,7 @@ def _random_encoder(arch: str, *, workdir: Optional[str], seed: int):
   if workdir is None:
     raise ValueError("a random:<arch> encoder needs a workdir to be saved into")
   directory = os.path.join(workdir, f"random_encoder_{arch}_{size}_seed{seed}")
-  if not os.path.exists(os.path.join(directory, "manifest.json")):
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    # One jitted initialisation instead of one small compiled kernel per parameter (same values).
-    model = nnx.jit(lambda: models.create_resnet(arch, rngs=nnx.Rngs(seed), small_input=size <= 64))()
-    manifest = {"preprocessing": models.default_preprocessing(size, resize=None),
-                "source": {"kind": "random_init", "arch": arch, "seed": int(seed)}}
-    models.save_encoder(directory, model, manifest, overwrite=True)
+  models.save_random_encoder(directory, arch, image_size=size, seed=seed, small_input=size <= 64)
   return models.load_encoder(directory)
 
 
@@ -119,54 +115,77 @@ def batches_of(ds, *, transform, batch_size: int, seed: int = 0):
     yield images, labels.astype(np.int32)
 
 
-class BatchEmbedder:
-  """uint8 images -> representations, with the encoder's normalisation, sharded over local devices."""
+class _Embedder:
+  """The compiled uint8 -> representation forward of one encoder, sharded over this process's devices.
 
-  def __init__(self, encoder, *, num_devices: Optional[int] = None):
+  Every process embeds whole sets by itself (evaluation sets are small next to the stealing set), so
+  nothing crosses hosts.
+  """
+
+  def __init__(self, encoder):
     self.encoder = encoder
-    # This process's own devices: every process embeds whole splits by itself (evaluation sets are
-    # small next to the stealing set), so nothing crosses hosts.
-    devices = jax.local_devices()[:num_devices] if num_devices else jax.local_devices()
-    self.mesh = jax.sharding.Mesh(np.asarray(devices), (distributed.DATA_AXIS,))
+    self.mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (distributed.DATA_AXIS,))
     self.num_devices = self.mesh.devices.size
     mean, std = data_lib.normalization(encoder)
-    params = distributed.replicate(encoder.params, self.mesh)
+    self.params = distributed.replicate(encoder.params, self.mesh)
     apply_fn = encoder.apply_fn
 
     @jax.jit
     def embed(params, images_uint8):
       return apply_fn(params, data_lib.normalize(images_uint8, mean, std))
 
-    self._params = params
-    self._embed = embed
+    self.embed = embed
 
-  def __call__(self, images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-      raise ValueError(f"embedder takes uint8 [N, H, W, 3] images, got {images.dtype} {images.shape}")
+  def __call__(self, images: np.ndarray, params=None) -> np.ndarray:
     n = len(images)
-    if n == 0:
-      return np.zeros((0, self.encoder.rep_dim), np.float32)
     pad = -n % self.num_devices
-    if pad:  # the last batch is padded to a multiple of the devices; padded rows are dropped
+    if pad:  # padded to a multiple of the devices; padded rows are dropped
       images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
     batch = jax.device_put(images, distributed.batch_sharded(self.mesh))
-    return np.asarray(self._embed(self._params, batch), np.float32)[:n]
+    params = self.params if params is None else distributed.replicate(params, self.mesh)
+    return np.asarray(self.embed(params, batch), np.float32)[:n]
 
 
-def embed_split(embedder: BatchEmbedder, dataset: str, split: str, *, transform, batch_size: int = 256,
+# One compiled forward per Encoder object (dropped with it): embedding many sets, or the same model's
+# weights at several training steps, compiles once.
+_EMBEDDERS = weakref.WeakKeyDictionary()
+
+
+def embed_images(encoder, images: np.ndarray, *, batch_size: int = 256, params=None) -> np.ndarray:
+  """Representations [N, D] float32 of uint8 [N, H, W, 3] images through `encoder` (a models.Encoder).
+
+  The one way images are embedded: the encoder's own normalisation, inside one jitted call per batch of
+  `batch_size`, data-parallel over this process's devices. `params` (same structure as
+  `encoder.params`) embeds with other weights of the same architecture, e.g. a model in training.
+  """
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    raise ValueError(f"embed_images takes uint8 [N, H, W, 3] images, got {images.dtype} {images.shape}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if len(images) == 0:
+    return np.zeros((0, encoder.rep_dim), np.float32)
+  embedder = _EMBEDDERS.get(encoder)
+  if embedder is None:
+    embedder = _EMBEDDERS[encoder] = _Embedder(encoder)
+  return np.concatenate([embedder(images[i:i + batch_size], params)
+                         for i in range(0, len(images), batch_size)])
+
+
+def embed_split(encoder, dataset: str, split: str, *, transform, batch_size: int = 256,
                 data_dir=None, limit: Optional[int] = None, seed: int = 0, shuffle_files: bool = False,
-                on_batch: Optional[Callable[[int, int], None]] = None) -> Tuple[np.ndarray, np.ndarray]:
-  """Representations [N, D] float32 and labels [N] int32 of one split; on_batch(done, total)."""
+                progress: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+  """Representations [N, D] float32 and labels [N] int32 of one split; `progress` names a progress
+  line ("embed/<name>") reporting images done."""
   ds = split_dataset(dataset, split, data_dir=data_dir, limit=limit, seed=seed,
                      shuffle_files=shuffle_files)
-  total = num_examples(ds)
+  prog = progress_lib.Progress(f"embed/{progress}", num_examples(ds), unit="image") if progress else None
   reps, labels = [], []
   for images, y in batches_of(ds, transform=transform, batch_size=batch_size, seed=seed):
-    reps.append(embedder(images))
+    reps.append(embed_images(encoder, images, batch_size=batch_size))
     labels.append(y)
-    if on_batch is not None:
-      on_batch(sum(len(r) for r in reps), total)
+    if prog is not None:
+      prog.update(sum(len(r) for r in reps))
   if not reps:
     raise ValueError(f"dataset {dataset!r} split {split!r} is empty")
   return np.concatenate(reps), np.concatenate(labels)
@@ -206,18 +225,16 @@ def load_npz(path: str) -> dict:
 
 def embed_dataset(encoder, dataset: str, *, train_split: str = "train", test_split: str = "test",
                   data_dir=None, train_limit=None, test_limit=None, batch_size: int = 256,
-                  transform_override=None, seed: int = 0, progress=None) -> dict:
+                  transform_override=None, seed: int = 0) -> dict:
   """{"train_x", "train_y", "test_x", "test_y", "meta"} for one dataset through one encoder."""
-  embedder = BatchEmbedder(encoder)
   transform = eval_transform(encoder, transform_override)
   out = {"meta": {"dataset": dataset, "train_split": train_split, "test_split": test_split,
                   "encoder": encoder.manifest.get("architecture"), "rep_dim": encoder.rep_dim,
                   "transform": repr(transform), "train_limit": train_limit, "test_limit": test_limit}}
   for key, split, limit in (("train", train_split, train_limit), ("test", test_split, test_limit)):
-    on_batch = (lambda done, total, key=key: progress(key, done, total)) if progress else None
     out[f"{key}_x"], out[f"{key}_y"] = embed_split(
-        embedder, dataset, split, transform=transform, batch_size=batch_size, data_dir=data_dir,
-        limit=limit, seed=seed, on_batch=on_batch)
+        encoder, dataset, split, transform=transform, batch_size=batch_size, data_dir=data_dir,
+        limit=limit, seed=seed, progress=f"{dataset}/{key}")
   return out
 
 
@@ -229,8 +246,20 @@ def safe_name(name: str) -> str:
   return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def check_source(source) -> None:
+  """Raises ValueError naming the first invalid field of a `source` block (configs/common.py)."""
+  if not source.encoder and not source.npz_dir:
+    raise ValueError("config.source needs an encoder (an encoder directory, a stealing workdir or "
+                     "random:<arch>@<size>) or an npz_dir of precomputed embeddings")
+  for name in ("train_limit", "test_limit"):
+    if source[name] is not None and source[name] < 1:
+      raise ValueError(f"source.{name} must be >= 1 or None (all), got {source[name]}")
+  if source.batch_size < 1:
+    raise ValueError(f"source.batch_size must be >= 1, got {source.batch_size}")
+
+
 class EmbeddingSource:
-  """Representations per dataset for a job, from a config `source` block (config_blocks.source_block).
+  """Representations per dataset for a job, from a config `source` block (configs/common.py).
 
   Precomputed files (source.npz_dir/<dataset>.npz) are read as they are; otherwise the encoder embeds
   the dataset once and the result is cached in workdir/embeddings/, so a resumed job does not re-embed.
@@ -254,7 +283,7 @@ class EmbeddingSource:
   def cache_path(self, dataset: str) -> str:
     return os.path.join(self.workdir, "embeddings", f"{safe_name(dataset)}.npz")
 
-  def get(self, dataset: str, *, progress=None) -> dict:
+  def get(self, dataset: str) -> dict:
     if self.source.npz_dir:
       given = os.path.join(self.source.npz_dir, f"{safe_name(dataset)}.npz")
       if os.path.exists(given):
@@ -266,7 +295,7 @@ class EmbeddingSource:
                         test_split=self.source.test_split, data_dir=self.source.data_dir,
                         train_limit=self.source.train_limit, test_limit=self.source.test_limit,
                         batch_size=self.source.batch_size, transform_override=self.source.transform,
-                        seed=self.seed, progress=progress)
+                        seed=self.seed)
     meta = dict(out["meta"], encoder_spec=self.source.encoder)
     save_npz(path, meta=meta, **{k: out[k] for k in NPZ_KEYS})
     out["meta"] = meta

@@ -16,8 +16,6 @@ representations computed once (`query_representations`) is exactly what sending 
 `through_images=True` sends the images themselves through `DefendedEncoder.query` instead (the tests
 check both agree).
 """
-import functools
-import weakref
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -52,6 +50,19 @@ def representation_scale(reps) -> dict:
           "mean_norm": float(np.linalg.norm(reps, axis=1).mean()), "mean_abs": float(np.abs(reps).mean())}
 
 
+def _received(probe, train_trace, test_trace, received, return_responses: bool) -> dict:
+  result = {"probe": probe.summary(), "test_top1_mean": probe.test_top1_mean,
+            "test_top1_std": probe.test_top1_std, "out_dim": int(received[0].shape[1]),
+            "account": {"coverage": test_trace.coverage[-1], "sigma": test_trace.sigma[-1],
+                        "num_queries": test_trace.num_queries[-1],
+                        "coverage_after_train": train_trace.coverage[-1],
+                        "sigma_after_train": train_trace.sigma[-1]},
+            "traces": {"train": train_trace.to_dict(), "test": test_trace.to_dict()}}
+  if return_responses:
+    result["responses"] = received
+  return result
+
+
 def legit_user(train, train_y, test, test_y, *, defense_config, probe_cfg, query_batch_size: int = 256,
                through_images: bool = False, encoder_fn=None, rep_dim: Optional[int] = None,
                user: str = "legit", return_responses: bool = False,
@@ -59,98 +70,64 @@ def legit_user(train, train_y, test, test_y, *, defense_config, probe_cfg, query
   """One legit user of one API config; returns the probe summary and the account's coverage/sigma.
 
   train/test are clean representations (through_images=False) or encoder-ready images with the
-  encoder's `encoder_fn` and `rep_dim` (through_images=True). defense_config None = undefended victim.
+  encoder (`encoder_fn`, a models.Encoder) and `rep_dim` (through_images=True). defense_config None =
+  undefended victim.
   """
   if defense_config is None:
-    received_train, received_test = np.asarray(train, np.float32), np.asarray(test, np.float32)
-    account = {"coverage": None, "sigma": 0.0, "num_queries": int(len(train) + len(test))}
-    traces = None
+    received = (np.asarray(train, np.float32), np.asarray(test, np.float32))
+    probe = linear_probe.run_probe(received[0], train_y, received[1], test_y, probe_cfg)
+    result = {"probe": probe.summary(), "test_top1_mean": probe.test_top1_mean,
+              "test_top1_std": probe.test_top1_std, "out_dim": int(received[0].shape[1]),
+              "account": {"coverage": None, "sigma": 0.0, "num_queries": int(len(train) + len(test))},
+              "traces": None}
+    if return_responses:
+      result["responses"] = received
+    return result
+  if through_images:
+    if encoder_fn is None or rep_dim is None:
+      raise ValueError("through_images=True needs encoder_fn and rep_dim")
+    api = defense.DefendedEncoder(encoder_fn, defense_config, int(rep_dim), capacity=2)
   else:
-    if through_images:
-      if encoder_fn is None or rep_dim is None:
-        raise ValueError("through_images=True needs encoder_fn and rep_dim")
-      api = defense.DefendedEncoder(encoder_fn, defense_config, int(rep_dim), capacity=2)
-    else:
-      api = api_client.representation_api(defense_config, np.asarray(train).shape[1], capacity=2)
-    send = dict(batch_size=query_batch_size, representations=not through_images)
-    received_train, train_trace = api_client.send(api, user, train, on_batch=on_batch, **send)
-    received_test, test_trace = api_client.send(api, user, test, **send)
-    account = {"coverage": test_trace.coverage[-1], "sigma": test_trace.sigma[-1],
-               "num_queries": test_trace.num_queries[-1],
-               "coverage_after_train": train_trace.coverage[-1],
-               "sigma_after_train": train_trace.sigma[-1]}
-    traces = {"train": train_trace.to_dict(), "test": test_trace.to_dict()}
+    api = api_client.representation_api(defense_config, np.asarray(train).shape[1], capacity=2)
+  send = dict(batch_size=query_batch_size, representations=not through_images)
+  received_train, train_trace = api_client.send(api, user, train, on_batch=on_batch, **send)
+  received_test, test_trace = api_client.send(api, user, test, **send)
   probe = linear_probe.run_probe(received_train, train_y, received_test, test_y, probe_cfg)
-  result = {"probe": probe.summary(), "test_top1_mean": probe.test_top1_mean,
-            "test_top1_std": probe.test_top1_std, "account": account, "traces": traces,
-            "out_dim": int(received_train.shape[1])}
-  if return_responses:
-    result["responses"] = (received_train, received_test)
-  return result
+  return _received(probe, train_trace, test_trace, (received_train, received_test), return_responses)
 
 
-_API_FNS = weakref.WeakKeyDictionary()
-
-
-def encoder_api_fn(encoder) -> Callable:
-  """The traceable images -> representations function of an Encoder, one object per encoder, so every
-  DefendedEncoder built on it reuses the defense's compiled encoder+defense call."""
-  fn = _API_FNS.get(encoder)
-  if fn is None:
-    fn = functools.partial(_apply_encoder, encoder.apply_fn, encoder.params)
-    _API_FNS[encoder] = fn
-  return fn
-
-
-def _apply_encoder(apply_fn, params, images):
-  return apply_fn(params, images)
-
-
-def send_image_stream(api, user: str, batches, *, query_batch_size: int,
-                      normalize: Optional[Callable] = None):
-  """Sends a stream of (uint8 images, labels) batches through `api.query` (normalised by `normalize`
-  first, if given: an API of DefendedEncoder.from_encoder takes uint8); returns
-  (responses, labels, QueryTrace)."""
-  chunks, labels = [], []
-  trace = api_client.QueryTrace(user, [], [], [])
+def _chunks(batches, batch_size: int, labels: list):
+  """Query batches of at most `batch_size` uint8 images from a stream of (images, labels) batches; the
+  labels are collected into `labels`."""
   for images, y in batches:
-    images = images if normalize is None else normalize(images)
-    out, t = api_client.send(api, user, images, batch_size=query_batch_size,
-                             representations=False)
-    chunks.append(out)
     labels.append(np.asarray(y))
-    trace.num_queries += t.num_queries
-    trace.coverage += t.coverage
-    trace.sigma += t.sigma
-  if not chunks:
-    raise ValueError(f"user {user!r} has no images to send")
-  return np.concatenate(chunks), np.concatenate(labels), trace
+    yield from api_client.chunks(images, batch_size)
 
 
 def legit_user_images(encoder, defense_config, train_batches, test_batches, *, probe_cfg,
                       query_batch_size: int = 256, user: str = "legit",
                       return_responses: bool = False) -> dict:
-  """A legit user sending its images through DefendedEncoder.query (the encoder fused into the API).
+  """A legit user streaming its images through DefendedEncoder.query (the encoder fused into the API).
 
   train_batches/test_batches: iterables of (uint8 images, labels), already transformed to the
   encoder's input size; the API normalises them as the encoder's manifest says.
   """
   api = defense.DefendedEncoder.from_encoder(encoder, defense_config, capacity=2)
-  send = dict(query_batch_size=query_batch_size)
-  train, train_y, train_trace = send_image_stream(api, user, train_batches, **send)
-  test, test_y, test_trace = send_image_stream(api, user, test_batches, **send)
-  probe = linear_probe.run_probe(train, train_y, test, test_y, probe_cfg)
-  result = {"probe": probe.summary(), "test_top1_mean": probe.test_top1_mean,
-            "test_top1_std": probe.test_top1_std, "out_dim": int(train.shape[1]),
-            "account": {"coverage": test_trace.coverage[-1], "sigma": test_trace.sigma[-1],
-                        "num_queries": test_trace.num_queries[-1],
-                        "coverage_after_train": train_trace.coverage[-1],
-                        "sigma_after_train": train_trace.sigma[-1]},
-            "traces": {"train": train_trace.to_dict(), "test": test_trace.to_dict()},
-            "through_images": True}
+  received, traces, labels = [], [], []
+  for batches in (train_batches, test_batches):
+    split_labels = []
+    responses, trace = api_client.send_batches(
+        api, user, _chunks(batches, query_batch_size, split_labels), representations=False)
+    if not split_labels:
+      raise ValueError(f"user {user!r} has no images to send")
+    received.append(responses)
+    traces.append(trace)
+    labels.append(np.concatenate(split_labels))
+  probe = linear_probe.run_probe(received[0], labels[0], received[1], labels[1], probe_cfg)
+  result = _received(probe, traces[0], traces[1], tuple(received), return_responses)
+  result["through_images"] = True
   if return_responses:
-    result["responses"] = (train, test)
-    result["labels"] = (train_y, test_y)
+    result["labels"] = tuple(labels)
   return result
 
 

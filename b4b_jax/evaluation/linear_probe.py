@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from b4b_jax.evaluation import least_squares
+
 NORMALIZATIONS = ("none", "standardize", "l2")
 METHODS = ("adam", "sgd", "ridge")
 DEFAULT_RIDGE_GRID = tuple(10.0 ** e for e in range(-4, 6))
@@ -344,51 +346,6 @@ def train_linear_probe(train_x, train_y, test_x, test_y, *, num_classes: Optiona
 # ---------------------------------------------------------------- closed-form ridge probe
 
 
-@dataclasses.dataclass(frozen=True)
-class _Moments:
-  """Float64 sums over a set of rows: n, sum x, sum t, sum x x^T, sum x t^T (ridge's sufficient stats)."""
-  n: int
-  sx: np.ndarray
-  st: np.ndarray
-  sxx: np.ndarray
-  sxt: np.ndarray
-
-  def __sub__(self, other):
-    return _Moments(self.n - other.n, self.sx - other.sx, self.st - other.st, self.sxx - other.sxx,
-                    self.sxt - other.sxt)
-
-
-def _moments(x32: np.ndarray, targets: np.ndarray) -> _Moments:
-  # x x^T is the one costly product (N D^2); JAX puts it on the accelerator when there is one. The
-  # caller centres x first, so float32 accumulation stays accurate.
-  sxx = np.asarray(jnp.matmul(jnp.asarray(x32.T), jnp.asarray(x32),
-                              precision=jax.lax.Precision.HIGHEST), np.float64)
-  x64 = x32.astype(np.float64)
-  return _Moments(len(x32), x64.sum(0), targets.sum(0), sxx, x64.T @ targets)
-
-
-def _ridge_from_moments(m: _Moments, alphas):
-  """Ridge weights (with intercept) for every alpha from one eigendecomposition of the centred Gram."""
-  mean_x, mean_t = m.sx / m.n, m.st / m.n
-  gram = m.sxx - m.n * np.outer(mean_x, mean_x)
-  cross = m.sxt - m.n * np.outer(mean_x, mean_t)
-  evals, evecs = np.linalg.eigh(gram)
-  evals = np.maximum(evals, 0.0)
-  proj = evecs.T @ cross
-  # Strengths are relative to the mean eigenvalue, so one grid fits every representation scale.
-  scale = max(float(evals.mean()), 1e-30)
-  for alpha in alphas:
-    w = evecs @ (proj / (evals + alpha * scale)[:, None])
-    yield alpha, w, mean_t - mean_x @ w
-
-
-def _ridge_solutions(x, targets, alphas):
-  """Ridge weights for every alpha on rows x (reference path for tests)."""
-  offset = x.mean(0)
-  for alpha, w, b in _ridge_from_moments(_moments((x - offset).astype(np.float32), targets), alphas):
-    yield alpha, w, b - offset @ w
-
-
 def ridge_probe(train_x, train_y, test_x, test_y, *, num_classes: Optional[int] = None,
                 alphas: Sequence[float] = DEFAULT_RIDGE_GRID, val_fraction: float = 0.1,
                 normalization: str = "standardize", seeds: Sequence[int] = (0,)) -> ProbeResult:
@@ -409,17 +366,18 @@ def ridge_probe(train_x, train_y, test_x, test_y, *, num_classes: Optional[int] 
   xc = (x - offset).astype(np.float32)
   onehot = np.eye(num_classes)[train_y]
   alphas = sorted(alphas, reverse=True)  # ties go to the strongest regularisation
-  everything = _moments(xc, onehot)
+  everything = least_squares.moments(xc, onehot)
 
   results, classifiers = [], []
   for seed in seeds:
     tr, va = split_train_val(len(train_y), val_fraction, int(seed))
     xv = xc[va].astype(np.float64)
     val_curve = []
-    for _, w, b in _ridge_from_moments(everything - _moments(xc[va], onehot[va]), alphas):
+    subset = everything - least_squares.moments(xc[va], onehot[va])
+    for _, w, b in least_squares.solve(subset, alphas):
       val_curve.append(100.0 * float(np.mean(np.argmax(xv @ w + b, 1) == train_y[va])))
     best = int(np.argmax(val_curve))
-    (_, w, b), = _ridge_from_moments(everything, [alphas[best]])
+    (_, w, b), = least_squares.solve(everything, [alphas[best]])
     classifier = LinearClassifier(normalizer, w.astype(np.float32), (b - offset @ w).astype(np.float32))
     classifiers.append(classifier)
     test_top1 = classifier.top1(test_x, test_y) if test_x is not None else float("nan")
@@ -447,3 +405,27 @@ def run_probe(train_x, train_y, test_x, test_y, cfg, *, num_classes=None, on_epo
       batch_size=cfg.get("batch_size", 64), learning_rate=cfg.get("learning_rate", 1e-3),
       momentum=cfg.get("momentum", 0.9), weight_decay=cfg.get("weight_decay", 0.0),
       on_epoch=on_epoch, **common)
+
+
+def check_probe_config(cfg) -> None:
+  """Raises ValueError naming the first invalid field of a probe config (before any job starts)."""
+  method = cfg.get("method", "adam")
+  if method not in METHODS:
+    raise ValueError(f"probe.method must be one of {METHODS}, got {method!r}")
+  if cfg.get("normalization", "standardize") not in NORMALIZATIONS:
+    raise ValueError(f"probe.normalization must be one of {NORMALIZATIONS}, got "
+                     f"{cfg.get('normalization')!r}")
+  if not 0.0 < cfg.get("val_fraction", 0.1) < 1.0:
+    raise ValueError(f"probe.val_fraction must be in (0, 1), got {cfg.get('val_fraction')}")
+  if not tuple(cfg.get("seeds", (0,))):
+    raise ValueError("probe.seeds must name at least one seed")
+  if method == "ridge":
+    alphas = tuple(cfg.get("ridge_alphas", DEFAULT_RIDGE_GRID))
+    if not alphas or any(not a > 0 for a in alphas):
+      raise ValueError(f"probe.ridge_alphas must be positive numbers, got {alphas}")
+    return
+  for name in ("epochs", "batch_size"):
+    if cfg.get(name, 1) < 1:
+      raise ValueError(f"probe.{name} must be >= 1, got {cfg.get(name)}")
+  if not cfg.get("learning_rate", 1e-3) > 0:
+    raise ValueError(f"probe.learning_rate must be > 0, got {cfg.get('learning_rate')}")

@@ -8,7 +8,8 @@ Protocol (the paper's sybil_defense experiment, run through the real API):
      test representations. Every row is a charged query, so with B4B each account's noise grows with
      its own coverage.
   3. A reference linear classifier is trained on A's train responses (model chosen on validation).
-  4. For each n in `overlaps`, a mapper B -> A is fitted on the first n overlapping train queries.
+  4. For each n in `overlaps`, a mapper B -> A (attacks.mapper.fit_mapper; default the closed-form
+     "lstsq") is fitted on the first n overlapping train queries.
   5. On the test queries: mean cosine distance between mapped B and A responses, and the reference
      classifier's top-1 on mapped B responses (vs. its top-1 on A's own: the accuracy drop).
 
@@ -19,9 +20,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from b4b_jax.attacks import mapper as mapper_lib
 from b4b_jax.evaluation import api_client
 from b4b_jax.evaluation import linear_probe
-from b4b_jax.evaluation import mapper as mapper_lib
 
 TRANSFORM_TITLES = {"identity": "identity", "diag_affine": "affine", "dense_affine": "dense affine",
                     "pad_shuffle": "pad+shuffle", "affine_pad_shuffle": "affine+pad+shuffle",
@@ -60,7 +61,7 @@ def noise_label(config) -> str:
 
 
 def remap_cell(train_x, train_y, test_x, test_y, *, defense_config, overlaps: Sequence[int],
-               classifier_cfg, mapper_kind: str = "linear", mapper_options=None,
+               classifier_cfg, mapper_kind: str = "lstsq", mapper_options=None,
                query_batch_size: int = 256, seed: int = 0,
                on_step: Optional[Callable[[str], None]] = None) -> dict:
   """Runs the protocol for one defense config (one transform type, one noise mode)."""
@@ -92,9 +93,7 @@ def remap_cell(train_x, train_y, test_x, test_y, *, defense_config, overlaps: Se
         continue  # no unmapped baseline between spaces of different dimension
       mapped = b_test
     else:
-      fitted = mapper_lib.fit_mapper(mapper_kind, b_train[:n], a_train[:n], seed=seed,
-                                     **dict(mapper_options or {}))
-      mapped = fitted(b_test)
+      mapped = _fit_mapper(b_train[:n], a_train[:n], mapper_kind, mapper_options, seed).apply(b_test)
     top1 = reference.top1(mapped, test_y)
     points.append({"n": n, "cos_dist": float(np.mean(cosine_distance(mapped, a_test))),
                    "top1": top1, "top1_drop": reference_top1 - top1})
@@ -117,9 +116,18 @@ def remap_cell(train_x, train_y, test_x, test_y, *, defense_config, overlaps: Se
   }
 
 
+def _fit_mapper(source, target, kind: str, options, seed: int):
+  """attacks.mapper.fit_mapper; a trained mapper's batch shrinks for overlaps smaller than one batch."""
+  options = dict(options or {})
+  if kind in mapper_lib.TRAINED_KINDS:
+    num_train = len(source) - int(round(len(source) * options.get("val_fraction", 0.2)))
+    options["batch_size"] = max(1, min(int(options.get("batch_size", 64)), num_train))
+  return mapper_lib.fit_mapper(source, target, kind=kind, seed=seed, **options)
+
+
 def remap_experiment(train_x, train_y, test_x, test_y, *, base_defense_config,
                      transforms: Sequence[str], noise_modes: Sequence[str], overlaps: Sequence[int],
-                     classifier_cfg, mapper_kind: str = "linear", mapper_options=None,
+                     classifier_cfg, mapper_kind: str = "lstsq", mapper_options=None,
                      query_batch_size: int = 256, seed: int = 0,
                      on_cell: Optional[Callable[[int, int, dict], None]] = None) -> dict:
   """All (transform, noise) cells; returns {"cells": [...]} for results.json and the plots."""

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from b4b_jax.evaluation import config_blocks
+from b4b_jax import defense
 from b4b_jax.evaluation import coverage_curves
 from b4b_jax.evaluation import embeddings as embeddings_lib
 from b4b_jax.evaluation import paper_numbers
@@ -26,7 +26,6 @@ RANDOM_NOISE = "random_noise"
 def query_set_reps(config, workdir, source):
   """{set name: clean representations [N, D]} of every query set (cached in workdir/embeddings)."""
   encoder = source.encoder
-  embedder = embeddings_lib.BatchEmbedder(encoder)
   transform = embeddings_lib.eval_transform(encoder, config.source.transform)
   sets = {}
   for qs in config.query_sets:
@@ -35,26 +34,37 @@ def query_set_reps(config, workdir, source):
     if os.path.exists(path):
       sets[name] = embeddings_lib.load_array(path)
       continue
-    prog = progress_lib.Progress(f"embed/{name}", qs.num_queries, unit="image")
     if qs.dataset == RANDOM_NOISE:
       images = coverage_curves.random_noise_images(qs.num_queries, encoder.input_size, config.seed)
-      reps = np.concatenate([embedder(images[i:i + config.source.batch_size])
-                             for i in range(0, len(images), config.source.batch_size)])
+      reps = embeddings_lib.embed_images(encoder, images, batch_size=config.source.batch_size)
     else:
       reps, _ = embeddings_lib.embed_split(
-          embedder, qs.dataset, qs.split, transform=transform, batch_size=config.source.batch_size,
+          encoder, qs.dataset, qs.split, transform=transform, batch_size=config.source.batch_size,
           data_dir=config.source.data_dir, limit=qs.num_queries, seed=config.seed,
-          shuffle_files=qs.shuffle, on_batch=lambda done, total, prog=prog: prog.update(done))
+          shuffle_files=qs.shuffle, progress=name)
     embeddings_lib.save_array(path, reps, meta={"dataset": qs.dataset, "split": qs.split})
     sets[name] = reps
   return sets
+
+
+def validate_config(config) -> None:
+  """Run by run_job before the workdir is claimed: every value, so a refused config leaves no trace."""
+  embeddings_lib.check_source(config.source)
+  if config.query_batch_size < 1:
+    raise ValueError(f"query_batch_size must be >= 1, got {config.query_batch_size}")
+  for k in config.bucket_bits:
+    defense.validate_config(coverage_curves.counting_config(config.defense, k))
+  defense.validate_config(config.defense)
+  for qs in config.query_sets:
+    if qs.num_queries < 1:
+      raise ValueError(f"query set {qs.name!r}: num_queries must be >= 1, got {qs.num_queries}")
 
 
 def run(config, workdir: str):
   writer = metrics_lib.MetricsWriter(workdir)
   source = embeddings_lib.EmbeddingSource(config.source, workdir, seed=config.seed)
   sets = query_set_reps(config, workdir, source)
-  base = config_blocks.build_defense_config(config.defense)
+  base = config.defense
 
   # The defense's own bucket count is always included: the sigma-vs-queries curves need it.
   bucket_bits = sorted(set(config.bucket_bits) | {base.num_hyperplanes})

@@ -11,21 +11,20 @@ import os
 from b4b_jax.evaluation import embeddings as embeddings_lib
 from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import report
-from b4b_jax.utils import progress as progress_lib
+
+
+def validate_config(config) -> None:
+  """Run by run_job before the workdir is claimed: every value, so a refused config leaves no trace."""
+  embeddings_lib.check_source(config.source)
+  if not config.datasets:
+    raise ValueError("config.datasets is empty")
 
 
 def run(config, workdir: str):
   source = embeddings_lib.EmbeddingSource(config.source, workdir, seed=config.seed)
   results = {}
   for dataset in config.datasets:
-    progs = {}
-
-    def progress(split, done, total, dataset=dataset, progs=progs):
-      if split not in progs:
-        progs[split] = progress_lib.Progress(f"embed/{dataset}/{split}", total, unit="image")
-      progs[split].update(done)
-
-    emb = source.get(dataset, progress=progress)
+    emb = source.get(dataset)
     results[dataset] = {
         "path": source.cache_path(dataset),
         "train_shape": list(emb["train_x"].shape), "test_shape": list(emb["test_x"].shape),

@@ -11,9 +11,9 @@ import os
 import numpy as np
 from absl import logging
 
-from b4b_jax.evaluation import config_blocks
 from b4b_jax.evaluation import embeddings as embeddings_lib
 from b4b_jax.evaluation import legit as legit_lib
+from b4b_jax.evaluation import linear_probe
 from b4b_jax.evaluation import paper_numbers
 from b4b_jax.evaluation import report
 from b4b_jax.utils import metrics as metrics_lib
@@ -45,10 +45,23 @@ def _b4b_through_images(source, emb, dataset, cfg, config, workdir):
   return res
 
 
+def validate_config(config) -> None:
+  """Run by run_job before the workdir is claimed: every value, so a refused config leaves no trace."""
+  embeddings_lib.check_source(config.source)
+  linear_probe.check_probe_config(config.probe)
+  if config.query_batch_size < 1:
+    raise ValueError(f"query_batch_size must be >= 1, got {config.query_batch_size}")
+  if not config.datasets:
+    raise ValueError("config.datasets is empty")
+  # Builds (and so validates) the defense config of every row.
+  legit_lib.row_specs(config.defense, b4b_transform=config.b4b_transform, transforms=config.transforms,
+                      static_sigmas=config.static_sigmas)
+
+
 def run(config, workdir: str):
   writer = metrics_lib.MetricsWriter(workdir)
   source = embeddings_lib.EmbeddingSource(config.source, workdir, seed=config.seed)
-  base = config_blocks.build_defense_config(config.defense)
+  base = config.defense
   rows = legit_lib.row_specs(base, b4b_transform=config.b4b_transform, transforms=config.transforms,
                              static_sigmas=config.static_sigmas)
   results = {}
@@ -140,8 +153,8 @@ def _write_report(config, workdir, base, results):
   paper_caption = (paper_numbers.TABLES[paper_table]["caption"] if paper_table
                    else "none (setting differs)")
   sections = [
-      ("Setup", f"Encoder `{config.source.encoder}` ({config.encoder_kind}); defense preset "
-                f"`{config.defense.preset}` (lambda={base.lam:g}, alpha={base.alpha:g}, "
+      ("Setup", f"Encoder `{config.source.encoder}` ({config.encoder_kind}); defense "
+                f"(lambda={base.lam:g}, alpha={base.alpha:g}, "
                 f"beta={base.beta:g}%, 2^{base.num_hyperplanes} buckets, P={base.num_projections}); "
                 f"B4B rows use the `{config.b4b_transform}` transform. Every train and test query of "
                 f"each row is charged to that row's account (batches of {config.query_batch_size}); "

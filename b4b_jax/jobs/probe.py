@@ -1,6 +1,6 @@
 """Job `probe`: linear-probe accuracy of a frozen encoder (victim or stolen) on downstream datasets.
 
-  python -m b4b_jax.main --config=configs/probe.py:encoder=DIR --workdir=DIR
+  python -m b4b_jax.main --config=configs/probe.py --workdir=DIR --config.source.encoder=ENC_DIR
 
 Writes results.json, report.md (Table-1 layout where a paper row is named), val_curves.png,
 metrics.jsonl / TensorBoard, and embeddings/<dataset>.npz (reused on resume).
@@ -17,12 +17,20 @@ from b4b_jax.utils import metrics as metrics_lib
 from b4b_jax.utils import progress as progress_lib
 
 
+def validate_config(config) -> None:
+  """Run by run_job before the workdir is claimed: every value, so a refused config leaves no trace."""
+  embeddings_lib.check_source(config.source)
+  linear_probe.check_probe_config(config.probe)
+  if not config.datasets:
+    raise ValueError("config.datasets is empty")
+
+
 def probe_datasets(config, workdir, *, writer, stage="probe"):
   """Embeds (or reads) each dataset and probes it; {dataset: probe result dict}."""
   source = embeddings_lib.EmbeddingSource(config.source, workdir, seed=config.seed)
   results = {}
   for dataset in config.datasets:
-    emb = source.get(dataset, progress=_embed_progress(dataset))
+    emb = source.get(dataset)
     prog = progress_lib.Progress(f"{stage}/{dataset}", config.probe.epochs, unit="epoch")
 
     def on_epoch(epoch, stats, dataset=dataset, prog=prog):
@@ -39,17 +47,6 @@ def probe_datasets(config, workdir, *, writer, stage="probe"):
     results[dataset] = dict(probe.to_dict(), num_train=int(len(emb["train_y"])),
                             num_test=int(len(emb["test_y"])), rep_dim=int(emb["train_x"].shape[1]))
   return results
-
-
-def _embed_progress(dataset):
-  """progress(split, done, total) callback for EmbeddingSource.get: one progress line per split."""
-  state = {}
-
-  def update(split, done, total):
-    if split not in state:
-      state[split] = progress_lib.Progress(f"embed/{dataset}/{split}", total, unit="image")
-    state[split].update(done)
-  return update
 
 
 def run(config, workdir: str):

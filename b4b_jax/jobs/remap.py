@@ -9,19 +9,37 @@ import os
 
 from absl import logging
 
-from b4b_jax.evaluation import config_blocks
+from b4b_jax import defense
+from b4b_jax.attacks import mapper as mapper_lib
 from b4b_jax.evaluation import embeddings as embeddings_lib
+from b4b_jax.evaluation import linear_probe
 from b4b_jax.evaluation import remap as remap_lib
 from b4b_jax.evaluation import report
 from b4b_jax.utils import metrics as metrics_lib
 from b4b_jax.utils import progress as progress_lib
 
 
+def validate_config(config) -> None:
+  """Run by run_job before the workdir is claimed: every value, so a refused config leaves no trace."""
+  embeddings_lib.check_source(config.source)
+  linear_probe.check_probe_config(config.probe)
+  if config.query_batch_size < 1:
+    raise ValueError(f"query_batch_size must be >= 1, got {config.query_batch_size}")
+  for transform in config.transforms:
+    for noise in config.noise_modes:
+      defense.validate_config(remap_lib.account_config(config.defense, transform, noise))
+  if not config.overlaps or min(config.overlaps) < 0:
+    raise ValueError(f"overlaps must be non-empty counts >= 0, got {config.overlaps}")
+  if config.mapper.kind not in mapper_lib.MAPPER_KINDS:
+    raise ValueError(f"unknown mapper.kind {config.mapper.kind!r}; choose one of "
+                     f"{mapper_lib.MAPPER_KINDS}")
+
+
 def run(config, workdir: str):
   writer = metrics_lib.MetricsWriter(workdir)
   source = embeddings_lib.EmbeddingSource(config.source, workdir, seed=config.seed)
   emb = source.get(config.dataset)
-  base = config_blocks.build_defense_config(config.defense)
+  base = config.defense
   total = len(config.transforms) * len(config.noise_modes)
   prog = progress_lib.Progress("remap", total, unit="cell")
 
@@ -52,11 +70,13 @@ def run(config, workdir: str):
                    report.fmt_acc(c["reference_top1"]), report.fmt_num(p["top1_drop"])])
   sections = [
       ("Setup", f"Dataset `{config.dataset}` ({results['num_train']} train / {results['num_test']} test "
-                f"queries per account), encoder `{config.source.encoder}`, defense preset "
-                f"`{config.defense.preset}`. Accounts A and B of one DefendedEncoder get independent "
-                f"transforms of the same type; noise `none` = transforms only, `b4b` = the B4B cost of "
-                f"each account's own coverage. A {config.mapper.kind} mapper B->A is fitted on the "
-                f"first n overlapping train queries; metrics on the test queries. n = 0: unmapped."),
+                f"queries per account), encoder `{config.source.encoder}`, defense "
+                f"lambda={config.defense.lam:g}, alpha={config.defense.alpha:g}, "
+                f"beta={config.defense.beta:g}%, 2^{config.defense.num_hyperplanes} buckets. Accounts "
+                f"A and B of one DefendedEncoder get independent transforms of the same type; noise "
+                f"`none` = transforms only, `b4b` = the B4B cost of each account's own coverage. A "
+                f"{config.mapper.kind} mapper B->A is fitted on the first n overlapping train "
+                f"queries; metrics on the test queries. n = 0: unmapped."),
       ("Results", report.markdown_table(
           ["noise", "transform", "n overlap", "mean cosine distance", "top-1 on mapped B %",
            "top-1 on A %", "drop (points)"], rows)),

@@ -14,7 +14,10 @@ from b4b_jax.utils.versions import library_versions
 
 RUN_INFO = "run_info.json"
 # Fields that may change between a run and its resumption without changing what is computed.
-_VOLATILE_FIELDS = frozenset({"log_every_seconds", "progress_every_seconds", "max_steps_this_run"})
+# Fields that may differ between a run and its resume: pacing, and where a server listens (restarting the
+# service on another port is the same service over the same state).
+_VOLATILE_FIELDS = frozenset({"log_every_seconds", "progress_every_seconds", "max_steps_this_run",
+                              "host", "port", "compilation_cache_dir"})
 
 
 def config_fingerprint(config: ml_collections.ConfigDict) -> str:

@@ -1,0 +1,140 @@
+"""Hardened B4B (config noise_keying="per_input"): answers that do not average away, and the
+provider-side stats that flag repeats and sybil overlap.
+
+The paper's noise is drawn fresh for every query (step.py), so a thief that sends one image N times and
+averages cuts its error by sqrt(N) while the repeats add no coverage. Here the draw is a function of
+
+  (account, fine input code, sigma level)
+
+so the same account gets the *same* answer for the same or a near-identical input for as long as its
+sigma level holds, and distinct inputs or accounts get independent draws:
+
+  fine codes   T = fine_codes independent sign codes of b = fine_code_bits hyperplanes each (secret,
+               from the "fine" key stream; through hash_center when set) of the clean representation.
+  sigma level  level = ceil(log_r sigma), r = sigma_level_ratio; the sigma applied is r^level >= the
+               cost's sigma (never less noise than the paper), so within a level every answer to an
+               input is bit-identical; coverage only grows, so an account passes each level once.
+  noise        z = (1/sqrt(T)) sum_t N(0, I_D)[key(account, level, t, code_t)], then x + r^level z.
+               Each z_i is exactly N(0, 1). A near-duplicate that flips one code keeps (T-1)/T of the
+               noise variance in common, so averaging such answers gains at most sqrt(T/(T-1)) per flip
+               pattern, not sqrt(N).
+
+What an account learns across levels (the bound, derived in docs/defense.md): one independent draw per
+(input, level), with std s_l = s0 r^l; the best unbiased combination of all of them has variance
+1 / sum_l s_l^-2 >= s0^2 (1 - r^-2), i.e. an error at most 1/sqrt(1 - r^-2) (1.155x for r=2) below
+the best single answer s0. Reusing one standard-normal vector
+at two sigmas would reveal x exactly (a1 - a2 = (s1 - s2) z); keying the level into the draw prevents it.
+
+Stats (no extra device work per query beyond one bitset update per row):
+  repeats(user) = answers whose first fine code the account had already been answered for (exact
+  repeats and most near-duplicates: they add no coverage); overlap(user) = share of the account's
+  occupied coverage buckets that some other account also occupies (what a sybil mapper needs).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from b4b_jax.defense import keys as keys_lib
+from b4b_jax.defense import lsh
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_NO_NOISE_LEVEL = -(1 << 30)  # level of sigma == 0 (no draw is used)
+
+
+def make_fine_params(settings, center) -> dict:
+  """{"fine_projection": (T*b, D), "fine_threshold": (T*b,)} from the "fine" key stream."""
+  t, b, d = settings.fine_codes, settings.fine_code_bits, settings.rep_dim
+  projection = jax.random.normal(keys_lib.stream_key(settings.seed, "fine"), (t * b, d), jnp.float32)
+  return {"fine_projection": projection, "fine_threshold": lsh.hash_threshold(projection, center)}
+
+
+def fine_codes(params, reps: jax.Array) -> jax.Array:
+  """int32 [N, T] fine codes of clean representations [N, D] (bit k of code t = hyperplane t*b+k)."""
+  s = params.settings
+  scores = jax.lax.dot_general(reps.astype(jnp.float32), params.fine_projection,
+                               (((1,), (1,)), ((), ())), precision=_HIGHEST) - params.fine_threshold
+  bits = (scores > 0).reshape(reps.shape[0], s.fine_codes, s.fine_code_bits).astype(jnp.int32)
+  return jnp.sum(bits << jnp.arange(s.fine_code_bits, dtype=jnp.int32), axis=-1)
+
+
+def sigma_level(sigma: jax.Array, ratio: float):
+  """(int32 level, float32 applied sigma r^level >= sigma); sigma <= 0 -> (sentinel, 0)."""
+  sigma = jnp.asarray(sigma, jnp.float32)
+  log_r = jnp.float32(np.log(ratio))
+  positive = sigma > 0
+  level = jnp.ceil(jnp.log(jnp.where(positive, sigma, 1.0)) / log_r)
+  applied = jnp.where(positive, jnp.exp(level * log_r), 0.0)
+  # exp(ceil(log)) can round just below sigma in float32: never apply less noise than the cost asks.
+  applied = jnp.where(applied < sigma, applied * jnp.float32(ratio), applied)
+  level = jnp.where(applied < sigma, level + 1, level)
+  return jnp.where(positive, level.astype(jnp.int32), _NO_NOISE_LEVEL), applied.astype(jnp.float32)
+
+
+def input_keyed_noise(params, uids: jax.Array, sigma: jax.Array, reps: jax.Array):
+  """Noise for per_input keying.
+
+  Args: uids uint32 [N, 2] per row; sigma float32 [N] from the cost; reps float32 [N, D] clean.
+  Returns: (applied sigma [N], standard-normal noise [N, D], per-row keys [N] for other per-answer
+  draws such as debinarize, keyed like the noise so they do not average away either).
+  """
+  s = params.settings
+  codes = fine_codes(params, reps)
+  level, applied = sigma_level(sigma, s.sigma_level_ratio)
+  stream = keys_lib.stream_key(s.seed, "input_noise")
+  d = reps.shape[1]
+
+  def row(uid, lvl, row_codes):
+    base = jax.random.fold_in(keys_lib.user_key(stream, uid), lvl)
+    code_keys = jax.vmap(lambda t, c: jax.random.fold_in(jax.random.fold_in(base, t), c))(
+        jnp.arange(s.fine_codes, dtype=jnp.int32), row_codes)
+    draws = jax.vmap(lambda k: jax.random.normal(k, (d,), jnp.float32))(code_keys)
+    return jnp.sum(draws, axis=0) * jnp.float32(1.0 / np.sqrt(s.fine_codes)), jax.random.fold_in(
+        code_keys[0], 1)
+
+  noise, row_keys = jax.vmap(row)(uids, level, codes)
+  return applied, noise, row_keys
+
+
+def count_seen_codes(params, state, users_w: jax.Array, reps: jax.Array):
+  """State with every written row's first fine code marked as seen by its user (rows with users_w
+  outside [0, U) are not written); repeats are num_queries - fine_counts."""
+  codes = fine_codes(params, reps)[:, :1]
+  occupancy, counts = lsh.add_buckets(state.fine_occupancy, state.fine_counts, users_w, codes,
+                                      params.settings.fine_code_bits)
+  return state.replace(fine_occupancy=occupancy, fine_counts=counts)
+
+
+def bucket_overlap(occupancy) -> np.ndarray:
+  """float64 [U]: per account, the share of its occupied coverage buckets (all projections) that at
+  least one other account also occupies (0 for an account with none). Host-side, O(U^2 P W) bits."""
+  occ = np.asarray(occupancy)
+  own = lsh.popcount(occ).sum(axis=1).astype(np.float64)
+  out = np.zeros(occ.shape[0])
+  for u in range(occ.shape[0]):
+    others = np.bitwise_or.reduce(np.delete(occ, u, axis=0), axis=0) if occ.shape[0] > 1 else (
+        np.zeros_like(occ[u]))
+    shared = np.bitwise_count(occ[u] & others).sum()
+    out[u] = shared / own[u] if own[u] else 0.0
+  return out
+
+
+def provider_stats(api) -> dict:
+  """Provider-side flags per account of a DefendedEncoder: repeats (answers whose fine code the account
+  had already been answered for), their share, and bucket overlap with the other accounts."""
+  state, users = api.state, api.users
+  n = len(users)
+  queries = np.asarray(state.num_queries)[:n].astype(np.int64)
+  overlap = bucket_overlap(np.asarray(state.occupancy)[:n]) if n else np.zeros(0)
+  if state.fine_counts is not None:
+    distinct = np.asarray(state.fine_counts)[:n, 0].astype(np.int64)
+    repeats = queries - distinct
+  else:  # paper keying: repeats are not tracked
+    repeats = None
+  out = {}
+  for i, name in enumerate(users):
+    row = {"num_queries": int(queries[i]), "bucket_overlap": float(overlap[i])}
+    if repeats is not None:
+      row["repeats"] = int(repeats[i])
+      row["repeat_share"] = float(repeats[i] / queries[i]) if queries[i] else 0.0
+    out[name] = row
+  return out

@@ -1,0 +1,338 @@
+"""Job "attack_suite": adaptive attacks (b4b_jax.attacks.strategies) against paper-B4B and the hardened
+defense (b4b_jax.defense.hardened), and the legit user's accuracy under each. See configs/attack_suite.py.
+
+Outputs in the workdir: results.json (everything, per seed), report.md (tables per attack x defense,
+mean and range over seeds), error_ratio_vs_n.png, metrics.jsonl (stage "attack_suite").
+"""
+import os
+
+import ml_collections
+from absl import logging
+import numpy as np
+
+from b4b_jax import data as data_lib
+from b4b_jax import defense as defense_lib
+from b4b_jax.attacks import strategies
+from b4b_jax.defense import hardened
+from b4b_jax.evaluation import embeddings
+from b4b_jax.evaluation import legit as legit_lib
+from b4b_jax.evaluation import report as report_lib
+from b4b_jax.utils import files
+from b4b_jax.utils import metrics as metrics_lib
+
+DEFENSES = ("paper", "hardened")
+
+
+def validate_config(config) -> None:
+  ns = [int(n) for n in config.ns]
+  if not ns or min(ns) < 1 or 1 not in ns:
+    raise ValueError(f"ns must be positive and include 1 (the baseline), got {list(config.ns)}")
+  for p in config.perturbations:
+    if p not in strategies.PERTURBATIONS:
+      raise ValueError(f"unknown perturbation {p!r}; expected one of {strategies.PERTURBATIONS}")
+  if int(config.targets) < 1 or int(config.coverage_queries) < 0 or int(config.query_batch_size) < 2:
+    raise ValueError("targets must be >= 1, coverage_queries >= 0 and query_batch_size >= 2")
+  if not config.seeds:
+    raise ValueError("seeds must name at least one seed")
+  defense_lib.defense_config("simsiam", **config.hardened.to_dict())  # ValueError naming a bad field
+
+
+def run(config, workdir: str) -> dict:
+  encoder = embeddings.resolve_encoder(config.encoder, workdir=workdir, seed=0)
+  size = int(encoder.manifest["preprocessing"]["input_size"])
+  mean, std = data_lib.normalization(encoder)
+
+  def to_input(images01):
+    return data_lib.normalize(np.asarray(images01) * np.float32(255.0), mean, std)
+
+  writer = metrics_lib.MetricsWriter(workdir)
+  per_seed = {}
+  for i, seed in enumerate(config.seeds):
+    per_seed[str(seed)] = run_seed(config, encoder, to_input, size, int(seed))
+    flat = {f"{d}/{a}/ratio_n{n}": v for d, attacks in per_seed[str(seed)]["attacks"].items()
+            for a, r in attacks.items() for n, v in r.get("error_ratio", {}).items()}
+    writer.write_scalars(i, flat, stage="attack_suite")
+  writer.close()
+  results = {"config": config.to_dict(), "encoder": config.encoder, "input_size": size,
+             "seeds": per_seed, "summary": summarise(per_seed)}
+  files.atomic_write_json(os.path.join(workdir, "results.json"), results)
+  files.atomic_write_text(os.path.join(workdir, "report.md"), render_report(results))
+  plot(results, os.path.join(workdir, "error_ratio_vs_n.png"))
+  return results
+
+
+# ------------------------------------------------------------------------------------------ one seed
+def run_seed(config, encoder, to_input, size: int, seed: int) -> dict:
+  bs = int(config.query_batch_size)
+  n_cov, n_targets = int(config.coverage_queries), int(config.targets)
+  photos, _ = data_lib.load_arrays("sklearn_photos", "query", image_size=size, limit=max(n_cov, 1),
+                                   seed=seed)
+  held_out, _ = data_lib.load_arrays("sklearn_photos", "test", image_size=size, limit=n_targets + 1,
+                                     seed=seed)
+  server, _ = data_lib.load_arrays("sklearn_photos", "train", image_size=size,
+                                   limit=int(config.calibration.queries), seed=seed)
+  coverage_images = photos[:n_cov].astype(np.float32) / 255
+  targets = held_out[:n_targets].astype(np.float32) / 255
+  canary_image = held_out[n_targets].astype(np.float32) / 255
+
+  fn = encoder  # the Encoder itself: the API fuses its forward, weights as jit arguments
+  clean_api = defense_lib.DefendedEncoder(fn, defense_lib.defense_config("none"), encoder.rep_dim)
+  clean = strategies.QueryOnce(clean_api, ["reference"], to_input=to_input, batch_size=256)
+  clean_targets = clean.steal(targets).astype(np.float64)
+  calib = calibrate(config, clean.steal(server.astype(np.float32) / 255), seed)
+  out = {"calibration": {k: v for k, v in calib.items() if k != "center"}, "attacks": {},
+         "canary": {}, "provider": {}, "legit": {},
+         "geometry": geometry(config, clean, targets, clean_targets, calib["center"], seed)}
+
+  if config.legit:
+    train_x, train_y = data_lib.load_arrays("digits", "train", image_size=size)
+    test_x, test_y = data_lib.load_arrays("digits", "test", image_size=size)
+    if int(config.legit_limit):
+      train_x, train_y = train_x[:int(config.legit_limit)], train_y[:int(config.legit_limit)]
+    legit_reps = (clean.steal(train_x.astype(np.float32) / 255),
+                  clean.steal(test_x.astype(np.float32) / 255))
+    none = legit_lib.legit_user(legit_reps[0], train_y, legit_reps[1], test_y, defense_config=None,
+                                probe_cfg=config.probe)
+    out["legit"]["none"] = _legit_row(none)
+
+  for name in DEFENSES:
+    cfg = defense_config(config, calib, seed, hardened_mode=name == "hardened")
+    api = defense_lib.DefendedEncoder(fn, cfg, encoder.rep_dim, capacity=16)
+    ratio = float(cfg.sigma_level_ratio)
+    attacks = {}
+    baseline = strategies.QueryOnce(api, ["query_once"], to_input=to_input, batch_size=bs)
+    baseline.send(coverage_images)
+    attacks["query_once"] = _errors({1: baseline.steal(targets)}, clean_targets, api, "query_once",
+                                    ratio, name)
+    for p in config.perturbations:
+      account = f"repeat_{p}"
+      logging.info("attack_suite: seed %d, %s defense, attack %s", seed, name, account)
+      strat = strategies.RepeatAverage(api, [account], copies=max(int(n) for n in config.ns),
+                                       perturbation=p, seed=seed, to_input=to_input, batch_size=bs)
+      strat.send(coverage_images)
+      attacks[account] = _errors(strat.steal_curve(targets, [int(n) for n in config.ns]),
+                                 clean_targets, api, account, ratio, name)
+    out["attacks"][name] = attacks
+    if config.canary:
+      out["canary"][name] = run_canary(api, coverage_images, canary_image, to_input, bs, ratio, name,
+                                       seed)
+    out["provider"][name] = hardened.provider_stats(api)
+    if config.legit:
+      row = legit_lib.legit_user(legit_reps[0], train_y, legit_reps[1], test_y, defense_config=cfg,
+                                 probe_cfg=config.probe, query_batch_size=bs)
+      out["legit"][name] = _legit_row(row)
+      # The cost leaves this narrow user almost noise free; these rows ask what the hardened keying
+      # costs a legit user when there is noise: a constant sigma near m x per-dim std, snapped to a
+      # power of sigma_level_ratio so both defenses apply exactly the same sigma and only the keying
+      # differs (the rounding up costs at most a factor r more, on top; see docs/defense.md).
+      for m in config.legit_static_sigmas:
+        static = defense_config(config, calib, seed, hardened_mode=name == "hardened")
+        r = float(config.hardened.sigma_level_ratio)
+        with static.unlocked():
+          static.static_sigma = float(r ** np.round(np.log(float(m) * calib["per_dim_std"]) / np.log(r)))
+        defense_lib.validate_config(static)
+        row = legit_lib.legit_user(legit_reps[0], train_y, legit_reps[1], test_y,
+                                   defense_config=static, probe_cfg=config.probe, query_batch_size=bs)
+        out["legit"][f"{name} sigma={float(m):g}std"] = _legit_row(row)
+  return out
+
+
+def geometry(config, clean, targets, clean_targets, center, seed: int) -> dict:
+  """How far each perturbation moves the victim's (centred) representation, as an angle / pi, next to
+  the angle between distinct targets: the fine codes key noise on this angle, so a perturbation that
+  moves as far as a distinct input gets an independent draw (and a different clean answer)."""
+  rng = np.random.default_rng(seed)
+  base = clean_targets - np.asarray(center)
+
+  def angles(a, b):
+    cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+    return np.arccos(np.clip(cos, -1, 1)) / np.pi
+
+  out = {}
+  if len(base) > 1:
+    d = angles(base, np.roll(base, 1, axis=0))
+    out["distinct"] = {"median": float(np.median(d)), "min": float(d.min())}
+  for p in config.perturbations:
+    moved = clean.steal(strategies.perturb_images(p, targets, rng)).astype(np.float64) - center
+    a = angles(base, moved)
+    out[p] = {"median": float(np.median(a)), "max": float(a.max())}
+  return out
+
+
+def calibrate(config, server_reps: np.ndarray, seed: int) -> dict:
+  """The cost from the server's own representations (never a user's): hash_center = their mean, alpha =
+  alpha_scale x their per-dimension std, lam = lam_ratio x alpha, beta = beta_fraction x their coverage."""
+  cc, dc = config.calibration, config.defense
+  center = server_reps.mean(0)
+  alpha = float(cc.alpha_scale) * float(server_reps.std(0).mean())
+  counting = defense_lib.defense_config(
+      "none", num_projections=int(dc.num_projections), num_hyperplanes=int(dc.num_hyperplanes),
+      hash_center=[float(v) for v in center], seed=seed + int(dc.seed_offset))
+  api = defense_lib.DefendedEncoder(None, counting, server_reps.shape[1], capacity=1)
+  api.query_representations("server", server_reps)
+  coverage = api.coverage("server")
+  if coverage <= 0:
+    raise ValueError("calibration: the server's own representations cover no bucket")
+  return {"center": [float(v) for v in center], "alpha": alpha, "lam": float(cc.lam_ratio) * alpha,
+          "beta": float(cc.beta_fraction) * coverage, "server_coverage": coverage,
+          "per_dim_std": float(server_reps.std(0).mean())}
+
+
+def defense_config(config, calib: dict, seed: int, *, hardened_mode: bool) -> ml_collections.ConfigDict:
+  dc = config.defense
+  extra = config.hardened.to_dict() if hardened_mode else {}
+  return defense_lib.defense_config(
+      "simsiam", num_projections=int(dc.num_projections), num_hyperplanes=int(dc.num_hyperplanes),
+      lam=calib["lam"], alpha=calib["alpha"], beta=calib["beta"], hash_center=calib["center"],
+      seed=seed + int(dc.seed_offset), **extra)
+
+
+def applied_sigma(sigma: float, ratio: float, defense: str) -> float:
+  if defense != "hardened":
+    return float(sigma)
+  return float(hardened.sigma_level(np.float32(sigma), ratio)[1])
+
+
+def _errors(curve: dict, clean: np.ndarray, api, account: str, ratio: float, defense: str) -> dict:
+  """RMS error per dimension of each averaged target vs the clean answer, and err(1)/err(N)."""
+  err = {int(n): float(np.sqrt(np.mean((np.asarray(t, np.float64) - clean) ** 2)))
+         for n, t in curve.items()}
+  sigma = api.sigma(account)
+  return {"error": err, "error_ratio": {n: err[1] / e if e > 0 else float("inf")
+                                        for n, e in err.items()},
+          "coverage": api.coverage(account), "sigma": sigma,
+          "applied_sigma": applied_sigma(sigma, ratio, defense), "queries": api.num_queries(account)}
+
+
+def run_canary(api, images, canary, to_input, bs: int, ratio: float, defense: str, seed: int) -> dict:
+  """The coverage phase sent with a canary in every batch; the thief's sigma estimates vs the truth."""
+  strat = strategies.CanaryProbe(api, ["canary"], canary=canary, to_input=to_input, batch_size=bs,
+                                 level_ratio=ratio, seed=seed)
+  true, applied = [], []
+  for start in range(0, len(images), bs - 1):
+    strat.query_batch(images[start:start + bs - 1])
+    true.append(api.sigma("canary"))
+    applied.append(applied_sigma(true[-1], ratio, defense))
+  true = np.asarray(true[1:])  # estimates start at the second batch
+  summary = {"batches": int(len(true)), "final_true_sigma": float(true[-1]) if len(true) else 0.0,
+             "coverage": api.coverage("canary"), "queries": api.num_queries("canary")}
+  for name, est in (("naive", strat.naive_estimates), ("aware", strat.aware_estimates)):
+    est = np.asarray(est, np.float64)
+    ok = true > 0
+    with np.errstate(divide="ignore"):
+      factor = np.where(est[ok] > 0, np.maximum(est[ok] / true[ok], true[ok] / est[ok]), np.inf)
+    summary[name] = {"median_factor": float(np.median(factor)) if factor.size else None,
+                     "share_within_1.25x": float(np.mean(factor <= 1.25)) if factor.size else None,
+                     "share_within_2x": float(np.mean(factor <= 2.0)) if factor.size else None,
+                     "final_estimate": float(est[-1]) if est.size else None}
+  return summary
+
+
+def _legit_row(result: dict) -> dict:
+  return {"test_top1_mean": float(result["test_top1_mean"]),
+          "test_top1_std": float(result["test_top1_std"]),
+          "sigma": float(result["account"]["sigma"] or 0.0),
+          "coverage": result["account"]["coverage"]}
+
+
+# ------------------------------------------------------------------------------------------ summary
+def summarise(per_seed: dict) -> dict:
+  """Mean, min and max over seeds of every ratio, canary share and legit drop."""
+  def stats(values):
+    v = np.asarray(values, np.float64)
+    return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
+
+  seeds = list(per_seed.values())
+  out = {"error_ratio": {}, "canary": {}, "legit_drop": {}, "repeat_share": {}}
+  for d in DEFENSES:
+    for a in seeds[0]["attacks"].get(d, {}):
+      for n in seeds[0]["attacks"][d][a]["error_ratio"]:
+        out["error_ratio"].setdefault(d, {}).setdefault(a, {})[str(n)] = stats(
+            [s["attacks"][d][a]["error_ratio"][n] for s in seeds])
+    if seeds[0]["canary"].get(d):
+      for est in ("naive", "aware"):
+        out["canary"].setdefault(d, {})[est] = {
+            k: stats([s["canary"][d][est][k] for s in seeds])
+            for k in ("median_factor", "share_within_1.25x", "share_within_2x")}
+    if "none" in seeds[0]["legit"] and d in seeds[0]["legit"]:
+      out["legit_drop"][d] = stats([s["legit"]["none"]["test_top1_mean"] - s["legit"][d]["test_top1_mean"]
+                                    for s in seeds])
+    out["repeat_share"][d] = {a: stats([s["provider"][d][a].get("repeat_share", float("nan"))
+                                        for s in seeds]) for a in seeds[0]["provider"].get(d, {})}
+  if all(d in out["legit_drop"] for d in DEFENSES):
+    out["legit_drop"]["hardened_minus_paper"] = stats(
+        [s["legit"]["paper"]["test_top1_mean"] - s["legit"]["hardened"]["test_top1_mean"] for s in seeds])
+  for key in seeds[0]["legit"]:
+    if key.startswith("paper sigma="):
+      other = "hardened" + key[len("paper"):]
+      for k in (key, other):
+        out["legit_drop"][k] = stats([s["legit"]["none"]["test_top1_mean"] - s["legit"][k]["test_top1_mean"]
+                                      for s in seeds])
+      out["legit_drop"]["hardened_minus_paper" + key[len("paper"):]] = stats(
+          [s["legit"][key]["test_top1_mean"] - s["legit"][other]["test_top1_mean"] for s in seeds])
+  return out
+
+
+def _fmt(s) -> str:
+  return f"{s['mean']:.3g} [{s['min']:.3g}, {s['max']:.3g}]"
+
+
+def render_report(results: dict) -> str:
+  summary, seeds = results["summary"], list(results["seeds"])
+  lines = [f"# Attack suite ({results['encoder']}, {results['input_size']} px, seeds {seeds})", "",
+           "err(1)/err(N): error of the thief's target (mean of N answers) vs the clean answer, "
+           "relative to one answer; mean [min, max] over seeds.", ""]
+  ns = [str(int(n)) for n in results["config"]["ns"]]
+  rows = []
+  for a in summary["error_ratio"]["paper"]:
+    for d in DEFENSES:
+      by_n = summary["error_ratio"][d][a]
+      rows.append([a, d] + [_fmt(by_n[n]) if n in by_n else "" for n in ns])
+  lines += [report_lib.markdown_table(["attack", "defense"] + [f"N={n}" for n in ns], rows), ""]
+  first = results["seeds"][seeds[0]]
+  rows = [[a, d, f"{r['coverage']:.1f}", f"{r['sigma']:.3g}", f"{r['applied_sigma']:.3g}",
+           str(r["queries"]), f"{r['error'][1]:.3g}"]
+          for d in DEFENSES for a, r in first["attacks"][d].items()]
+  lines += [f"Accounts after the attack (seed {seeds[0]}):", "",
+            report_lib.markdown_table(["account", "defense", "coverage %", "cost sigma",
+                                       "applied sigma", "queries", "err(1)"], rows), ""]
+  if summary["canary"]:
+    rows = [[d, est, _fmt(v["median_factor"]), _fmt(v["share_within_1.25x"]), _fmt(v["share_within_2x"])]
+            for d, ests in summary["canary"].items() for est, v in ests.items()]
+    lines += ["Canary: the thief's sigma estimate vs the account's true (cost) sigma per batch "
+              "(factor = max(est/true, true/est); an estimate of 0 is an infinite factor).", "",
+              report_lib.markdown_table(["defense", "estimator", "median factor", "share within 1.25x",
+                                         "share within 2x"], rows), ""]
+  if summary["legit_drop"]:
+    rows = [[k, _fmt(v)] for k, v in summary["legit_drop"].items()]
+    lines += ["Legit digits user: accuracy drop in points (none - defense; hardened_minus_paper = paper "
+              "accuracy - hardened accuracy); 'sigma=m std' rows replace the cost by a constant sigma "
+              "of about m per-dimension stds of the server's representations, snapped to a power of "
+              "sigma_level_ratio (both defenses apply the same sigma; only the keying differs).",
+              "", report_lib.markdown_table(["defense", "drop (points)"], rows), ""]
+  geo = first.get("geometry", {})
+  if geo:
+    rows = [[k, f"{v['median']:.3f}", f"{v.get('max', v.get('min')):.3f}"] for k, v in geo.items()]
+    lines += [f"How far each perturbation moves the clean representation (angle / pi, centred; seed "
+              f"{seeds[0]}); 'distinct' = between different targets (median, min):", "",
+              report_lib.markdown_table(["perturbation", "median", "max"], rows), ""]
+  rows = [[d, a, _fmt(v)] for d, accts in summary["repeat_share"].items() for a, v in accts.items()]
+  lines += ["Provider flags (hardened only tracks repeats): share of an account's answers whose fine "
+            "code it had already been answered for.", "",
+            report_lib.markdown_table(["defense", "account", "repeat share"], rows), ""]
+  return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+  series = []
+  for d, attacks in results["summary"]["error_ratio"].items():
+    for a, by_n in attacks.items():
+      if len(by_n) < 2:
+        continue
+      ns = [int(n) for n in by_n]
+      series.append({"label": f"{d}: {a}", "x": ns, "y": [by_n[n]["mean"] for n in by_n],
+                     "style": "-o" if d == "paper" else "--s"})
+  if series:
+    report_lib.line_plot(path, series, xlabel="N answers averaged", ylabel="err(1) / err(N)",
+                         title="Repeat-and-average against paper-B4B and hardened", logx=True,
+                         logy=True, hline=1.2)

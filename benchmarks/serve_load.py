@@ -1,0 +1,197 @@
+r"""Load benchmark of the served API: 64 concurrent clients on loopback vs the in-process API.
+
+  python -m benchmarks.serve_load                  # 64 clients, 16 accounts, 1536 requests (~2-4 min)
+  python -m benchmarks.serve_load --tiny           # 16 clients, 160 requests, for a smoke check
+  python -m benchmarks.serve_load --encoder_dir=DIR   # any encoder directory (default: a random-init
+                                                   # resnet18_w0.25 at 16 px, the demo victim's shape)
+
+A server (configs/serve.py, default defense) starts on 127.0.0.1 in a subprocess. Clients send a fixed
+number of requests, mixed over accounts: 3/4 small (1-4 images as PNG files, multipart) and 1/4 large
+(64 images as one uint8 npy), answers as npy. Printed: served images/s and requests/s, latency p50/p99,
+errors; the in-process DefendedEncoder's images/s on the same encoder at the batch size the server
+formed (mean of its micro-batches) and at its row budget, measured before and after the served run in
+this process; and the served / in-process ratio (target >= 0.7). Finally the server is stopped and every
+account's state (occupancy bits, bucket counts, query count) is compared with a recomputation from what
+the clients sent. Never asserts a time; the machine's other load shows in the figures.
+"""
+import argparse
+import asyncio
+import io
+import os
+import re
+import tempfile
+import time
+
+import numpy as np
+
+from b4b_jax import defense
+from b4b_jax.serve import images as images_lib
+from b4b_jax.serve import service as service_lib
+from b4b_jax.serve import store as store_lib
+from b4b_jax.serve import testing
+
+
+def _bodies(args, accounts):
+  rng = np.random.default_rng(0)
+  out = []
+  for i in range(args.requests):
+    account = accounts[int(rng.integers(len(accounts)))]
+    large = rng.random() < args.large_fraction
+    n = args.large_rows if large else int(rng.integers(1, 5))
+    images = testing.random_images(n, args.image_size, seed=i)
+    if large:
+      body = {"content": images_lib.encode_npy(images), "headers": {"Content-Type": "application/x-npy"}}
+    else:
+      body = {"files": [("image", (f"{j}.png", images_lib.encode_png(im), "image/png"))
+                        for j, im in enumerate(images)]}
+    out.append((account, images, body))
+  return out
+
+
+async def _run_load(url, keys, bodies, clients, duration):
+  import httpx  # pylint: disable=g-import-not-at-top
+  results = [None] * len(bodies)
+  next_index = [0]
+  t_end = time.perf_counter() + duration
+  limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+  async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+
+    async def worker():
+      while next_index[0] < len(bodies) and time.perf_counter() < t_end:
+        i = next_index[0]
+        next_index[0] += 1
+        account, _, body = bodies[i]
+        headers = {"Authorization": f"Bearer {keys[account]}", "Accept": "application/x-npy",
+                   **body.get("headers", {})}
+        t0 = time.perf_counter()
+        try:
+          r = await http.post("/v1/embeddings", headers=headers,
+                              **{k: v for k, v in body.items() if k != "headers"})
+          status = r.status_code
+          if status == 200:
+            np.load(io.BytesIO(r.content))
+        except httpx.HTTPError as e:
+          status = f"{type(e).__name__}"
+          print(f"[serve_load] request {i} ({account}, {len(bodies[i][1])} images) failed after "
+                f"{time.perf_counter() - t0:.2f} s: {type(e).__name__}: {e}")
+        results[i] = (status, time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(clients)])
+    return results, time.perf_counter() - t0
+
+
+def _in_process(encoder_dir, config, batch, accounts, repeats, image_size):
+  api = defense.DefendedEncoder.from_encoder_dir(encoder_dir, config.defense, capacity=config.capacity)
+  images = testing.random_images(batch, image_size, seed=99)
+  users = [accounts[i % len(accounts)] for i in range(batch)]
+  api.query_mixed(users, images)  # compile
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    api.query_mixed(users, images)
+  return batch * repeats / (time.perf_counter() - t0)
+
+
+def _mean_batch(metrics_text):
+  total = float(re.search(r"^b4b_batch_rows_sum ([0-9.e+]+)", metrics_text, re.M).group(1))
+  count = float(re.search(r"^b4b_batch_rows_count ([0-9.e+]+)", metrics_text, re.M).group(1))
+  return total / max(count, 1.0), int(count)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--tiny", action="store_true")
+  p.add_argument("--encoder_dir", default="")
+  p.add_argument("--workdir", default="")
+  p.add_argument("--clients", type=int, default=64)
+  p.add_argument("--accounts", type=int, default=16)
+  p.add_argument("--requests", type=int, default=1536)
+  p.add_argument("--duration", type=float, default=600.0, help="cap on the load phase (s)")
+  p.add_argument("--large_fraction", type=float, default=0.25)
+  p.add_argument("--large_rows", type=int, default=64)
+  p.add_argument("--max_rows", type=int, default=256)
+  p.add_argument("--image_size", type=int, default=16)
+  p.add_argument("--cache_dir", default="", help="JAX compilation cache shared between runs")
+  args = p.parse_args()
+  if args.tiny:
+    args.clients, args.requests, args.accounts = 16, 160, 4
+  root = args.workdir or tempfile.mkdtemp(prefix="b4b-serve-load-")
+  encoder_dir = args.encoder_dir or testing.tiny_encoder_dir(
+      os.path.join(root, "encoder"), input_size=args.image_size, arch="resnet18_w0.25")
+  workdir = os.path.join(root, "work")
+  os.makedirs(workdir, exist_ok=True)
+  from configs import serve as serve_config  # pylint: disable=g-import-not-at-top
+  config = serve_config.get_config()
+  overrides = {"encoder_dir": encoder_dir, "capacity": 64, "batching.max_rows": args.max_rows,
+               "limits.max_rows_per_request": args.max_rows}
+  if args.cache_dir:
+    overrides["persistence.compilation_cache_dir"] = args.cache_dir
+  config.unlock()
+  config.capacity = 64
+  accounts = [f"user{i:02d}" for i in range(args.accounts)]
+  st = store_lib.Store(os.path.join(workdir, store_lib.DB_NAME))
+  keys = {a: st.create_key(a)[1] for a in accounts}
+  st.close()
+  bodies = _bodies(args, accounts)
+  rows_sent = sum(len(b[1]) for b in bodies)
+  print(f"[serve_load] {args.requests} requests ({rows_sent} images) from {args.clients} clients over "
+        f"{args.accounts} accounts; encoder {encoder_dir}")
+
+  before = _in_process(encoder_dir, config, args.max_rows, accounts, 10, args.image_size)
+  proc = testing.ServerProcess(workdir, encoder_dir, config="configs/serve.py",
+                               overrides=[f"--config.{k}={v}" for k, v in overrides.items()])
+  import httpx  # pylint: disable=g-import-not-at-top
+  try:
+    start_s = proc.start(timeout=900)
+    results, seconds = asyncio.run(_run_load(proc.url, keys, bodies, args.clients, args.duration))
+    metrics = httpx.get(proc.url + "/metrics").text
+  finally:
+    code = proc.stop()
+  mean_batch, num_batches = _mean_batch(metrics)
+  batch = max(8, int(round(mean_batch)))
+  after_mean = _in_process(encoder_dir, config, batch, accounts, 10, args.image_size)
+  after = _in_process(encoder_dir, config, args.max_rows, accounts, 10, args.image_size)
+
+  done = [(i, r) for i, r in enumerate(results) if r is not None]
+  ok = [i for i, r in done if r[0] == 200]
+  errors = [r[0] for _, r in done if r[0] != 200]
+  lat = np.asarray([r[1] for _, r in done if r[0] == 200])
+  served_rows = sum(len(bodies[i][1]) for i in ok)
+  served = served_rows / seconds
+  inproc = (before + after) / 2
+  print(f"[serve_load] server start {start_s:.1f} s (to /healthz); exit status {code}")
+  print(f"[serve_load] served:     {served:8.1f} images/s  {len(ok) / seconds:7.1f} requests/s  "
+        f"p50 {1000 * np.percentile(lat, 50):7.1f} ms  p99 {1000 * np.percentile(lat, 99):7.1f} ms  "
+        f"errors {len(errors)} {sorted(set(map(str, errors)))[:5]}  ({len(done)}/{len(bodies)} sent in "
+        f"{seconds:.1f} s)")
+  print(f"[serve_load] micro-batches: {num_batches}, mean {mean_batch:.1f} rows")
+  print(f"[serve_load] in-process: {before:8.1f} images/s before, {after:8.1f} after (batch "
+        f"{args.max_rows}); {after_mean:8.1f} at the served mean batch {batch}")
+  print(f"[serve_load] served / in-process (batch {args.max_rows}) = {served / inproc:.2f}; "
+        f"/ in-process at batch {batch} = {served / after_mean:.2f}   (target >= 0.70)")
+
+  # Every account's state vs a recomputation from what the clients sent (answered requests).
+  svc = service_lib.Service(config, workdir, encoder_dir)
+  svc.open()
+  users, arrays = svc.state_arrays()
+  svc.close()
+  ref = defense.DefendedEncoder.from_encoder_dir(encoder_dir, config.defense, capacity=64)
+  users_sent = [bodies[i][0] for i in ok for _ in range(len(bodies[i][1]))]
+  images_sent = np.concatenate([bodies[i][1] for i in ok])
+  for j in range(0, len(users_sent), args.max_rows):  # coverage is a set union: any grouping
+    ref.query_mixed(users_sent[j:j + args.max_rows], images_sent[j:j + args.max_rows])
+  mismatches = []
+  for account in accounts:
+    if account not in ref.users:
+      continue
+    s, r = users.index(account), ref.slot(account)
+    for field in ("occupancy", "counts", "num_queries"):
+      if not np.array_equal(arrays[field][s], np.asarray(getattr(ref.state, field))[r]):
+        mismatches.append((account, field))
+  unsent = [a for a in accounts if a not in ref.users and a in users]
+  print(f"[serve_load] state of {len(ref.users)} accounts vs recomputation from the answered requests: "
+        f"{'identical (occupancy, counts, query counts)' if not mismatches and not unsent else mismatches}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,175 @@
+"""The hardened defense (noise_keying="per_input", b4b_jax/defense/hardened.py): same answer for the
+same or a near-identical input while the sigma level holds, independent noise across accounts, inputs
+and levels, the cross-level bound, mixed batches, save/restore, provider stats; and the paper's B4B
+unchanged at the default."""
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from b4b_jax.defense import DefendedEncoder, defense_config, hardened
+from b4b_jax.defense import keys as keys_lib
+from b4b_jax.defense.config import HARDENING_DEFAULTS
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+D = 32
+
+
+def _cfg(**kw):
+  base = dict(num_projections=4, num_hyperplanes=6, beta=5.0, noise_keying="per_input")
+  base.update(kw)
+  return defense_config("simsiam", **base)
+
+
+def _reps(n, seed=0, d=D):
+  return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+
+
+def _q(api, user, reps):
+  return np.asarray(api.query_representations(user, reps).reps)
+
+
+def _noise(api, user, reps):
+  result = api.query_representations(user, reps)
+  return (np.asarray(result.reps) - reps) / np.asarray(result.sigma)[:, None]
+
+
+def test_same_input_same_account_gets_the_same_answer_and_near_duplicates_mostly_too():
+  api = DefendedEncoder(None, _cfg(static_sigma=0.5), D)
+  reps = _reps(64)
+  result = api.query_representations("alice", reps)
+  first = np.asarray(result.reps)
+  np.testing.assert_array_equal(_q(api, "alice", reps), first)
+  np.testing.assert_array_equal(_q(api, "alice", reps[::-1]), first[::-1])
+  jitter = reps + 1e-4 * _reps(64, seed=1)  # ~1e-4 relative: a code flips for few rows, if any
+  noise0 = first - reps
+  assert np.allclose(result.sigma, 0.5)  # static 0.5 at ratio 2: level -1, applied exactly 0.5
+  noise1 = _q(api, "alice", jitter) - jitter
+  corr = np.sum(noise0 * noise1, 1) / np.linalg.norm(noise0, axis=1) / np.linalg.norm(noise1, axis=1)
+  assert np.mean(corr > 0.999) >= 0.9, corr
+
+
+def test_noise_is_standard_normal_and_independent_across_accounts_and_distinct_inputs():
+  api = DefendedEncoder(None, _cfg(static_sigma=1.0), D)
+  reps = _reps(512)
+  za, zb = _noise(api, "alice", reps), _noise(api, "bob", reps)
+  assert abs(za.std() - 1.0) < 0.03 and abs(za.mean()) < 0.03
+  assert abs(np.corrcoef(za.ravel(), zb.ravel())[0, 1]) < 0.04  # 16k samples: std ~0.008
+  unit = za / np.linalg.norm(za, axis=1, keepdims=True)
+  gram = unit @ unit.T
+  off = gram[~np.eye(len(gram), dtype=bool)]
+  assert abs(off.mean()) < 0.01 and np.mean(np.abs(off) > 0.9) == 0.0  # no two inputs share noise
+
+
+def test_sigma_level_rounds_up_by_less_than_the_ratio():
+  sigma = np.concatenate([np.geomspace(1e-7, 1e4, 997), 2.0 ** np.arange(-10, 10), [0.0]]).astype(
+      np.float32)
+  for ratio in (2.0, 1.5):
+    level, applied = jax.device_get(hardened.sigma_level(sigma, ratio))
+    pos = sigma > 0
+    assert np.all(applied[pos] >= sigma[pos]) and np.all(applied[pos] < ratio * sigma[pos] * 1.0001)
+    np.testing.assert_allclose(applied[pos], ratio ** level[pos].astype(np.float64), rtol=1e-5)
+    assert applied[~pos] == 0
+
+
+def test_a_new_sigma_level_is_a_new_draw_and_the_two_level_bound_holds():
+  reps = _reps(2000)
+  # static sigma 1.2 and 1.9 share level 1 (applied 2): identical answers, nothing to difference.
+  a = _q(DefendedEncoder(None, _cfg(static_sigma=1.2), D), "eve", reps)
+  b = _q(DefendedEncoder(None, _cfg(static_sigma=1.9), D), "eve", reps)
+  np.testing.assert_array_equal(a, b)
+  # Level 0 (applied 1) vs level 1 (applied 2): independent draws. Were it the same z (the naive keyed
+  # design), (2 a1 - a2) would recover reps exactly.
+  a1 = _q(DefendedEncoder(None, _cfg(static_sigma=0.9), D), "eve", reps)
+  z1, z2 = a1 - reps, (b - reps) / 2.0
+  assert abs(np.corrcoef(z1.ravel(), z2.ravel())[0, 1]) < 0.03
+  naive = 2 * a1 - b
+  best = (4 * a1 + b) / 5  # inverse-variance weights 1/1 and 1/4: the best unbiased combination
+  err_best = np.sqrt(np.mean((best - reps) ** 2))
+  assert np.sqrt(np.mean((naive - reps) ** 2)) > 1.5
+  # bound (docs/defense.md): error >= s0 * sqrt(1 - r^-2) = 0.866 for s0 = 1, r = 2 (sampling slack).
+  assert err_best >= 0.866 * 0.98 and err_best <= 0.9 * 1.02
+
+
+def test_mixed_batches_equal_per_user_calls():
+  reps = _reps(24)
+  users = ["alice", "bob", "carol"] * 8
+  mixed_api = DefendedEncoder(None, _cfg(), D)
+  mixed = _q(mixed_api, users, reps)
+  single_api = DefendedEncoder(None, _cfg(), D)
+  for u in ("carol", "alice", "bob"):
+    rows = [i for i, v in enumerate(users) if v == u]
+    np.testing.assert_array_equal(_q(single_api, u, reps[rows]), mixed[rows])
+  assert hardened.provider_stats(mixed_api) == hardened.provider_stats(single_api)
+
+
+def test_save_restore_unchanged(tmp_path):
+  api = DefendedEncoder(None, _cfg(transform="diag_affine"), D)
+  reps, more = _reps(40), _reps(16, seed=3)
+  api.query_representations("alice", reps)
+  api.query_representations("bob", reps[:10])
+  api.save(str(tmp_path))
+  restored = DefendedEncoder.restore(str(tmp_path), None)
+  assert hardened.provider_stats(restored) == hardened.provider_stats(api)
+  for u in ("alice", "bob"):
+    np.testing.assert_array_equal(_q(restored, u, more), _q(api, u, more))
+    np.testing.assert_array_equal(_q(restored, u, reps[:5]), _q(api, u, reps[:5]))
+  assert hardened.provider_stats(restored) == hardened.provider_stats(api)
+
+
+def test_provider_stats_count_repeats_and_bucket_overlap():
+  api = DefendedEncoder(None, _cfg(), D)
+  reps = _reps(30)
+  for _ in range(3):
+    api.query_representations("thief", reps[:10])
+  api.query_representations("sybil", reps[:10])
+  api.query_representations("other", _reps(10, seed=9) * -1.0)
+  stats = hardened.provider_stats(api)
+  assert stats["thief"]["repeats"] == 20 and stats["thief"]["repeat_share"] == pytest.approx(2 / 3)
+  assert stats["sybil"]["repeats"] == 0
+  assert stats["sybil"]["bucket_overlap"] == 1.0  # every bucket of the sybil is also the thief's
+  occ = np.asarray(api.state.occupancy)[:3]
+  # independent reference: per account, shared set bits / own set bits, bit by bit
+  bits = np.unpackbits(occ.view(np.uint8), axis=-1).reshape(3, -1).astype(bool)
+  for i, name in enumerate(api.users):
+    others = np.any(np.delete(bits, i, 0), 0)
+    assert stats[name]["bucket_overlap"] == pytest.approx((bits[i] & others).sum() / bits[i].sum())
+  # the paper's keying tracks no repeats
+  paper = DefendedEncoder(None, defense_config("simsiam", num_projections=4, num_hyperplanes=6), D)
+  paper.query_representations("thief", reps)
+  assert "repeats" not in hardened.provider_stats(paper)["thief"]
+
+
+def test_paper_b4b_is_the_default_and_matches_the_per_query_formula():
+  cfg = defense_config("simsiam", num_projections=4, num_hyperplanes=6, beta=5.0)
+  assert {k: cfg[k] for k in HARDENING_DEFAULTS} == HARDENING_DEFAULTS
+  assert cfg.noise_keying == "per_query"
+  # a config written before the hardening fields existed gives bit-identical answers
+  old = ml_collections.ConfigDict({k: v for k, v in cfg.to_dict().items() if k not in HARDENING_DEFAULTS})
+  reps = _reps(12)
+  a, b = DefendedEncoder(None, cfg, D), DefendedEncoder(None, old, D)
+  for _ in range(2):
+    np.testing.assert_array_equal(_q(a, "u", reps), _q(b, "u", reps))
+  assert a.state.fine_occupancy is None
+  # the per-query formula, computed here from the key derivation (docs/defense.md), not from step.py
+  api = DefendedEncoder(None, cfg, D)
+  api.query_representations("u", reps)  # batch 0
+  result = api.query_representations("u", reps)  # batch 1
+  out, sigma = np.asarray(result.reps), np.asarray(result.sigma)
+  base = keys_lib.user_key(keys_lib.stream_key(0, "noise"), keys_lib.uid_from_name("u"))
+  for r in (0, 5):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(base, 1), r), 0)
+    z = np.asarray(jax.random.normal(key, (D,), np.float32))
+    np.testing.assert_allclose(out[r], reps[r] + sigma[r] * z, rtol=1e-6, atol=1e-6)
+  # ...whose repeats average away (what the hardening is for)
+  z0 = (_q(api, "u", reps) - reps) / sigma[:, None]
+  z1 = (_q(api, "u", reps) - reps) / sigma[:, None]
+  assert abs(np.corrcoef(z0.ravel(), z1.ravel())[0, 1]) < 0.2
+
+
+@pytest.mark.parametrize("field,value", [("noise_keying", "per_user"), ("fine_code_bits", 0),
+                                         ("fine_code_bits", 25), ("fine_codes", 0),
+                                         ("sigma_level_ratio", 1.0), ("sigma_level_ratio", True)])
+def test_bad_hardening_fields_raise_naming_the_field(field, value):
+  with pytest.raises(ValueError, match=field):
+    defense_config("simsiam", **{field: value})
