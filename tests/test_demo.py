@@ -44,7 +44,10 @@ def test_demo_writes_report_table_plots_and_finite_results(demo_run):
   assert "| LEGIT | B4B | all | task |" in report and "| SYBIL | B4B | 2x128 | photos |" in report
   stored = json.load(open(os.path.join(workdir, "results.json")))["results"]
   assert all(math.isfinite(x) for x in _numbers(stored))
-  for row in (stored["legit"]["none"], stored["legit"]["b4b"], *stored["probes"].values()):
+  probe_rows = [v for k, v in stored["probes"].items() if k != "fidelity_gain_samples"]
+  assert len(probe_rows) == 4 and set(stored["probes"]["fidelity_gain_samples"]) == {
+      "random_init", "attack_b4b", "attack_sybil"}
+  for row in (stored["legit"]["none"], stored["legit"]["b4b"], *probe_rows):
     assert 0.0 <= row["test_top1_mean"] <= 100.0
     assert row.get("fidelity_r2", 0.0) <= 1.0
   for name in ("attack_undefended", "attack_b4b", "attack_sybil"):
