@@ -1,4 +1,4 @@
-"""The SimSiam victim's loss (b4b_jax/victim/simsiam.py) against a PyTorch reference written from the
+"""The SimSiam victim's loss (b4b_jax/demo/victim.py) against a PyTorch reference written from the
 SimSiam paper's Algorithm 1: D(p, z) = -cos(p, z.detach()), L = D(p1, z2) / 2 + D(p2, z1) / 2.
 
 Value and gradients are compared through a small two-layer network (z = encoder(x), p = predictor(z)),
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from b4b_jax.victim import simsiam
+from b4b_jax.demo import victim as simsiam
 
 
 def _torch_loss(w_enc, w_pred, x1, x2):

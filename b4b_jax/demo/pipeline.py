@@ -9,13 +9,14 @@ from b4b_jax import data as data_lib
 from b4b_jax import defense as defense_lib
 from b4b_jax import models as models_lib
 from b4b_jax.attacks import augment
+from b4b_jax.demo import claims as claims_lib
+from b4b_jax.demo import victim as victim_lib
 from b4b_jax.evaluation import embeddings
 from b4b_jax.evaluation import least_squares
 from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import linear_probe
 from b4b_jax.evaluation import remap as remap_lib
 from b4b_jax.utils import progress as progress_lib
-from b4b_jax.victim import train_simsiam_victim
 from configs import steal_simsiam
 
 VICTIM_DIR = "victim_encoder"
@@ -34,8 +35,7 @@ def load_data(config) -> Dict[str, np.ndarray]:
                                                 seed=int(config.seed))
   # Held-out natural-photo crops: where a copy's fidelity to the victim matters most (the thief's domain).
   out["photos_test"], _ = data_lib.load_arrays("sklearn_photos", "test", image_size=s,
-                                               limit=int(config.attack.num_eval_images) * 2,
-                                               seed=int(config.seed))
+                                               limit=int(config.fidelity_photos), seed=int(config.seed))
   return out
 
 
@@ -63,15 +63,19 @@ def train_victim(config, data, workdir: str, writer) -> dict:
 
   total = int(vc.epochs) * (len(images) // int(vc.batch_size))
   progress = progress_lib.Progress("demo/victim", total, every_seconds=float(config.progress_every_seconds))
-  backbone, losses = train_simsiam_victim(images, vc, augment_fn=augment_fn,
+  backbone, losses = victim_lib.train_simsiam_victim(images, vc, augment_fn=augment_fn,
                                           normalize_fn=lambda x: (x - mean) / std,
                                           progress=progress, metrics_writer=writer, stage="victim")
   manifest = {"preprocessing": pre,
               "source": {"kind": "SimSiam victim trained by the demo", "data": "digits train + "
                          f"{len(data['photos_train'])} sklearn photo crops", "epochs": int(vc.epochs)}}
   models_lib.save_encoder(os.path.join(workdir, VICTIM_DIR), backbone, manifest, overwrite=True)
+  # Collapse check on the held-out photo crops, through the saved encoder as every later stage sees it.
+  stats = victim_lib.collapse_stats(embed(models_lib.load_encoder(os.path.join(workdir, VICTIM_DIR)),
+                                          data["photos_test"]))
+  victim_lib.check_not_collapsed(stats, float(vc.min_normalized_std))
   return {"epoch_losses": losses, "num_images": int(len(images)), "rep_dim": int(backbone.rep_dim),
-          "architecture": vc.backbone}
+          "architecture": vc.backbone, "collapse": stats}
 
 
 # ------------------------------------------------------------------------------------------ calibration
@@ -122,20 +126,31 @@ def defended_config(config, calib: dict):
 
 # ------------------------------------------------------------------------------------------ legit users
 def legit_users(config, victim, data, defense_cfg) -> dict:
-  """The digits user through the undefended victim and through B4B (images sent to the API)."""
+  """The digits user through the undefended victim and through B4B (images sent to the API), and
+  paired bootstrap samples of its top-1 drop (test images and probe seeds resampled)."""
   norm = normalizer(victim)
   probe_cfg = config.probe
   clean_train, clean_test = embed(victim, data["digits_train"]), embed(victim, data["digits_test"])
   y_train, y_test = data["digits_train_y"], data["digits_test_y"]
   none = legit_lib.legit_user(clean_train, y_train, clean_test, y_test, defense_config=None,
-                              probe_cfg=probe_cfg)
+                              probe_cfg=probe_cfg, return_responses=True)
   b4b = legit_lib.legit_user(
       norm(data["digits_train"]), y_train, norm(data["digits_test"]), y_test,
       defense_config=defense_cfg, probe_cfg=probe_cfg, through_images=True,
       encoder_fn=victim, rep_dim=victim.rep_dim,
-      query_batch_size=int(config.query_batch_size), user="legit-digits")
+      query_batch_size=int(config.query_batch_size), user="legit-digits", return_responses=True)
+  # Per seed and test image: right or wrong (the probe is deterministic, so refitting it on the same
+  # responses gives the classifiers behind the numbers above).
+  correct = []
+  for user in (none, b4b):
+    received_train, received_test = user["responses"]
+    fitted = linear_probe.run_probe(received_train, y_train, received_test, y_test, probe_cfg)
+    correct.append(np.stack([c.predict(received_test) == y_test for c in fitted.classifiers]))
+  drop = claims_lib.accuracy_drop_samples(*correct, num_samples=int(config.claims.bootstrap_samples),
+                                          seed=int(config.seed))
   return {"none": _strip(none), "b4b": _strip(b4b),
-          "scale": legit_lib.representation_scale(clean_train)}
+          "scale": legit_lib.representation_scale(clean_train),
+          "drop_samples": [float(v) for v in drop]}
 
 
 def _strip(result: dict) -> dict:
@@ -186,16 +201,22 @@ def attack_summary(results: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ probes
-def fidelity(stolen_train, victim_train, stolen_test, victim_test, ridge: float = 1e-3) -> float:
-  """R^2 of the victim's representations predicted linearly from the copy's (fit on train, scored on
-  test): the fraction of the victim's representation variance the stolen copy reproduces."""
+def fidelity_residuals(stolen_train, victim_train, stolen_test, victim_test,
+                       ridge: float = 1e-3) -> np.ndarray:
+  """Per test row, the squared error of the victim's representation predicted linearly (ridge, fit on
+  train) from the copy's."""
   xm, xs = stolen_train.mean(0), stolen_train.std(0) + 1e-8
   (_, w, b), = least_squares.fit((stolen_train - xm) / xs, victim_train, [ridge * len(stolen_train)],
                                  relative=False)
   pred = ((stolen_test - xm) / xs) @ w + b
-  resid = np.sum((victim_test - pred) ** 2)
-  total = np.sum((victim_test - victim_test.mean(0)) ** 2)
-  return float(1.0 - resid / total)
+  return np.sum((victim_test - pred) ** 2, axis=1)
+
+
+def fidelity(stolen_train, victim_train, stolen_test, victim_test, ridge: float = 1e-3) -> float:
+  """R^2 of the victim's representations predicted linearly from the copy's (fit on train, scored on
+  test): the fraction of the victim's representation variance the stolen copy reproduces."""
+  return claims_lib.r2_from_terms(
+      fidelity_residuals(stolen_train, victim_train, stolen_test, victim_test, ridge), victim_test)
 
 
 def victim_references(victim, data) -> dict:
@@ -204,16 +225,35 @@ def victim_references(victim, data) -> dict:
 
 def probe_encoder(encoder, data, probe_cfg, victim_reps) -> dict:
   """Digits probe of a copy, and its fidelity to the victim on digits and on held-out photo crops
-  (photos: fit on the first half, scored on the second)."""
+  (photos: fit on the first half, scored on the second; the per-row residuals are kept for the
+  claims' paired bootstrap)."""
   tr, te = embed(encoder, data["digits_train"]), embed(encoder, data["digits_test"])
   probe = linear_probe.run_probe(tr, data["digits_train_y"], te, data["digits_test_y"], probe_cfg)
   photos = embed(encoder, data["photos_test"])
   half = len(photos) // 2
   v_photos = victim_reps["photos_test"]
+  resid = fidelity_residuals(photos[:half], v_photos[:half], photos[half:], v_photos[half:])
   return {"test_top1_mean": probe.test_top1_mean, "test_top1_std": probe.test_top1_std,
           "fidelity_r2": fidelity(tr, victim_reps["digits_train"], te, victim_reps["digits_test"]),
-          "fidelity_r2_photos": fidelity(photos[:half], v_photos[:half], photos[half:],
-                                         v_photos[half:])}
+          "fidelity_r2_photos": claims_lib.r2_from_terms(resid, v_photos[half:]),
+          "_photo_residuals": resid}
+
+
+def probes(config, victim, data, attack_dirs: Dict[str, str], workdir: str) -> dict:
+  """Every copy (and a random network) probed; paired bootstrap samples of the photo-fidelity gain of
+  the undefended copy over each other one (the same resampled held-out crops for every copy)."""
+  victim_reps = victim_references(victim, data)
+  out = {name: probe_encoder(models_lib.load_encoder(os.path.join(d, "stolen_encoder")), data,
+                             config.probe, victim_reps) for name, d in attack_dirs.items()}
+  out["random_init"] = random_baseline(config, data, config.probe, victim_reps, workdir)
+  resid = {name: entry.pop("_photo_residuals") for name, entry in out.items()}
+  scored = victim_reps["photos_test"][len(victim_reps["photos_test"]) // 2:]
+  out["fidelity_gain_samples"] = {
+      other: [float(v) for v in claims_lib.fidelity_gain_samples(
+          resid["attack_undefended"], resid[other], scored,
+          num_samples=int(config.claims.bootstrap_samples), seed=int(config.seed))]
+      for other in ("random_init", "attack_b4b", "attack_sybil")}
+  return out
 
 
 def random_baseline(config, data, probe_cfg, victim_reps, workdir: str) -> dict:

@@ -3,6 +3,7 @@ calibration, and the coverage / sigma / remapping plots."""
 import os
 from typing import Dict, List
 
+from b4b_jax.demo import claims as claims_lib
 from b4b_jax.evaluation import report as report_lib
 
 ATTACKS = (("attack_undefended", "ATTACK", "NONE"), ("attack_b4b", "ATTACK", "B4B"),
@@ -25,37 +26,64 @@ def summary_rows(results: Dict, config) -> List[dict]:
   return rows
 
 
-def claims(results: Dict) -> List[tuple]:
-  """(claim, holds?, evidence) for the paper's headline claims at this scale."""
+def claims(results: Dict, config) -> List[dict]:
+  """The paper's headline claims at this scale, each decided by b4b_jax.demo.claims.decide on an
+  interval (95 % paired bootstrap) with the margin config.claims states: a list of {claim, verdict,
+  holds, estimate, interval, margin, evidence}."""
+  cc = config.claims
   legit, probes = results["legit"], results["probes"]
-  drop = legit["none"]["test_top1_mean"] - legit["b4b"]["test_top1_mean"]
   und, b4b, syb = (probes[n] for n, _, _ in ATTACKS)
   rnd = probes["random_init"]
-  out = [("Undefended stealing yields a better copy of the victim than a random network",
-          und["fidelity_r2_photos"] > rnd["fidelity_r2_photos"] and und["fidelity_r2"] > rnd["fidelity_r2"],
-          f"fidelity R^2 on photos {rnd['fidelity_r2_photos']:.3f} (random) -> "
-          f"{und['fidelity_r2_photos']:.3f} (stolen), on digits {rnd['fidelity_r2']:.3f} -> "
-          f"{und['fidelity_r2']:.3f}"),
-         ("Legitimate users lose < 1 point of accuracy under B4B", drop < 1.0,
-          f"digits top-1 {legit['none']['test_top1_mean']:.2f} -> {legit['b4b']['test_top1_mean']:.2f} "
-          f"(drop {drop:.2f})"),
-         ("A B4B-defended single-account copy is worse than an undefended copy",
-          b4b["fidelity_r2_photos"] < und["fidelity_r2_photos"]
-          and b4b["test_top1_mean"] <= und["test_top1_mean"],
-          f"fidelity R^2 on photos {und['fidelity_r2_photos']:.3f} -> {b4b['fidelity_r2_photos']:.3f}; "
-          f"digits top-1 {und['test_top1_mean']:.2f} -> {b4b['test_top1_mean']:.2f}"),
-         ("Sybil accounts do not recover the undefended copy's quality",
-          syb["fidelity_r2_photos"] < und["fidelity_r2_photos"],
-          f"fidelity R^2 on photos: undefended {und['fidelity_r2_photos']:.3f}, sybils "
-          f"{syb['fidelity_r2_photos']:.3f}"),
-         ("Legit users cover fewer buckets than thieves with a similar number of queries",
-          legit["b4b"]["account"]["coverage"] < min(
-              a["coverage"] for a in results["attack_b4b"]["accounts"]),
-          f"legit {legit['b4b']['account']['coverage']:.2f}% after "
-          f"{legit['b4b']['account']['num_queries']} queries; thief "
-          f"{results['attack_b4b']['accounts'][0]['coverage']:.2f}% after "
-          f"{results['attack_b4b']['accounts'][0]['charged_queries']} queries")]
+  conf = float(cc.confidence)
+  out = []
+
+  def add(claim, estimate, samples, threshold, side, margin, evidence):
+    lo, hi = claims_lib.percentile_interval(samples, conf) if samples is not None else (estimate,
+                                                                                       estimate)
+    verdict = claims_lib.decide(lo, hi, threshold, side, margin)
+    out.append({"claim": claim, "verdict": verdict, "holds": verdict == claims_lib.HOLDS,
+                "estimate": float(estimate), "interval": [float(lo), float(hi)],
+                "threshold": float(threshold), "side": side, "margin": float(margin),
+                "evidence": f"{evidence}; {_interval_text(estimate, lo, hi, conf, samples is None)}, "
+                            f"needs {'>' if side == 'above' else '<'} {threshold:g} by {margin:g}"})
+
+  gains = probes["fidelity_gain_samples"]
+  add("Undefended stealing yields a better copy of the victim than a random network",
+      und["fidelity_r2_photos"] - rnd["fidelity_r2_photos"], gains["random_init"], 0.0, "above",
+      cc.fidelity_margin, f"fidelity R^2 on photos {rnd['fidelity_r2_photos']:.3f} (random) -> "
+      f"{und['fidelity_r2_photos']:.3f} (stolen); gain")
+  drop = legit["none"]["test_top1_mean"] - legit["b4b"]["test_top1_mean"]
+  add("Legitimate users lose < 1 point of accuracy under B4B", drop, legit["drop_samples"], 1.0,
+      "below", cc.accuracy_margin, f"digits top-1 {legit['none']['test_top1_mean']:.2f} -> "
+      f"{legit['b4b']['test_top1_mean']:.2f}; drop")
+  add("A B4B-defended single-account copy is worse than an undefended copy",
+      und["fidelity_r2_photos"] - b4b["fidelity_r2_photos"], gains["attack_b4b"], 0.0, "above",
+      cc.fidelity_margin, f"fidelity R^2 on photos {und['fidelity_r2_photos']:.3f} (undefended) -> "
+      f"{b4b['fidelity_r2_photos']:.3f} (B4B); loss")
+  add("Sybil accounts do not recover the undefended copy's quality",
+      und["fidelity_r2_photos"] - syb["fidelity_r2_photos"], gains["attack_sybil"], 0.0, "above",
+      cc.fidelity_margin, f"fidelity R^2 on photos: undefended {und['fidelity_r2_photos']:.3f}, "
+      f"sybils {syb['fidelity_r2_photos']:.3f}; shortfall")
+  account = legit["b4b"]["account"]
+  thief = _coverage_at(results["attack_b4b"]["query_log"], account["num_queries"])
+  add("Legit users cover fewer buckets than thieves with a similar number of queries",
+      thief["coverage"] - account["coverage"], None, 0.0, "above", cc.coverage_margin,
+      f"legit {account['coverage']:.2f}% after {account['num_queries']} queries; thief "
+      f"{thief['coverage']:.2f}% after {thief['num_queries']} queries; gap (points)")
   return out
+
+
+def _coverage_at(query_log: List[dict], num_queries: int) -> dict:
+  """The first account's log entry at the largest charged-query count <= num_queries (else its first)."""
+  log = sorted((e for e in query_log if e["account"] == 1), key=lambda e: e["num_queries"])
+  before = [e for e in log if e["num_queries"] <= num_queries]
+  return before[-1] if before else log[0]
+
+
+def _interval_text(estimate, lo, hi, confidence, exact: bool) -> str:
+  if exact:
+    return f"{estimate:.3g} (deterministic given the victim: no interval)"
+  return f"{estimate:.3g} [{lo:.3g}, {hi:.3g}] ({100 * confidence:g} % paired bootstrap)"
 
 
 def _trace_series(results: Dict):
@@ -140,7 +168,8 @@ def sections(results: Dict, config, table_md: str) -> List[tuple]:
                    f"{b['sigma']:.4g}", "—"])
   out.append(("Accounts at the end", report_lib.markdown_table(
       ["run", "account", "charged queries", "coverage %", "sigma", "mapper val MSE"], acc_rows)))
-  claim_rows = [[c, "holds" if ok else "**does not hold**", ev] for c, ok, ev in claims(results)]
+  claim_rows = [[c["claim"], c["verdict"] if c["holds"] else f"**{c['verdict']}**", c["evidence"]]
+                for c in results["claims"]]
   out.append(("The paper's claims at this scale", report_lib.markdown_table(
       ["claim", "here", "evidence"], claim_rows)))
   out.append(("Calibration", (
@@ -158,6 +187,15 @@ def sections(results: Dict, config, table_md: str) -> List[tuple]:
       f"mean representation of those photo crops (`hash_center`): this victim's post-ReLU features lie in "
       f"one orthant, where hyperplanes through the origin leave narrow and diverse query sets with "
       f"almost the same coverage. Per-user transform: {config.defense.transform}.")))
+  vic = results["victim"]
+  col = vic.get("collapse", {})
+  out.append(("Victim", (
+      f"SimSiam {vic['architecture']} on {vic['num_images']} images, loss by epoch "
+      + ", ".join(f"{v:.3f}" for v in vic["epoch_losses"]) + " (min -1). Not collapsed: the std of its "
+      f"l2-normalised representations per dimension is {col.get('normalized_std', float('nan')):.3f} "
+      f"x 1/sqrt(D) (0 = collapsed, about 1 = spread over the sphere), effective rank "
+      f"{col.get('effective_rank', float('nan')):.1f} of {vic['rep_dim']}, the top direction carries "
+      f"{100 * col.get('top_direction_share', float('nan')):.1f} % of the variance.")))
   rm = results["remap"]["cells"]
   remap_rows = [[c["transform"], c["noise"], f"{c['reference_top1']:.2f}"]
                 + [f"{p['cos_dist']:.4f} / {p['top1_drop']:.2f}" for p in c["points"] if p["n"] > 0]

@@ -51,15 +51,7 @@ def run(config, workdir: str) -> dict:
     stages.run(name, steal)
 
   # ------------------------------------------------------------------ evaluation
-  def probes():
-    victim_reps = pipeline.victim_references(victim, data)
-    out = {name: pipeline.probe_encoder(models_lib.load_encoder(os.path.join(d, "stolen_encoder")),
-                                        data, config.probe, victim_reps)
-           for name, d in attack_dirs.items()}
-    out["random_init"] = pipeline.random_baseline(config, data, config.probe, victim_reps, workdir)
-    return out
-
-  stages.run("probes", probes)
+  stages.run("probes", lambda: pipeline.probes(config, victim, data, attack_dirs, workdir))
   stages.run("remap", lambda: pipeline.remapping(config, victim, data, defense_cfg))
 
   # ------------------------------------------------------------------ report (always rewritten)
@@ -68,8 +60,7 @@ def run(config, workdir: str) -> dict:
   table = report_lib.table1(demo_report.summary_rows(results, config), paper_table=None,
                             datasets=["digits"])
   results["table1"] = {"headers": table["headers"], "rows": table["rows"]}
-  results["claims"] = [{"claim": c, "holds": bool(ok), "evidence": ev}
-                       for c, ok, ev in demo_report.claims(results)]
+  results["claims"] = demo_report.claims(results, config)
   plots = demo_report.plots(results, workdir)
   report_lib.write_experiment(workdir, "B4B end-to-end demo", results, config=config,
                               sections=demo_report.sections(results, config, table["markdown"]),
@@ -80,7 +71,7 @@ def run(config, workdir: str) -> dict:
   writer.close()
   print("\n" + table["markdown"] + "\n")
   for c in results["claims"]:
-    print(f"- {c['claim']}: {'holds' if c['holds'] else 'DOES NOT HOLD'} ({c['evidence']})")
+    print(f"- {c['claim']}: {c['verdict'] if c['holds'] else c['verdict'].upper()} ({c['evidence']})")
   print(f"\nreport: {os.path.join(workdir, 'report.md')}")
   logging.info("demo finished: %s", os.path.join(workdir, "report.md"))
   return results

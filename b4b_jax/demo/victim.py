@@ -1,8 +1,11 @@
-"""SimSiam (Chen & He, 2021): a ResNet backbone, a projector and a predictor trained so that the
-prediction from one augmented view matches the (stop-gradient) projection of the other.
+"""The demo's victim: SimSiam (Chen & He, 2021) trained from scratch on bundled data, so the whole B4B
+pipeline runs offline. (The paper's victims are pretrained checkpoints converted with weight_conversion.)
 
-The backbone is the same `create_resnet` module every other part uses; only the backbone is kept as the
-victim encoder (its pooled features are the API's representations, as for the released SimSiam).
+A ResNet backbone, a projector and a predictor are trained so that the prediction from one augmented view
+matches the (stop-gradient) projection of the other. The backbone is the same `create_resnet` module
+every other part uses; only the backbone is kept as the victim encoder (its pooled features are the API's
+representations, as for the released SimSiam), saved with `b4b_jax.models.save_encoder` so every later
+stage loads it exactly as it would a converted checkpoint.
 """
 import math
 from typing import Callable
@@ -73,8 +76,8 @@ def train_simsiam_victim(images: np.ndarray, config: ml_collections.ConfigDict, 
                          progress=None, metrics_writer=None, stage: str = "victim"):
   """Trains SimSiam on uint8 NHWC `images`; returns (backbone nnx.Module, list of per-epoch losses).
 
-  config: backbone, small_input, proj_dim, pred_dim, epochs, batch_size, base_lr (x batch/256, cosine),
-  momentum, weight_decay, seed. `augment_fn(key, images01)` makes one random view of a [B,H,W,3] batch
+  config: backbone, small_input, proj_dim, pred_dim, epochs, batch_size, base_lr (x batch/256; linear
+  warmup over warmup_epochs, then cosine to 0), momentum, weight_decay, seed. `augment_fn(key, images01)` makes one random view of a [B,H,W,3] batch
   in [0, 1]; `normalize_fn` maps [0, 1] images to the encoder's input normalisation.
   """
   if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -88,7 +91,10 @@ def train_simsiam_victim(images: np.ndarray, config: ml_collections.ConfigDict, 
   model = SimSiam(config.backbone, proj_dim=config.proj_dim, pred_dim=config.pred_dim,
                   small_input=config.small_input, rngs=nnx.Rngs(config.seed))
   graphdef, params, batch_stats = split_model(model)
-  lr = optax.cosine_decay_schedule(config.base_lr * batch / 256, total_steps)
+  peak = config.base_lr * batch / 256
+  warmup = min(steps_per_epoch * int(config.get("warmup_epochs", 0)), total_steps - 1)
+  lr = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total_steps) if warmup > 0 else \
+      optax.cosine_decay_schedule(peak, total_steps)
   tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
                    optax.sgd(lr, momentum=config.momentum))
   opt_state = tx.init(params)
@@ -135,3 +141,37 @@ def train_simsiam_victim(images: np.ndarray, config: ml_collections.ConfigDict, 
     epoch_losses.append(float(np.mean(losses)))
   trained = nnx.merge(graphdef, params, batch_stats)
   return trained.backbone, epoch_losses
+
+
+# ------------------------------------------------------------------------------------------ collapse
+class VictimCollapsedError(RuntimeError):
+  """The trained victim maps different images to (nearly) the same direction: SimSiam collapsed."""
+
+
+def collapse_stats(representations: np.ndarray) -> dict:
+  """How far from collapse a set of representations [N, D] is.
+
+  normalized_std: the mean over dimensions of the std of the l2-normalised representations, times
+  sqrt(D) (SimSiam paper, Fig. 2): 0 for a collapsed encoder (every image the same direction), about 1
+  when the directions spread over the sphere. effective_rank: exp(entropy) of the centred
+  representations' singular-value spectrum (1 = one direction carries all the variance, D = isotropic).
+  """
+  x = np.asarray(representations, np.float64)
+  if x.ndim != 2 or len(x) < 2:
+    raise ValueError(f"need [N >= 2, D] representations, got shape {x.shape}")
+  z = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  s = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2
+  p = s / s.sum() if s.sum() > 0 else np.ones_like(s) / len(s)
+  return {"normalized_std": float(z.std(0).mean() * np.sqrt(x.shape[1])),
+          "effective_rank": float(np.exp(-np.sum(p * np.log(np.maximum(p, 1e-30))))),
+          "top_direction_share": float(p.max())}
+
+
+def check_not_collapsed(stats: dict, min_normalized_std: float) -> None:
+  """Raises VictimCollapsedError, naming the numbers, if collapse_stats' normalized_std is too low."""
+  if not stats["normalized_std"] >= min_normalized_std:
+    raise VictimCollapsedError(
+        f"the SimSiam victim collapsed: the std of its l2-normalised representations per dimension is "
+        f"{stats['normalized_std']:.3f} x 1/sqrt(D) (< {min_normalized_std}; about 1 when healthy), "
+        f"effective rank {stats['effective_rank']:.1f}. Every later number would measure a constant "
+        "encoder. Lower victim.base_lr, raise victim.warmup_epochs or change victim.seed.")
