@@ -93,3 +93,72 @@ def test_accuracy_drop_samples_cover_the_drop_and_resample_seeds():
   assert spread.min() == 0.0 and spread.max() > 2.0
   with pytest.raises(ValueError, match="seeds, images"):
     claims.accuracy_drop_samples(a[0], b[0])
+
+
+# ------------------------------------------------------------------ report.claims on made-up results
+# The wiring from results to verdicts: which statistic, which side, which margin. Each case moves one
+# number so that exactly one claim changes its verdict; a reversed comparison or a swapped operand in
+# report.claims breaks at least one case.
+def _results(und=0.8, rnd=0.6, b4b=0.6, syb=0.65, none_top1=90.0, b4b_top1=89.8, legit_cov=10.0,
+             thief_cov=50.0):
+  def gains(centre):  # a tight bootstrap cloud around the gain
+    return list(centre + np.linspace(-0.01, 0.01, 50))
+  probes = {"attack_undefended": {"fidelity_r2_photos": und}, "attack_b4b": {"fidelity_r2_photos": b4b},
+            "attack_sybil": {"fidelity_r2_photos": syb}, "random_init": {"fidelity_r2_photos": rnd},
+            "fidelity_gain_samples": {"random_init": gains(und - rnd), "attack_b4b": gains(und - b4b),
+                                      "attack_sybil": gains(und - syb)}}
+  drop = none_top1 - b4b_top1
+  legit = {"none": {"test_top1_mean": none_top1},
+           "b4b": {"test_top1_mean": b4b_top1, "account": {"coverage": legit_cov, "num_queries": 1000}},
+           "drop_samples": list(drop + np.linspace(-0.05, 0.05, 50))}
+  log = [{"account": 1, "num_queries": 500, "coverage": thief_cov / 2},
+         {"account": 1, "num_queries": 1000, "coverage": thief_cov},
+         {"account": 1, "num_queries": 2000, "coverage": 99.0},
+         {"account": 2, "num_queries": 1000, "coverage": 0.0}]
+  return {"legit": legit, "probes": probes, "attack_b4b": {"query_log": log}}
+
+
+def _verdicts(**changes):
+  import configs.demo as demo_config
+  from b4b_jax.demo import report
+  return [c["verdict"] for c in report.claims(_results(**changes), demo_config.get_config())]
+
+
+_ALL_HOLD = [claims.HOLDS] * 5
+
+
+@pytest.mark.parametrize("changes,index,expected", [
+    ({}, None, None),
+    ({"und": 0.61, "b4b": 0.5, "syb": 0.5}, 0, claims.UNDECIDED),         # stolen barely above random
+    ({"rnd": 0.9, "b4b": 0.5, "syb": 0.5}, 0, claims.DOES_NOT_HOLD),      # stolen below random
+    ({"b4b_top1": 88.5}, 1, claims.DOES_NOT_HOLD),                        # drop 1.5
+    ({"b4b_top1": 89.1}, 1, claims.UNDECIDED),                            # drop 0.9: inside the margin
+    ({"b4b_top1": 90.5}, 1, claims.HOLDS),                                # a gain is no loss
+    ({"b4b": 0.85}, 2, claims.DOES_NOT_HOLD),                             # B4B copy better
+    ({"syb": 0.9}, 3, claims.DOES_NOT_HOLD),                              # sybils beat undefended
+    ({"legit_cov": 60.0}, 4, claims.DOES_NOT_HOLD),                       # legit covers more
+    ({"thief_cov": 12.0}, 4, claims.UNDECIDED),                           # 2 points: inside 5
+])
+def test_report_claims_wiring(changes, index, expected):
+  verdicts = _verdicts(**changes)
+  want = list(_ALL_HOLD)
+  if index is not None:
+    want[index] = expected
+  assert verdicts == want
+
+
+def test_report_claims_compares_coverage_at_the_legit_users_query_count():
+  # The thief's coverage is read at <= the legit user's 1000 queries (50 %), not at its last entry (99 %).
+  from b4b_jax.demo import report
+  import configs.demo as demo_config
+  out = report.claims(_results(legit_cov=60.0), demo_config.get_config())
+  assert out[4]["verdict"] == claims.DOES_NOT_HOLD and out[4]["estimate"] == pytest.approx(-10.0)
+
+
+def test_report_claims_estimates_are_the_stated_differences():
+  from b4b_jax.demo import report
+  import configs.demo as demo_config
+  out = report.claims(_results(), demo_config.get_config())
+  assert [c["estimate"] for c in out] == pytest.approx([0.8 - 0.6, 90.0 - 89.8, 0.8 - 0.6, 0.8 - 0.65,
+                                                         50.0 - 10.0])
+  assert [c["side"] for c in out] == ["above", "below", "above", "above", "above"]
