@@ -2,6 +2,7 @@
 (as b4b_jax.main parses it), every `:tiny` variant passes its job's validation, and a refused value
 leaves the workdir unclaimed."""
 import importlib
+import os
 
 import pytest
 from absl import flags
@@ -10,7 +11,10 @@ from ml_collections import config_flags
 from b4b_jax.main import run_job
 
 DEFENDED = ("steal_simsiam", "steal_dino", "legit", "remap", "coverage")
-TINY = DEFENDED + ("probe", "embeddings", "demo", "defense_benchmark")
+# Every experiment config in configs/ (not the shared code), so a new or removed config is covered.
+_CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+TINY = tuple(sorted(f[:-3] for f in os.listdir(_CONFIGS_DIR)
+                    if f.endswith(".py") and f not in ("__init__.py", "common.py")))
 
 
 def _parse(argv):
