@@ -161,7 +161,6 @@ def set_up(config, workdir: str) -> SetUp:
   seed = int(config.seed)
   victim = load_victim(config, workdir)
   pre = victim.manifest["preprocessing"]
-  mean, std = data_lib.normalization(pre)
   input_size = int(pre["input_size"])
 
   pool = _load_split(config.data, seed)
@@ -172,7 +171,7 @@ def set_up(config, workdir: str) -> SetUp:
   if len(plan.train_indices) < config.train.batch_size:
     raise ValueError(f"{len(plan.train_indices)} training images are fewer than one batch "
                      f"({config.train.batch_size})")
-  views = Views(pool, config, mean, std, input_size)
+  views = Views(pool, config, input_size)
   if not ac.requery_each_epoch:
     views.cache(plan.train_indices)
 
@@ -205,10 +204,10 @@ def load_victim(config, workdir: str) -> models_lib.Encoder:
 
 
 def new_api(victim: models_lib.Encoder, config) -> defense_lib.DefendedEncoder:
-  # The Encoder itself (with .apply_fn/.params): the API fuses its forward with the defense in one
-  # jitted call, weights passed as arguments.
-  return defense_lib.DefendedEncoder(victim, config.defense, victim.rep_dim,
-                                     capacity=max(8, int(config.attack.num_accounts)))
+  # The one way to serve an encoder: uint8 views in, the manifest's normalisation and the forward fused
+  # with the defense in one jitted call, weights passed as arguments.
+  return defense_lib.DefendedEncoder.from_encoder(victim, config.defense,
+                                                  capacity=max(8, int(config.attack.num_accounts)))
 
 
 def _load_split(cfg, seed: int) -> np.ndarray:
@@ -233,16 +232,16 @@ def _transform(spec, size: int):
 
 
 class Views:
-  """Images the attacker sends: uint8 views of pool images, normalised as the victim expects.
+  """Images the attacker sends: uint8 views of pool images (the API normalises them as the victim's
+  manifest says).
 
   Query-once: one fixed view per image (`query_transform`, epoch 0), cached for the training set.
   Re-query: a fresh view per epoch (`requery_transform`, seeds (seed, epoch, pool index)).
   """
 
-  def __init__(self, pool: np.ndarray, config, mean, std, input_size: int):
+  def __init__(self, pool: np.ndarray, config, input_size: int):
     self.pool = pool
     self.seed = int(config.seed)
-    self.mean, self.std = mean, std
     self.query_transform = _transform(config.attack.query_transform, input_size)
     self.requery_transform = _transform(config.attack.requery_transform, input_size)
     self._cache_index = None
@@ -264,11 +263,8 @@ class Views:
     return data_lib.apply_transform(self.pool[indices], self.requery_transform, seed=self.seed,
                                     ids=indices, epoch=epoch)
 
-  def normalized(self, images_uint8: np.ndarray) -> np.ndarray:
-    return data_lib.normalize(images_uint8, self.mean, self.std)
-
   def __call__(self, indices: np.ndarray, epoch: int) -> np.ndarray:
-    return self.normalized(self.uint8(indices, epoch))
+    return self.uint8(indices, epoch)
 
 
 def clean_response_space(config, rep_dim: int, victim_reps: np.ndarray) -> np.ndarray:
@@ -481,7 +477,7 @@ def _batch(config, s: SetUp, q: Queried, epoch: int, i: int):
   # Re-query: every view of every epoch is a new charged query, each row sent by its own account.
   images = s.views.uint8(train_indices[rows], epoch + 1)
   targets = q.attacker.query_rows(protocol.accounts_of_rows(s.plan)[rows], train_indices[rows],
-                                  epoch=epoch + 1, images=s.views.normalized(images))
+                                  epoch=epoch + 1, images=images)
   return images, targets
 
 
