@@ -85,6 +85,12 @@ def _config(job="embeddings", **fields):
   return ml_collections.ConfigDict(dict(job=job, seed=0, **fields))
 
 
+def _job_config():
+  """A config the embeddings job validates (run_job validates before it looks at the workdir)."""
+  from configs import embeddings  # pylint: disable=g-import-not-at-top
+  return embeddings.get_config("tiny")
+
+
 def test_workdir_that_is_a_regular_file_is_one_clear_error(tmp_path):
   blocker = tmp_path / "wd"
   blocker.write_text("x")
@@ -124,7 +130,7 @@ def test_reopening_a_finished_run_in_a_read_only_workdir(tmp_path, monkeypatch):
   """Nothing is rewritten when run_info.json already matches, so preparing a read-only workdir of the
   same run succeeds; a job run (which must write) is refused up front with one clear error."""
   wd = tmp_path / "wd"
-  config = _config()
+  config = _job_config()
   assert workdir_lib.prepare_workdir(str(wd), config, "embeddings") is False
   before = {p: (wd / p).read_bytes() for p in os.listdir(wd)}
   _deny_writes_under(monkeypatch, wd)
@@ -140,7 +146,8 @@ import ml_collections, numpy as np
 from b4b_jax.jobs import runner
 from b4b_jax.utils import checkpoint, files, metrics, workdir
 wd = sys.argv[1]
-config = ml_collections.ConfigDict(dict(job="embeddings", seed=0))
+from configs import embeddings
+config = embeddings.get_config("tiny")
 assert workdir.prepare_workdir(wd, config, "embeddings", writable=False) is True
 assert metrics.read_metrics(wd) == [{"step": 1, "stage": "s", "loss": 1.0}]
 ckpt = checkpoint.Checkpointer(wd + "/checkpoints")
@@ -168,7 +175,7 @@ def test_finished_run_in_a_really_read_only_workdir(tmp_path):
   """With real permissions: results, metrics and checkpoints of a finished run read fine from a
   read-only workdir; running the job there is refused up front with one clear error."""
   wd = tmp_path / "wd"
-  workdir_lib.prepare_workdir(str(wd), _config(), "embeddings")
+  workdir_lib.prepare_workdir(str(wd), _job_config(), "embeddings")
   writer = metrics.MetricsWriter(str(wd))
   writer.write_scalars(1, {"loss": 1.0}, stage="s")
   writer.close()
