@@ -1,5 +1,5 @@
-r"""The offline end-to-end B4B demo (README quickstart), about 7-10 minutes on 2 quiet CPU cores
-(13.9 CPU-minutes measured under load):
+r"""The offline end-to-end B4B demo (README quickstart), 8.6 minutes on 2 quiet CPU cores
+(measured from a fresh clone, 14.1 CPU-minutes):
 
   python -m b4b_jax.main --config=configs/demo.py --workdir=/tmp/b4b_demo
 
