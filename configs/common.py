@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 import ml_collections
 
 from b4b_jax.defense import defense_config
+from weight_conversion import converters
 
 # --------------------------------------------------------------------------------------------------
 # The `:arg` string of a config file
@@ -78,8 +79,8 @@ def _given(value, default):
 # The stealing job (configs/steal_simsiam.py, configs/steal_dino.py)
 # --------------------------------------------------------------------------------------------------
 # Where the paper-scale runs read their inputs; override with --config.victim.encoder_dir=... etc.
-DEFAULT_ENCODERS = {"simsiam": "encoders/simsiam_resnet50_100ep_256bs",
-                    "dino": "encoders/dino_vits16"}
+# The victims are where the README's convert commands write them (the converter's default outputs).
+DEFAULT_ENCODERS = dict(converters.DEFAULT_OUTPUTS)
 DEFAULT_IMAGENET = "folder:data/imagenet"
 
 STEAL_ARGS = """Arguments (the `:arg` string of configs/steal_{simsiam,dino}.py):

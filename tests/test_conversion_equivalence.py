@@ -5,7 +5,6 @@ SimSiam's checkpoint_0099.pth.tar. DINO: timm vit_small_patch16_224 (DINO's ViT-
 names) saved like dino_deitsmall16_pretrain_full_checkpoint.pth and like the backbone-only weights file.
 Tolerance (issue 3): max|diff| <= 1e-4 * max|torch| and per-row cosine >= 0.99999 at highest precision.
 """
-import argparse
 import json
 import os
 
@@ -13,14 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import timm
 import torch
-import torchvision
 
 from b4b_jax import models
 from tests.torch_reference import assert_no_default_values
-from tests.torch_reference import randomise_all
-from tests.torch_reference import randomise_batchnorm
+from tests.torch_reference import write_dino_checkpoint
+from tests.torch_reference import write_simsiam_checkpoint
 from weight_conversion import convert
 
 N_IMAGES = 2
@@ -49,43 +46,11 @@ def _run_cli(*args):
 # ----------------------------------------------------------------------------------------------------
 # SimSiam ResNet-50
 # ----------------------------------------------------------------------------------------------------
-def _simsiam_model(dim=2048, pred_dim=512):
-  """SimSiam's builder: a resnet50 whose fc becomes the 3-layer projector, plus the predictor."""
-  torch.manual_seed(0)
-  encoder = torchvision.models.resnet50(num_classes=dim, zero_init_residual=True)
-  prev_dim = encoder.fc.weight.shape[1]
-  encoder.fc = torch.nn.Sequential(
-      torch.nn.Linear(prev_dim, prev_dim, bias=False), torch.nn.BatchNorm1d(prev_dim),
-      torch.nn.ReLU(inplace=True), torch.nn.Linear(prev_dim, prev_dim, bias=False),
-      torch.nn.BatchNorm1d(prev_dim), torch.nn.ReLU(inplace=True), encoder.fc,
-      torch.nn.BatchNorm1d(dim, affine=False))
-  predictor = torch.nn.Sequential(
-      torch.nn.Linear(dim, pred_dim, bias=False), torch.nn.BatchNorm1d(pred_dim),
-      torch.nn.ReLU(inplace=True), torch.nn.Linear(pred_dim, dim))
-  randomise_batchnorm(encoder, seed=1)
-  for m in encoder.modules():  # a trained checkpoint's counter (the converter must ignore it)
-    if isinstance(m, torch.nn.BatchNorm2d):
-      m.num_batches_tracked.fill_(12345)
-
-  class SimSiam(torch.nn.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.encoder, self.predictor = encoder, predictor
-
-  return torch.nn.DataParallel(SimSiam())  # keys get SimSiam's `module.` prefix
-
-
 @pytest.fixture(scope="module")
 def simsiam(tmp_path_factory):
   root = tmp_path_factory.mktemp("simsiam")
-  model = _simsiam_model()
-  optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-  for p in list(model.parameters())[:10]:  # a few momentum buffers, as after training
-    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
   path = root / "checkpoint_0099.pth.tar"
-  torch.save({"epoch": 100, "arch": "resnet50", "state_dict": model.state_dict(),
-              "optimizer": optimizer.state_dict()}, path)
+  model = write_simsiam_checkpoint(path)
   net = model.module.encoder.eval()
   net.fc = torch.nn.Identity()
   assert_no_default_values(net)  # convs random at init, every BatchNorm randomised
@@ -133,25 +98,6 @@ def test_simsiam_refusals(simsiam, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # DINO ViT-S/16
 # ----------------------------------------------------------------------------------------------------
-def _vit_small(seed):
-  torch.manual_seed(seed)
-  vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
-  # Every parameter random: timm inits all Linear biases (qkv, proj, fc1, fc2) to 0 and LayerNorms to
-  # 1/0, so a converter that dropped a bias would still match at init (real DINO weights have them).
-  randomise_all(vit, seed + 100)
-  assert_no_default_values(vit)
-  return vit
-
-
-def _dino_head_state(prefix, seed, out_dim=1024):
-  # DINOHead: 3-layer MLP + weight-normed last layer (65536 prototypes in DINO; fewer here, same keys).
-  g = torch.Generator().manual_seed(seed)
-  shapes = {"mlp.0.weight": (2048, 384), "mlp.0.bias": (2048,), "mlp.2.weight": (2048, 2048),
-            "mlp.2.bias": (2048,), "mlp.4.weight": (256, 2048), "mlp.4.bias": (256,),
-            "last_layer.weight_g": (out_dim, 1), "last_layer.weight_v": (out_dim, 256)}
-  return {prefix + k: torch.randn(s, generator=g) for k, s in shapes.items()}
-
-
 def _torch_dino_reference(vit, x):
   """DINO's eval_linear: get_intermediate_layers(x, 4) (each through norm), CLS tokens concatenated."""
   with torch.no_grad():
@@ -169,17 +115,8 @@ def _torch_dino_reference(vit, x):
 @pytest.fixture(scope="module")
 def dino(tmp_path_factory):
   root = tmp_path_factory.mktemp("dino")
-  teacher, student = _vit_small(0), _vit_small(1)
-  student_sd = {"module.backbone." + k: v for k, v in student.state_dict().items()}
-  student_sd.update(_dino_head_state("module.head.", 2))
-  teacher_sd = {"backbone." + k: v for k, v in teacher.state_dict().items()}
-  teacher_sd.update(_dino_head_state("head.", 3))
-  optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-  args = argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=False,
-                            lr=0.0005, epochs=800, output_dir="/checkpoint/dino", use_fp16=True)
   full = root / "dino_deitsmall16_pretrain_full_checkpoint.pth"
-  torch.save({"student": student_sd, "teacher": teacher_sd, "optimizer": optimizer.state_dict(),
-              "epoch": 800, "args": args, "dino_loss": {"center": torch.zeros(1, 65536)}}, full)
+  teacher, student = write_dino_checkpoint(full)
   weights = root / "dino_deitsmall16_pretrain.pth"
   torch.save(teacher.state_dict(), weights)  # the backbone-only release file (teacher, bare keys)
   return full, weights, teacher, student, root

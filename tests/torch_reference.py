@@ -3,9 +3,15 @@
 Initialisers leave many parameters at special values (timm: every ViT Linear bias exactly 0, LayerNorm
 1/0; torchvision: BatchNorm 1/0 and running statistics 0/1), and a converter that drops or transposes
 such a parameter still matches at init. These helpers give every parameter and running statistic a
-random, non-trivial value before a comparison.
+random, non-trivial value before a comparison. `write_simsiam_checkpoint` and `write_dino_checkpoint`
+save random models in the layouts of the paper's released victims (for the converter's tests and the
+rehearsal of the README's commands).
 """
+import argparse
+
+import timm
 import torch
+import torchvision
 
 
 def randomise_batchnorm(module: torch.nn.Module, seed: int) -> None:
@@ -145,3 +151,79 @@ def torchvision_gaussian_blur(kernel_size, sigma_range, u):
     scripted = _ScriptedTorch([u])
     return _with_scripted_torch(scripted, lambda tv: tv.GaussianBlur(kernel_size, sigma_range)(image))
   return apply
+
+
+# ----------------------------------------------------------------------------------------------------
+# Random models saved like the paper's released victims
+# ----------------------------------------------------------------------------------------------------
+def simsiam_model(dim=2048, pred_dim=512):
+  """SimSiam's builder: a resnet50 whose fc becomes the 3-layer projector, plus the predictor."""
+  torch.manual_seed(0)
+  encoder = torchvision.models.resnet50(num_classes=dim, zero_init_residual=True)
+  prev_dim = encoder.fc.weight.shape[1]
+  encoder.fc = torch.nn.Sequential(
+      torch.nn.Linear(prev_dim, prev_dim, bias=False), torch.nn.BatchNorm1d(prev_dim),
+      torch.nn.ReLU(inplace=True), torch.nn.Linear(prev_dim, prev_dim, bias=False),
+      torch.nn.BatchNorm1d(prev_dim), torch.nn.ReLU(inplace=True), encoder.fc,
+      torch.nn.BatchNorm1d(dim, affine=False))
+  predictor = torch.nn.Sequential(
+      torch.nn.Linear(dim, pred_dim, bias=False), torch.nn.BatchNorm1d(pred_dim),
+      torch.nn.ReLU(inplace=True), torch.nn.Linear(pred_dim, dim))
+  randomise_batchnorm(encoder, seed=1)
+  for m in encoder.modules():  # a trained checkpoint's counter (the converter must ignore it)
+    if isinstance(m, torch.nn.BatchNorm2d):
+      m.num_batches_tracked.fill_(12345)
+
+  class SimSiam(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.encoder, self.predictor = encoder, predictor
+
+  return torch.nn.DataParallel(SimSiam())  # keys get SimSiam's `module.` prefix
+
+
+def write_simsiam_checkpoint(path) -> torch.nn.Module:
+  """A random SimSiam ResNet-50 saved like SimSiam's checkpoint_0099.pth.tar; returns the model."""
+  model = simsiam_model()
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+  for p in list(model.parameters())[:10]:  # a few momentum buffers, as after training
+    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+  torch.save({"epoch": 100, "arch": "resnet50", "state_dict": model.state_dict(),
+              "optimizer": optimizer.state_dict()}, path)
+  return model
+
+
+def vit_small(seed):
+  torch.manual_seed(seed)
+  vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
+  # Every parameter random: timm inits all Linear biases (qkv, proj, fc1, fc2) to 0 and LayerNorms to
+  # 1/0, so a converter that dropped a bias would still match at init (real DINO weights have them).
+  randomise_all(vit, seed + 100)
+  assert_no_default_values(vit)
+  return vit
+
+
+def dino_head_state(prefix, seed, out_dim=1024):
+  # DINOHead: 3-layer MLP + weight-normed last layer (65536 prototypes in DINO; fewer here, same keys).
+  g = torch.Generator().manual_seed(seed)
+  shapes = {"mlp.0.weight": (2048, 384), "mlp.0.bias": (2048,), "mlp.2.weight": (2048, 2048),
+            "mlp.2.bias": (2048,), "mlp.4.weight": (256, 2048), "mlp.4.bias": (256,),
+            "last_layer.weight_g": (out_dim, 1), "last_layer.weight_v": (out_dim, 256)}
+  return {prefix + k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def write_dino_checkpoint(path):
+  """Random ViT-S/16 teacher and student saved like dino_deitsmall16_pretrain_full_checkpoint.pth;
+  returns (teacher, student) (timm ViTs: DINO's architecture and key names)."""
+  teacher, student = vit_small(0), vit_small(1)
+  student_sd = {"module.backbone." + k: v for k, v in student.state_dict().items()}
+  student_sd.update(dino_head_state("module.head.", 2))
+  teacher_sd = {"backbone." + k: v for k, v in teacher.state_dict().items()}
+  teacher_sd.update(dino_head_state("head.", 3))
+  optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+  args = argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, norm_last_layer=False,
+                            lr=0.0005, epochs=800, output_dir="/checkpoint/dino", use_fp16=True)
+  torch.save({"student": student_sd, "teacher": teacher_sd, "optimizer": optimizer.state_dict(),
+              "epoch": 800, "args": args, "dino_loss": {"center": torch.zeros(1, 65536)}}, path)
+  return teacher, student

@@ -7,6 +7,8 @@
       [--dino-weights teacher|student]
   python -m weight_conversion.convert --kind torchvision_resnet --checkpoint resnet18.pth --output DIR
 
+Without --output, simsiam and dino write to the directories the stealing configs read by default
+(encoders/simsiam_resnet50, encoders/dino_vits16; converters.DEFAULT_OUTPUTS).
 The architecture is inferred from the tensor shapes; --arch (e.g. resnet50, vit_small) makes it a check.
 Load the result with b4b_jax.models.load_encoder(DIR). An existing DIR is refused unless --overwrite,
 and --overwrite only replaces an encoder directory (one whose manifest.json this tool wrote), in one
@@ -24,14 +26,22 @@ def parse_args(argv):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--kind", required=True, choices=converters.KINDS)
   parser.add_argument("--checkpoint", required=True, help=".pth / .pth.tar file written by torch.save")
-  parser.add_argument("--output", required=True, help="encoder directory to create")
+  parser.add_argument("--output", default=None,
+                      help="encoder directory to create (default for simsiam / dino: "
+                      + ", ".join(f"{k}: {v}" for k, v in converters.DEFAULT_OUTPUTS.items())
+                      + ", where configs/steal_*.py look for the victim)")
   parser.add_argument("--arch", default=None, help="expected architecture (resnet50, vit_small, ...)")
   parser.add_argument("--dino-weights", "--dino_weights", dest="dino_weights", default="teacher",
                       choices=converters.DINO_WEIGHTS, help="which network of a DINO full checkpoint")
   parser.add_argument("--n-last-blocks", "--n_last_blocks", dest="n_last_blocks", type=int, default=4,
                       help="DINO representation: CLS tokens of this many last blocks (B4B: 4)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.output is None:
+    if args.kind not in converters.DEFAULT_OUTPUTS:
+      parser.error(f"--output is required for --kind {args.kind}")
+    args.output = converters.DEFAULT_OUTPUTS[args.kind]
+  return args
 
 
 def main(argv=None) -> int:

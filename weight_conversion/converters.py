@@ -31,6 +31,10 @@ from weight_conversion import keymaps
 from weight_conversion import pth_reader
 
 KINDS = ("simsiam", "dino", "torchvision_resnet")
+# Where the CLI writes the paper's victims when --output is not given (relative to the working
+# directory). configs/common.py reads its default victim directories from here, so the README's convert
+# commands and the stealing configs' defaults cannot drift apart (tests/test_rehearsal.py runs both).
+DEFAULT_OUTPUTS = {"simsiam": "encoders/simsiam_resnet50", "dino": "encoders/dino_vits16"}
 DINO_WEIGHTS = ("teacher", "student")
 
 
