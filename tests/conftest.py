@@ -29,3 +29,9 @@ def fast_compiles():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def pytest_configure(config):
+  # `slow`: tests that take minutes (the README rehearsal). .ci/run runs them all; by hand,
+  # `-m "not slow"` leaves them out.
+  config.addinivalue_line("markers", "slow: takes minutes; .ci/run still runs it")

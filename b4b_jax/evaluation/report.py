@@ -160,7 +160,7 @@ def table1(rows: Sequence[Mapping], *, paper_table: Optional[str] = "table1",
       ordered.append((None, ours.pop(_key(r))))
   headers = ["user", "defense", "#queries", "data"] + [
       paper_numbers.DATASET_TITLES.get(d, d) for d in datasets]
-  cells, matched = [], 0
+  cells, matched, footnotes = [], 0, []
   for paper_row, our_row in ordered:
     meta = our_row or paper_row
     line = [meta["user"], meta["defense"], meta["queries"], meta["data"]]
@@ -169,12 +169,17 @@ def table1(rows: Sequence[Mapping], *, paper_table: Optional[str] = "table1",
       paper_v = paper_row["values"].get(d) if paper_row else None
       text = fmt_acc(*our_v) if our_v else "—"
       if paper_v:
-        text += f" (paper {fmt_acc(*paper_v)})"
+        note = paper_row.get("notes", {}).get(d)
+        if note:  # a printed number the paper contradicts elsewhere: marked, explained below
+          footnotes.append(note)
+        text += f" (paper {fmt_acc(*paper_v)}{'†' * len(footnotes) if note else ''})"
         matched += bool(our_v)
       line.append(text)
     cells.append(line)
   caption = paper_numbers.TABLES[paper_table]["caption"] if paper_table else None
   md = markdown_table(headers, cells)
+  if footnotes:
+    md += "\n" + "".join(f"\n{'†' * (i + 1)} {n}." for i, n in enumerate(footnotes))
   if caption:
     md = (f"Ours (mean ± std over probe seeds, top-1 %) with the paper's number in brackets where the "
           f"setting matches ({caption}).\n\n" + md)

@@ -1,0 +1,253 @@
+"""Rehearsal of the README's "The paper's experiments" table: every row's command runs as written.
+
+The test reads README.md (it hard-codes no command): the convert commands of "Converting the released
+checkpoints" and every `python -m b4b_jax.main ...` command of the experiment table, in table order. In
+a fresh working directory it builds what a researcher would have:
+
+  * checkpoints/checkpoint_0099.pth.tar and checkpoints/dino_deitsmall16_pretrain_full_checkpoint.pth:
+    random PyTorch SimSiam ResNet-50 and DINO ViT-S/16 models in the released files' layouts
+    (tests/torch_reference.py), converted by the README's convert commands with only --checkpoint
+    pointed at them, so the encoders land where the README says (encoders/...);
+  * data/imagenet/{train,val}/<wnid>/*.JPEG: an ImageNet-style class-folder tree (the stealing
+    configs' default pool);
+  * $TFDS_DATA_DIR: an empty directory, with every TFDS read served by tfds.testing.mock_data.
+
+Each command is parsed by the same absl/ml_collections flags as `python -m b4b_jax.main` and run
+in-process through `b4b_jax.main.run_job` (TFDS mocking is per process, and one process shares the
+compiled encoders between rows). What is appended to a command, and nothing else, are size options
+(SIZE_OVERRIDES below): fewer queries, epochs, images, probe runs and steps, smaller batches (8: one
+per virtual device), and the stolen copy's architecture (`stolen.arch`, an option of the stealing
+configs) a 1/8-width ResNet-18 instead of a ResNet-50. The victims stay what the convert commands
+wrote: full ResNet-50 and ViT-S/16 at their manifests' 224 px (no config exposes another input size),
+which is what makes this test slow (marked `slow`; .ci/run runs every test, slow ones included).
+Every run must finish and leave results.json and report.md; stealing runs and probes must record their
+protocol in both.
+"""
+import json
+import os
+import re
+import shlex
+import time
+
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from b4b_jax.evaluation import paper_numbers
+from b4b_jax.evaluation import report
+from b4b_jax.main import run_job
+from tests.torch_reference import write_dino_checkpoint
+from tests.torch_reference import write_simsiam_checkpoint
+from weight_conversion import convert
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(REPO, "README.md")
+TABLE_SECTION = "## The paper's experiments"
+CONVERT_SECTION = "## Converting the released checkpoints"
+MAIN = ["python", "-m", "b4b_jax.main"]
+CONVERT = ["python", "-m", "weight_conversion.convert"]
+# The generated checkpoints, by the file name the README's convert commands name.
+CHECKPOINT_WRITERS = {"checkpoint_0099.pth.tar": write_simsiam_checkpoint,
+                      "dino_deitsmall16_pretrain_full_checkpoint.pth": write_dino_checkpoint}
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 8, 2
+MOCK_EXAMPLES = 16          # every mocked TFDS split
+BATCH = 8                   # one image per virtual device
+QUERIES_PER_ACCOUNT = 16    # a 50k-query account; 100k -> 32 (queries scale by 1/3125)
+# Per job: config path -> value (a callable gets the parsed config). Only sizes; a path the config
+# lacks fails the test (the README or a config changed: update this table).
+SIZE_OVERRIDES = {
+    "steal": {
+        "attack.num_queries": lambda c: max(QUERIES_PER_ACCOUNT * c.attack.num_accounts,
+                                            c.attack.num_queries // 3125),
+        "attack.num_queries_mapping": 4,
+        "attack.query_batch_size": BATCH,
+        "attack.mapper.epochs": 2,
+        "attack.mapper.batch_size": BATCH,
+        "data.per_class": TRAIN_PER_CLASS,
+        "eval.limit": 8,
+        "eval.batch_size": BATCH,
+        "train.epochs": 1,
+        "train.batch_size": BATCH,
+        "stolen.arch": "resnet18_w0.125",
+    },
+    "probe": {"source.train_limit": 16, "source.test_limit": 8, "source.batch_size": BATCH,
+              "probe.epochs": 2, "probe.seeds": (0,)},
+    "legit": {"source.train_limit": 16, "source.test_limit": 8, "source.batch_size": BATCH,
+              "query_batch_size": BATCH, "probe.epochs": 2, "probe.seeds": (0,)},
+    "remap": {"source.train_limit": 16, "source.test_limit": 8, "source.batch_size": BATCH,
+              "query_batch_size": BATCH, "overlaps": (0, 8, 16), "probe.epochs": 2},
+    "coverage": {"source.batch_size": BATCH, "query_batch_size": BATCH, "report_at": (8, 16),
+                 **{f"query_sets[{i}].num_queries": 16 for i in range(6)}},
+    "embeddings": {"source.train_limit": 16, "source.test_limit": 8, "source.batch_size": BATCH},
+}
+PROTOCOL_JOBS = ("steal", "probe")   # jobs whose results must say which protocol ran
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the README
+# --------------------------------------------------------------------------------------------------
+def _section(text: str, title: str) -> str:
+  start = text.index(title)
+  end = text.find("\n## ", start + len(title))
+  return text[start:] if end < 0 else text[start:end]
+
+
+def _cells(line: str):
+  return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def readme_table():
+  """[{column: cell}] of the experiment table, and each row's commands (`python -m b4b_jax.main ...`
+  in backticks, in order)."""
+  lines = [l for l in _section(open(README).read(), TABLE_SECTION).splitlines() if l.startswith("|")]
+  header = [h.lower() for h in _cells(lines[0])]
+  rows = []
+  for line in lines[2:]:
+    # A `|` inside a command would split the cell: the table's commands must not pipe.
+    row = dict(zip(header, _cells(line)))
+    row["commands"] = [c for c in re.findall(r"`([^`]+)`", line) if c.startswith(" ".join(MAIN))]
+    rows.append(row)
+  return header, rows
+
+
+def readme_convert_commands():
+  block = _section(open(README).read(), CONVERT_SECTION)
+  return [l.strip() for l in block.splitlines() if l.strip().startswith(" ".join(CONVERT))]
+
+
+def parse_main_command(command: str, extra=()):
+  """(config, workdir) exactly as `python -m b4b_jax.main` would parse `command` (+ `extra` flags)."""
+  argv = shlex.split(os.path.expandvars(command))
+  assert argv[:3] == MAIN, command
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+  flags.DEFINE_string("workdir", None, "", flag_values=values)
+  values(["b4b_jax.main"] + argv[3:] + list(extra))
+  assert values.workdir, f"no --workdir in {command}"
+  return values.config, values.workdir
+
+
+def _get(config, path):
+  for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+    config = config[int(part[1:-1])] if part.startswith("[") else config[part]
+  return config
+
+
+def size_flags(config):
+  """The size options appended to a command of `config.job`."""
+  out = []
+  for path, value in SIZE_OVERRIDES[config.job].items():
+    _get(config, path)  # KeyError / IndexError: the config no longer has this field
+    value = value(config) if callable(value) else value
+    out.append(f"--config.{path}={value!r}" if isinstance(value, str) else f"--config.{path}={value}")
+  return out
+
+
+# --------------------------------------------------------------------------------------------------
+# What a researcher has before running the table
+# --------------------------------------------------------------------------------------------------
+def _write_imagenet_tree(root):
+  rng = np.random.default_rng(0)
+  for split, n in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+    for c in range(CLASSES):
+      d = os.path.join(root, split, f"n{c:08d}")
+      os.makedirs(d)
+      for i in range(n):
+        pixels = rng.integers(0, 256, (48 + 8 * (i % 3), 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(os.path.join(d, f"n{c:08d}_{i}.JPEG"), quality=90)
+
+
+@pytest.fixture(scope="module")
+def researcher(tmp_path_factory):
+  """A working directory with the converted victims (by the README's commands), ImageNet class folders
+  and a TFDS data_dir; returns it with the convert runtime."""
+  root = tmp_path_factory.mktemp("rehearsal")
+  cwd = os.getcwd()
+  os.chdir(root)
+  try:
+    start = time.time()
+    commands = readme_convert_commands()
+    assert commands, "README has no convert commands"
+    for command in commands:
+      argv = shlex.split(command)[3:]
+      name = os.path.basename(argv[argv.index("--checkpoint") + 1])
+      assert name in CHECKPOINT_WRITERS, f"no generator for the README's checkpoint {name}"
+      path = os.path.join(root, "checkpoints", name)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      CHECKPOINT_WRITERS[name](path)
+      argv[argv.index("--checkpoint") + 1] = path   # the only change to the command
+      assert convert.main(argv) == 0, command
+    _write_imagenet_tree(os.path.join(root, "data", "imagenet"))
+    os.makedirs(os.path.join(root, "tfds"))
+    yield {"root": root, "convert_s": time.time() - start}
+  finally:
+    os.chdir(cwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# The tests
+# --------------------------------------------------------------------------------------------------
+def test_table_has_every_column_and_a_command_per_row():
+  header, rows = readme_table()
+  for column in ("experiment", "command", "protocol"):
+    assert column in header, header
+  assert len(rows) >= 8
+  for row in rows:
+    assert row["commands"], f"row without a `python -m b4b_jax.main` command: {row['experiment']}"
+    assert row["protocol"], f"row without a protocol: {row['experiment']}"
+  assert "docs/experiments.md" in _section(open(README).read(), TABLE_SECTION)
+
+
+def _find_key(tree, key):
+  if isinstance(tree, dict):
+    if key in tree:
+      return tree[key]
+    for v in tree.values():
+      found = _find_key(v, key)
+      if found is not None:
+        return found
+  return None
+
+
+def test_the_papers_inconsistent_svhn_cell_is_shown_with_a_note():
+  # The undefended 50K attack is one run in Tables 1-6; its SVHN cell reads 63.1 in Tables 1 and 6
+  # and 62.1 in Tables 2-5. Each table keeps its printed number, and the report says why they differ.
+  svhn = {t: [r for r in paper_numbers.TABLES[t]["rows"]
+              if (r["user"], r["defense"], r["queries"]) == ("ATTACK", "NONE", "50K")][0]
+          for t in ("table1", "table2", "table3", "table4", "table5", "table6")}
+  assert {t: r["values"]["svhn"][0] for t, r in svhn.items()} == {
+      "table1": 63.1, "table2": 62.1, "table3": 62.1, "table4": 62.1, "table5": 62.1, "table6": 63.1}
+  for table in svhn:
+    md = report.table1([], paper_table=table)["markdown"]
+    assert "62.1 (Tables 2-5)" in md, table
+  assert "62.1" in _section(open(README).read(), TABLE_SECTION)  # the README's Table 1 cell says it
+
+
+@pytest.mark.slow
+def test_every_row_runs_as_written(researcher, monkeypatch):
+  monkeypatch.chdir(researcher["root"])
+  monkeypatch.setenv("TFDS_DATA_DIR", os.path.join(researcher["root"], "tfds"))
+  _, rows = readme_table()
+  timings = [("convert (2 checkpoints written + converted)", researcher["convert_s"])]
+  for row in rows:
+    for command in row["commands"]:
+      config, _ = parse_main_command(command)
+      assert config.job in SIZE_OVERRIDES, f"no size options for job {config.job!r}: {command}"
+      config, workdir = parse_main_command(command, size_flags(config))
+      start = time.time()
+      with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        run_job(config, os.path.abspath(workdir))
+      timings.append((f"{row['experiment']}: {config.job}", time.time() - start))
+      results = json.load(open(os.path.join(workdir, "results.json")))
+      report = open(os.path.join(workdir, "report.md")).read()
+      assert report.strip(), workdir
+      if config.job in PROTOCOL_JOBS:
+        protocol = _find_key(results, "protocol")
+        assert protocol, f"{workdir}/results.json records no protocol"
+        assert str(protocol) in report, f"{workdir}/report.md does not name protocol {protocol}"
+  for name, seconds in timings:
+    print(f"{seconds:7.1f} s  {name}")
+  print(f"{sum(s for _, s in timings):7.1f} s  total")
