@@ -2,7 +2,8 @@
 
 The test reads README.md (it hard-codes no command): the convert commands of "Converting the released
 checkpoints" and every `python -m b4b_jax.main ...` command of the experiment table, in table order. In
-a fresh working directory it builds what a researcher would have:
+a fresh directory standing for the repository root (configs/ linked in) it builds what a researcher
+would have:
 
   * checkpoints/checkpoint_0099.pth.tar and checkpoints/dino_deitsmall16_pretrain_full_checkpoint.pth:
     random PyTorch SimSiam ResNet-50 and DINO ViT-S/16 models in the released files' layouts
@@ -122,10 +123,13 @@ def parse_main_command(command: str, extra=()):
   """(config, workdir) exactly as `python -m b4b_jax.main` would parse `command` (+ `extra` flags)."""
   argv = shlex.split(os.path.expandvars(command))
   assert argv[:3] == MAIN, command
+  argv = ["b4b_jax.main"] + argv[3:] + list(extra)
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+  # sys_argv: config_flags finds the --config.* overrides in it when the flag is defined.
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
   flags.DEFINE_string("workdir", None, "", flag_values=values)
-  values(["b4b_jax.main"] + argv[3:] + list(extra))
+  values(argv)
   assert values.workdir, f"no --workdir in {command}"
   return values.config, values.workdir
 
@@ -165,6 +169,9 @@ def researcher(tmp_path_factory):
   """A working directory with the converted victims (by the README's commands), ImageNet class folders
   and a TFDS data_dir; returns it with the convert runtime."""
   root = tmp_path_factory.mktemp("rehearsal")
+  # The commands run from the repository root; a fresh directory with the repository's configs/ in it
+  # stands for that root, so what the commands write (encoders/, workdirs/) stays out of the checkout.
+  os.symlink(os.path.join(REPO, "configs"), os.path.join(root, "configs"))
   cwd = os.getcwd()
   os.chdir(root)
   try:
