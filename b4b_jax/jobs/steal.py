@@ -4,28 +4,46 @@ r"""Job "steal": the end-to-end stealing attack (paper section 4.4, Tables 1 and
 
 `run(config, workdir)` reads top to bottom: set-up, then three phases, each resumable (killing the run
 and starting it again with the same workdir continues and ends with the same result as an
-uninterrupted run):
+uninterrupted run). `config.attack.protocol` picks the regime ("queries" means something else in each;
+results.json and report.md say which ran and what was counted):
 
-1. Queries. The attacker plans its queries (queries.plan_queries: seeded order, budget split over its
-   accounts, the sybil overlap) and sends them through `DefendedEncoder` in batches, every query charged
-   to the sending account. Extra accounts first query the overlap and fit a mapper into account 1's
-   space (protocol.Attacker). Query-once protocol (default): each planned image is sent once and its
-   response kept, so "50k queries" means 50k charged queries. Saved: the responses, the mappers, the
-   API's defense state.
+  paper (default)     the original code's regime (reference section 5.1-5.3). ONE charged pass over the
+                      pool in pool order (queries.plan_paper: unshuffled, drop_last, one window of
+                      batches per account, the sybils' mapping batches first) fixes each batch
+                      position's sigma, as the API computes it from the account's coverage. Then every
+                      epoch the thief trains on fresh RandomResizedCrop + flip views of the same
+                      images, answered at the sigma of their batch position with the account's transform.
+                      These per-epoch answers are NOT charged; the original never counted them either.
+                      They are the paper's offline simulation (attacks/offline.py), computed in this job
+                      from the defense's pure functions, never by the API. Queries = the charged pass;
+                      the offline views answered are reported beside it.
+  query_once          stricter online threat model: each planned image is sent once (one fixed view)
+                      through the configured strategy (config.attack.strategy, b4b_jax/attacks/strategies;
+                      query_once = each image once), and the stolen model trains E epochs on the kept
+                      answers. Queries = charged queries.
+  requery_each_epoch  the strictest: every view of every epoch is a new charged query (coverage
+                      saturates). Queries = mapping + epochs x images, all charged.
+
+1. Queries. The attacker plans its queries and sends them through `DefendedEncoder` in batches, every
+   query charged to the sending account. Extra accounts first query the overlap and fit a mapper into
+   account 1's space (protocol.Attacker), on responses x attack.rep_scale (divided back). Saved: the
+   responses (query once), the per-row sigma (paper), the mappers, the API's defense state.
 2. Training. The stolen ResNet (from scratch) learns to reproduce the responses for E epochs: one jitted
-   step over the "data" mesh (attacks/train_state.py), seeded epoch orders, optional attacker-side
-   SimCLR views. With `requery_each_epoch`, every view of every epoch is a new charged query instead
-   (the API's state is then part of every training checkpoint). Checkpoints every N steps, on
-   preemption and after `max_steps_this_run` steps.
+   step over the "data" mesh (attacks/train_state.py; compute_dtype from config or the backend's
+   default), seeded epoch orders (the paper protocol keeps the pool order, as the original), optional
+   attacker-side SimCLR views. Checkpoints every N steps (with the API's state when training queries
+   it), on preemption and after `max_steps_this_run` steps.
 3. Evaluation and export. Cosine similarity of the stolen model's representations on held-out images to
    the victim's (dims permitting) and to account 1's noise-free responses (the victim's representations
    under account 1's transform, which the evaluator knows); the stolen encoder as an encoder directory
    (workdir/stolen_encoder, for the linear probes), results.json, report.md.
 
 Multi-host: every process runs the same (deterministic) API simulation, so all hold identical responses;
-each process feeds its own slice of every global batch; only process 0 writes results.
+each process feeds its own slice of every global batch (in the paper protocol it also computes only the
+offline answers of its slice); only process 0 writes results.
 """
 import dataclasses
+import inspect
 import os
 import shutil
 import time
@@ -43,8 +61,10 @@ from b4b_jax import defense as defense_lib
 from b4b_jax import models as models_lib
 from b4b_jax.attacks import losses as losses_lib
 from b4b_jax.attacks import mapper as mapper_lib
+from b4b_jax.attacks import offline as offline_lib
 from b4b_jax.attacks import protocol
 from b4b_jax.attacks import queries as queries_lib
+from b4b_jax.attacks import strategies as strategies_lib
 from b4b_jax.attacks import train_state as ts
 from b4b_jax.evaluation import embeddings
 from b4b_jax.utils import checkpoint as ckpt_lib
@@ -63,6 +83,16 @@ _QUERIES_DIR = os.path.join("attack", "queries")
 _API_AFTER_QUERIES = os.path.join("attack", "api_after_queries")
 _API_TRAIN = os.path.join("attack", "api_train")
 _CHECKPOINTS = "checkpoints"
+PROTOCOLS = ("paper", "query_once", "requery_each_epoch")
+# What "queries" means in each protocol (results.json "queries"."meaning").
+QUERIES_MEANING = {
+    "paper": "charged = one pass over the pool in pool order (each batch position's sigma comes from "
+             "it); views_answered_offline = the per-epoch fresh views answered at those sigmas by the "
+             "paper's offline simulation, never charged (as in the original code)",
+    "query_once": "charged = every planned image sent once through the strategy (copies count), "
+                  "mapping queries included; the stolen model trains on the kept answers",
+    "requery_each_epoch": "charged = mapping queries + every training view of every epoch",
+}
 
 
 # ==================================================================================================
@@ -73,6 +103,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   charged query phase), with a ValueError naming the field."""
   ac, tc = config.attack, config.train
   defense_lib.validate_config(config.defense)
+  protocol_name = ac.get("protocol")
+  if protocol_name not in PROTOCOLS:
+    raise ValueError(f"unknown attack.protocol {protocol_name!r}; choose one of {PROTOCOLS}")
+  strategy = ac.get("strategy", "query_once")
+  if strategy not in strategies_lib.STRATEGIES:
+    raise ValueError(f"unknown attack.strategy {strategy!r}; choose one of "
+                     f"{sorted(strategies_lib.STRATEGIES)}")
+  if strategy != "query_once" and protocol_name != "query_once":
+    raise ValueError(f"attack.strategy={strategy!r} needs attack.protocol='query_once' (the paper "
+                     "protocol's per-epoch answers are simulated offline and re-query charges every "
+                     "view as it comes; only the query-once answers come from a strategy)")
+  rep_scale = ac.get("rep_scale", 1.0)
+  if not (isinstance(rep_scale, (int, float)) and np.isfinite(rep_scale) and rep_scale > 0):
+    raise ValueError(f"attack.rep_scale must be a finite number > 0, got {rep_scale!r}")
+  dtype = config.get("compute_dtype")
+  if dtype is not None and dtype not in ts.COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype must be one of {ts.COMPUTE_DTYPES} (or unset: the backend's "
+                     f"default), got {dtype!r}")
+  if protocol_name == "paper":
+    if config.defense.get("noise_keying", "per_query") != "per_query":
+      raise ValueError("attack.protocol='paper' simulates the paper's B4B per-epoch answers; with "
+                       "defense.noise_keying='per_input' use protocol query_once or requery_each_epoch")
+    queries_lib.paper_windows(int(ac.num_queries), int(ac.num_accounts), int(ac.num_queries_mapping),
+                              int(ac.query_batch_size))
   if not 1 <= ac.num_accounts <= queries_lib.MAX_ACCOUNTS:
     raise ValueError(f"attack.num_accounts must be in 1..{queries_lib.MAX_ACCOUNTS}, got "
                      f"{ac.num_accounts}")
@@ -88,6 +142,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"attack.mapper.val_fraction must be in (0, 1), got {ac.mapper.val_fraction}")
   if ac.num_accounts > 1:
     n_map = int(ac.num_queries_mapping)
+    if n_map < 1:
+      raise ValueError(f"attack.num_queries_mapping must be >= 1 with sybils, got {n_map}")
     n_val = int(round(n_map * ac.mapper.val_fraction))
     if n_val < 1 or n_map - n_val < ac.mapper.batch_size:
       raise ValueError(f"attack.num_queries_mapping={n_map} is too small to fit the sybil mappers "
@@ -149,6 +205,7 @@ class SetUp:
   victim: models_lib.Encoder
   views: "Views"
   plan: queries_lib.QueryPlan
+  protocol: str                    # one of PROTOCOLS
   ckpt: ckpt_lib.Checkpointer     # the training checkpoints
   eval_images: np.ndarray          # uint8 held-out views
   victim_eval: np.ndarray          # the victim's representations of them
@@ -165,14 +222,14 @@ def set_up(config, workdir: str) -> SetUp:
 
   pool = _load_split(config.data, seed)
   ac = config.attack
-  plan = queries_lib.plan_queries(len(pool), int(ac.num_queries), num_accounts=int(ac.num_accounts),
-                                  num_queries_mapping=int(ac.num_queries_mapping), seed=seed)
-  logging.info("query plan: %s", plan.summary())
+  protocol_name = str(ac.protocol)
+  plan = make_plan(config, len(pool))
+  logging.info("query plan (%s protocol): %s", protocol_name, plan.summary())
   if len(plan.train_indices) < config.train.batch_size:
     raise ValueError(f"{len(plan.train_indices)} training images are fewer than one batch "
                      f"({config.train.batch_size})")
   views = Views(pool, config, input_size)
-  if not ac.requery_each_epoch:
+  if protocol_name == "query_once":
     views.cache(plan.train_indices)
 
   eval_images = data_lib.apply_transform(_load_split(config.eval, seed),
@@ -181,9 +238,22 @@ def set_up(config, workdir: str) -> SetUp:
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, _CHECKPOINTS),
                                max_to_keep=int(config.get("checkpoints_to_keep", 2)))
   return SetUp(mesh=mesh, writer=metrics_lib.MetricsWriter(workdir),
-               is_writer=jax.process_index() == 0, victim=victim, views=views, plan=plan, ckpt=ckpt,
+               is_writer=jax.process_index() == 0, victim=victim, views=views, plan=plan,
+               protocol=protocol_name, ckpt=ckpt,
                eval_images=eval_images, victim_eval=victim_eval,
                responses_eval=clean_response_space(config, victim.rep_dim, victim_eval))
+
+
+def make_plan(config, pool_size: int) -> queries_lib.QueryPlan:
+  """The query plan of the configured protocol: the paper's charged pass over the pool in pool order
+  (queries.plan_paper), or the seeded plan of the online protocols (queries.plan_queries)."""
+  ac = config.attack
+  if ac.protocol == "paper":
+    return queries_lib.plan_paper(pool_size, int(ac.num_queries), num_accounts=int(ac.num_accounts),
+                                  num_queries_mapping=int(ac.num_queries_mapping),
+                                  batch_size=int(ac.query_batch_size))
+  return queries_lib.plan_queries(pool_size, int(ac.num_queries), num_accounts=int(ac.num_accounts),
+                                  num_queries_mapping=int(ac.num_queries_mapping), seed=int(config.seed))
 
 
 def load_victim(config, workdir: str) -> models_lib.Encoder:
@@ -231,12 +301,23 @@ def _transform(spec, size: int):
   return data_lib.make_transform(spec, size=size)
 
 
+def _epoch_views(pool: np.ndarray, transform, seed: int, indices: np.ndarray, epoch: int) -> np.ndarray:
+  """uint8 views of pool[indices] under `transform`; example i draws from (seed, epoch, indices[i]).
+
+  THE one place the job cuts views (the streaming pipeline swaps this body). View epochs: 0 = what is
+  charged in the query phase (query once: the fixed view; paper: the charged pass's crops); e + 1 = the
+  views of training epoch e (paper and re-query)."""
+  return data_lib.apply_transform(pool[indices], transform, seed=seed, ids=indices, epoch=epoch)
+
+
 class Views:
   """Images the attacker sends: uint8 views of pool images (the API normalises them as the victim's
   manifest says).
 
-  Query-once: one fixed view per image (`query_transform`, epoch 0), cached for the training set.
-  Re-query: a fresh view per epoch (`requery_transform`, seeds (seed, epoch, pool index)).
+  Query-once: one fixed view per image (`query_transform`, view epoch 0), cached for the training set.
+  Re-query: that fixed view for the mapping overlap, `requery_transform` (RandomResizedCrop + flip) at
+  view epoch e + 1 for training epoch e. Paper: `requery_transform` throughout, view epoch 0 for the
+  charged pass.
   """
 
   def __init__(self, pool: np.ndarray, config, input_size: int):
@@ -244,13 +325,16 @@ class Views:
     self.seed = int(config.seed)
     self.query_transform = _transform(config.attack.query_transform, input_size)
     self.requery_transform = _transform(config.attack.requery_transform, input_size)
+    # The paper's charged pass cuts the stealing crops too (the original's buckets.py pass ran the
+    # stealing loader); the online protocols send the fixed view first.
+    paper = config.attack.protocol == "paper"
+    self.first_transform = self.requery_transform if paper else self.query_transform
     self._cache_index = None
     self._cache = None
 
   def cache(self, indices: np.ndarray) -> None:
-    """Precomputes the epoch-0 views of `indices` (the query-once training set)."""
-    self._cache = data_lib.apply_transform(self.pool[indices], self.query_transform, seed=self.seed,
-                                           ids=indices, epoch=0)
+    """Precomputes the view-epoch-0 views of `indices` (the query-once training set)."""
+    self._cache = _epoch_views(self.pool, self.first_transform, self.seed, indices, 0)
     self._cache_index = np.full(len(self.pool), -1, np.int64)
     self._cache_index[indices] = np.arange(len(indices))
 
@@ -258,10 +342,8 @@ class Views:
     if epoch == 0:
       if self._cache_index is not None and np.all(self._cache_index[indices] >= 0):
         return self._cache[self._cache_index[indices]]
-      return data_lib.apply_transform(self.pool[indices], self.query_transform, seed=self.seed,
-                                      ids=indices, epoch=0)
-    return data_lib.apply_transform(self.pool[indices], self.requery_transform, seed=self.seed,
-                                    ids=indices, epoch=epoch)
+      return _epoch_views(self.pool, self.first_transform, self.seed, indices, 0)
+    return _epoch_views(self.pool, self.requery_transform, self.seed, indices, epoch)
 
   def __call__(self, indices: np.ndarray, epoch: int) -> np.ndarray:
     return self.uint8(indices, epoch)
@@ -288,12 +370,16 @@ class Queried:
   attacker: protocol.Attacker          # its API is the latest saved state (see _latest_api)
   targets: Optional[np.ndarray]        # query once: [num_train, D] responses in account 1's space
   accounts_after_queries: List[dict]
+  # paper: the sigma each training row's charged batch was answered with (plan.train_indices order),
+  # the account of each row, and the offline simulation of the per-epoch answers.
+  sigma_rows: Optional[np.ndarray] = None
+  account_rows: Optional[np.ndarray] = None
+  offline: Optional[offline_lib.OfflineAnswers] = None
 
 
 def query_phase(config, workdir: str, s: SetUp) -> Queried:
   """Sends the planned queries (or restores what an earlier run received)."""
   ac = config.attack
-  requery = bool(ac.requery_each_epoch)
   queries_dir = os.path.join(workdir, _QUERIES_DIR)
   done = os.path.isdir(queries_dir) and ckpt_lib.Checkpointer(queries_dir).latest_step() is not None
   api = _latest_api(config, workdir, s) if done else new_api(s.victim, config)
@@ -302,7 +388,11 @@ def query_phase(config, workdir: str, s: SetUp) -> Queried:
       unit="batch", every_seconds=float(config.get("progress_every_seconds", 10.0)))
   attacker = protocol.Attacker(
       api, s.plan, s.views, batch_size=int(ac.query_batch_size),
-      on_batch=lambda entry: _log_query_batch(s.writer, progress, len(attacker.log), entry))
+      on_batch=lambda entry: _log_query_batch(s.writer, progress, len(attacker.log), entry),
+      rep_scale=float(ac.rep_scale), strategy=_strategy_spec(config, s))
+  paper = s.protocol == "paper"
+  offline = offline_lib.OfflineAnswers(s.victim, config.defense, attacker.users) if paper else None
+  account_rows = protocol.accounts_of_rows(s.plan)
 
   if done:
     logging.info("resuming: query phase already done (%s)", queries_dir)
@@ -310,36 +400,62 @@ def query_phase(config, workdir: str, s: SetUp) -> Queried:
     protocol.restore_mappers(attacker, saved.get("mappers", {}), meta.get("mapper_metrics", {}),
                              kind=ac.mapper.kind, in_dim=api.out_dim, out_dim=api.out_dim)
     attacker.log = [protocol.QueryLogEntry(**e) for e in meta.get("query_log", [])]
-    targets = None if requery else np.asarray(saved["targets"], np.float32)
-    return Queried(attacker, targets, meta["accounts_after_queries"])
+    targets = np.asarray(saved["targets"], np.float32) if "targets" in saved else None
+    sigma_rows = np.asarray(saved["sigma_rows"], np.float64) if "sigma_rows" in saved else None
+    return Queried(attacker, targets, meta["accounts_after_queries"], sigma_rows, account_rows, offline)
 
   t0 = time.time()
   mapper_kwargs = dict(kind=ac.mapper.kind, epochs=int(ac.mapper.epochs),
                        learning_rate=float(ac.mapper.learning_rate),
                        batch_size=int(ac.mapper.batch_size),
                        val_fraction=float(ac.mapper.val_fraction), seed=int(config.seed))
-  if requery:
+  targets = sigma_rows = None
+  if s.protocol == "requery_each_epoch":
     attacker.mapping_phase_only(**mapper_kwargs)
-    targets = None
+  elif paper:
+    sigma_rows = attacker.charge_paper_pass(num_pairs=int(ac.num_queries_mapping), **mapper_kwargs)
   else:
     targets = attacker.collect_training_targets(**mapper_kwargs)
-  logging.info("query phase: %d charged queries in %.1fs", s.plan.num_queries, time.time() - t0)
+  logging.info("query phase: %d charged queries in %.1fs", api.stats()["total_queries"],
+               time.time() - t0)
   api.save(os.path.join(workdir, _API_AFTER_QUERIES))
   tree = {"mappers": protocol.mapper_states(attacker)}
   if targets is not None:
     tree["targets"] = targets
+  if sigma_rows is not None:
+    tree["sigma_rows"] = sigma_rows
   meta = {"query_log": [e.to_dict() for e in attacker.log],
           "mapper_metrics": {str(k): m.metrics for k, m in attacker.mappers.items()},
           "accounts_after_queries": attacker.account_summary(), "seconds": time.time() - t0}
   ckpt_lib.save_pytree(queries_dir, tree, meta)
-  return Queried(attacker, targets, meta["accounts_after_queries"])
+  return Queried(attacker, targets, meta["accounts_after_queries"], sigma_rows, account_rows, offline)
+
+
+def _strategy_spec(config, s: SetUp) -> Optional[protocol.StrategySpec]:
+  """The query-once protocol's strategy (config.attack.strategy, with the fields of
+  config.attack.strategy_kwargs its constructor takes); None in the other protocols."""
+  if s.protocol != "query_once":
+    return None
+  ac = config.attack
+  cls = strategies_lib.STRATEGIES[ac.strategy]
+  accepted = inspect.signature(cls.__init__).parameters
+  given = ac.get("strategy_kwargs")
+  given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
+  kwargs = {k: v for k, v in given.items() if k in accepted and v is not None}
+  if "seed" in accepted:
+    kwargs.setdefault("seed", int(config.seed))
+  if "canary" in accepted and "canary" not in kwargs:  # the first training image's view rides along
+    kwargs["canary"] = s.views(s.plan.train_indices[:1], 0)[0].astype(np.float32) / 255.0
+  return protocol.StrategySpec(
+      cls, kwargs, to_strategy=lambda views: np.asarray(views, np.float32) / np.float32(255.0),
+      to_api=lambda x01: np.clip(np.round(np.asarray(x01, np.float32) * 255.0), 0, 255).astype(np.uint8))
 
 
 def _latest_api(config, workdir: str, s: SetUp) -> defense_lib.DefendedEncoder:
   """The API as an earlier run left it: at its latest training checkpoint when training re-queries,
   else right after the query phase."""
   step = s.ckpt.latest_step()
-  if config.attack.requery_each_epoch and step is not None:
+  if s.protocol == "requery_each_epoch" and step is not None:
     path = os.path.join(workdir, _API_TRAIN, f"step_{int(step):09d}")
   else:
     path = os.path.join(workdir, _API_AFTER_QUERIES)
@@ -377,7 +493,7 @@ def train_phase(config, workdir: str, s: SetUp, q: Queried) -> Trained:
   max_steps_this_run; returns its final (or interrupted) state."""
   t_phase = time.time()
   tc, seed = config.train, int(config.seed)
-  requery = bool(config.attack.requery_each_epoch)
+  requery = s.protocol == "requery_each_epoch"
   api = q.attacker.api
   batch_size = int(tc.batch_size)
   steps_per_epoch = len(s.plan.train_indices) // batch_size
@@ -417,9 +533,9 @@ def train_phase(config, workdir: str, s: SetUp, q: Queried) -> Trained:
 
   while step < total_steps:
     epoch, i = divmod(step, steps_per_epoch)
-    images, targets = _batch(config, s, q, epoch, i)
-    state, step_metrics = train_step(state, distributed.global_batch(images[local], s.mesh),
-                                     distributed.global_batch(targets[local], s.mesh), key)
+    images, targets = _batch(config, s, q, epoch, i, local)
+    state, step_metrics = train_step(state, distributed.global_batch(images, s.mesh),
+                                     distributed.global_batch(targets, s.mesh), key)
     step += 1
     pending.append(step_metrics["loss"])
     if step == start_step + 1:
@@ -466,19 +582,32 @@ def train_phase(config, workdir: str, s: SetUp, q: Queried) -> Trained:
                  initial_eval=meta["initial_eval"], stolen=stolen, stopped=stopped, timings=timings)
 
 
-def _batch(config, s: SetUp, q: Queried, epoch: int, i: int):
-  """Global batch i of `epoch`: (uint8 images, targets); rows from a permutation seeded by the epoch."""
+def _batch(config, s: SetUp, q: Queried, epoch: int, i: int, local: slice):
+  """This process's rows (`local`) of global batch i of `epoch`: (uint8 images, targets).
+
+  Query once and re-query: rows from a permutation seeded by the epoch. Paper: the pool order, as the
+  original's unshuffled loader, so batch i holds the same images every epoch, in fresh views.
+  """
   batch_size = int(config.train.batch_size)
   train_indices = s.plan.train_indices
+  if s.protocol == "paper":
+    rows = np.arange(i * batch_size, (i + 1) * batch_size)[local]
+    indices = train_indices[rows]
+    images = s.views.uint8(indices, epoch + 1)
+    # The paper's offline simulation (attacks/offline.py): NOT charged, never through the API.
+    answers = q.offline.answer(images, q.sigma_rows[rows], q.account_rows[rows], indices, epoch)
+    return images, q.attacker.map_rows(q.account_rows[rows], answers)
   rows = np.random.default_rng([int(config.seed), 7, epoch]).permutation(len(train_indices))[
       i * batch_size:(i + 1) * batch_size]
-  if not config.attack.requery_each_epoch:
+  if s.protocol == "query_once":
+    rows = rows[local]
     return s.views.uint8(train_indices[rows], 0), q.targets[rows]
-  # Re-query: every view of every epoch is a new charged query, each row sent by its own account.
+  # Re-query: every view of every epoch is a new charged query, each row sent by its own account. Every
+  # process sends the whole global batch (the API simulation stays identical on all of them).
   images = s.views.uint8(train_indices[rows], epoch + 1)
   targets = q.attacker.query_rows(protocol.accounts_of_rows(s.plan)[rows], train_indices[rows],
                                   epoch=epoch + 1, images=images)
-  return images, targets
+  return images[local], targets[local]
 
 
 def _step_config(config, pre, total_steps: int) -> ts.StepConfig:
@@ -489,7 +618,13 @@ def _step_config(config, pre, total_steps: int) -> ts.StepConfig:
       learning_rate=ts.scaled_learning_rate(tc.base_lr, tc.batch_size), total_steps=int(total_steps),
       momentum=float(tc.momentum), weight_decay=float(tc.weight_decay),
       mean=tuple(float(m) for m in mean), std=tuple(float(v) for v in std), augment=bool(tc.augment),
-      input_size=int(pre["input_size"]), center_targets=bool(tc.center_targets))
+      input_size=int(pre["input_size"]), center_targets=bool(tc.center_targets),
+      compute_dtype=compute_dtype(config))
+
+
+def compute_dtype(config) -> str:
+  """The train step's compute dtype: config.compute_dtype, or the backend's default when unset."""
+  return config.get("compute_dtype") or ts.default_compute_dtype()
 
 
 def _create_stolen(config, target_dim: int, seed: int):
@@ -525,13 +660,22 @@ def evaluate_and_export(config, workdir: str, s: SetUp, q: Queried, t: Trained) 
   """Final similarities, the stolen encoder directory, the results dict (written by run)."""
   final = _similarity(config, s, t.stolen, t.state)
   api = q.attacker.api
-  protocol_name = "requery_each_epoch" if config.attack.requery_each_epoch else "query_once"
+  protocol_name = s.protocol
+  stats = api.stats()
+  offline_views = t.step * int(config.train.batch_size) if protocol_name == "paper" else 0
   results = {
       "status": "done", "step": t.step, "total_steps": t.total_steps,
       "steps_per_epoch": t.steps_per_epoch, "config": config.to_dict(), "versions": library_versions(),
       "plan": s.plan.summary(), "protocol": protocol_name,
+      "queries": {"meaning": QUERIES_MEANING[protocol_name], "requested": int(config.attack.num_queries),
+                  "charged": int(stats["total_queries"]),
+                  "charged_per_account": [a["charged_queries"] for a in q.attacker.account_summary()],
+                  "views_answered_offline": offline_views},
+      "rep_scale": float(config.attack.rep_scale),
+      "strategy": q.attacker.strategy.name if q.attacker.strategy else None,
+      "compute_dtype": compute_dtype(config),
       "accounts_after_queries": q.accounts_after_queries, "accounts": q.attacker.account_summary(),
-      "api": {k: v for k, v in api.stats().items() if k != "config"},
+      "api": {k: v for k, v in stats.items() if k != "config"},
       "query_log": [e.to_dict() for e in q.attacker.log],
       "epoch_losses": t.epoch_losses, "final_loss": t.epoch_losses[-1] if t.epoch_losses else None,
       "similarity_initial": t.initial_eval, "similarity_final": final,
@@ -587,9 +731,12 @@ def render_report(r: Dict[str, Any]) -> str:
       f"- defense: {'B4B' if c['defense']['enabled'] else 'none'} (transform "
       f"`{c['defense']['transform']}`, lam {c['defense']['lam']}, alpha {c['defense']['alpha']}, "
       f"beta {c['defense']['beta']}%)",
-      f"- protocol: {r['protocol']}; {r['plan']['num_queries']} planned queries over "
-      f"{len(r['accounts'])} account(s); loss `{c['train']['loss']}`; {c['train']['epochs']} epochs, "
-      f"{r['total_steps']} steps", "",
+      f"- protocol: `{r['protocol']}`; {r['queries']['charged']} charged queries over "
+      f"{len(r['accounts'])} account(s) (requested {r['queries']['requested']}), "
+      f"{r['queries']['views_answered_offline']} views answered offline (not charged); rep_scale "
+      f"{r['rep_scale']:g}; loss `{c['train']['loss']}`; {c['train']['epochs']} epochs, "
+      f"{r['total_steps']} steps",
+      f"- what \"queries\" means here: {r['queries']['meaning']}", "",
       "| account | charged queries | coverage % | sigma | mapper val MSE | mapper val cos (unmapped) |",
       "|---|---|---|---|---|---|",
   ]
