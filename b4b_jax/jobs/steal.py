@@ -121,12 +121,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if dtype is not None and dtype not in ts.COMPUTE_DTYPES:
     raise ValueError(f"compute_dtype must be one of {ts.COMPUTE_DTYPES} (or unset: the backend's "
                      f"default), got {dtype!r}")
-  if protocol_name == "paper":
-    if config.defense.get("noise_keying", "per_query") != "per_query":
-      raise ValueError("attack.protocol='paper' simulates the paper's B4B per-epoch answers; with "
-                       "defense.noise_keying='per_input' use protocol query_once or requery_each_epoch")
-    queries_lib.paper_windows(int(ac.num_queries), int(ac.num_accounts), int(ac.num_queries_mapping),
-                              int(ac.query_batch_size))
   if not 1 <= ac.num_accounts <= queries_lib.MAX_ACCOUNTS:
     raise ValueError(f"attack.num_accounts must be in 1..{queries_lib.MAX_ACCOUNTS}, got "
                      f"{ac.num_accounts}")
@@ -158,6 +152,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{name} must be >= 1, got {config[name]}")
   if config.eval.batch_size < 1:
     raise ValueError(f"eval.batch_size must be >= 1, got {config.eval.batch_size}")
+  if protocol_name == "paper":
+    if config.defense.get("noise_keying", "per_query") != "per_query":
+      raise ValueError("attack.protocol='paper' simulates the paper's B4B per-epoch answers; with "
+                       "defense.noise_keying='per_input' use protocol query_once or requery_each_epoch")
+    queries_lib.paper_windows(int(ac.num_queries), int(ac.num_accounts), int(ac.num_queries_mapping),
+                              int(ac.query_batch_size))
 
 
 # ==================================================================================================
