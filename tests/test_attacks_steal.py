@@ -52,7 +52,7 @@ def _defended_config(victim_dir):
 @pytest.fixture(scope="module")
 def undefended(victim_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("undefended"))
-  config = _config(victim_dir, "queries=512", epochs=2)
+  config = _config(victim_dir, "protocol=query_once,queries=512", epochs=2)
   return config, workdir, run_job(config, workdir)
 
 
