@@ -14,7 +14,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from b4b_jax import defense
 from b4b_jax import models
@@ -22,35 +21,13 @@ from b4b_jax.attacks import protocol
 from b4b_jax.data import preprocess
 from b4b_jax.jobs import steal
 from b4b_jax.main import run_job
-from configs import steal_simsiam
-
-
-@pytest.fixture(scope="module")
-def victim_dir(tmp_path_factory):
-  directory = str(tmp_path_factory.mktemp("victim") / "encoder")
-  model = models.create_resnet("resnet18_w0.125", rngs=nnx.Rngs(1234), small_input=True)
-  models.save_encoder(directory, model, {"preprocessing": models.default_preprocessing(16, resize=None)})
-  return directory
-
-
-def _config(victim_dir):
-  c = steal_simsiam.get_config("tiny,defended=1,sybils=2,epochs=2,queries=384,mapping=128")
-  c.victim.encoder_dir = victim_dir
-  c.victim.build_tiny = ""
-  c.checkpoint_every_steps = 8
-  # Coarse buckets and a low beta: the cost curve is visible within a few hundred queries.
-  c.defense.num_hyperplanes = 6
-  c.defense.num_projections = 4
-  c.defense.lam = 1e-3
-  c.defense.alpha = 0.2
-  c.defense.beta = 20.0
-  return c
+from tests.test_attacks_steal import _defended_config, victim_dir  # noqa: F401  (a shared fixture)
 
 
 @pytest.fixture(scope="module")
 def paper_run(victim_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("paper"))
-  config = _config(victim_dir)
+  config = _defended_config(victim_dir, "paper")  # B4B costs made visible at this size
   assert config.attack.protocol == "paper"
   return config, workdir, run_job(config, workdir)
 

@@ -256,7 +256,8 @@ class _Channel:
       raise ValueError(f"this strategy owns account {self._attacker.users[self._account]!r}, not "
                        f"{user!r}")
     result = self._attacker.api.query(user, self._to_api(images))
-    self._attacker._record(self._account, self._phase, float(np.max(result.sigma)))  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    self._attacker._record(self._account, self._phase, float(np.max(result.sigma)))
     return result
 
   @property
