@@ -9,9 +9,9 @@ num_queries, or when the pool ends: 50k -> 196 batches = 50,176 queries; 100k on
 ImageNet pool -> 390). k accounts each own a window of bpa = floor(num_queries / bs) // k batches
 (account j, 0-based: batches [j bpa, (j+1) bpa)); accounts j >= 1 spend their first
 M = ceil(num_queries_mapping / bs) batches on the mapping queries: pool batches 0..M-1, the images
-account 1 sent first, so the overlap is paired. The images at window positions 0..M-1 of account j >= 1 are never queried (the original skipped
-them) and nothing past the k windows is queried (the original's free untransformed window after them is
-not reproduced). Every batch is charged to the account that sends it, mapping batches included.
+account 1 sent first, so the overlap is paired. The images at window positions 0..M-1 of account
+j >= 1 are never queried (the original skipped them) and nothing past the k windows is queried (the
+original's free untransformed window after them is not reproduced). Every batch is charged to the account that sends it, mapping batches included.
 Examples (bs 256, M = 40): 50k, k=2 -> bpa 97; 100k, k=2 -> 195; 100k, k=3 -> 130; 100k, k=6 -> 65.
 
 `plan_queries` (the `query_once` and `requery_each_epoch` protocols): one seeded permutation of the
