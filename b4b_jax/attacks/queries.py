@@ -7,22 +7,23 @@ its own order (unshuffled), cut into batches of `batch_size` (drop_last). One ac
 min(ceil(num_queries / bs), floor(pool / bs)) batches (the original stops once it has passed
 num_queries, or when the pool ends: 50k -> 196 batches = 50,176 queries; 100k on the 100-per-class
 ImageNet pool -> 390). k accounts each own a window of bpa = floor(num_queries / bs) // k batches
-(account j, 0-based: batches [j bpa, (j+1) bpa)); accounts j >= 1 spend their first
-M = ceil(num_queries_mapping / bs) batches on the mapping queries: pool batches 0..M-1, the images
-account 1 sent first, so the overlap is paired. The images at window positions 0..M-1 of account
-j >= 1 are never queried (the original skipped them) and nothing past the k windows is queried (the
-original's free untransformed window after them is not reproduced). Every batch is charged to the account that sends it, mapping batches included.
+(account j, 0-based: batches [j bpa, (j+1) bpa)); accounts j >= 1 spend their first M =
+ceil(num_queries_mapping / bs) batches on the mapping queries: pool batches 0..M-1, the images account 1
+sent first, so the overlap is paired. The images at window positions 0..M-1 of account j >= 1 are never
+queried (the original skipped them) and nothing past the k windows is queried (the original's free
+untransformed window after them is not reproduced). Every batch is charged to the account that sends it,
+mapping batches included.
 Examples (bs 256, M = 40): 50k, k=2 -> bpa 97; 100k, k=2 -> 195; 100k, k=3 -> 130; 100k, k=6 -> 65.
 
 `plan_queries` (the `query_once` and `requery_each_epoch` protocols): one seeded permutation of the
 stealing pool fixes everything. The attacker's total budget `num_queries` is split evenly over its
 accounts (the paper's 2x50k, 3x33.3k, ... of 100k; the first `num_queries % n` accounts get one query
-more). Account 1 spends its whole share on new images. Every
-extra account first spends `num_queries_mapping` queries on images account 1 already queried (the
-overlap: account 1's first images), to fit a mapper into account 1's space, then the rest of its share on
-images nobody queried yet. So every query is charged to exactly one account and the budget is exact
-(the original code skipped the mapping batches without charging them and let a free, untransformed
-window of queries leak after the account windows; reference section 5.3).
+more). Account 1 spends its whole share on new images. Every extra account first spends
+`num_queries_mapping` queries on images account 1 already queried (the overlap: account 1's first
+images), to fit a mapper into account 1's space, then the rest of its share on images nobody queried
+yet. So every query is charged to exactly one account and the budget is exact (the original code skipped
+the mapping batches without charging them and let a free, untransformed window of queries leak after the
+account windows; reference section 5.3).
 
 Images held out for evaluation come from the end of the same permutation and are never queried.
 """
