@@ -59,7 +59,9 @@ class Attacker:
   # ------------------------------------------------------------------------------------------------
   def query(self, account: int, indices: np.ndarray, *, phase: str, epoch: int = 0) -> np.ndarray:
     """Sends `indices` through account `account` (0-based) in batches; returns the raw responses."""
-    images = (self.views(chunk, epoch) for chunk in api_client.chunks(indices, self.batch_size))
+    batches = getattr(self.views, "batches", None)  # a streaming source reads ahead (jobs/steal.py)
+    images = (batches(indices, epoch, self.batch_size) if batches is not None else
+              (self.views(chunk, epoch) for chunk in api_client.chunks(indices, self.batch_size)))
     responses, _ = api_client.send_batches(
         self.api, self.users[account], images, representations=False,
         on_batch=lambda trace: self._record(account, phase, trace.sigma[-1]))
