@@ -182,3 +182,82 @@ def test_folder_decode_errors_name_the_file(tmp_path):
   with pytest.raises(ValueError, match="im0.jpg"):
     embeddings.embed_split(None, f"folder:{root}", "train",
                            transform=data_lib.Transform("resize", 8), batch_size=2)
+
+
+_DATA_PARALLEL_RUN = r"""
+import sys
+import numpy as np
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_disable_most_optimizations", True)  # tiny shapes: compile time dominates
+from b4b_jax import data as data_lib, models
+from b4b_jax.evaluation import embeddings
+from b4b_jax.jobs import steal
+from b4b_jax.utils import distributed
+from configs import steal_simsiam
+
+root, victim_dir, out = sys.argv[1:4]
+assert jax.local_device_count() == int(sys.argv[4]), jax.devices()
+config = steal_simsiam.get_config("tiny,defended=1")
+config.defense.num_hyperplanes, config.defense.num_projections, config.defense.lam = 6, 4, 1e-3
+config.defense.alpha, config.defense.beta = 0.2, 20.0
+victim = models.load_encoder(victim_dir)
+import ml_collections
+cfg = ml_collections.ConfigDict({"name": "folder:" + root, "split": "train", "limit": None,
+                                 "image_size": None, "per_class": None, "data_dir": None,
+                                 "transform": {"mode": "center_crop", "size": 24, "resize_size": 24}})
+pool = data_lib.stream.open_pool(cfg, 0)
+views = steal.Views(pool, config, 16, distributed.data_mesh())
+api = steal.new_api(victim, config)
+api.register("a")
+api.register("b")
+idx = np.random.default_rng(0).permutation(len(pool))
+reps, buckets, sigma = [], [], []
+for epoch in (0, 1):   # the charged pass (centre crops), then a re-query epoch (RandomResizedCrop+flip)
+  for batch in views.batches(idx, epoch, 4):   # 12 images: batches of 4 (sharded on 2 devices)
+    users = ["a", "b", "a", "b"][:len(batch)]
+    r = api.query_mixed(users, batch)
+    reps.append(r.reps); buckets.append(r.buckets); sigma.append(r.sigma)
+emb, labels = embeddings.embed_split(victim, "folder:" + root, "train",
+                                     transform=data_lib.Transform("center_crop", 16), batch_size=6)
+held_out = steal.EvalSet(pool, views.query_transform, 0, 6).embed(victim)
+np.savez(out, reps=np.concatenate(reps), buckets=np.concatenate(buckets), sigma=np.concatenate(sigma),
+         emb=emb, labels=labels, held_out=held_out, coverage=np.asarray([api.coverage("a"),
+                                                                          api.coverage("b")]))
+"""
+
+
+def test_query_phase_and_embedding_data_parallel_equal_one_device(tree, tmp_path):
+  """The API's query batches (sharded over the local devices) and the evaluation embeddings, on 2
+  virtual devices in a subprocess, against the same on 1 device."""
+  import subprocess
+  import sys
+  from flax import nnx
+  from b4b_jax import models
+  victim_dir = str(tmp_path / "victim")
+  models.save_encoder(victim_dir, models.create_resnet("resnet18_w0.125", rngs=nnx.Rngs(7),
+                                                       small_input=True),
+                      {"preprocessing": models.default_preprocessing(16, resize=None)})
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = {}
+  for n in (1, 2):  # both at once
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+               PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="2")
+    out = str(tmp_path / f"run{n}.npz")
+    procs[n] = (out, subprocess.Popen(
+        [sys.executable, "-c", _DATA_PARALLEL_RUN, tree, victim_dir, out, str(n)], cwd=repo, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = {}
+  for n, (out, proc) in procs.items():
+    log, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, log[-3000:]
+    outs[n] = dict(np.load(out))
+  one, two = outs[1], outs[2]
+  np.testing.assert_array_equal(one["buckets"], two["buckets"])
+  np.testing.assert_array_equal(one["coverage"], two["coverage"])
+  np.testing.assert_allclose(one["sigma"], two["sigma"], rtol=1e-6)
+  np.testing.assert_allclose(one["reps"], two["reps"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(one["emb"], two["emb"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(one["labels"], two["labels"])
+  np.testing.assert_allclose(one["held_out"], two["held_out"], rtol=1e-5, atol=1e-6)
+  assert one["coverage"].min() > 0 and len(one["reps"]) == 24

@@ -141,7 +141,7 @@ def undecodable(paths: Sequence[str], *, process_index: Optional[int] = None,
     ds = tf.data.Dataset.from_tensor_slices((np.arange(start, stop, dtype=np.int64), paths[start:stop]))
     ds = ds.map(lambda i, p: (i, tf.shape(folders.decode_image(p))[0]),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    ds = ds.apply(tf.data.experimental.ignore_errors())
+    ds = ds.ignore_errors()
     ok = np.zeros((stop - start,), bool)
     for i, _ in ds.as_numpy_iterator():
       ok[i - start] = True
