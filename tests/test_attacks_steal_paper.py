@@ -65,7 +65,7 @@ def test_paper_protocol_charges_exactly_one_pass(paper_run, restored):
     user = protocol.account_name(a.index)
     for indices in (a.mapping_indices, a.new_indices):
       for start in range(0, len(indices), bs):
-        api.query(user, s.views(indices[start:start + bs], 0))
+        api.query(user, s.views.uint8(indices[start:start + bs], 0))
   for a in r["accounts"]:
     assert a["charged_queries"] == api.num_queries(a["user"])
     assert a["coverage"] == pytest.approx(api.coverage(a["user"]), abs=1e-6)
@@ -100,8 +100,8 @@ def test_epochs_see_fresh_views_answered_at_their_positions_sigma(paper_run, res
   rows_per_position = []
   seen = {}
   for epoch in (0, 1):
-    for i in range(len(s.plan.train_indices) // bs):
-      images, targets = steal._batch(config, s, q, epoch, i, slice(None))  # pylint: disable=protected-access
+    batches = steal._epoch_batches(config, s, q, epoch, 0)  # pylint: disable=protected-access
+    for i, (images, targets) in enumerate(batches):
       rows = np.arange(i * bs, (i + 1) * bs)
       seen[(epoch, i)] = images
       clean = np.asarray(victim(((images / 255.0 - mean) / std).astype(np.float32)), np.float64)

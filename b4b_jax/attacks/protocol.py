@@ -79,7 +79,9 @@ class Attacker:
     """Sends `indices` through account `account` (0-based) in batches; returns the raw responses
     (and, with_sigma, the noise std each row's batch was answered with)."""
     chunks = list(api_client.chunks(indices, self.batch_size))
-    images = (self.views(chunk, epoch) for chunk in chunks)
+    batches = getattr(self.views, "batches", None)  # a streaming source reads ahead (jobs/steal.py)
+    images = (batches(indices, epoch, self.batch_size) if batches is not None else
+              (self.views(chunk, epoch) for chunk in chunks))
     responses, trace = api_client.send_batches(
         self.api, self.users[account], images, representations=False,
         on_batch=lambda trace: self._record(account, phase, trace.sigma[-1]))

@@ -38,9 +38,17 @@ results.json and report.md say which ran and what was counted):
    under account 1's transform, which the evaluator knows); the stolen encoder as an encoder directory
    (workdir/stolen_encoder, for the linear probes), results.json, report.md.
 
+Data (b4b_jax.data.stream): the pool, its views and the held-out set stream from disk by index; host
+memory is bounded by the input pipelines' buffers, not by the pool. Views depend only on (seed, epoch,
+pool index), so a resumed run sends and trains on the same pixels. Corrupt pool files are skipped and
+counted before the plan is drawn (results.json "pool"); a missing victim directory, an empty class
+folder or a split not sorted into classes is an error before anything is charged.
+
 Multi-host: every process runs the same (deterministic) API simulation, so all hold identical responses;
-each process feeds its own slice of every global batch (in the paper protocol it also computes only the
-offline answers of its slice); only process 0 writes results.
+for it, each process reads the whole query batch and runs the API data-parallel on its local devices of
+the mesh. Training batches: each process reads and feeds only its own slice of every global batch (in
+the paper protocol it also computes only the offline answers of its slice). The held-out set: each
+process embeds its share, the shares are gathered. Only process 0 writes results.
 """
 import dataclasses
 import inspect
@@ -93,6 +101,8 @@ QUERIES_MEANING = {
                   "mapping queries included; the stolen model trains on the kept answers",
     "requery_each_epoch": "charged = mapping queries + every training view of every epoch",
 }
+_POOL_CHECK = os.path.join("attack", "pool_check.json")      # the corrupt-file check, per file list
+_EVAL_CHECK = os.path.join("attack", "eval_set_check.json")
 
 
 # ==================================================================================================
@@ -152,6 +162,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{name} must be >= 1, got {config[name]}")
   if config.eval.batch_size < 1:
     raise ValueError(f"eval.batch_size must be >= 1, got {config.eval.batch_size}")
+  on_corrupt = config.data.get("on_corrupt", "skip")
+  if on_corrupt not in data_lib.stream.ON_CORRUPT:
+    raise ValueError(f"data.on_corrupt must be one of {data_lib.stream.ON_CORRUPT}, got {on_corrupt!r}")
+  encoder_dir = config.victim.get("encoder_dir")
+  if not config.victim.get("build_tiny") and encoder_dir and not os.path.isdir(encoder_dir):
+    raise FileNotFoundError(f"victim encoder directory {os.path.abspath(encoder_dir)} does not exist "
+                            "(config.victim.encoder_dir; write one with `python -m "
+                            "weight_conversion.convert`)")
   if protocol_name == "paper":
     if config.defense.get("noise_keying", "per_query") != "per_query":
       raise ValueError("attack.protocol='paper' simulates the paper's B4B per-epoch answers; with "
@@ -207,7 +225,7 @@ class SetUp:
   plan: queries_lib.QueryPlan
   protocol: str                    # one of PROTOCOLS
   ckpt: ckpt_lib.Checkpointer     # the training checkpoints
-  eval_images: np.ndarray          # uint8 held-out views
+  eval_set: "EvalSet"              # the held-out images (streamed)
   victim_eval: np.ndarray          # the victim's representations of them
   responses_eval: np.ndarray       # account 1's noise-free responses to them
 
@@ -220,7 +238,12 @@ def set_up(config, workdir: str) -> SetUp:
   pre = victim.manifest["preprocessing"]
   input_size = int(pre["input_size"])
 
-  pool = _load_split(config.data, seed)
+  on_corrupt = config.data.get("on_corrupt", "skip")
+  pool = data_lib.stream.open_pool(config.data, seed, on_corrupt=on_corrupt,
+                                   check_cache=os.path.join(workdir, _POOL_CHECK))
+  eval_pool = data_lib.stream.open_pool(config.eval, seed, on_corrupt=on_corrupt,
+                                        check_cache=os.path.join(workdir, _EVAL_CHECK))
+  logging.info("stealing pool: %s; held-out set: %s", pool.summary(), eval_pool.summary())
   ac = config.attack
   protocol_name = str(ac.protocol)
   plan = make_plan(config, len(pool))
@@ -228,19 +251,15 @@ def set_up(config, workdir: str) -> SetUp:
   if len(plan.train_indices) < config.train.batch_size:
     raise ValueError(f"{len(plan.train_indices)} training images are fewer than one batch "
                      f"({config.train.batch_size})")
-  views = Views(pool, config, input_size)
-  if protocol_name == "query_once":
-    views.cache(plan.train_indices)
-
-  eval_images = data_lib.apply_transform(_load_split(config.eval, seed),
-                                         _transform(config.eval.view_transform, input_size), seed=seed)
-  victim_eval = embeddings.embed_images(victim, eval_images, batch_size=int(config.eval.batch_size))
+  views = Views(pool, config, input_size, mesh)
+  eval_set = EvalSet(eval_pool, _transform(config.eval.view_transform, input_size), seed,
+                     int(config.eval.batch_size))
+  victim_eval = eval_set.embed(victim)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, _CHECKPOINTS),
                                max_to_keep=int(config.get("checkpoints_to_keep", 2)))
   return SetUp(mesh=mesh, writer=metrics_lib.MetricsWriter(workdir),
                is_writer=jax.process_index() == 0, victim=victim, views=views, plan=plan,
-               protocol=protocol_name, ckpt=ckpt,
-               eval_images=eval_images, victim_eval=victim_eval,
+               protocol=protocol_name, ckpt=ckpt, eval_set=eval_set, victim_eval=victim_eval,
                responses_eval=clean_response_space(config, victim.rep_dim, victim_eval))
 
 
@@ -280,73 +299,79 @@ def new_api(victim: models_lib.Encoder, config) -> defense_lib.DefendedEncoder:
                                                   capacity=max(8, int(config.attack.num_accounts)))
 
 
-def _load_split(cfg, seed: int) -> np.ndarray:
-  kind, _ = data_lib.sources.parse_name(cfg.name, cfg.get("data_dir"))
-  kwargs = {"data_dir": cfg.get("data_dir"), "limit": cfg.get("limit"), "seed": seed}
-  if kind == "bundled":
-    kwargs["image_size"] = cfg.get("image_size")
-  else:
-    kwargs["transform"] = cfg.get("transform")
-    kwargs["image_size"] = cfg.get("image_size") if cfg.get("transform") is None else None
-    kwargs["per_class"] = cfg.get("per_class")
-  images, _ = data_lib.load_arrays(cfg.name, cfg.split, **kwargs)
-  if len(images) == 0:
-    raise ValueError(f"dataset {cfg.name!r} split {cfg.split!r} gave no images")
-  return images
-
-
 def _transform(spec, size: int):
   if hasattr(spec, "to_dict"):
     spec = spec.to_dict()
   return data_lib.make_transform(spec, size=size)
 
 
-def _epoch_views(pool: np.ndarray, transform, seed: int, indices: np.ndarray, epoch: int) -> np.ndarray:
-  """uint8 views of pool[indices] under `transform`; example i draws from (seed, epoch, indices[i]).
-
-  THE one place the job cuts views (the streaming pipeline swaps this body). View epochs: 0 = what is
-  charged in the query phase (query once: the fixed view; paper: the charged pass's crops); e + 1 = the
-  views of training epoch e (paper and re-query)."""
-  return data_lib.apply_transform(pool[indices], transform, seed=seed, ids=indices, epoch=epoch)
-
-
 class Views:
-  """Images the attacker sends: uint8 views of pool images (the API normalises them as the victim's
-  manifest says).
+  """Images the attacker sends: uint8 views of pool images, streamed from disk (the API normalises
+  them as the victim's manifest says).
 
-  Query-once: one fixed view per image (`query_transform`, view epoch 0), cached for the training set.
-  Re-query: that fixed view for the mapping overlap, `requery_transform` (RandomResizedCrop + flip) at
-  view epoch e + 1 for training epoch e. Paper: `requery_transform` throughout, view epoch 0 for the
-  charged pass.
+  View epoch 0 is what the query phase sends: `query_transform` (the query-once and re-query protocols'
+  fixed view, e.g. the centre crop) or, in the paper protocol, `requery_transform` (the original's
+  charged pass ran its stealing loader's crops). View epoch e + 1 is training epoch e's fresh
+  `requery_transform` view (RandomResizedCrop + flip). Image i's view at epoch e is drawn from
+  example_seed(seed, e, i) alone, so it is the same in every run, batch and process.
+  `for_api` puts a batch on this process's devices of the mesh, sharded along "data", so the API's
+  fused encoder + defense call runs data-parallel.
   """
 
-  def __init__(self, pool: np.ndarray, config, input_size: int):
+  def __init__(self, pool: data_lib.stream.Pool, config, input_size: int, mesh: jax.sharding.Mesh):
     self.pool = pool
     self.seed = int(config.seed)
     self.query_transform = _transform(config.attack.query_transform, input_size)
     self.requery_transform = _transform(config.attack.requery_transform, input_size)
-    # The paper's charged pass cuts the stealing crops too (the original's buckets.py pass ran the
-    # stealing loader); the online protocols send the fixed view first.
+    self.batch_size = int(config.attack.query_batch_size)
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    self.api_mesh = jax.sharding.Mesh(np.asarray(local), (distributed.DATA_AXIS,))
     paper = config.attack.protocol == "paper"
     self.first_transform = self.requery_transform if paper else self.query_transform
-    self._cache_index = None
-    self._cache = None
 
-  def cache(self, indices: np.ndarray) -> None:
-    """Precomputes the view-epoch-0 views of `indices` (the query-once training set)."""
-    self._cache = _epoch_views(self.pool, self.first_transform, self.seed, indices, 0)
-    self._cache_index = np.full(len(self.pool), -1, np.int64)
-    self._cache_index[indices] = np.arange(len(indices))
+  def transform(self, epoch: int):
+    return self.first_transform if epoch == 0 else self.requery_transform
 
   def uint8(self, indices: np.ndarray, epoch: int) -> np.ndarray:
-    if epoch == 0:
-      if self._cache_index is not None and np.all(self._cache_index[indices] >= 0):
-        return self._cache[self._cache_index[indices]]
-      return _epoch_views(self.pool, self.first_transform, self.seed, indices, 0)
-    return _epoch_views(self.pool, self.requery_transform, self.seed, indices, epoch)
+    return data_lib.stream.views(self.pool, indices, self.transform(epoch), seed=self.seed, epoch=epoch,
+                                 batch_size=max(len(indices), 1))
 
-  def __call__(self, indices: np.ndarray, epoch: int) -> np.ndarray:
-    return self.uint8(indices, epoch)
+  def stream(self, indices: np.ndarray, epoch: int, batch_size: int):
+    """uint8 numpy batches of the views of `indices`, in order, read ahead by the pipeline."""
+    return data_lib.stream.view_batches(self.pool, indices, self.transform(epoch), seed=self.seed,
+                                        epoch=epoch, batch_size=batch_size)
+
+  def batches(self, indices: np.ndarray, epoch: int, batch_size: int):
+    """What protocol.Attacker sends: the views of `indices` in batches, on this process's devices."""
+    return (self.for_api(b) for b in self.stream(indices, epoch, batch_size))
+
+  def for_api(self, images: np.ndarray):
+    n = self.api_mesh.devices.size
+    if n == 1 or len(images) % n:  # a short last batch runs undivided (the API pads it itself)
+      return images
+    return jax.device_put(images, distributed.batch_sharded(self.api_mesh))
+
+  def __call__(self, indices: np.ndarray, epoch: int):
+    return self.for_api(self.uint8(indices, epoch))
+
+
+class EvalSet:
+  """The held-out images, streamed: each process embeds its share on its devices; shares gathered."""
+
+  def __init__(self, pool: data_lib.stream.Pool, transform, seed: int, batch_size: int):
+    self.pool, self.transform, self.seed, self.batch_size = pool, transform, seed, batch_size
+
+  def __len__(self) -> int:
+    return len(self.pool)
+
+  def embed(self, encoder, params=None) -> np.ndarray:
+    share = data_lib.stream.host_slice(len(self.pool))
+    ids = np.arange(len(self.pool))[share]
+    reps = [embeddings.embed_images(encoder, b, batch_size=self.batch_size, params=params)
+            for b in data_lib.stream.view_batches(self.pool, ids, self.transform, seed=self.seed,
+                                                  epoch=0, batch_size=self.batch_size)]
+    local = np.concatenate(reps) if reps else np.zeros((0, encoder.rep_dim), np.float32)
+    return data_lib.stream.gather_rows(ids, local)[0]
 
 
 def clean_response_space(config, rep_dim: int, victim_reps: np.ndarray) -> np.ndarray:
@@ -445,7 +470,7 @@ def _strategy_spec(config, s: SetUp) -> Optional[protocol.StrategySpec]:
   if "seed" in accepted:
     kwargs.setdefault("seed", int(config.seed))
   if "canary" in accepted and "canary" not in kwargs:  # the first training image's view rides along
-    kwargs["canary"] = s.views(s.plan.train_indices[:1], 0)[0].astype(np.float32) / 255.0
+    kwargs["canary"] = s.views.uint8(s.plan.train_indices[:1], 0)[0].astype(np.float32) / 255.0
   return protocol.StrategySpec(
       cls, kwargs, to_strategy=lambda views: np.asarray(views, np.float32) / np.float32(255.0),
       to_api=lambda x01: np.clip(np.round(np.asarray(x01, np.float32) * 255.0), 0, 255).astype(np.uint8))
@@ -526,14 +551,15 @@ def train_phase(config, workdir: str, s: SetUp, q: Queried) -> Trained:
   progress = progress_lib.Progress(f"{STAGE}/train", total_steps, start_step=start_step,
                                    every_seconds=float(config.get("progress_every_seconds", 10.0)))
   max_this_run = int(config.get("max_steps_this_run", -1))
-  local_rows = batch_size // jax.process_count()
-  local = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
   stopped = None
   t_train = time.time()
+  batches = None  # this epoch's batches, streamed (from the resumed batch on)
 
   while step < total_steps:
     epoch, i = divmod(step, steps_per_epoch)
-    images, targets = _batch(config, s, q, epoch, i, local)
+    if batches is None or i == 0:
+      batches = _epoch_batches(config, s, q, epoch, i)
+    images, targets = next(batches)
     state, step_metrics = train_step(state, distributed.global_batch(images, s.mesh),
                                      distributed.global_batch(targets, s.mesh), key)
     step += 1
@@ -582,32 +608,46 @@ def train_phase(config, workdir: str, s: SetUp, q: Queried) -> Trained:
                  initial_eval=meta["initial_eval"], stolen=stolen, stopped=stopped, timings=timings)
 
 
-def _batch(config, s: SetUp, q: Queried, epoch: int, i: int, local: slice):
-  """This process's rows (`local`) of global batch i of `epoch`: (uint8 images, targets).
+def _epoch_batches(config, s: SetUp, q: Queried, epoch: int, start: int):
+  """(this process's uint8 images, its targets) for batches start, start + 1, ... of `epoch`.
 
-  Query once and re-query: rows from a permutation seeded by the epoch. Paper: the pool order, as the
-  original's unshuffled loader, so batch i holds the same images every epoch, in fresh views.
+  Query once and re-query: global batch i is rows [i*B, (i+1)*B) of a permutation of the training rows
+  seeded by the epoch. Paper: the pool order, as the original's unshuffled loader, so batch i holds the
+  same images every epoch, in fresh views. Each process takes its contiguous slice of every batch; the
+  views stream ahead of the train step.
   """
   batch_size = int(config.train.batch_size)
   train_indices = s.plan.train_indices
+  steps = len(train_indices) // batch_size
   if s.protocol == "paper":
-    rows = np.arange(i * batch_size, (i + 1) * batch_size)[local]
-    indices = train_indices[rows]
-    images = s.views.uint8(indices, epoch + 1)
-    # The paper's offline simulation (attacks/offline.py): NOT charged, never through the API.
-    answers = q.offline.answer(images, q.sigma_rows[rows], q.account_rows[rows], indices, epoch)
-    return images, q.attacker.map_rows(q.account_rows[rows], answers)
-  rows = np.random.default_rng([int(config.seed), 7, epoch]).permutation(len(train_indices))[
-      i * batch_size:(i + 1) * batch_size]
+    order = np.arange(len(train_indices))
+  else:
+    order = np.random.default_rng([int(config.seed), 7, epoch]).permutation(len(train_indices))
+  rows = order[start * batch_size:steps * batch_size].reshape(-1, batch_size)
+  local = data_lib.stream.host_slice(batch_size)
+  if s.protocol == "paper":
+    mine = rows[:, local]
+    images = s.views.stream(train_indices[mine.reshape(-1)], epoch + 1, mine.shape[1])
+    for r, batch in zip(mine, images):
+      # The paper's offline simulation (attacks/offline.py): NOT charged, never through the API.
+      answers = q.offline.answer(batch, q.sigma_rows[r], q.account_rows[r], train_indices[r], epoch)
+      yield batch, q.attacker.map_rows(q.account_rows[r], answers)
+    return
   if s.protocol == "query_once":
-    rows = rows[local]
-    return s.views.uint8(train_indices[rows], 0), q.targets[rows]
-  # Re-query: every view of every epoch is a new charged query, each row sent by its own account. Every
-  # process sends the whole global batch (the API simulation stays identical on all of them).
-  images = s.views.uint8(train_indices[rows], epoch + 1)
-  targets = q.attacker.query_rows(protocol.accounts_of_rows(s.plan)[rows], train_indices[rows],
-                                  epoch=epoch + 1, images=images)
-  return images[local], targets[local]
+    # Query once: the epoch-0 views, whose responses are the targets; this process reads only its rows.
+    mine = rows[:, local]
+    images = s.views.stream(train_indices[mine.reshape(-1)], 0, mine.shape[1])
+    for r, batch in zip(mine, images):
+      yield batch, q.targets[r]
+    return
+  # Re-query: every view of every epoch is a new charged query, each row sent by its own account. The
+  # API simulation runs on every process, so each reads the whole global batch.
+  accounts = protocol.accounts_of_rows(s.plan)
+  images = s.views.stream(train_indices[rows.reshape(-1)], epoch + 1, batch_size)
+  for r, batch in zip(rows, images):
+    targets = q.attacker.query_rows(accounts[r], train_indices[r], epoch=epoch + 1,
+                                    images=s.views.for_api(batch))
+    yield batch[local], targets[local]
 
 
 def _step_config(config, pre, total_steps: int) -> ts.StepConfig:
@@ -679,7 +719,8 @@ def evaluate_and_export(config, workdir: str, s: SetUp, q: Queried, t: Trained) 
       "query_log": [e.to_dict() for e in q.attacker.log],
       "epoch_losses": t.epoch_losses, "final_loss": t.epoch_losses[-1] if t.epoch_losses else None,
       "similarity_initial": t.initial_eval, "similarity_final": final,
-      "num_eval_images": int(len(s.eval_images)), "target_dim": int(api.out_dim),
+      "num_eval_images": int(len(s.eval_set)), "target_dim": int(api.out_dim),
+      "pool": s.views.pool.summary(), "eval_set": s.eval_set.pool.summary(),
       "stolen_architecture": t.architecture, "num_devices": int(s.mesh.devices.size),
       "num_processes": int(jax.process_count()),
   }
@@ -704,8 +745,7 @@ def _similarity(config, s: SetUp, stolen: models_lib.Encoder, state) -> Dict[str
   trained on centred targets).
   """
   weights = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
-  reps = embeddings.embed_images(stolen, s.eval_images, batch_size=int(config.eval.batch_size),
-                                 params=weights)
+  reps = s.eval_set.embed(stolen, params=weights)
   out: Dict[str, float] = {}
   if reps.shape == s.victim_eval.shape:
     out["cosine_to_victim"] = _mean_cosine(reps, s.victim_eval)
@@ -736,7 +776,10 @@ def render_report(r: Dict[str, Any]) -> str:
       f"{r['queries']['views_answered_offline']} views answered offline (not charged); rep_scale "
       f"{r['rep_scale']:g}; loss `{c['train']['loss']}`; {c['train']['epochs']} epochs, "
       f"{r['total_steps']} steps",
-      f"- what \"queries\" means here: {r['queries']['meaning']}", "",
+      f"- what \"queries\" means here: {r['queries']['meaning']}",
+      f"- stealing pool: {r['pool']['num_images']} images of `{r['pool']['name']}`/{r['pool']['split']}"
+      f" ({r['pool']['skipped_corrupt']} undecodable file(s) skipped); held-out: "
+      f"{r['num_eval_images']} images", "",
       "| account | charged queries | coverage % | sigma | mapper val MSE | mapper val cos (unmapped) |",
       "|---|---|---|---|---|---|",
   ]
