@@ -9,7 +9,9 @@ Batching is the caller's: the stealing job cuts seeded epoch permutations of its
 (b4b_jax/jobs/steal.py), the evaluation jobs stream tf.data batches (evaluation.embeddings).
 """
 from b4b_jax.data import preprocess
+from b4b_jax.data import stream
 from b4b_jax.data.folders import check_images, class_names, list_folder
+from b4b_jax.data import folders
 from b4b_jax.data.preprocess import (NORMALIZATION, TRANSFORM_PRESETS, Transform, apply_transform,
                                      center_crop, example_seed, make_transform, normalization,
                                      normalize, random_flip, random_resized_crop,
