@@ -95,7 +95,8 @@ def _sklearn_top1(emb, model):
 
 def test_probe_job(exported, tmp_path):
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
-  config = _reuse(tiny_config("probe"), exported)
+  config = _reuse(importlib.import_module("configs.probe").get_config("tiny,protocol=embedding"),
+                  exported)
   config.probe.epochs, config.probe.learning_rate = 30, 1e-2  # converged, for the comparison below
   results = run_job(config, str(tmp_path))
   out, report = _check_outputs(str(tmp_path), plots=("val_curves.png",))
@@ -110,6 +111,23 @@ def test_probe_job(exported, tmp_path):
   assert len(digits["seeds"]) == 2 and results["datasets"]["digits"]["num_train"] == 384
   assert metrics_lib.read_metrics(str(tmp_path), stage="probe/digits")
   assert "| LEGIT | NONE |" in report
+
+
+def test_probe_job_paper_protocol(exported, tmp_path):
+  config = tiny_config("probe")
+  assert config.protocol == "paper" and config.table_row.user == "ATTACK"
+  config.source.encoder = exported["encoder"]
+  results = run_job(config, str(tmp_path))
+  out, report = _check_outputs(str(tmp_path), plots=("val_curves.png",))
+  digits = out["datasets"]["digits"]
+  assert out["protocol"] == "paper" and digits["protocol"] == "paper"
+  assert digits["num_train"] == 384 and len(digits["seeds"][0]["val_curve"]) == config.probe.epochs
+  assert digits["test_top1_mean"] > 40.0 and digits["test_top1_last_mean"] > 40.0   # chance is 10 %
+  assert "last epoch" in report and "comparison only" in report and "| ATTACK | NONE |" in report
+  assert digits["settings"]["train_transform"] == digits["settings"]["eval_transform"]  # auto: CIFAR10 only
+  assert os.path.exists(os.path.join(str(tmp_path), "embeddings", "paper_digits.npz"))
+  assert metrics_lib.read_metrics(str(tmp_path), stage="probe/digits")
+  assert results["datasets"]["digits"]["seeds"][0]["chosen_epoch"] >= 1
 
 
 def test_legit_job_and_the_images_path(exported, tmp_path):
