@@ -83,14 +83,16 @@ def test_embeddings_job_exports_npz(exported):
   assert "digits" in report
 
 
-def _sklearn_top1(emb, model):
+def _sklearn_top1(emb, model, *, standardize=True):
   """Independent reference: scikit-learn on the same exported embeddings, standardised with train
-  statistics (the probes' normalisation)."""
+  statistics (the embedding probes' default normalisation) or as they are."""
   from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
-  scaler = StandardScaler().fit(emb["train_x"].astype(np.float64))
-  model.fit(scaler.transform(emb["train_x"].astype(np.float64)), emb["train_y"])
-  return 100.0 * float(np.mean(model.predict(scaler.transform(emb["test_x"].astype(np.float64)))
-                               == emb["test_y"]))
+  train, test = emb["train_x"].astype(np.float64), emb["test_x"].astype(np.float64)
+  if standardize:
+    scaler = StandardScaler().fit(train)
+    train, test = scaler.transform(train), scaler.transform(test)
+  model.fit(train, emb["train_y"])
+  return 100.0 * float(np.mean(model.predict(test) == emb["test_y"]))
 
 
 def test_probe_job(exported, tmp_path):
@@ -142,13 +144,14 @@ def test_legit_job_and_the_images_path(exported, tmp_path):
   assert rows["B4B"]["through_images"] and rows["B4B"]["account"]["num_queries"] == 384 + 192
   assert "Table 8" in report and "Table 6" in report
   assert results["datasets"]["digits"]["rows"]["NONE"]["account"]["coverage"] is None
-  # NONE row (clean representations): the accuracy of scikit-learn's Ridge on one-hot targets, fit on
-  # all of train (the probe refits there), strength 1.0 x the mean eigenvalue of the centred Gram
-  # matrix (the probe's scale-free convention, b4b_jax/evaluation/linear_probe.py).
+  # NONE row (clean representations, unstandardised as the paper's embedding probe): the accuracy of
+  # scikit-learn's Ridge on one-hot targets, fit on all of train (the probe refits there), strength 1.0
+  # x the mean eigenvalue of the centred Gram matrix (the probe's scale-free convention,
+  # b4b_jax/evaluation/linear_probe.py).
   from sklearn.linear_model import Ridge  # pylint: disable=g-import-not-at-top
-  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
+  assert config.probe.normalization == "none" and results["rep_scale"] == 1.0
   emb = embeddings.load_npz(os.path.join(exported["npz_dir"], "digits.npz"))
-  xs = StandardScaler().fit(emb["train_x"].astype(np.float64)).transform(emb["train_x"])
+  xs = emb["train_x"].astype(np.float64)
   xc = xs - xs.mean(0)
   scale = np.linalg.eigvalsh(xc.T @ xc).clip(0).mean()
 
@@ -158,7 +161,7 @@ def test_legit_job_and_the_images_path(exported, tmp_path):
 
     def predict(self, x):
       return np.argmax(super().predict(x), axis=1)
-  reference = _sklearn_top1(emb, _OneHotRidge(alpha=scale))
+  reference = _sklearn_top1(emb, _OneHotRidge(alpha=scale), standardize=False)
   assert rows["NONE"]["test_top1_mean"] == pytest.approx(reference, abs=0.6), reference  # <= 1 image
 
   # The B4B row sent the images through DefendedEncoder.query (encoder fused into the API); sending

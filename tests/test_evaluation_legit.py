@@ -84,3 +84,36 @@ def test_representation_scale_and_bad_rows(data):
     legit.row_specs(base, static_sigmas=(-1.0,))
   with pytest.raises(ValueError, match="encoder_fn"):
     legit.legit_user(*data, defense_config=base, probe_cfg=PROBE, through_images=True)
+
+
+def test_rep_scale_is_what_binary_and_static_sigma_act_on():
+  """The original scaled SimSiam features x1000 before the noise and the transforms (reference §3.4).
+  At the raw scale (~1e-3 per dimension) sigma 0.1 drowns the features and Binary's hyperplanes (through
+  points of [0, 1]^d) cut none of them: both near chance; at x1000 both keep most of the accuracy. The
+  probe (ridge, scale-free) gives the NONE row the same accuracy at either scale."""
+  rng = np.random.default_rng(1)
+  centers = rng.uniform(0.0, 2.0, size=(4, DIM))
+
+  def draw(n):
+    y = rng.integers(0, 4, n)
+    # Non-negative and ~1e-3 per dimension, as raw SimSiam ResNet-50 avg-pool features.
+    return (1e-3 * np.maximum(centers[y] + 0.3 * rng.normal(size=(n, DIM)), 0)).astype(np.float32), y
+  data = draw(N_TRAIN) + draw(N_TEST)
+  base = defense.defense_config("simsiam", num_projections=2, pad_dim=4)
+  specs = legit.row_specs(base, transforms=("binary",), static_sigmas=(0.1,))
+  specs = [s for s in specs if s[0] != "B4B"]
+  probe = ml_collections.ConfigDict(dict(PROBE, normalization="none"))
+  raw = legit.legit_rows(*data, rows=specs, probe_cfg=probe, query_batch_size=BATCH)
+  scaled = legit.legit_rows(*data, rows=specs, probe_cfg=probe, query_batch_size=BATCH, rep_scale=1000.0)
+  assert raw["NONE"]["test_top1_mean"] > 90.0
+  assert scaled["NONE"]["test_top1_mean"] == pytest.approx(raw["NONE"]["test_top1_mean"], abs=0.5)
+  for row in ("transform:binary", "noise sigma=0.1"):
+    assert raw[row]["test_top1_mean"] < 45.0, row            # 4 classes: chance 25 %
+    assert scaled[row]["test_top1_mean"] > 80.0, row
+  # What the API served is the scaled representation (the NONE row's responses are x1000 exactly).
+  none = legit.legit_user(*data, defense_config=None, probe_cfg=probe, rep_scale=1000.0,
+                          return_responses=True)
+  np.testing.assert_allclose(none["responses"][0], data[0] * np.float32(1000.0), rtol=1e-6)
+  for bad in (0.0, -1.0, float("nan"), True):
+    with pytest.raises(ValueError, match="rep_scale"):
+      legit.legit_user(*data, defense_config=None, probe_cfg=probe, rep_scale=bad)
