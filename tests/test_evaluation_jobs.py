@@ -184,6 +184,8 @@ def test_remap_job(exported, tmp_path):
   out, _ = _check_outputs(str(tmp_path), plots=("remap_cosine_none.png", "remap_cosine_b4b.png"))
   cells = {(c["transform"], c["noise"]): c for c in results["cells"]}
   assert len(cells) == 4
+  assert out["rep_scale"] == config.rep_scale and all(c["rep_scale"] == config.rep_scale
+                                                      for c in out["cells"])
   affine = {p["n"]: p["cos_dist"] for p in cells[("diag_affine", "none")]["points"]}
   assert affine[300] < 1e-3 < affine[0]
 
