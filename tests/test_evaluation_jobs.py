@@ -190,6 +190,27 @@ def test_remap_job(exported, tmp_path):
   assert affine[300] < 1e-3 < affine[0]
 
 
+def test_fuzzing_job(exported, tmp_path):
+  from b4b_jax.evaluation import linear_probe  # pylint: disable=g-import-not-at-top
+  config = _reuse(tiny_config("fuzzing"), exported)
+  results = run_job(config, str(tmp_path))
+  out, report = _check_outputs(str(tmp_path), plots=("fuzzing_top1.png", "fuzzing_cosine.png"))
+  points = {p["sigma"]: p for p in out["points"]}
+  assert sorted(points) == [0.0, 0.1, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0]
+  # sigma 0 is the clean probe, exactly; sigma 10 (features of std ~1) is near chance (10 classes).
+  emb = embeddings.load_npz(os.path.join(exported["npz_dir"], "digits.npz"))
+  clean = linear_probe.run_probe(emb["train_x"], emb["train_y"], emb["test_x"], emb["test_y"],
+                                 config.probe)
+  assert points[0.0]["test_top1_mean"] == clean.test_top1_mean > 50.0
+  assert points[0.0]["cos_dist"] == pytest.approx(0.0, abs=1e-6)
+  assert points[10.0]["test_top1_mean"] < 25.0
+  assert points[10.0]["cos_dist"] > points[1.0]["cos_dist"] > points[0.1]["cos_dist"] > 0.0
+  assert out["rep_scale"] == 1.0 and out["normalize"] is False and out["paper_claim"]["sigma"] == 0.5
+  assert "~10 % at sigma 0.5" in report and f"{points[0.5]['test_top1_mean']:.2f} % at sigma 0.5" in report
+  assert [m["sigma"] for m in metrics_lib.read_metrics(str(tmp_path), stage="fuzzing")] == sorted(points)
+  assert results["points"][0]["sigma"] == 0.0
+
+
 def test_coverage_job(exported, tmp_path):
   config = tiny_config("coverage")
   config.source.encoder = exported["encoder"]
