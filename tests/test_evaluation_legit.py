@@ -117,3 +117,38 @@ def test_rep_scale_is_what_binary_and_static_sigma_act_on():
   for bad in (0.0, -1.0, float("nan"), True):
     with pytest.raises(ValueError, match="rep_scale"):
       legit.legit_user(*data, defense_config=None, probe_cfg=probe, rep_scale=bad)
+
+
+def test_paper_embedding_probe_hparams_and_no_standardisation():
+  """The original's per-task Adam lr/epochs (reference §7.5) and no standardisation: standardising
+  before a (sign-invariant) probe maps a diagonal-affine user's features back onto NONE's, so Table 8's
+  Affine row would equal NONE by construction."""
+  from b4b_jax.evaluation import paper_numbers  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  cfg = common.probe_block(tiny=False, paper=True)
+  assert (cfg.method, cfg.batch_size, cfg.normalization) == ("adam", 64, "none")
+  for kind, dataset, want in (("simsiam", "cifar10", (1e-4, 50)), ("simsiam", "stl10", (1.0, 100)),
+                              ("simsiam", "svhn_cropped", (1e-4, 100)),
+                              ("simsiam", "fashion_mnist", (1e-3, 50)), ("dino", "cifar10", (1e-5, 50)),
+                              ("dino", "fashion_mnist", (5e-5, 100))):
+    got = paper_numbers.embedding_probe_for(cfg, kind, dataset)
+    assert (got.learning_rate, got.epochs) == want, (kind, dataset)
+  assert paper_numbers.embedding_probe_for(cfg, "random", "digits") is cfg
+  assert cfg.learning_rate == 1e-4 and cfg.epochs == 50        # the block itself is not modified
+
+  rng = np.random.default_rng(3)
+  centers = 0.6 * rng.normal(size=(CLASSES, DIM))
+
+  def draw(n):
+    y = rng.integers(0, CLASSES, n)
+    return (centers[y] + rng.normal(size=(n, DIM))).astype(np.float32), y
+  data = draw(N_TRAIN) + draw(N_TEST)
+  base = defense.defense_config("simsiam", num_projections=2, pad_dim=4)
+  specs = [s for s in legit.row_specs(base, transforms=("diag_affine",)) if s[0] != "B4B"]
+  out = {}
+  for norm in ("standardize", "none"):
+    probe = ml_collections.ConfigDict(dict(PROBE, normalization=norm))
+    rows = legit.legit_rows(*data, rows=specs, probe_cfg=probe, query_batch_size=BATCH)
+    out[norm] = (rows["NONE"]["test_top1_mean"], rows["transform:diag_affine"]["test_top1_mean"])
+  assert out["standardize"][0] == pytest.approx(out["standardize"][1], abs=1e-9)
+  assert out["none"][0] != pytest.approx(out["none"][1], abs=1e-9)
