@@ -152,3 +152,26 @@ def test_paper_embedding_probe_hparams_and_no_standardisation():
     out[norm] = (rows["NONE"]["test_top1_mean"], rows["transform:diag_affine"]["test_top1_mean"])
   assert out["standardize"][0] == pytest.approx(out["standardize"][1], abs=1e-9)
   assert out["none"][0] != pytest.approx(out["none"][1], abs=1e-9)
+
+
+def test_rep_scale_through_images_equals_through_representations(tmp_path):
+  """The images path (encoder fused into the API) serves the same scaled, transformed features as
+  sending the scaled clean representations: the transform acts on x1000 features on both paths."""
+  from b4b_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from b4b_jax.evaluation import embeddings  # pylint: disable=g-import-not-at-top
+  encoder = embeddings.resolve_encoder("random:resnet18_w0.125@16", workdir=str(tmp_path))
+  images, labels = data_lib.load_arrays("digits", "train", limit=96, image_size=16)
+  reps = embeddings.embed_images(encoder, images)
+  cfg = defense.defense_config("simsiam", num_projections=2, static_sigma=0.0, transform="diag_affine")
+  probe = ml_collections.ConfigDict(dict(PROBE, normalization="none"))
+  split = [(images[:64], labels[:64])], [(images[64:], labels[64:])]
+  via_images = legit.legit_user_images(encoder, cfg, *split, probe_cfg=probe, query_batch_size=32,
+                                       return_responses=True, rep_scale=1000.0)
+  via_reps = legit.legit_user(reps[:64], labels[:64], reps[64:], labels[64:], defense_config=cfg,
+                              probe_cfg=probe, query_batch_size=32, return_responses=True,
+                              rep_scale=1000.0)
+  raw = legit.legit_user(reps[:64], labels[:64], reps[64:], labels[64:], defense_config=cfg,
+                         probe_cfg=probe, query_batch_size=32, return_responses=True)
+  for a, b, c in zip(via_images["responses"], via_reps["responses"], raw["responses"]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+    assert np.abs(b).mean() > 100 * np.abs(c).mean()   # the served features are the scaled ones
