@@ -26,7 +26,7 @@ checks step by step.
 import dataclasses
 import functools
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -316,13 +316,14 @@ def paper_probe(encoder, dataset: str, *, cfg, data_dir=None, train_split: str =
                        base_lr=float(cfg.base_lr), momentum=float(cfg.momentum),
                        weight_decay=float(cfg.weight_decay), num_classes=num_classes,
                        on_epoch=on_epoch)
+  batch_size = min(int(cfg.batch_size), len(splits[0][0]))   # as train_head: at most the train part
   chosen = np.array([r.test_top1 for r in results])
   last = np.array([r.test_top1_last for r in results])
   best_on_test = np.array([max(r.test_curve) for r in results])
   settings = {"train_transform": repr(train_tf), "eval_transform": repr(eval_tf),
               "input_normalization": cfg.input_normalization, "epochs": int(cfg.epochs),
-              "batch_size": int(cfg.batch_size),
-              "lr": float(cfg.base_lr) * int(cfg.batch_size) / 256, "momentum": float(cfg.momentum),
+              "batch_size": batch_size, "lr": float(cfg.base_lr) * batch_size / 256,
+              "momentum": float(cfg.momentum),
               "weight_decay": float(cfg.weight_decay), "schedule": "per-epoch cosine",
               "fc_init": f"N(0, std {FC_INIT_STD}), bias 0", "val_fraction": float(cfg.val_fraction),
               "num_train": int(len(train_y)), "num_test": int(len(test_y)),
