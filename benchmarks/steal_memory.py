@@ -4,7 +4,7 @@ r"""Host memory of the steal job vs the size of its pool: peak RSS with a 1k- an
 
 Generates an ImageNet-style class-folder tree of JPEGs (image_size px, 10 classes, plus a val/ split),
 then, for each pool size N, runs the steal job's set-up, its charged query pass over all N images
-(query once, one account, a random ResNet-18/16-width victim at image_size, the paper config's pool
+(query once, one account, a random ResNet-18/8-width victim at image_size, the paper config's pool
 transform: shorter side 256, centre crop 256, then the victim's Resize 256 + CenterCrop 224 view) and
 `--steps` training steps, in a fresh subprocess, and prints that process's peak RSS (VmHWM).
 Target (issue 17): the difference between the two sizes stays under 300 MB, because the pool and its
@@ -84,7 +84,7 @@ def child(spec: dict) -> dict:
   n, size, root, workdir = spec["n"], spec["image_size"], spec["root"], spec["workdir"]
   victim_dir = os.path.join(os.path.dirname(workdir), f"victim_{size}")
   if not os.path.exists(victim_dir):
-    victim = models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(0))
+    victim = models.create_resnet("resnet18_w0.125", rngs=nnx.Rngs(0))
     models.save_encoder(victim_dir, victim, {"preprocessing": models.default_preprocessing(
         size, resize=round(size * 256 / 224))})
   c = steal_simsiam.get_config(f"queries={n},epochs=1")
@@ -96,7 +96,7 @@ def child(spec: dict) -> dict:
   c.eval.transform = {"mode": "center_crop", "size": big, "resize_size": big}
   c.eval.batch_size = 64
   c.attack.query_batch_size = 128
-  c.stolen.arch = "resnet18_w0.25"
+  c.stolen.arch = "resnet18_w0.125"
   c.train.batch_size = spec["batch_size"]
   c.max_steps_this_run = spec["steps"]
   c.checkpoint_every_steps = 10 ** 6
