@@ -2,21 +2,23 @@ r"""Host memory of the steal job vs the size of its pool: peak RSS with a 1k- an
 
   python benchmarks/steal_memory.py [--sizes=1000,8000] [--image_size=224] [--steps=8] [--dir=/tmp/x]
 
-Generates an ImageNet-style class-folder tree of JPEGs (image_size px, 10 classes, plus a val/ split),
-then, for each pool size N, runs the steal job's set-up, its charged query pass over all N images
-(query once, one account, a random ResNet-18/8-width victim at image_size, the paper config's pool
-transform: shorter side 256, centre crop 256, then the victim's Resize 256 + CenterCrop 224 view) and
-`--steps` training steps, in a fresh subprocess, and prints that process's peak RSS (VmHWM).
+Generates an ImageNet-style class-folder tree of JPEGs (image_size px, 10 classes, plus a val/ split).
+For each pool size N, in a fresh subprocess: the steal job's set-up (pool listed and every file
+decoded once by the corrupt-file check), its charged query pass over all N images (the config's
+default protocol, `paper`: one account, the stealing crops; a random ResNet-18/8-width victim at
+image_size; the paper config's pool transform, shorter side 256 + centre crop 256, before every view)
+and `--steps` training steps; then that process's peak RSS (VmHWM).
 Target (issue 17): the difference between the two sizes stays under 300 MB, because the pool and its
 views stream from disk (b4b_jax.data.stream). For scale: the old in-memory path held every pool image
-at 256x256 plus a 224x224 view cache, N x 343 KB (2.7 GB at 8k), and twice that while concatenating.
+at 256x256 plus a 224x224 view cache, N x 343 KB (2.7 GB at 8k), and more while concatenating.
 
-Also printed, per size: the input pipeline's rate alone (the training views, decoded from JPEG and
-cropped, batches of the train batch size) beside the training loop's rate (train step fed by that
-pipeline, after its first, compiling step). Not a timed test; `--sizes=24,48 --image_size=64 --steps=2`
-is a smoke run.
+Also printed, per size: the input pipeline's rate alone (training views, decoded from JPEG and cropped,
+in batches of the train batch size) beside the train step's consumption (the same jitted step on one
+fixed batch, after its compiling call). Not a timed test; `--sizes=24,48 --image_size=64 --steps=2
+--batch_size=8` is a smoke run.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,6 +65,12 @@ def make_tree(root: str, n: int, size: int) -> None:
   open(marker, "w").close()
 
 
+def query_batch_size(sizes) -> int:
+  """The largest batch <= 256 dividing every pool size (all N images are queried in whole batches)."""
+  g = math.gcd(*sizes)
+  return max(d for d in range(1, min(g, 256) + 1) if g % d == 0)
+
+
 def peak_rss_mb() -> float:
   with open("/proc/self/status") as f:
     for line in f:
@@ -95,7 +103,7 @@ def child(spec: dict) -> dict:
   c.eval.name, c.eval.limit = f"folder:{root}", VAL_PER_CLASS * CLASSES
   c.eval.transform = {"mode": "center_crop", "size": big, "resize_size": big}
   c.eval.batch_size = 64
-  c.attack.query_batch_size = 128
+  c.attack.query_batch_size = spec["query_batch_size"]  # divides N: the paper pass charges whole batches
   c.stolen.arch = "resnet18_w0.125"
   c.train.batch_size = spec["batch_size"]
   c.max_steps_this_run = spec["steps"]
@@ -112,7 +120,8 @@ def child(spec: dict) -> dict:
   # The input pipeline alone: the training views of one epoch's first batches.
   rows = s.plan.train_indices[:min(len(s.plan.train_indices), 16 * spec["batch_size"])]
   t = time.time()
-  seen = sum(len(b) for b in s.views.stream(rows, 0, spec["batch_size"]))
+  view_epoch = 0 if s.protocol == "query_once" else 1  # the views training reads
+  seen = sum(len(b) for b in s.views.stream(rows, view_epoch, spec["batch_size"]))
   pipeline_rate = seen / (time.time() - t)
 
   trained = steal.train_phase(c, workdir, s, q)  # the job's loop: views streamed into the step
@@ -122,9 +131,9 @@ def child(spec: dict) -> dict:
   from b4b_jax.utils import distributed  # pylint: disable=g-import-not-at-top
   step_fn = ts.make_train_step(trained.graphdef, steal._step_config(  # pylint: disable=protected-access
       c, s.victim.manifest["preprocessing"], 100), s.mesh)
-  images = next(s.views.stream(rows[:spec["batch_size"]], 0, spec["batch_size"]))
+  images, targets = next(steal._epoch_batches(c, s, q, 0, 0))  # pylint: disable=protected-access
   batch = distributed.global_batch(images, s.mesh)
-  targets = distributed.global_batch(q.targets[:spec["batch_size"]], s.mesh)
+  targets = distributed.global_batch(targets, s.mesh)
   state, key = trained.state, jax.random.key(0)
   state, m = step_fn(state, batch, targets, key)
   jax.block_until_ready(m)
@@ -135,7 +144,7 @@ def child(spec: dict) -> dict:
   step_rate = spec["steps"] * spec["batch_size"] / (time.time() - t)
   return {"n": n, "peak_rss_mb": peak_rss_mb(), "setup_and_queries_s": t_queries,
           "pipeline_images_per_s": pipeline_rate, "train_step_images_per_s": step_rate,
-          "train_steps_run": trained.step, "pool": s.views.pool.summary(),
+          "train_steps_run": trained.step, "pool": s.views.pool.summary(), "protocol": s.protocol,
           "devices": jax.device_count(), "platform": jax.devices()[0].platform}
 
 
@@ -164,13 +173,13 @@ def main(_):
   results = []
   for n in sizes:
     spec = {"n": n, "image_size": FLAGS.image_size, "root": root, "steps": FLAGS.steps,
-            "batch_size": FLAGS.batch_size, "workdir": os.path.join(base, f"work_{n}_{time.time():.0f}")}
+            "batch_size": FLAGS.batch_size, "query_batch_size": query_batch_size(sizes), "workdir": os.path.join(base, f"work_{n}_{time.time():.0f}")}
     r = run_child(spec)
     results.append(r)
     print(f"pool {n:6d} images: peak RSS {r['peak_rss_mb']:8.1f} MB; set-up + charged queries "
           f"{r['setup_and_queries_s']:.0f}s; input pipeline {r['pipeline_images_per_s']:,.0f} images/s; "
           f"train step consumes {r['train_step_images_per_s']:,.0f} images/s ({r['devices']} "
-          f"{r['platform']} device(s))",
+          f"{r['platform']} device(s), {r['protocol']} protocol)",
           flush=True)
   if len(results) >= 2:
     diff = results[-1]["peak_rss_mb"] - results[0]["peak_rss_mb"]
