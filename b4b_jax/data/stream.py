@@ -218,17 +218,8 @@ def view_batches(pool: Pool, indices, transform, *, seed: int, epoch: int, batch
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   ds = view_dataset(pool, indices, transform, seed=seed, epoch=epoch, batch_size=batch_size)
-  done = 0
-  it = ds.as_numpy_iterator()
-  while True:
-    try:
-      batch = next(it)
-    except StopIteration:
-      return
-    except tf.errors.OpError as e:
-      raise _named_error(pool, indices[done:], e) from None
-    done += len(batch)
-    yield batch
+  return folders.iterate_checked(
+      ds, lambda error, batches_done: _named_error(pool, indices[batches_done * batch_size:], error))
 
 
 def views(pool: Pool, indices, transform, *, seed: int, epoch: int, batch_size: int = 256
