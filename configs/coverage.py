@@ -1,8 +1,8 @@
 r"""Coverage and cost curves (paper Fig. 3a/3b, 4, 7, 10).
 
   python -m b4b_jax.main --config=configs/coverage.py --workdir=workdirs/coverage_simsiam \
-      --config.source.encoder=workdirs/victims/simsiam --config.source.data_dir=$TFDS_DATA_DIR \
-      --config.imagenet_root=/data/imagenet100
+      --config.source.encoder=encoders/simsiam_resnet50 --config.source.data_dir=$TFDS_DATA_DIR \
+      --config.imagenet_root=data/imagenet
   python -m b4b_jax.main --config=configs/coverage.py:tiny --workdir=/tmp/coverage_tiny   # CPU, ~1 min
 
 Each query set is sent by its own account to a counting API (clean answers, coverage tracked) with
@@ -43,7 +43,7 @@ def get_config(arg=None):
     config.bucket_bits = (6, 8)
     config.report_at = (100, 200)
   else:
-    config.imagenet_root = "/data/imagenet100"   # ImageNet-style class folders (<root>/train/<class>)
+    config.imagenet_root = "data/imagenet"   # class folders <root>/train/<class>: the steal configs' pool
     config.query_sets = (
         _query_set("CIFAR10", "cifar10", "train", 50000),
         _query_set("SVHN", "svhn_cropped", "train", 50000),

@@ -1,7 +1,7 @@
 r"""Export frozen-encoder embeddings (train/test representations + labels) as .npz files.
 
   python -m b4b_jax.main --config=configs/embeddings.py --workdir=workdirs/emb_simsiam \
-      --config.source.encoder=workdirs/victims/simsiam --config.source.data_dir=$TFDS_DATA_DIR \
+      --config.source.encoder=encoders/simsiam_resnet50 --config.source.data_dir=$TFDS_DATA_DIR \
       --config.source.transform=resize
   python -m b4b_jax.main --config=configs/embeddings.py:tiny --workdir=/tmp/emb_tiny   # CPU, ~20 s
 

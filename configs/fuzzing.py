@@ -5,7 +5,7 @@ r"""The noise-sensitivity sweep (the original's src/fuzzying.py, reference §7.6
       --config.source.encoder=encoders/dino_vits16 --config.source.data_dir=$TFDS_DATA_DIR
   # SimSiam features x1000 (as the original's SimSiam embedding experiments), or L2-normalised first
   python -m b4b_jax.main --config=configs/fuzzing.py:victim=simsiam --workdir=workdirs/fuzzing_simsiam \
-      --config.source.encoder=encoders/simsiam_resnet50_100ep_256bs \
+      --config.source.encoder=encoders/simsiam_resnet50 \
       --config.source.data_dir=$TFDS_DATA_DIR --config.source.transform=resize
   python -m b4b_jax.main --config=configs/fuzzing.py:normalize=1 --workdir=workdirs/fuzzing_dino_l2 \
       --config.source.encoder=encoders/dino_vits16 --config.source.data_dir=$TFDS_DATA_DIR

@@ -2,10 +2,10 @@ r"""Legitimate users through the defended API: paper Table 1 LEGIT rows, Table 6
 Table 8 (transforms only).
 
   python -m b4b_jax.main --config=configs/legit.py --workdir=workdirs/legit_simsiam \
-      --config.source.encoder=workdirs/victims/simsiam --config.source.data_dir=$TFDS_DATA_DIR \
+      --config.source.encoder=encoders/simsiam_resnet50 --config.source.data_dir=$TFDS_DATA_DIR \
       --config.source.transform=resize
   python -m b4b_jax.main --config=configs/legit.py:dino --workdir=workdirs/legit_dino \
-      --config.source.encoder=workdirs/victims/dino --config.source.data_dir=$TFDS_DATA_DIR
+      --config.source.encoder=encoders/dino_vits16 --config.source.data_dir=$TFDS_DATA_DIR
   python -m b4b_jax.main --config=configs/legit.py:tiny --workdir=/tmp/legit_tiny   # CPU, ~1 min
 
 Each row is a fresh API with one legit account that sends all train then all test queries (every query

@@ -1,7 +1,7 @@
 r"""Remapping between two sybil accounts (paper §4.3, Fig. 5): per-user transforms cost an attacker.
 
   python -m b4b_jax.main --config=configs/remap.py --workdir=workdirs/remap_cifar10 \
-      --config.source.encoder=workdirs/victims/simsiam --config.source.data_dir=$TFDS_DATA_DIR
+      --config.source.encoder=encoders/simsiam_resnet50 --config.source.data_dir=$TFDS_DATA_DIR
   python -m b4b_jax.main --config=configs/remap.py:tiny --workdir=/tmp/remap_tiny   # CPU, ~1 min
 
 The API serves the victim's features x rep_scale (1000, as the original's SimSiam sybil experiments;

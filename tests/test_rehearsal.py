@@ -21,7 +21,8 @@ and overlaps, smaller batches (8: one per virtual device), and the stolen copy's
 (`stolen.arch`, an option of the stealing configs: a 1/8-width ResNet-18 instead of a ResNet-50). A row
 whose config then equals an earlier row's but for the workdir (the 100k rows) is that run: its workdir
 is linked to the earlier one and the commands that read it (its probe) run. Every run must finish and
-leave results.json and report.md; stealing runs and probes must record their protocol in both.
+leave results.json and report.md; stealing runs and probes must record their protocol in both, and the
+jobs that scale representations (steal, legit, remap, fuzzing) their rep_scale in results.json.
 
 Runtime: the victims stay what the convert commands wrote, a ResNet-50 and a ViT-S/16 at their
 manifests' 224 px (no config exposes another input size), and compiling them and the stolen models
@@ -93,9 +94,12 @@ SIZE_OVERRIDES = {
               "query_batch_size": BATCH, "overlaps": (0, 8, 16), "probe.epochs": 2},
     "coverage": {"source.batch_size": BATCH, "query_batch_size": BATCH, "report_at": (8, 16),
                  **{f"query_sets[{i}].num_queries": 16 for i in range(6)}},
+    "fuzzing": {"source.train_limit": 16, "source.test_limit": 8, "source.batch_size": BATCH,
+                "probe.seeds": (0,)},
     "embeddings": {"source.train_limit": 16, "source.test_limit": 8, "source.batch_size": BATCH},
 }
 PROTOCOL_JOBS = ("steal", "probe")   # jobs whose results must say which protocol ran
+REP_SCALE_JOBS = ("steal", "legit", "remap", "fuzzing")   # and the representation scale they used
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,6 +319,8 @@ def _check_outputs(job, workdir):
   report = open(os.path.join(workdir, "report.md")).read()
   if not report.strip():
     return [f"{workdir}/report.md is empty"]
+  if job in REP_SCALE_JOBS and _find_key(results, "rep_scale") is None:
+    return [f"{workdir}/results.json records no rep_scale"]
   if job in PROTOCOL_JOBS:
     protocol = _find_key(results, "protocol")
     if not protocol:
