@@ -22,7 +22,8 @@ and overlaps, smaller batches (8: one per virtual device), and the stolen copy's
 whose config then equals an earlier row's but for the workdir (the 100k rows) is that run: its workdir
 is linked to the earlier one and the commands that read it (its probe) run. Every run must finish and
 leave results.json and report.md; stealing runs and probes must record their protocol in both, and the
-jobs that scale representations (steal, legit, remap, fuzzing) their rep_scale in results.json.
+jobs that scale representations (steal, legit, remap, fuzzing) their rep_scale in results.json, each
+as the row's protocol column says.
 
 Runtime: the victims stay what the convert commands wrote, a ResNet-50 and a ViT-S/16 at their
 manifests' 224 px (no config exposes another input size), and compiling them and the stolen models
@@ -306,25 +307,33 @@ def test_every_row_runs_as_written(researcher, monkeypatch, compile_cache):  # p
         run_job(config, os.path.abspath(workdir))
       timings.append((f"{row['experiment']}: {config.job}", time.time() - start))
       print(f"rehearsal: {timings[-1][1]:.1f} s  {timings[-1][0]}", flush=True)
-      problems += _check_outputs(config.job, workdir)
+      problems += _check_outputs(config.job, workdir, row["protocol"])
   for name, seconds in timings:
     print(f"{seconds:7.1f} s  {name}")
   print(f"{sum(s for _, s in timings):7.1f} s  total")
   assert not problems, "\n".join(problems)
 
 
-def _check_outputs(job, workdir):
-  """What is missing from a finished run's outputs (every row runs; the problems are listed at the end)."""
+def _check_outputs(job, workdir, protocol_cell):
+  """What is missing from a finished run's outputs, or contradicts the README row's protocol cell
+  (every row runs; the problems are listed at the end)."""
   results = json.load(open(os.path.join(workdir, "results.json")))
   report = open(os.path.join(workdir, "report.md")).read()
   if not report.strip():
     return [f"{workdir}/report.md is empty"]
-  if job in REP_SCALE_JOBS and _find_key(results, "rep_scale") is None:
-    return [f"{workdir}/results.json records no rep_scale"]
+  problems = []
+  if job in REP_SCALE_JOBS:
+    scale = _find_key(results, "rep_scale")
+    if scale is None:
+      problems.append(f"{workdir}/results.json records no rep_scale")
+    elif not re.search(rf"rep_scale {float(scale):g}\b", protocol_cell):
+      problems.append(f"{workdir} ran rep_scale {scale:g}; the README row says: {protocol_cell}")
   if job in PROTOCOL_JOBS:
     protocol = _find_key(results, "protocol")
     if not protocol:
-      return [f"{workdir}/results.json records no protocol"]
-    if str(protocol) not in report:
-      return [f"{workdir}/report.md does not name protocol {protocol}"]
-  return []
+      problems.append(f"{workdir}/results.json records no protocol")
+    elif f"`{protocol}`" not in report:
+      problems.append(f"{workdir}/report.md does not name protocol {protocol}")
+    elif f"{job} `{protocol}`" not in protocol_cell:
+      problems.append(f"{workdir} ran {job} protocol {protocol}; the README row says: {protocol_cell}")
+  return problems
