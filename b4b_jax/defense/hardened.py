@@ -36,6 +36,7 @@ import numpy as np
 
 from b4b_jax.defense import keys as keys_lib
 from b4b_jax.defense import lsh
+from b4b_jax.defense import noise as noise_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _NO_NOISE_LEVEL = -(1 << 30)  # level of sigma == 0 (no draw is used)
@@ -83,24 +84,39 @@ def input_keyed_noise(params, uids: jax.Array, sigma: jax.Array, reps: jax.Array
   stream = keys_lib.stream_key(s.seed, "input_noise")
   d = reps.shape[1]
 
-  def row(uid, lvl, row_codes):
+  def row_keys_of(uid, lvl, row_codes):
     base = jax.random.fold_in(keys_lib.user_key(stream, uid), lvl)
-    code_keys = jax.vmap(lambda t, c: jax.random.fold_in(jax.random.fold_in(base, t), c))(
+    return jax.vmap(lambda t, c: jax.random.fold_in(jax.random.fold_in(base, t), c))(
         jnp.arange(s.fine_codes, dtype=jnp.int32), row_codes)
-    draws = jax.vmap(lambda k: jax.random.normal(k, (d,), jnp.float32))(code_keys)
-    return jnp.sum(draws, axis=0) * jnp.float32(1.0 / np.sqrt(s.fine_codes)), jax.random.fold_in(
-        code_keys[0], 1)
 
-  noise, row_keys = jax.vmap(row)(uids, level, codes)
+  code_keys = jax.vmap(row_keys_of)(uids, level, codes)  # [N, T] typed keys
+  n = reps.shape[0]
+  # The project's generator (noise.py, as the paper's keying uses), one row of D values per (row, code)
+  # key: each draw is a pure function of its key, so the (account, level, code) keying holds.
+  draws = noise_lib.standard_normal(code_keys.reshape(n * s.fine_codes), d).reshape(n, s.fine_codes, d)
+  noise = jnp.sum(draws, axis=1) * jnp.float32(1.0 / np.sqrt(s.fine_codes))
+  row_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(code_keys[:, 0])
   return applied, noise, row_keys
 
 
-def count_seen_codes(params, state, users_w: jax.Array, reps: jax.Array):
-  """State with every written row's first fine code marked as seen by its user (rows with users_w
-  outside [0, U) are not written); repeats are num_queries - fine_counts."""
-  codes = fine_codes(params, reps)[:, :1]
+def seen_columns(settings) -> int:
+  """How many int32 columns the hardened mode appends to a call's charge codes (info["buckets"],
+  QueryResult.buckets) after the P LSH buckets: what a journal must keep so that replay writes the
+  seen-code state exactly as the live call did. 0 for the paper's keying."""
+  return 1 if settings.noise_keying == "per_input" else 0
+
+
+def seen_codes(params, reps: jax.Array) -> jax.Array:
+  """int32 [N, seen_columns] the per-row codes `mark_seen` records (the first fine code)."""
+  return fine_codes(params, reps)[:, :1]
+
+
+def mark_seen(settings, state, users_w: jax.Array, codes: jax.Array):
+  """State with every written row's seen code(s) [N, seen_columns] marked as seen by its user (rows
+  with users_w outside [0, U) are not written); repeats are num_queries - fine_counts. The live step
+  and journal replay both call this (through step.charge), so they write bit-identical state."""
   occupancy, counts = lsh.add_buckets(state.fine_occupancy, state.fine_counts, users_w, codes,
-                                      params.settings.fine_code_bits)
+                                      settings.fine_code_bits)
   return state.replace(fine_occupancy=occupancy, fine_counts=counts)
 
 
