@@ -634,8 +634,9 @@ class DefendedEncoder:
                                    f"{e}") from e
     if reps is None:
       reps = self._eager_encode(images)
+    descriptors = _image_descriptors(self._settings, _device(images, image_dtype))
     return step_lib.defense_step(self._params, self._state, _device(slots, np.int32), reps, table,
-                                 _device(index, np.int32))
+                                 _device(index, np.int32), descriptors)
 
   def _eager_encode(self, images):
     try:
@@ -832,9 +833,20 @@ def _make_fused_serve(encoder_fn):
     n, d = images.shape[0], params.settings.rep_dim
     if tuple(reps.shape) != (n, d):
       raise ValueError(f"encoder_fn returned shape {tuple(reps.shape)}, expected ({n}, {d})")
-    return step_lib.defense_step_impl(params, state, users, reps.astype(jnp.float32), table, index)
+    return step_lib.defense_step_impl(params, state, users, reps.astype(jnp.float32), table, index,
+                                      _image_descriptors(params.settings, images))
 
   return jax.jit(serve, donate_argnums=(1,))
+
+
+def _image_descriptors(settings, images):
+  """The hardened mode's image descriptors (hardened.image_descriptor), None when nothing uses them."""
+  if settings.noise_keying != "per_input" or settings.image_weight <= 0:
+    return None
+  return _descriptor_jit(images, settings.image_grid)
+
+
+_descriptor_jit = jax.jit(hardened.image_descriptor, static_argnums=1)
 
 
 def _is_traceable(encoder_fn, images, dtype) -> bool:

@@ -89,7 +89,8 @@ def replay_step(settings, state: DefenseState, user_index_per_row: jax.Array,
 
 def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per_row: jax.Array,
                       reps: jax.Array, transform_table: Optional[dict] = None,
-                      transform_index_per_row: Optional[jax.Array] = None):
+                      transform_index_per_row: Optional[jax.Array] = None,
+                      image_descriptors: Optional[jax.Array] = None):
   """Un-jitted body of `defense_step` (for fusing into a bigger jitted function, e.g. with an encoder).
 
   Args:
@@ -101,6 +102,8 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
       derived here from state.uids for all U slots (fine for O(D) transforms and few users; the
       DefendedEncoder caches tables instead).
     transform_index_per_row: int [N] entry of transform_table per row; defaults to the user index.
+    image_descriptors: float [N, G*G] hardened.image_descriptor of the queried images, or None (the
+      hardened mode's image-keyed noise needs them; every other mode ignores them).
   Returns:
     (new state, returned [N, out_dim] float32, info) with info = {"coverage": [N] float32 percent,
     after this batch; "sigma": [N] float32 noise std applied; "all_finite": bool scalar; "buckets":
@@ -153,7 +156,7 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
     return jax.random.fold_in(jax.random.fold_in(keys_lib.user_key(params.noise_key, uid), c), r)
 
   if s.noise_keying == "per_input":
-    sigma, noise, row_keys = hardened.input_keyed_noise(params, uids, sigma, reps)
+    sigma, noise, row_keys = hardened.input_keyed_noise(params, uids, sigma, reps, image_descriptors)
     sigma = jnp.where(valid, sigma, 0.0)
   else:
     row_keys = jax.vmap(row_key)(uids, counter, rank)
@@ -181,7 +184,8 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
 @functools.partial(jax.jit, donate_argnames=("state",))
 def defense_step(params: DefenseParams, state: DefenseState, user_index_per_row: jax.Array,
                  reps: jax.Array, transform_table: Optional[dict] = None,
-                 transform_index_per_row: Optional[jax.Array] = None):
+                 transform_index_per_row: Optional[jax.Array] = None,
+                 image_descriptors: Optional[jax.Array] = None):
   """Jitted `defense_step_impl` (see there) with `state` donated -> (state, returned, info)."""
   return defense_step_impl(params, state, user_index_per_row, reps, transform_table,
-                           transform_index_per_row)
+                           transform_index_per_row, image_descriptors)
