@@ -308,3 +308,26 @@ def test_image_keyed_mixed_batches_equal_per_user_calls_and_replay_is_unchanged(
   y = _images(8, seed=4)
   np.testing.assert_array_equal(np.asarray(restored.query("alice", y).reps),
                                 np.asarray(mixed_api.query("alice", y).reps))
+
+
+def test_repeat_charge_raises_sigma_for_repeats_only():
+  cfg = _cfg(repeat_charge=4.0, beta=95.0)
+  reps = _reps(64, seed=5)
+  api = DefendedEncoder(None, cfg, D, capacity=4)
+  plain = DefendedEncoder(None, _cfg(beta=95.0), D, capacity=4)
+  for a in (api, plain):
+    a.query_representations("once", reps)            # 64 distinct inputs: no repeat
+    for _ in range(4):
+      a.query_representations("again", reps[:16])   # 48 repeats
+  assert hardened.provider_stats(api)["again"]["repeats"] == 48
+  assert api.sigma("once") == plain.sigma("once")
+  # 48 repeats x 4 buckets each = 192 of 2^6 buckets per projection: charged to full coverage.
+  from b4b_jax.defense import cost
+  s = api._settings
+  expected = float(cost.noise_std(100.0, s.lam, s.alpha, s.beta))
+  assert api.sigma("again") == pytest.approx(expected, rel=1e-6) and expected > plain.sigma("again")
+  # The step applies the charged sigma (hardened rounds it up to its level).
+  got = api.query_representations("again", reps[:1]).sigma[0]
+  assert got >= expected * (1 - 1e-6) and got < 2.0 * expected
+  with pytest.raises(ValueError, match="repeat_charge"):
+    DefendedEncoder(None, defense_config("simsiam", repeat_charge=1.0), D)

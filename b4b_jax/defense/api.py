@@ -264,7 +264,13 @@ class DefendedEncoder:
 
   def sigma(self, user: str) -> float:
     """Noise std at the user's current coverage (what a next batch adding no new bucket would get)."""
-    return self._sigma_at(self.coverage(user))
+    slot = self.slot(user)
+    coverage = self.coverage(user)
+    if self._settings.repeat_charge:  # hardened: repeats charged as coverage (hardened.py)
+      coverage = float(hardened.charged_coverage(
+          self._settings, coverage, float(np.asarray(self._state.num_queries)[slot]),
+          float(np.asarray(self._state.fine_counts)[slot, 0])))
+    return self._sigma_at(coverage)
 
   def num_queries(self, user: str) -> int:
     """Representations returned to the user so far."""

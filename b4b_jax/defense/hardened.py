@@ -175,6 +175,17 @@ def mark_seen(settings, state, users_w: jax.Array, codes: jax.Array):
   return state.replace(fine_occupancy=occupancy, fine_counts=counts)
 
 
+def charged_coverage(settings, coverage, num_queries, fine_counts):
+  """Coverage (percent) the cost sees with repeat_charge: min(100, coverage + 100 repeat_charge
+  repeats / 2^K), repeats = num_queries - distinct first fine codes. Works on jax and numpy arrays."""
+  if not settings.repeat_charge:
+    return coverage
+  xp = jnp if isinstance(coverage, jax.Array) else np
+  repeats = num_queries - fine_counts
+  extra = 100.0 * settings.repeat_charge * repeats / float(1 << settings.num_hyperplanes)
+  return xp.minimum(100.0, coverage + extra)
+
+
 def bucket_overlap(occupancy) -> np.ndarray:
   """float64 [U]: per account, the share of its occupied coverage buckets (all projections) that at
   least one other account also occupies (0 for an account with none). Host-side, O(U^2 P W) bits."""

@@ -145,6 +145,10 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
     sigma = jnp.full((n,), s.static_sigma, jnp.float32)
   else:
     used = coverage_after if s.sigma_from == "after" else coverage_before
+    if s.repeat_charge:  # hardened: repeats/near-duplicates charged as new buckets (hardened.py)
+      counted = new_state if s.sigma_from == "after" else state
+      used = hardened.charged_coverage(s, used, counted.num_queries[slot],
+                                       counted.fine_counts[slot, 0])
     sigma = cost.noise_std(used, s.lam, s.alpha, s.beta)
   sigma = jnp.where(valid, sigma, 0.0)
 
