@@ -123,8 +123,10 @@ def run_seed(config, encoder, to_input, size: int, seed: int) -> dict:
                                        seed)
     out["provider"][name] = hardened.provider_stats(api)
     if config.legit:
-      row = legit_lib.legit_user(legit_reps[0], train_y, legit_reps[1], test_y, defense_config=cfg,
-                                 probe_cfg=config.probe, query_batch_size=bs)
+      # Through images (api.query), so the hardened mode's image-keyed noise applies as it does for
+      # the thieves (the representation path would key by the fine codes alone).
+      row = legit_lib.legit_user_images(encoder, cfg, [(train_x, train_y)], [(test_x, test_y)],
+                                        probe_cfg=config.probe, query_batch_size=bs)
       out["legit"][name] = _legit_row(row)
       # The cost leaves this narrow user almost noise free; these rows ask what the hardened keying
       # costs a legit user when there is noise: a constant sigma near m x per-dim std, snapped to a
@@ -136,8 +138,8 @@ def run_seed(config, encoder, to_input, size: int, seed: int) -> dict:
         with static.unlocked():
           static.static_sigma = float(r ** np.round(np.log(float(m) * calib["per_dim_std"]) / np.log(r)))
         defense_lib.validate_config(static)
-        row = legit_lib.legit_user(legit_reps[0], train_y, legit_reps[1], test_y,
-                                   defense_config=static, probe_cfg=config.probe, query_batch_size=bs)
+        row = legit_lib.legit_user_images(encoder, static, [(train_x, train_y)], [(test_x, test_y)],
+                                          probe_cfg=config.probe, query_batch_size=bs)
         out["legit"][f"{name} sigma={float(m):g}std"] = _legit_row(row)
   return out
 
