@@ -69,7 +69,7 @@ def get_config(arg=None):
   c.hardened.image_lengthscale = 0.3
   c.hardened.image_features = 256
   # A third defense "charged" = hardened + repeat_charge (repeats charged as new buckets); 0 = not run.
-  c.repeat_charge = 4.0
+  c.repeat_charge = 1.0
   c.probe = common.probe_block(tiny=True)
   c.probe.method = "ridge"
   c.probe.seeds = (0,) if tiny else (0, 1, 2)

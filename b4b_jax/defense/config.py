@@ -72,9 +72,9 @@ def defense_config(preset: str = "simsiam", **overrides) -> ml_collections.Confi
       flip-invariant image_grid x image_grid grayscale descriptor, random features of an RBF kernel of
       lengthscale image_lengthscale), so 1-pixel shifts, JPEG re-encodings and small crops/flips get
       nearly the same noise; 0 (default) = the fine codes alone.
-    repeat_charge: per_input only: every answer whose fine code the account had already been answered
-      for (a repeat or near-duplicate: no new coverage) is charged as `repeat_charge` newly occupied
-      buckets per projection; sigma comes from min(100, coverage + 100 repeat_charge repeats / 2^K).
+    repeat_charge: per_input only: every answer whose seen code (all fine codes, hashed) the account
+      had already been answered for (a repeat, or a near-duplicate that got the same noise: no new
+      coverage) is charged as `repeat_charge` newly occupied buckets per projection; sigma comes from min(100, coverage + 100 repeat_charge repeats / 2^K).
       0 (default) = only flagged (hardened.provider_stats), never charged.
     transform_cache_mib: device memory (MiB) for the per-user matrices of dense_affine and binary (an
       LRU of whole users; 16 MiB per user at D=2048, so the default 512 keeps 31): also the most

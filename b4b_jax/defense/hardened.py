@@ -26,8 +26,8 @@ the best single answer s0. Reusing one standard-normal vector
 at two sigmas would reveal x exactly (a1 - a2 = (s1 - s2) z); keying the level into the draw prevents it.
 
 Stats (no extra device work per query beyond one bitset update per row):
-  repeats(user) = answers whose first fine code the account had already been answered for (exact
-  repeats and most near-duplicates: they add no coverage); overlap(user) = share of the account's
+  repeats(user) = answers whose hashed fine codes (all T) the account had already been answered for
+  (exact repeats and near-duplicates that got the identical noise: they add no coverage); overlap(user) = share of the account's
   occupied coverage buckets that some other account also occupies (what a sybil mapper needs).
 """
 import jax
@@ -162,8 +162,25 @@ def seen_columns(settings) -> int:
 
 
 def seen_codes(params, reps: jax.Array) -> jax.Array:
-  """int32 [N, seen_columns] the per-row codes `mark_seen` records (the first fine code)."""
-  return fine_codes(params, reps)[:, :1]
+  """int32 [N, seen_columns] the per-row code `mark_seen` records: all T fine codes hashed into
+  fine_code_bits bits, so two inputs count as the same only when every fine code agrees (the noise is
+  then identical) or by a 2^-b hash chance. (The first code alone is an LSH bucket: on narrow data
+  distinct inputs share it often, and charging repeats would charge those users for nothing.)"""
+  s = params.settings
+  codes = fine_codes(params, reps).astype(jnp.uint32)
+  h = jnp.zeros(codes.shape[:1], jnp.uint32)
+  for t in range(s.fine_codes):  # a keyless mix: the codes themselves are secret (secret hyperplanes)
+    h = _mix32(h ^ (codes[:, t] + jnp.uint32((0x9E3779B9 * (t + 1)) & 0xFFFFFFFF)))
+  return (h >> jnp.uint32(32 - s.fine_code_bits)).astype(jnp.int32)[:, None]
+
+
+def _mix32(x):
+  """A 32-bit bijection with good avalanche (xorshift-multiply, the lowbias32 constants)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
 
 
 def mark_seen(settings, state, users_w: jax.Array, codes: jax.Array):
@@ -177,7 +194,7 @@ def mark_seen(settings, state, users_w: jax.Array, codes: jax.Array):
 
 def charged_coverage(settings, coverage, num_queries, fine_counts):
   """Coverage (percent) the cost sees with repeat_charge: min(100, coverage + 100 repeat_charge
-  repeats / 2^K), repeats = num_queries - distinct first fine codes. Works on jax and numpy arrays."""
+  repeats / 2^K), repeats = num_queries - distinct seen codes (hashed fine codes). Works on jax and numpy arrays."""
   if not settings.repeat_charge:
     return coverage
   xp = jnp if isinstance(coverage, jax.Array) else np

@@ -8,7 +8,7 @@ State layout for capacity U, P projections, K hyperplanes (W = max(1, 2^K / 32) 
   uids         uint32 [U, 2]     64-bit user id (sha256 of the account name) per slot
 At P=20, K=12: 10240 + 80 + 4 + 4 + 8 = 10336 bytes per user.
 Only with noise_keying="per_input" (hardened.py; None otherwise, so the paper's state is unchanged):
-  fine_occupancy uint32 [U, 1, W'] the fine input codes (first code) this user was answered for
+  fine_occupancy uint32 [U, 1, W'] the seen codes (all fine codes hashed to b bits) this user was answered for
   fine_counts    int32  [U, 1]     how many distinct ones (repeats = num_queries - fine_counts)
 """
 import functools
