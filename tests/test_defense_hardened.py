@@ -187,16 +187,17 @@ def test_journal_replay_writes_the_seen_codes_exactly_like_live_queries(tmp_path
   live = DefendedEncoder(None, _cfg(), D, capacity=2)
   reps = _reps(60)
   rng = np.random.default_rng(2)
-  journal = []
-  for i in range(6):
-    if i == 2:
-      live.save(str(tmp_path / "snap"))
-      journal.clear()
-    rows = rng.integers(0, 30, 8 + i)  # many repeats: the seen-code state matters
-    users = [f"u{j}" for j in rng.integers(0, 3, len(rows))]
-    result = live.query_representations(users, reps[rows])
-    assert result.buckets.shape == (len(rows), 4 + hardened.seen_columns(live._settings))
-    journal.append((list(result.users), result.buckets.copy()))
+
+  def call(i):  # many repeats (30 inputs), so the seen-code state matters
+    rows = rng.integers(0, 30, 8 + i)
+    return live.query_representations([f"u{j}" for j in rng.integers(0, 3, len(rows))], reps[rows])
+
+  for i in range(2):
+    call(i)
+  live.save(str(tmp_path / "snap"))
+  results = [call(i) for i in range(2, 6)]
+  assert all(r.buckets.shape[1] == 4 + hardened.seen_columns(live._settings) for r in results)
+  journal = [(list(r.users), r.buckets.copy()) for r in results]
   revived = DefendedEncoder.restore(str(tmp_path / "snap"), None)
   for users, codes in journal:
     revived.replay(users, codes)
