@@ -157,17 +157,28 @@ def folder_dataset(files: FolderSplit, *, process_index: int = 0, process_count:
 
 
 
-def iterate_named(ds: tf.data.Dataset, paths: Sequence[str]):
-  """Iterates ds.as_numpy_iterator(); a read/decode error becomes a ValueError naming the undecodable
-  file(s) among `paths` (the files the dataset reads), found by decoding them with PIL."""
+def iterate_checked(ds: tf.data.Dataset, on_error):
+  """Iterates ds.as_numpy_iterator(); a TensorFlow error while producing item k is replaced by the
+  exception `on_error(error, k)` returns (TF's decode errors do not name the file)."""
   it = ds.as_numpy_iterator()
+  done = 0
   while True:
     try:
       item = next(it)
     except StopIteration:
       return
     except tf.errors.OpError as e:
-      check_images(paths)  # raises, naming the files
-      raise ValueError(f"reading image files failed ({e.message}); every file decodes with PIL, so "
-                       "the failure is elsewhere in the pipeline") from None
+      raise on_error(e, done) from None
+    done += 1
     yield item
+
+
+def iterate_named(ds: tf.data.Dataset, paths: Sequence[str]):
+  """iterate_checked whose errors name the undecodable file(s) among `paths` (the files the dataset
+  reads), found by decoding them with PIL."""
+
+  def named(error, _):
+    check_images(paths)  # raises, naming the files
+    return ValueError(f"reading image files failed ({error.message}); every file decodes with PIL, so "
+                      "the failure is elsewhere in the pipeline")
+  return iterate_checked(ds, named)
