@@ -66,12 +66,14 @@ def _received(probe, train_trace, test_trace, received, return_responses: bool) 
 def legit_user(train, train_y, test, test_y, *, defense_config, probe_cfg, query_batch_size: int = 256,
                through_images: bool = False, encoder_fn=None, rep_dim: Optional[int] = None,
                user: str = "legit", return_responses: bool = False,
-               on_batch: Optional[Callable[[int, int], None]] = None) -> dict:
+               on_batch: Optional[Callable[[int, int], None]] = None, api=None) -> dict:
   """One legit user of one API config; returns the probe summary and the account's coverage/sigma.
 
   train/test are clean representations (through_images=False) or encoder-ready images with the
   encoder (`encoder_fn`, a models.Encoder) and `rep_dim` (through_images=True). defense_config None =
-  undefended victim.
+  undefended victim. api: an API already built (through_images=True: it takes the images as given,
+  e.g. uint8 for DefendedEncoder.from_encoder or the served b4b_jax.serve.client.RemoteDefendedEncoder)
+  instead of one built here from encoder_fn.
   """
   if defense_config is None:
     received = (np.asarray(train, np.float32), np.asarray(test, np.float32))
@@ -83,7 +85,10 @@ def legit_user(train, train_y, test, test_y, *, defense_config, probe_cfg, query
     if return_responses:
       result["responses"] = received
     return result
-  if through_images:
+  if api is not None:
+    if not through_images:
+      raise ValueError("api= sends images: pass through_images=True")
+  elif through_images:
     if encoder_fn is None or rep_dim is None:
       raise ValueError("through_images=True needs encoder_fn and rep_dim")
     api = defense.DefendedEncoder(encoder_fn, defense_config, int(rep_dim), capacity=2)

@@ -16,7 +16,7 @@ Endpoints (user endpoints take `Authorization: Bearer <api key>`, admin ones the
   POST   /v1/admin/keys          {"account", "quota_rows"?, "rate_rows_per_s"?} -> a new key, shown once
   DELETE /v1/admin/keys/{key_id} revokes a key
   POST   /v1/admin/snapshot      snapshot now (and trim the journal)
-  GET    /healthz, GET /metrics  liveness and Prometheus text
+  GET    /healthz, GET /metrics  liveness (+ out_dim, input_size) and Prometheus text
 Errors are {"error": {"code", "message"}} with a 4xx naming the problem (nothing is charged for a
 refused request) or 503 when the service cannot answer (then nothing was charged either).
 """
@@ -292,7 +292,8 @@ def create_app(service: Service) -> FastAPI:
   async def healthz():
     broken = service.batcher.broken if service.batcher else "starting"
     body = {"status": "ok" if not broken else "unavailable", "reason": broken,
-            "journal_seq": service.store.last_seq, "start_seconds": service.start_seconds}
+            "journal_seq": service.store.last_seq, "start_seconds": service.start_seconds,
+            "out_dim": service.out_dim, "input_size": service.geometry.input_size}
     return JSONResponse(body, status_code=503 if broken else 200)
 
   @app.get("/metrics")

@@ -11,7 +11,6 @@ import numpy as np
 
 from b4b_jax import defense as defense_lib
 from b4b_jax import models as models_lib
-from b4b_jax.defense import api as api_lib
 from b4b_jax.defense import state as state_lib
 
 
@@ -28,9 +27,9 @@ def open_api(encoder_dir: str, config, *, capacity: int, snapshot: Optional[str]
   if snapshot is None:
     api = defense_lib.DefendedEncoder.from_encoder(encoder, config, capacity=capacity)
   else:
-    # The same normalising encoder from_encoder builds (one per encoder, so the jit is shared).
-    api = defense_lib.DefendedEncoder.restore(
-        snapshot, api_lib._normalising_encoder(encoder))  # pylint: disable=protected-access
+    # restore() wraps a models.Encoder in the same uint8 normalising encoder from_encoder builds (one
+    # per encoder, so the jit is shared with the warm-up's scratch API).
+    api = defense_lib.DefendedEncoder.restore(snapshot, encoder)
   return Served(api, encoder)
 
 

@@ -341,6 +341,10 @@ class Service:
     finally:
       self.gate.settle(account, n, answered=answered)
 
+  @property
+  def out_dim(self) -> int:
+    return int(defended.inner(self.api).out_dim)
+
   def account_view(self, account: str) -> dict:
     a = self.store.account(account) or {"rows": 0, "requests": 0, "quota_rows": 0,
                                         "rate_rows_per_s": 0.0}
