@@ -27,6 +27,7 @@ def get_config(arg=None):
   c.serve = ml_collections.ConfigDict()
   c.serve.capacity = 8                     # account slots (as the in-process APIs: same state shapes)
   c.serve.start_timeout_s = 600.0          # first start compiles the batch shapes
+  c.serve.compilation_cache_dir = ""       # "" = <workdir>/served/jax_cache
   c.seed = 0
   c.image_size = 16
   c.query_batch_size = 64

@@ -63,7 +63,8 @@ def server(config, workdir: str, stage: str, encoder_dir: str, defense_cfg):
   rows = int(config.query_batch_size)
   overrides = {"defense_json": defense_json, "capacity": int(sc.capacity),
                "batching.max_rows": rows, "limits.max_rows_per_request": rows,
-               "persistence.compilation_cache_dir": os.path.join(root, "jax_cache")}
+               "persistence.compilation_cache_dir": (str(sc.compilation_cache_dir) or
+                                                     os.path.join(root, "jax_cache"))}
   proc = testing.ServerProcess(service_dir, os.path.abspath(encoder_dir), config="configs/serve.py",
                                overrides=[f"--config.{k}={v}" for k, v in overrides.items()],
                                log_path=os.path.join(root, f"{stage}.log"))

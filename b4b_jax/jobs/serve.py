@@ -75,13 +75,15 @@ def resolved_config(config, workdir: str):
 
 
 def run(config, workdir: str):
+  from b4b_jax.serve import service as service_lib  # pylint: disable=g-import-not-at-top
+  imports_s = service_lib.process_age_seconds()  # interpreter start + imports, until here
   cache = str(config.persistence.compilation_cache_dir) or os.path.join(workdir, "jax_cache")
   if cache != "none":
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   config, encoder_dir = resolved_config(config, workdir)
   try:
-    app_lib.run_server(config, workdir, encoder_dir)
+    app_lib.run_server(config, workdir, encoder_dir, startup={"process_imports_s": imports_s})
   except errors.StartupError as e:
     logging.error("the service did not start: %s", e)
     raise
