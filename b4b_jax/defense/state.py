@@ -35,6 +35,8 @@ class DefenseParams:
   settings: config_lib.Settings = flax.struct.field(pytree_node=False)
   fine_projection: Optional[jax.Array] = None  # per_input only: (T*b, D) fine-code hyperplanes
   fine_threshold: Optional[jax.Array] = None  # per_input only: (T*b,) hash_center @ fine hyperplanes
+  image_omega: Optional[jax.Array] = None  # per_input, image_weight > 0: (G*G, F) random frequencies
+  image_phase: Optional[jax.Array] = None  # per_input, image_weight > 0: (F,) random phases
 
 
 @flax.struct.dataclass
