@@ -11,6 +11,7 @@ import jax
 from absl import logging
 
 from b4b_jax import defense
+from b4b_jax.defense import config as defense_config_lib
 from b4b_jax.serve import app as app_lib
 from b4b_jax.serve import errors
 
@@ -70,7 +71,11 @@ def resolved_config(config, workdir: str):
     if calib is None:
       raise ValueError("calibrate_defense=True needs the demo victim (leave encoder_dir empty)")
     from b4b_jax.demo import pipeline  # pylint: disable=g-import-not-at-top
-    config.defense = pipeline.defended_config(config.demo, calib)  # the demo's calibrated B4B
+    calibrated = pipeline.defended_config(config.demo, calib)  # the demo's calibrated B4B cost ...
+    with calibrated.unlocked():  # ... with this config's hardening (noise keying, image share)
+      calibrated.update({k: config.defense[k] for k in defense_config_lib.HARDENING_DEFAULTS
+                         if k in config.defense})
+    config.defense = calibrated
   return config, os.path.abspath(encoder_dir)
 
 
