@@ -51,6 +51,7 @@ def get_config(arg=None):
   c.batching.max_wait_ms = 4.0                   # how long a batch waits for more requests
   c.batching.max_queued_rows = 8192 if tiny else 65536
   c.batching.warm_up = True                      # compile every padded batch size before serving
+  c.batching.shard_over_devices = True           # split each micro-batch's rows over all local devices
 
   c.limits = ml_collections.ConfigDict()
   c.limits.max_request_bytes = (8 if tiny else 64) * 2**20

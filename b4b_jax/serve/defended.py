@@ -25,14 +25,17 @@ def load_encoder(encoder_dir: str):
   return models_lib.load_encoder(encoder_dir)
 
 
-def open_api(encoder, config, *, capacity: int, snapshot: Optional[str] = None) -> Served:
-  """The defended API serving the encoder (load_encoder); continued from `snapshot` if given."""
+def open_api(encoder, config, *, capacity: int, snapshot: Optional[str] = None,
+             shard_rows: bool = False) -> Served:
+  """The defended API serving the encoder (load_encoder); continued from `snapshot` if given.
+  shard_rows: each micro-batch split over all local devices (DefendedEncoder's shard_rows)."""
   if snapshot is None:
-    api = defense_lib.DefendedEncoder.from_encoder(encoder, config, capacity=capacity)
+    api = defense_lib.DefendedEncoder.from_encoder(encoder, config, capacity=capacity,
+                                                   shard_rows=shard_rows)
   else:
     # restore() wraps a models.Encoder in the same uint8 normalising encoder from_encoder builds (one
     # per encoder, so the jit is shared with the warm-up's scratch API).
-    api = defense_lib.DefendedEncoder.restore(snapshot, encoder)
+    api = defense_lib.DefendedEncoder.restore(snapshot, encoder, shard_rows=shard_rows)
   return Served(api, encoder)
 
 
@@ -46,10 +49,11 @@ def padded_sizes(max_rows: int):
     size = size * 2 if size < 1024 else size + 1024
 
 
-def scratch_api(encoder, config, *, capacity: int) -> Served:
-  """An API for warm_up: the same encoder, config and capacity as the served one, so the same jitted
-  function (one per encoder, made here, on the calling thread) and the same shapes."""
-  return Served(defense_lib.DefendedEncoder.from_encoder(encoder, config, capacity=capacity), encoder)
+def scratch_api(encoder, config, *, capacity: int, shard_rows: bool = False) -> Served:
+  """An API for warm_up: the same encoder, config, capacity and sharding as the served one, so the
+  same jitted function (one per encoder, made here, on the calling thread) and the same shapes."""
+  return Served(defense_lib.DefendedEncoder.from_encoder(encoder, config, capacity=capacity,
+                                                         shard_rows=shard_rows), encoder)
 
 
 def warm_up(scratch: Served, sizes) -> None:

@@ -161,6 +161,7 @@ class Service:
     self.startup: Dict[str, float] = {}   # seconds per start-up phase (logged, and in /healthz)
     self._warm_thread: Optional[threading.Thread] = None
     self._warm_error: Optional[BaseException] = None
+    self._shard_rows = bool(config.batching.get("shard_over_devices", True))
 
   # -------------------------------------------------------------------------------- start/stop
   def start(self) -> None:
@@ -201,7 +202,7 @@ class Service:
       # XLA compiles (or loads from the persistent cache) in native code, off the GIL: restoring the
       # snapshot and replaying the journal proceed meanwhile.
       scratch = defended.scratch_api(self.encoder, self.config.defense,
-                                     capacity=int(self.config.capacity))
+                                     capacity=int(self.config.capacity), shard_rows=self._shard_rows)
       self._warm_thread = threading.Thread(target=self._warm_up, args=(scratch,), name="b4b-warm-up",
                                            daemon=True)
       self._warm_thread.start()
@@ -224,7 +225,8 @@ class Service:
         raise self._warm_error
     if self._warm_thread is None or capacity != int(self.config.capacity):
       # (a restored state that outgrew config.capacity has other shapes: compile those)
-      self._warm_up(defended.scratch_api(self.encoder, self.config.defense, capacity=capacity))
+      self._warm_up(defended.scratch_api(self.encoder, self.config.defense, capacity=capacity,
+                                         shard_rows=self._shard_rows))
     self._phase("warm_up_wait_s", t)
     b = self.config.batching
     self.batcher = batcher_lib.Batcher(self._compute, self._commit, max_rows=int(b.max_rows),
@@ -251,7 +253,7 @@ class Service:
       seq, path = snaps[-1]
       try:
         self.api = defended.open_api(self.encoder, self.config.defense, capacity=capacity,
-                                     snapshot=path)
+                                     snapshot=path, shard_rows=self._shard_rows)
       except (ValueError, FileNotFoundError) as e:
         raise errors.StartupError(f"the snapshot {path} cannot be restored: {e}. The service will not "
                                   "start from a reset state; restore the snapshot from a backup (or, "
@@ -267,7 +269,8 @@ class Service:
       if self.store.last_seq > 0 and self.store.journal_stats()["anchor_seq"] > 0:
         raise errors.StartupError(f"{self.workdir} has no snapshot but its journal starts after entry "
                                   f"{self.store.journal_stats()['anchor_seq']}: the snapshots were lost")
-      self.api = defended.open_api(self.encoder, self.config.defense, capacity=capacity)
+      self.api = defended.open_api(self.encoder, self.config.defense, capacity=capacity,
+                                   shard_rows=self._shard_rows)
       self._snapshot_seq = 0
     t = self._phase("restore_snapshot_s", t)
     try:
