@@ -230,9 +230,12 @@ class RemoteDefendedEncoder:
     return int(self._account(user)["num_queries"])
 
   def stats(self) -> dict:
+    """The provider's /v1/admin/accounts read-out, plus total_queries (as DefendedEncoder.stats)."""
     if self._admin is None:
       raise ValueError("stats are a provider read-out: pass admin_token=")
-    return self._admin.accounts()
+    out = self._admin.accounts()
+    out["total_queries"] = sum(int(a["num_queries"]) for a in out["accounts"].values())
+    return out
 
   def close(self) -> None:
     for c in self._clients.values():
