@@ -95,12 +95,15 @@ class DefendedEncoder:
       rows, so varying batch sizes compile only a few shapes.
     uint8_images: images are uint8 [0, 255] and encoder_fn normalises them itself (from_encoder_dir);
       False: images are floating point, already normalised.
+    shard_rows: split each fused image call's (padded) rows over all local devices (a 1-D mesh), so
+      one call runs data-parallel; a batch whose padded size the device count does not divide runs as
+      is. The state stays wherever the compiled call puts it; results equal the one-device call.
   """
 
   def __init__(self, encoder_fn: Optional[Callable], config: ml_collections.ConfigDict, rep_dim: int,
                *, capacity: int = 8, require_registration: bool = False,
                input_shape: Optional[Sequence[int]] = None, fuse_encoder: Optional[bool] = None,
-               pad_batches: bool = True, uint8_images: bool = False):
+               pad_batches: bool = True, uint8_images: bool = False, shard_rows: bool = False):
     self._config = ml_collections.ConfigDict(config.to_dict())
     self._params = state_lib.make_params(self._config, rep_dim)  # validates config and rep_dim
     self._config.lock()
@@ -112,6 +115,10 @@ class DefendedEncoder:
     self._fuse = fuse_encoder
     self._pad_batches = bool(pad_batches)
     self._uint8 = bool(uint8_images)
+    devices = jax.local_devices()
+    self._row_sharding = (jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("rows",)),
+                                                     jax.sharding.PartitionSpec("rows"))
+                          if shard_rows and len(devices) > 1 else None)
     self._fused_serve = None
     self._names: List[str] = []
     self._slots: Dict[str, int] = {}
@@ -629,7 +636,7 @@ class DefendedEncoder:
         self._fused_serve = _fused_serve_for(self._encoder_fn)
       try:
         return self._fused_serve(self._params, self._state, table, _device(index, np.int32),
-                                 _device(slots, np.int32), _device(images, image_dtype),
+                                 _device(slots, np.int32), self._rows(images, image_dtype),
                                  _encoder_parts(self._encoder_fn)[1])
       except (ValueError, FloatingPointError):
         raise
@@ -643,6 +650,13 @@ class DefendedEncoder:
     descriptors = _image_descriptors(self._settings, _device(images, image_dtype))
     return step_lib.defense_step(self._params, self._state, _device(slots, np.int32), reps, table,
                                  _device(index, np.int32), descriptors)
+
+  def _rows(self, images, dtype) -> jax.Array:
+    """The images on device: split over the local devices by rows with shard_rows (when they divide)."""
+    sharding = self._row_sharding
+    if sharding is None or images.shape[0] % sharding.mesh.size:
+      return _device(images, dtype)
+    return jax.device_put(np.asarray(images, dtype), sharding)
 
   def _eager_encode(self, images):
     try:
