@@ -65,18 +65,30 @@ def flops_share(flops: Optional[float], seconds: float, dtype: str = "f32") -> s
   return f"{achieved / 1e12:.3f} TFLOP/s, {share}"
 
 
+def load_average() -> str:
+  """The 1-minute load average ("?" where /proc/loadavg is missing): printed beside every figure, since
+  on a shared machine a figure means little without the load it was taken under."""
+  try:
+    with open("/proc/loadavg") as f:
+      return f.read().split()[0]
+  except OSError:
+    return "?"
+
+
 @dataclasses.dataclass
 class Row:
-  """One printed figure: ours beside the reference, their ratio (>1 = ours faster), FLOP/s."""
+  """One printed figure: ours beside the reference, their ratio (>1 = ours faster), FLOP/s, and the
+  load average when the row was made."""
   benchmark: str
   ours: str
   reference: str
   ratio: float
   flops: str = "FLOP/s n/a"
+  load: str = dataclasses.field(default_factory=load_average)
 
 
 def print_table(rows: List[Row], title: str) -> None:
   print(f"\n== {title} ({device_kind()})")
-  print(f"{'benchmark':<44} {'ours':>22} {'reference':>28} {'ratio':>7}  achieved")
+  print(f"{'benchmark':<44} {'ours':>22} {'reference':>28} {'ratio':>7} {'load':>6}  achieved")
   for r in rows:
-    print(f"{r.benchmark:<44} {r.ours:>22} {r.reference:>28} {r.ratio:>6.2f}x  {r.flops}")
+    print(f"{r.benchmark:<44} {r.ours:>22} {r.reference:>28} {r.ratio:>6.2f}x {r.load:>6}  {r.flops}")
