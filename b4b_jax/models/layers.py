@@ -4,8 +4,6 @@
 with momentum 0.1 in torch's convention (new = 0.9 * old + 0.1 * batch) and the running variance uses the
 unbiased batch variance (n / (n - 1)), while normalisation in training uses the biased one.
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,73 +39,21 @@ class BatchNorm(nnx.Module):
       if count < 2:
         raise ValueError(f"BatchNorm in training needs more than 1 value per channel, got input "
                          f"shape {x.shape}")
-      y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
+      # Statistics in float32 even for bfloat16 activations (mixed precision): a bf16 sum over a
+      # batch of 256 x 56 x 56 values would lose the mean; the running averages stay float32.
+      x32 = x.astype(jnp.float32)
+      mean = jnp.mean(x32, axis=axes)
+      # Two-pass variance: E[(x - mean)^2] is accurate where E[x^2] - mean^2 cancels.
+      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
       unbiased = var * (count / (count - 1))
       m = self.momentum
       self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
       self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
-      return y
-    mean, var = self.mean[...], self.var[...]
+    else:
+      mean, var = self.mean[...], self.var[...]
     inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
     if x.dtype == jnp.float32:
       return (x - mean) * inv + self.bias[...]
     # Mixed precision: fold the normalisation into one scale and shift in float32, apply in x's dtype.
     shift = self.bias[...] - mean * inv
     return x * inv.astype(x.dtype) + shift.astype(x.dtype)
-
-
-def _normalize_train(x, scale, bias, epsilon):
-  """(y, batch mean, biased batch variance) over every axis but the last; statistics in float32."""
-  axes = tuple(range(x.ndim - 1))
-  # Statistics in float32 even for bfloat16 activations (mixed precision): a bf16 sum over a batch of
-  # 256 x 56 x 56 values would lose the mean; the running averages stay float32.
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=axes)
-  # Two-pass variance: E[(x - mean)^2] is accurate where E[x^2] - mean^2 cancels.
-  var = jnp.mean(jnp.square(x32 - mean), axis=axes)
-  inv = jax.lax.rsqrt(var + epsilon) * scale
-  if x.dtype == jnp.float32:
-    y = (x - mean) * inv + bias
-  else:  # one scale and shift in float32, applied in x's dtype
-    y = x * inv.astype(x.dtype) + (bias - mean * inv).astype(x.dtype)
-  return y, mean, var
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x, scale, bias, epsilon):
-  """Training-mode batch normalisation with a hand-written backward pass.
-
-  Returns (y, mean, var) as `_normalize_train`. Autodiff of the two-pass formula differentiates the
-  mean through the variance too (a term that is zero: sum(x - mean) = 0) and spreads the backward
-  over separate reductions; the closed form needs two per-channel sums, sum(dy) and sum(dy * xhat),
-  read in one pass, then one elementwise pass for dx:
-    dbias = sum(dy), dscale = sum(dy * xhat), dx = scale * rstd * (dy - (dbias + xhat * dscale) / n)
-  plus the (exact) contributions of cotangents on the returned mean and variance, which the module
-  only uses under stop_gradient (so they arrive as zeros). tests/test_models_resnet.py checks it
-  against autodiff and against torch's BatchNorm backward.
-  """
-  return _normalize_train(x, scale, bias, epsilon)
-
-
-def _bn_fwd(x, scale, bias, epsilon):
-  y, mean, var = _normalize_train(x, scale, bias, epsilon)
-  return (y, mean, var), (x, scale, mean, var)
-
-
-def _bn_bwd(epsilon, residuals, cotangents):
-  x, scale, mean, var = residuals
-  dy, dmean, dvar = cotangents
-  axes = tuple(range(x.ndim - 1))
-  n = int(np.prod([x.shape[a] for a in axes]))
-  rstd = jax.lax.rsqrt(var + epsilon)
-  centred = x.astype(jnp.float32) - mean
-  dy32 = dy.astype(jnp.float32)
-  dbias = jnp.sum(dy32, axis=axes)
-  dscale = jnp.sum(dy32 * centred, axis=axes) * rstd          # sum(dy * xhat)
-  k = scale * rstd
-  dx = k * (dy32 - (dbias + centred * (rstd * dscale)) / n)
-  dx = dx + dmean / n + centred * (2.0 / n * dvar)
-  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
-
-
-batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
