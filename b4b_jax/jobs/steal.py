@@ -331,7 +331,8 @@ def query_phase(config, workdir: str, s: SetUp) -> Queried:
   meta = {"query_log": [e.to_dict() for e in attacker.log],
           "mapper_metrics": {str(k): m.metrics for k, m in attacker.mappers.items()},
           "accounts_after_queries": attacker.account_summary(), "seconds": time.time() - t0}
-  ckpt_lib.save_pytree(queries_dir, tree, meta)
+  if s.is_writer:  # one process writes (every process holds the same responses)
+    ckpt_lib.save_pytree(queries_dir, tree, meta)
   return Queried(attacker, targets, meta["accounts_after_queries"])
 
 
