@@ -5,7 +5,7 @@ along it, parameters replicated. Multi-host runs call `initialize_distributed()`
 single host), each process feeds its own shard of the batch, and only process 0 writes.
 """
 import os
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -81,15 +81,39 @@ def _cluster_detectable() -> bool:
 
 
 def is_writer() -> bool:
-  """Whether this process writes shared outputs (results, reports, metrics): process 0 only."""
+  """Whether this process writes shared outputs (results, reports, metrics, caches): process 0 only."""
   return jax.process_index() == 0
 
 
 def sync(name: str) -> None:
-  """A barrier over all processes (no-op on one): e.g. after process 0 wrote a file the others read."""
+  """A barrier over all processes (a no-op with one): e.g. after process 0 wrote what the others read.
+  Every process must call it with the same name, in the same order."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
+
+
+def written_by_process_zero(write: Callable[[], Any], name: str) -> None:
+  """Runs `write()` on process 0 only, then waits until it is done on every process, so all of them
+  can read what it wrote (e.g. a random-init encoder directory). A collective call: every process
+  calls it. If process 0 fails, the others stop when JAX's coordination service notices."""
+  if is_writer():
+    write()
+  sync(name)
+
+
+def agree(flag: bool) -> bool:
+  """Process 0's `flag` on every process (a collective call).
+
+  For decisions read from the file system that decide which collective work follows (skip an
+  embedding that an earlier run cached, resume a finished phase): process 0 may write the file
+  between two processes' looks, so each process looking for itself could take another branch and
+  leave the others waiting in a collective forever.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag))))
 
 
 def data_mesh(num_devices: Optional[int] = None) -> jax.sharding.Mesh:
