@@ -87,9 +87,18 @@ STEAL_ARGS = """Arguments (the `:arg` string of configs/steal_{simsiam,dino}.py)
                    alpha 1000, beta 60 %; a dense random affine per account, as the paper's e2e runs)
   sybils=N         number of attacker accounts (1-10); the budget is split evenly, each extra account
                    spends `mapping` queries on the overlap with account 1
-  queries=N        total charged queries (paper: 50000 or 100000)
-  mapping=N        num_queries_mapping (paper: 10000)
-  requery=0|1      every view of every epoch is a new charged query (default: query once, train E epochs)
+  protocol=paper|query_once|requery
+                   paper (default): the original's regime, one charged pass over the pool in pool
+                   order fixes each batch position's sigma, then fresh crops every epoch answered at
+                   that sigma by the paper's offline simulation (not charged; reported as such);
+                   query_once: each image sent once, E epochs on the kept answers; requery: every
+                   view of every epoch is a new charged query (the two stricter online threat models)
+  requery=0|1      shorthand for protocol=requery
+  queries=N        total queries (paper: 50000 or 100000; the paper protocol charges whole batches of
+                   256: 50000 -> 196 batches = 50176, as the original)
+  mapping=N        num_queries_mapping (paper: 10000; paper protocol: ceil(N/256) charged batches)
+  strategy=NAME    how the query_once protocol asks (b4b_jax/attacks/strategies: query_once,
+                   repeat_average, canary; settings in attack.strategy_kwargs)
   epochs=N         stealing epochs (paper: 100)
   loss=infonce|mse|softnn
   mapper=linear|mlp
@@ -103,7 +112,15 @@ def steal_config(victim: str, arg=None) -> ml_collections.ConfigDict:
   if victim not in ("simsiam", "dino"):
     raise ValueError(f"victim must be 'simsiam' or 'dino', got {victim!r}")
   a = parse_arg(arg, tiny=False, defended=False, sybils=1, queries=int, mapping=int, requery=False,
-                epochs=int, loss="infonce", mapper="linear", center=bool)
+                protocol=str, strategy="query_once", epochs=int, loss="infonce", mapper="linear",
+                center=bool)
+  aliases = {"paper": "paper", "query_once": "query_once", "requery": "requery_each_epoch",
+             "requery_each_epoch": "requery_each_epoch"}
+  if a["protocol"] is not None and a["protocol"] not in aliases:
+    raise ValueError(f"config arg protocol={a['protocol']!r}: expected paper, query_once or requery")
+  if a["requery"] and a["protocol"] not in (None, "requery", "requery_each_epoch"):
+    raise ValueError(f"config args requery=1 and protocol={a['protocol']} contradict each other")
+  protocol = "requery_each_epoch" if a["requery"] else aliases[a["protocol"] or "paper"]
   tiny = a["tiny"]
   c = ml_collections.ConfigDict()
   c.job = "steal"
@@ -151,9 +168,22 @@ def steal_config(victim: str, arg=None) -> ml_collections.ConfigDict:
   c.attack.num_accounts = a["sybils"]
   c.attack.num_queries_mapping = _given(a["mapping"], 160 if tiny else 10_000)
   c.attack.query_batch_size = 64 if tiny else 256
-  c.attack.requery_each_epoch = a["requery"]
+  # "paper" (the original's regime: one charged pass, fresh crops every epoch answered offline at the
+  # pass's sigmas) | "query_once" | "requery_each_epoch" (the stricter online threat models).
+  c.attack.protocol = protocol
+  # Mappers are fitted and applied on responses x rep_scale, divided back: the original's x1000 for
+  # SimSiam (its features are ~1e-3 per dimension), 1 for DINO (reference section 3.4).
+  c.attack.rep_scale = 1000.0 if victim == "simsiam" else 1.0
+  # How the query_once protocol asks for each image (b4b_jax/attacks/strategies); the kwargs below are
+  # passed to the strategies whose constructor takes them.
+  c.attack.strategy = a["strategy"]
+  c.attack.strategy_kwargs = ml_collections.ConfigDict()
+  c.attack.strategy_kwargs.copies = 16             # repeat_average, canary
+  c.attack.strategy_kwargs.perturbation = "exact"  # repeat_average, canary
+  c.attack.strategy_kwargs.switch_sigma = ml_collections.config_dict.placeholder(float)  # canary
   # The view sent for each image when querying once (the full image, centre crop), and the views of
-  # the re-query protocol (the original's stealing transform: RandomResizedCrop + flip, new each epoch).
+  # the paper and re-query protocols (the original's stealing transform: RandomResizedCrop + flip, new
+  # each epoch).
   if tiny:
     c.attack.query_transform = {"mode": "center_crop", "size": 16, "resize_size": 18}
     c.attack.requery_transform = {"mode": "random_resized_crop", "size": 16, "flip": True}
@@ -184,6 +214,9 @@ def steal_config(victim: str, arg=None) -> ml_collections.ConfigDict:
     c.train.temperature = 0.25
   c.train.augment = False        # attacker-side SimCLR views (the original's --useaug; off in the paper)
   c.train.center_targets = bool(_given(a["center"], defended))
+  # The train step's compute dtype: None = the backend's default (bfloat16 on GPU/TPU, float32 on CPU;
+  # attacks/train_state.py default_compute_dtype), or "float32" / "bfloat16".
+  c.compute_dtype = ml_collections.config_dict.placeholder(str)
 
   c.checkpoint_every_steps = 4 if tiny else 1000
   c.checkpoints_to_keep = 2

@@ -14,6 +14,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torchvision.transforms as T  # noqa: E402
 import torchvision.transforms.functional as TF  # noqa: E402
 
 from b4b_jax.attacks import augment  # noqa: E402
@@ -133,3 +134,13 @@ def test_resized_crop_matches_torchvision_inside_the_border(seed):
   ours = np.asarray(_resized_crop(key, jnp.asarray(x)))
   ref = _hwc(TF.resized_crop(_chw(x), top, left, h, w, [16, 16], antialias=True))
   np.testing.assert_allclose(ours[1:-1, 1:-1], ref[1:-1, 1:-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("height,width", [(24, 24), (8, 40), (40, 8), (30, 24)])
+def test_crop_box_fallback_is_torchvision_centre_crop(height, width):
+  """With an area scale no draw can satisfy, torchvision's get_params falls back to the largest centred
+  box with its aspect ratio clamped into (3/4, 4/3); ours must return the same box."""
+  scale = (2.0, 3.0)  # every draw is larger than the image
+  ours = tuple(int(v) for v in augment._crop_box(jax.random.key(0), height, width, scale=scale))
+  ref = T.RandomResizedCrop.get_params(torch.zeros(3, height, width), list(scale), [3 / 4, 4 / 3])
+  assert ours == tuple(ref)

@@ -68,7 +68,13 @@ def test_paper_configs():
   assert (c.defense.enabled, c.defense.lam, c.defense.alpha, c.defense.beta, c.defense.num_hyperplanes,
           c.defense.transform) == (True, 1e-6, 1.0, 80.0, 12, "dense_affine")
   assert c.attack.mapper.kind == "linear" and c.attack.mapper.learning_rate == 1e-4
-  assert c.attack.mapper.batch_size == 64 and not c.attack.requery_each_epoch
+  assert c.attack.mapper.batch_size == 64 and c.attack.protocol == "paper"
+  assert c.attack.rep_scale == 1000.0 and steal_dino.get_config().attack.rep_scale == 1.0
+  assert steal_simsiam.get_config("requery=1").attack.protocol == "requery_each_epoch"
+  assert steal_simsiam.get_config("protocol=query_once").attack.protocol == "query_once"
+  assert steal_simsiam.get_config("tiny").attack.protocol == "paper"
+  with pytest.raises(ValueError, match="protocol"):
+    steal_simsiam.get_config("protocol=online")
   d = steal_dino.get_config("defended=1")
   assert (d.defense.alpha, d.defense.beta, d.attack.num_queries) == (1000.0, 60.0, 50_000)
   assert not steal_dino.get_config().defense.enabled
@@ -99,6 +105,13 @@ def test_stolen_model_gets_the_dino_head_only_when_dims_differ():
     ("defense.lam", 2.0, "alpha must be > lam"),
     ("defense.num_hyperplanes", 30, "num_hyperplanes"),
     ("checkpoint_every_steps", 0, "checkpoint_every_steps"),
+    ("attack.protocol", "online", "unknown attack.protocol"),
+    ("attack.strategy", "repeat_average", "needs attack.protocol='query_once'"),
+    ("attack.strategy", "guess", "unknown attack.strategy"),
+    ("attack.rep_scale", 0.0, "rep_scale"),
+    ("compute_dtype", "float16", "compute_dtype"),
+    ("attack.num_queries_mapping", 250, "must exceed its 4 mapping batches"),
+    ("defense.noise_keying", "per_input", "noise_keying='per_input'"),
 ])
 def test_bad_config_is_refused_before_the_workdir_is_claimed(tmp_path, field, value, match):
   """run_job validates every value before recording the workdir, so the corrected config can use it."""
@@ -114,3 +127,43 @@ def test_non_positive_config_args_are_refused(arg):
   """`value > 0 else default` would silently run the default; a non-positive number is an error."""
   with pytest.raises(ValueError, match=f"config arg {arg.split('=')[0]}=.*must be > 0"):
     steal_simsiam.get_config("tiny," + arg)
+
+
+# ------------------------------------------------------------------------------- the paper protocol
+@pytest.mark.parametrize("num_queries,k,bpa", [(50_000, 2, 97), (100_000, 2, 195), (100_000, 3, 130),
+                                               (100_000, 6, 65)])
+def test_paper_windows_match_the_originals_worked_examples(num_queries, k, bpa):
+  """Reference section 5.3: bpa = floor(num_queries / 256) // k, 40 mapping batches per sybil; every
+  batch charged to its account, nothing past the k windows (the original's free window)."""
+  plan = queries.plan_paper(100_000, num_queries, num_accounts=k, num_queries_mapping=10_000,
+                            batch_size=256)
+  assert (plan.batches_per_account, plan.mapping_batches, plan.batch_size) == (bpa, 40, 256)
+  first = plan.accounts[0]
+  np.testing.assert_array_equal(first.new_indices, np.arange(bpa * 256))   # pool order, unshuffled
+  assert len(first.mapping_indices) == 0
+  for j, a in enumerate(plan.accounts[1:], start=1):
+    # Mapping queries: account 1's first 40 batches (paired images), charged to account j.
+    np.testing.assert_array_equal(a.mapping_indices, np.arange(40 * 256))
+    np.testing.assert_array_equal(a.new_indices, np.arange((j * bpa + 40) * 256, (j + 1) * bpa * 256))
+    assert a.num_queries == bpa * 256
+  assert plan.num_queries == k * bpa * 256
+  queried = np.concatenate([np.concatenate([a.mapping_indices, a.new_indices]) for a in plan.accounts])
+  assert queried.max() < k * bpa * 256        # no leak past the windows
+  assert len(np.unique(plan.train_indices)) == len(plan.train_indices) == (k * bpa - (k - 1) * 40) * 256
+  assert plan.summary()["batches_per_account"] == bpa
+
+
+def test_paper_single_account_stops_where_the_original_does():
+  # 50k: the original breaks once it has passed 50k, after 196 batches (50,176 queries).
+  assert queries.plan_paper(100_000, 50_000, batch_size=256).num_queries == 196 * 256
+  # 100k on the 100-per-class pool: the pool ends first (drop_last), 390 batches.
+  assert queries.plan_paper(100_000, 100_000, batch_size=256).batches_per_account == 390
+
+
+def test_paper_plan_refuses_windows_without_room():
+  with pytest.raises(ValueError, match="must exceed its 40 mapping batches"):
+    queries.plan_paper(100_000, 20_000, num_accounts=2, num_queries_mapping=10_000, batch_size=256)
+  with pytest.raises(ValueError, match="need 99840 pool images"):
+    queries.plan_paper(50_000, 100_000, num_accounts=2, num_queries_mapping=10_000, batch_size=256)
+  with pytest.raises(ValueError, match="holds no batch"):
+    queries.plan_paper(100, 1_000, batch_size=256)

@@ -15,6 +15,7 @@ import pytest
 from b4b_jax import defense
 from b4b_jax.attacks import protocol
 from b4b_jax.attacks import queries
+from b4b_jax.attacks import strategies
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -102,3 +103,72 @@ def test_requery_batches_map_each_row_with_its_accounts_mapper():
     else:
       np.testing.assert_allclose(mine, attacker.mappers[k].apply(received), rtol=1e-6, atol=1e-6)
       assert np.abs(mine - received).mean() > 0.1
+
+
+# ------------------------------------------------------------------- rep_scale, strategies, paper pass
+def test_mappers_are_fitted_and_applied_at_rep_scale():
+  """rep_scale: the mapper sees responses x rep_scale, its outputs are divided back."""
+  attacker, _, plan = _attacker(num_accounts=2)
+  attacker.rep_scale = 1000.0
+  attacker.mapping_phase_only(**MAPPER)
+  mapper = attacker.mappers[1]
+  # Fitted on scaled pairs: its normalisation statistics are 1000x those of the raw responses.
+  raw = attacker.query(1, plan.accounts[1].mapping_indices[:8], phase="mapping")
+  x = np.random.default_rng(3).standard_normal((5, D)).astype(np.float32)
+  np.testing.assert_allclose(attacker.map_rows(np.ones(5, np.int32), x),
+                             mapper.apply(x * 1000.0) / 1000.0, rtol=1e-6)
+  assert np.abs(mapper.normalization["in_mean"]).max() > 100 * np.abs(raw).mean()
+
+
+def _spec(cls, **kwargs):
+  return protocol.StrategySpec(cls, kwargs, to_strategy=lambda v: v, to_api=lambda x: x)
+
+
+def test_query_once_targets_come_from_the_configured_strategy():
+  """The strategy seam: RepeatAverage sends `copies` copies of every image (all charged to the
+  account) and its targets are the averages of what the account received."""
+  attacker, api, plan = _attacker(num_accounts=1)
+  attacker.strategy = _spec(strategies.RepeatAverage, copies=3)
+  targets = attacker.collect_training_targets(**MAPPER)
+  user = attacker.users[0]
+  assert attacker.api.num_queries(user) == 3 * len(plan.train_indices)
+  received = np.concatenate(api.received[user])
+  # RepeatAverage sends each batch's 3 copies as one block: [copy0 rows, copy1 rows, copy2 rows].
+  expected = np.concatenate([received[i * 96:(i + 1) * 96].reshape(3, 32, D).mean(0)
+                             for i in range(len(received) // 96)])
+  np.testing.assert_allclose(targets, expected, rtol=1e-5, atol=1e-6)
+  assert len(attacker.log) == len(received) // 32   # every charged call logged
+
+
+def test_query_once_strategy_gives_the_plain_answers():
+  plain, _, _ = _attacker(num_accounts=1)
+  seam, _, _ = _attacker(num_accounts=1)
+  seam.strategy = _spec(strategies.QueryOnce)
+  np.testing.assert_array_equal(seam.collect_training_targets(**MAPPER),
+                                plain.collect_training_targets(**MAPPER))
+
+
+def test_strategy_spec_refuses_unknown_arguments():
+  with pytest.raises(ValueError, match="takes no argument"):
+    _spec(strategies.QueryOnce, copies=3)
+
+
+def test_paper_pass_charges_each_window_once_and_returns_each_rows_sigma():
+  cfg = defense.defense_config("simsiam", transform="dense_affine", num_projections=2,
+                               num_hyperplanes=4, lam=1e-3, alpha=0.05, beta=50.0)
+  api = _RecordingAPI(defense.DefendedEncoder(_encoder, cfg, D))
+  plan = queries.plan_paper(len(_POOL), 384, num_accounts=2, num_queries_mapping=40, batch_size=32)
+  assert (plan.batches_per_account, plan.mapping_batches) == (6, 2)
+  attacker = protocol.Attacker(api, plan, lambda idx, epoch: _POOL[idx], batch_size=32)
+  sigma = attacker.charge_paper_pass(num_pairs=40, **MAPPER)
+  assert [api.num_queries(u) for u in attacker.users] == [192, 192]
+  assert sigma.shape == (len(plan.train_indices),)
+  # Each row's sigma is the sigma its batch was answered with: the log of that account's train batches.
+  logged = {a: [e.sigma for e in attacker.log if e.account == a + 1 and e.phase == "train"]
+            for a in (0, 1)}
+  np.testing.assert_allclose(sigma, np.repeat(logged[0] + logged[1], 32), rtol=1e-6)
+  assert len(logged[0]) == 6 and len(logged[1]) == 4
+  # Account 2's batches come after its 2 mapping batches, so its coverage (and sigma) count them.
+  mapping_log = [e for e in attacker.log if e.account == 2 and e.phase == "mapping"]
+  assert len(mapping_log) == 2 and mapping_log[-1].num_queries == 64
+  assert attacker.mappers[1].metrics["num_train"] + attacker.mappers[1].metrics["num_val"] == 40

@@ -37,8 +37,8 @@ def _config(victim_dir, arg, **train):
   return c
 
 
-def _defended_config(victim_dir):
-  c = _config(victim_dir, "defended=1,sybils=2,requery=1,epochs=2,queries=384,mapping=128")
+def _defended_config(victim_dir, protocol="requery"):
+  c = _config(victim_dir, f"defended=1,sybils=2,protocol={protocol},epochs=2,queries=384,mapping=128")
   # A random tiny victim fills few of 2^12 buckets; fewer, coarser buckets and a low beta make the
   # cost curve visible within a few hundred queries.
   c.defense.num_hyperplanes = 6
@@ -52,7 +52,7 @@ def _defended_config(victim_dir):
 @pytest.fixture(scope="module")
 def undefended(victim_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("undefended"))
-  config = _config(victim_dir, "queries=512", epochs=2)
+  config = _config(victim_dir, "protocol=query_once,queries=512", epochs=2)
   return config, workdir, run_job(config, workdir)
 
 

@@ -14,7 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-_GRAY = jnp.asarray([0.299, 0.587, 0.114], jnp.float32)
+# torchvision rgb_to_grayscale weights (ITU-R 601-2 as torchvision rounds them).
+_GRAY = jnp.asarray([0.2989, 0.587, 0.114], jnp.float32)
 
 
 def _gray(x):
@@ -22,7 +23,10 @@ def _gray(x):
 
 
 def _crop_box(key, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
-  """torchvision RandomResizedCrop.get_params: first valid of `attempts` draws, else the full image."""
+  """torchvision RandomResizedCrop.get_params: first valid of `attempts` draws, else a centre crop.
+
+  The fallback is torchvision's: the largest centred box whose aspect ratio is clamped into `ratio`.
+  """
   k_area, k_ratio, k_i, k_j = jax.random.split(key, 4)
   area = height * width * jax.random.uniform(k_area, (attempts,), minval=scale[0], maxval=scale[1])
   log_r = jax.random.uniform(k_ratio, (attempts,), minval=math.log(ratio[0]), maxval=math.log(ratio[1]))
@@ -32,10 +36,17 @@ def _crop_box(key, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attem
   ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
   first = jnp.argmax(ok)
   found = ok[first]
-  h = jnp.where(found, h[first], height)
-  w = jnp.where(found, w[first], width)
-  top = jnp.floor(jax.random.uniform(k_i) * (height - h + 1))
-  left = jnp.floor(jax.random.uniform(k_j) * (width - w + 1))
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    fallback_h, fallback_w = round(width / ratio[0]), width
+  elif in_ratio > ratio[1]:
+    fallback_h, fallback_w = height, round(height * ratio[1])
+  else:
+    fallback_h, fallback_w = height, width
+  h = jnp.where(found, h[first], fallback_h)
+  w = jnp.where(found, w[first], fallback_w)
+  top = jnp.where(found, jnp.floor(jax.random.uniform(k_i) * (height - h + 1)), (height - fallback_h) // 2)
+  left = jnp.where(found, jnp.floor(jax.random.uniform(k_j) * (width - w + 1)), (width - fallback_w) // 2)
   return top, left, h, w
 
 

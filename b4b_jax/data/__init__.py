@@ -5,11 +5,16 @@
   views = apply_transform(images, "steal_crop", seed=0, epoch=1)       # seeded per-example views
   x = normalize(views, spec="imagenet")                                # uint8 -> encoder input
 
-Batching is the caller's: the stealing job cuts seeded epoch permutations of its in-memory pool
-(b4b_jax/jobs/steal.py), the evaluation jobs stream tf.data batches (evaluation.embeddings).
+  pool = stream.open_pool(config.data, seed)                          # the stealing pool, by index
+  for batch in stream.view_batches(pool, idx, "steal_crop", seed=0, epoch=3, batch_size=256): ...
+
+The stealing job streams its pool and views from disk (data.stream); the evaluation jobs stream
+tf.data batches (evaluation.embeddings). Host memory is bounded by the pipelines' buffers.
 """
 from b4b_jax.data import preprocess
+from b4b_jax.data import stream
 from b4b_jax.data.folders import check_images, class_names, list_folder
+from b4b_jax.data import folders
 from b4b_jax.data.preprocess import (NORMALIZATION, TRANSFORM_PRESETS, Transform, apply_transform,
                                      center_crop, example_seed, make_transform, normalization,
                                      normalize, random_flip, random_resized_crop,

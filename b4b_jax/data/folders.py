@@ -77,6 +77,15 @@ def list_folder(root: str, split: str, *, per_class: Optional[int] = None, seed:
                      f"its splits are {_subdirs(root)}")
   names = class_names(root, split)
   present = _subdirs(split_dir)
+  loose = sorted(f for f in os.listdir(split_dir)
+                 if _is_image_name(f) and os.path.isfile(os.path.join(split_dir, f)))
+  if loose:
+    # E.g. ImageNet's val/ as distributed: 50k files in one folder. Their labels are unknown here.
+    raise ValueError(f"split {split!r} is not sorted into class folders: {split_dir} holds {len(loose)} "
+                     f"image file(s) directly (e.g. {os.path.join(split_dir, loose[0])}); move each "
+                     f"image into {split_dir}/<class>/ (for ImageNet's val/, with the labels of its "
+                     "devkit), with the class folder names of "
+                     f"{os.path.join(root, 'train') if os.path.isdir(os.path.join(root, 'train')) else split_dir}")
   extra = sorted(set(present) - set(names))
   if extra:
     raise ValueError(f"{split_dir} has class folders that {os.path.join(root, 'train')} lacks: {extra}")
@@ -122,7 +131,9 @@ def check_images(paths: Sequence[str]) -> None:
 
 
 def decode_image(path: tf.Tensor) -> tf.Tensor:
-  """File -> uint8 [H, W, 3] (grayscale and RGBA converted; first frame of a GIF)."""
+  """File -> uint8 [H, W, 3] (grayscale and RGBA converted; first frame of a GIF).
+
+  TensorFlow's decode errors do not say which file failed: consumers iterate with `iterate_named`."""
   image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
   image.set_shape([None, None, 3])
   return image
@@ -144,3 +155,30 @@ def folder_dataset(files: FolderSplit, *, process_index: int = 0, process_count:
   return ds.map(lambda p, y: {"image": decode_image(p), "label": y},
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
+
+
+def iterate_checked(ds: tf.data.Dataset, on_error):
+  """Iterates ds.as_numpy_iterator(); a TensorFlow error while producing item k is replaced by the
+  exception `on_error(error, k)` returns (TF's decode errors do not name the file)."""
+  it = ds.as_numpy_iterator()
+  done = 0
+  while True:
+    try:
+      item = next(it)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      raise on_error(e, done) from None
+    done += 1
+    yield item
+
+
+def iterate_named(ds: tf.data.Dataset, paths: Sequence[str]):
+  """iterate_checked whose errors name the undecodable file(s) among `paths` (the files the dataset
+  reads), found by decoding them with PIL."""
+
+  def named(error, _):
+    check_images(paths)  # raises, naming the files
+    return ValueError(f"reading image files failed ({error.message}); every file decodes with PIL, so "
+                      "the failure is elsewhere in the pipeline")
+  return iterate_checked(ds, named)

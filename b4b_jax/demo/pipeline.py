@@ -175,6 +175,7 @@ def steal_config(config, workdir: str, *, defended: bool, accounts: int, defense
   c.eval.image_size = int(config.image_size)
   c.eval.view_transform = {"mode": "resize", "size": int(config.image_size)}
   c.defense = defense_cfg if defended else defense_lib.defense_config("none")
+  c.attack.protocol = "query_once"  # the demo's thief: each crop sent once (charged), E epochs on them
   c.attack.num_queries = int(ac.num_queries)
   c.attack.num_accounts = int(accounts)
   c.attack.num_queries_mapping = int(ac.num_queries_mapping)

@@ -174,23 +174,80 @@ def embed_images(encoder, images: np.ndarray, *, batch_size: int = 256, params=N
                          for i in range(0, len(images), batch_size)])
 
 
+def local_examples(dataset: str, split: str, *, transform, data_dir=None, limit: Optional[int] = None,
+                   seed: int = 0, shuffle_files: bool = False):
+  """This process's share of a split as a tf.data.Dataset of (global index, transformed uint8 image,
+  label), and the files it reads (None for non-folder sources).
+
+  Class folders: the process's contiguous share of the (first `limit`) files, read only by it. Other
+  sources (TFDS, bundled: small sets): every process_count-th example of the stream. Example i draws its
+  randomness from example_seed(seed, 0, i), as `batches_of`, whichever process embeds it.
+  """
+  tf = data_lib.preprocess.tf
+  pi, pc = jax.process_index(), jax.process_count()
+  kind, target = data_lib.sources.parse_name(dataset, data_dir)
+  paths = None
+  if kind == "folder":
+    files = data_lib.list_folder(target, split, seed=seed)
+    order = np.arange(len(files))
+    if shuffle_files:
+      order = np.random.default_rng(seed).permutation(len(files))
+    if limit is not None:
+      order = order[:_check_limit(limit)]
+    ids = np.arange(len(order), dtype=np.int64)[data_lib.stream.host_slice(len(order))]
+    paths, labels = files.paths[order][ids], files.labels[order][ids]
+    ds = tf.data.Dataset.from_tensor_slices((ids, paths, labels)).map(
+        lambda i, p, y: (i, data_lib.folders.decode_image(p), y),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  else:
+    ds = split_dataset(dataset, split, data_dir=data_dir, limit=limit, seed=seed,
+                       shuffle_files=shuffle_files)
+    ds = ds.enumerate().map(lambda i, ex: (i, ex["image"], ex["label"]))
+    if pc > 1:
+      ds = ds.filter(lambda i, image, label: i % pc == pi)
+
+  def prepare(i, image, label):
+    seed_i = data_lib.example_seed(seed, 0, i) if transform.is_random else None
+    return i, transform(image, seed_i), tf.cast(label, tf.int32)
+
+  return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), paths
+
+
+def _check_limit(limit) -> int:
+  if int(limit) < 1:
+    raise ValueError(f"limit must be >= 1, got {limit}")
+  return int(limit)
+
+
 def embed_split(encoder, dataset: str, split: str, *, transform, batch_size: int = 256,
                 data_dir=None, limit: Optional[int] = None, seed: int = 0, shuffle_files: bool = False,
                 progress: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
   """Representations [N, D] float32 and labels [N] int32 of one split; `progress` names a progress
-  line ("embed/<name>") reporting images done."""
-  ds = split_dataset(dataset, split, data_dir=data_dir, limit=limit, seed=seed,
-                     shuffle_files=shuffle_files)
+  line ("embed/<name>") reporting images done.
+
+  Streams: host memory holds the pipeline's buffers and the representations, never the images. Each
+  process embeds its share (`local_examples`) data-parallel on its local devices; the shares are
+  gathered, so every process returns the whole split in order.
+  """
+  ds, paths = local_examples(dataset, split, transform=transform, data_dir=data_dir, limit=limit,
+                             seed=seed, shuffle_files=shuffle_files)
   prog = progress_lib.Progress(f"embed/{progress}", num_examples(ds), unit="image") if progress else None
-  reps, labels = [], []
-  for images, y in batches_of(ds, transform=transform, batch_size=batch_size, seed=seed):
+  ds = ds.batch(batch_size).prefetch(2)
+  ids, reps, labels = [], [], []
+  batches = (data_lib.folders.iterate_named(ds, paths) if paths is not None
+             else ds.as_numpy_iterator())
+  for i, images, y in batches:
+    ids.append(i)
     reps.append(embed_images(encoder, images, batch_size=batch_size))
     labels.append(y)
     if prog is not None:
       prog.update(sum(len(r) for r in reps))
-  if not reps:
+  empty = (np.zeros((0,), np.int64), np.zeros((0, encoder.rep_dim), np.float32), np.zeros((0,), np.int32))
+  ids, reps, labels = [np.concatenate(a) if a else e for a, e in zip((ids, reps, labels), empty)]
+  reps, labels = data_lib.stream.gather_rows(ids, reps, labels)
+  if not len(reps):
     raise ValueError(f"dataset {dataset!r} split {split!r} is empty")
-  return np.concatenate(reps), np.concatenate(labels)
+  return reps, labels.astype(np.int32)
 
 
 # ---------------------------------------------------------------- .npz files

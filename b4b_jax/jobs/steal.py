@@ -4,28 +4,54 @@ r"""Job "steal": the end-to-end stealing attack (paper section 4.4, Tables 1 and
 
 `run(config, workdir)` reads top to bottom: set-up, then three phases, each resumable (killing the run
 and starting it again with the same workdir continues and ends with the same result as an
-uninterrupted run):
+uninterrupted run). `config.attack.protocol` picks the regime ("queries" means something else in each;
+results.json and report.md say which ran and what was counted):
 
-1. Queries. The attacker plans its queries (queries.plan_queries: seeded order, budget split over its
-   accounts, the sybil overlap) and sends them through `DefendedEncoder` in batches, every query charged
-   to the sending account. Extra accounts first query the overlap and fit a mapper into account 1's
-   space (protocol.Attacker). Query-once protocol (default): each planned image is sent once and its
-   response kept, so "50k queries" means 50k charged queries. Saved: the responses, the mappers, the
-   API's defense state.
+  paper (default)     the original code's regime (reference section 5.1-5.3). ONE charged pass over the
+                      pool in pool order (queries.plan_paper: unshuffled, drop_last, one window of
+                      batches per account, the sybils' mapping batches first) fixes each batch
+                      position's sigma, as the API computes it from the account's coverage. Then every
+                      epoch the thief trains on fresh RandomResizedCrop + flip views of the same
+                      images, answered at the sigma of their batch position with the account's transform.
+                      These per-epoch answers are NOT charged; the original never counted them either.
+                      They are the paper's offline simulation (attacks/offline.py), computed in this job
+                      from the defense's pure functions, never by the API. Queries = the charged pass;
+                      the offline views answered are reported beside it.
+  query_once          stricter online threat model: each planned image is sent once (one fixed view)
+                      through the configured strategy (config.attack.strategy, b4b_jax/attacks/strategies;
+                      query_once = each image once), and the stolen model trains E epochs on the kept
+                      answers. Queries = charged queries.
+  requery_each_epoch  the strictest: every view of every epoch is a new charged query (coverage
+                      saturates). Queries = mapping + epochs x images, all charged.
+
+1. Queries. The attacker plans its queries and sends them through `DefendedEncoder` in batches, every
+   query charged to the sending account. Extra accounts first query the overlap and fit a mapper into
+   account 1's space (protocol.Attacker), on responses x attack.rep_scale (divided back). Saved: the
+   responses (query once), the per-row sigma (paper), the mappers, the API's defense state.
 2. Training. The stolen ResNet (from scratch) learns to reproduce the responses for E epochs: one jitted
-   step over the "data" mesh (attacks/train_state.py), seeded epoch orders, optional attacker-side
-   SimCLR views. With `requery_each_epoch`, every view of every epoch is a new charged query instead
-   (the API's state is then part of every training checkpoint). Checkpoints every N steps, on
-   preemption and after `max_steps_this_run` steps.
+   step over the "data" mesh (attacks/train_state.py; compute_dtype from config or the backend's
+   default), seeded epoch orders (the paper protocol keeps the pool order, as the original), optional
+   attacker-side SimCLR views. Checkpoints every N steps (with the API's state when training queries
+   it), on preemption and after `max_steps_this_run` steps.
 3. Evaluation and export. Cosine similarity of the stolen model's representations on held-out images to
    the victim's (dims permitting) and to account 1's noise-free responses (the victim's representations
    under account 1's transform, which the evaluator knows); the stolen encoder as an encoder directory
    (workdir/stolen_encoder, for the linear probes), results.json, report.md.
 
+Data (b4b_jax.data.stream): the pool, its views and the held-out set stream from disk by index; host
+memory is bounded by the input pipelines' buffers, not by the pool. Views depend only on (seed, epoch,
+pool index), so a resumed run sends and trains on the same pixels. Corrupt pool files are skipped and
+counted before the plan is drawn (results.json "pool"); a missing victim directory, an empty class
+folder or a split not sorted into classes is an error before anything is charged.
+
 Multi-host: every process runs the same (deterministic) API simulation, so all hold identical responses;
-each process feeds its own slice of every global batch; only process 0 writes results.
+for it, each process reads the whole query batch and runs the API data-parallel on its local devices of
+the mesh. Training batches: each process reads and feeds only its own slice of every global batch (in
+the paper protocol it also computes only the offline answers of its slice). The held-out set: each
+process embeds its share, the shares are gathered. Only process 0 writes results.
 """
 import dataclasses
+import inspect
 import os
 import shutil
 import time
@@ -43,8 +69,10 @@ from b4b_jax import defense as defense_lib
 from b4b_jax import models as models_lib
 from b4b_jax.attacks import losses as losses_lib
 from b4b_jax.attacks import mapper as mapper_lib
+from b4b_jax.attacks import offline as offline_lib
 from b4b_jax.attacks import protocol
 from b4b_jax.attacks import queries as queries_lib
+from b4b_jax.attacks import strategies as strategies_lib
 from b4b_jax.attacks import train_state as ts
 from b4b_jax.evaluation import embeddings
 from b4b_jax.utils import checkpoint as ckpt_lib
@@ -63,6 +91,18 @@ _QUERIES_DIR = os.path.join("attack", "queries")
 _API_AFTER_QUERIES = os.path.join("attack", "api_after_queries")
 _API_TRAIN = os.path.join("attack", "api_train")
 _CHECKPOINTS = "checkpoints"
+PROTOCOLS = ("paper", "query_once", "requery_each_epoch")
+# What "queries" means in each protocol (results.json "queries"."meaning").
+QUERIES_MEANING = {
+    "paper": "charged = one pass over the pool in pool order (each batch position's sigma comes from "
+             "it); views_answered_offline = the per-epoch fresh views answered at those sigmas by the "
+             "paper's offline simulation, never charged (as in the original code)",
+    "query_once": "charged = every planned image sent once through the strategy (copies count), "
+                  "mapping queries included; the stolen model trains on the kept answers",
+    "requery_each_epoch": "charged = mapping queries + every training view of every epoch",
+}
+_POOL_CHECK = os.path.join("attack", "pool_check.json")      # the corrupt-file check, per file list
+_EVAL_CHECK = os.path.join("attack", "eval_set_check.json")
 
 
 # ==================================================================================================
@@ -73,6 +113,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   charged query phase), with a ValueError naming the field."""
   ac, tc = config.attack, config.train
   defense_lib.validate_config(config.defense)
+  protocol_name = ac.get("protocol")
+  if protocol_name not in PROTOCOLS:
+    raise ValueError(f"unknown attack.protocol {protocol_name!r}; choose one of {PROTOCOLS}")
+  strategy = ac.get("strategy", "query_once")
+  if strategy not in strategies_lib.STRATEGIES:
+    raise ValueError(f"unknown attack.strategy {strategy!r}; choose one of "
+                     f"{sorted(strategies_lib.STRATEGIES)}")
+  if strategy != "query_once" and protocol_name != "query_once":
+    raise ValueError(f"attack.strategy={strategy!r} needs attack.protocol='query_once' (the paper "
+                     "protocol's per-epoch answers are simulated offline and re-query charges every "
+                     "view as it comes; only the query-once answers come from a strategy)")
+  rep_scale = ac.get("rep_scale", 1.0)
+  if not (isinstance(rep_scale, (int, float)) and np.isfinite(rep_scale) and rep_scale > 0):
+    raise ValueError(f"attack.rep_scale must be a finite number > 0, got {rep_scale!r}")
+  dtype = config.get("compute_dtype")
+  if dtype is not None and dtype not in ts.COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype must be one of {ts.COMPUTE_DTYPES} (or unset: the backend's "
+                     f"default), got {dtype!r}")
   if not 1 <= ac.num_accounts <= queries_lib.MAX_ACCOUNTS:
     raise ValueError(f"attack.num_accounts must be in 1..{queries_lib.MAX_ACCOUNTS}, got "
                      f"{ac.num_accounts}")
@@ -88,6 +146,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"attack.mapper.val_fraction must be in (0, 1), got {ac.mapper.val_fraction}")
   if ac.num_accounts > 1:
     n_map = int(ac.num_queries_mapping)
+    if n_map < 1:
+      raise ValueError(f"attack.num_queries_mapping must be >= 1 with sybils, got {n_map}")
     n_val = int(round(n_map * ac.mapper.val_fraction))
     if n_val < 1 or n_map - n_val < ac.mapper.batch_size:
       raise ValueError(f"attack.num_queries_mapping={n_map} is too small to fit the sybil mappers "
@@ -102,6 +162,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{name} must be >= 1, got {config[name]}")
   if config.eval.batch_size < 1:
     raise ValueError(f"eval.batch_size must be >= 1, got {config.eval.batch_size}")
+  on_corrupt = config.data.get("on_corrupt", "skip")
+  if on_corrupt not in data_lib.stream.ON_CORRUPT:
+    raise ValueError(f"data.on_corrupt must be one of {data_lib.stream.ON_CORRUPT}, got {on_corrupt!r}")
+  encoder_dir = config.victim.get("encoder_dir")
+  if not config.victim.get("build_tiny") and encoder_dir and not os.path.isdir(encoder_dir):
+    raise FileNotFoundError(f"victim encoder directory {os.path.abspath(encoder_dir)} does not exist "
+                            "(config.victim.encoder_dir; write one with `python -m "
+                            "weight_conversion.convert`)")
+  if protocol_name == "paper":
+    if config.defense.get("noise_keying", "per_query") != "per_query":
+      raise ValueError("attack.protocol='paper' simulates the paper's B4B per-epoch answers; with "
+                       "defense.noise_keying='per_input' use protocol query_once or requery_each_epoch")
+    queries_lib.paper_windows(int(ac.num_queries), int(ac.num_accounts), int(ac.num_queries_mapping),
+                              int(ac.query_batch_size))
 
 
 # ==================================================================================================
@@ -149,8 +223,9 @@ class SetUp:
   victim: models_lib.Encoder
   views: "Views"
   plan: queries_lib.QueryPlan
+  protocol: str                    # one of PROTOCOLS
   ckpt: ckpt_lib.Checkpointer     # the training checkpoints
-  eval_images: np.ndarray          # uint8 held-out views
+  eval_set: "EvalSet"              # the held-out images (streamed)
   victim_eval: np.ndarray          # the victim's representations of them
   responses_eval: np.ndarray       # account 1's noise-free responses to them
 
@@ -163,27 +238,41 @@ def set_up(config, workdir: str) -> SetUp:
   pre = victim.manifest["preprocessing"]
   input_size = int(pre["input_size"])
 
-  pool = _load_split(config.data, seed)
+  on_corrupt = config.data.get("on_corrupt", "skip")
+  pool = data_lib.stream.open_pool(config.data, seed, on_corrupt=on_corrupt,
+                                   check_cache=os.path.join(workdir, _POOL_CHECK))
+  eval_pool = data_lib.stream.open_pool(config.eval, seed, on_corrupt=on_corrupt,
+                                        check_cache=os.path.join(workdir, _EVAL_CHECK))
+  logging.info("stealing pool: %s; held-out set: %s", pool.summary(), eval_pool.summary())
   ac = config.attack
-  plan = queries_lib.plan_queries(len(pool), int(ac.num_queries), num_accounts=int(ac.num_accounts),
-                                  num_queries_mapping=int(ac.num_queries_mapping), seed=seed)
-  logging.info("query plan: %s", plan.summary())
+  protocol_name = str(ac.protocol)
+  plan = make_plan(config, len(pool))
+  logging.info("query plan (%s protocol): %s", protocol_name, plan.summary())
   if len(plan.train_indices) < config.train.batch_size:
     raise ValueError(f"{len(plan.train_indices)} training images are fewer than one batch "
                      f"({config.train.batch_size})")
-  views = Views(pool, config, input_size)
-  if not ac.requery_each_epoch:
-    views.cache(plan.train_indices)
-
-  eval_images = data_lib.apply_transform(_load_split(config.eval, seed),
-                                         _transform(config.eval.view_transform, input_size), seed=seed)
-  victim_eval = embeddings.embed_images(victim, eval_images, batch_size=int(config.eval.batch_size))
+  views = Views(pool, config, input_size, mesh)
+  eval_set = EvalSet(eval_pool, _transform(config.eval.view_transform, input_size), seed,
+                     int(config.eval.batch_size))
+  victim_eval = eval_set.embed(victim)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, _CHECKPOINTS),
                                max_to_keep=int(config.get("checkpoints_to_keep", 2)))
   return SetUp(mesh=mesh, writer=metrics_lib.MetricsWriter(workdir),
-               is_writer=jax.process_index() == 0, victim=victim, views=views, plan=plan, ckpt=ckpt,
-               eval_images=eval_images, victim_eval=victim_eval,
+               is_writer=jax.process_index() == 0, victim=victim, views=views, plan=plan,
+               protocol=protocol_name, ckpt=ckpt, eval_set=eval_set, victim_eval=victim_eval,
                responses_eval=clean_response_space(config, victim.rep_dim, victim_eval))
+
+
+def make_plan(config, pool_size: int) -> queries_lib.QueryPlan:
+  """The query plan of the configured protocol: the paper's charged pass over the pool in pool order
+  (queries.plan_paper), or the seeded plan of the online protocols (queries.plan_queries)."""
+  ac = config.attack
+  if ac.protocol == "paper":
+    return queries_lib.plan_paper(pool_size, int(ac.num_queries), num_accounts=int(ac.num_accounts),
+                                  num_queries_mapping=int(ac.num_queries_mapping),
+                                  batch_size=int(ac.query_batch_size))
+  return queries_lib.plan_queries(pool_size, int(ac.num_queries), num_accounts=int(ac.num_accounts),
+                                  num_queries_mapping=int(ac.num_queries_mapping), seed=int(config.seed))
 
 
 def load_victim(config, workdir: str) -> models_lib.Encoder:
@@ -210,21 +299,6 @@ def new_api(victim: models_lib.Encoder, config) -> defense_lib.DefendedEncoder:
                                                   capacity=max(8, int(config.attack.num_accounts)))
 
 
-def _load_split(cfg, seed: int) -> np.ndarray:
-  kind, _ = data_lib.sources.parse_name(cfg.name, cfg.get("data_dir"))
-  kwargs = {"data_dir": cfg.get("data_dir"), "limit": cfg.get("limit"), "seed": seed}
-  if kind == "bundled":
-    kwargs["image_size"] = cfg.get("image_size")
-  else:
-    kwargs["transform"] = cfg.get("transform")
-    kwargs["image_size"] = cfg.get("image_size") if cfg.get("transform") is None else None
-    kwargs["per_class"] = cfg.get("per_class")
-  images, _ = data_lib.load_arrays(cfg.name, cfg.split, **kwargs)
-  if len(images) == 0:
-    raise ValueError(f"dataset {cfg.name!r} split {cfg.split!r} gave no images")
-  return images
-
-
 def _transform(spec, size: int):
   if hasattr(spec, "to_dict"):
     spec = spec.to_dict()
@@ -232,39 +306,72 @@ def _transform(spec, size: int):
 
 
 class Views:
-  """Images the attacker sends: uint8 views of pool images (the API normalises them as the victim's
-  manifest says).
+  """Images the attacker sends: uint8 views of pool images, streamed from disk (the API normalises
+  them as the victim's manifest says).
 
-  Query-once: one fixed view per image (`query_transform`, epoch 0), cached for the training set.
-  Re-query: a fresh view per epoch (`requery_transform`, seeds (seed, epoch, pool index)).
+  View epoch 0 is what the query phase sends: `query_transform` (the query-once and re-query protocols'
+  fixed view, e.g. the centre crop) or, in the paper protocol, `requery_transform` (the original's
+  charged pass ran its stealing loader's crops). View epoch e + 1 is training epoch e's fresh
+  `requery_transform` view (RandomResizedCrop + flip). Image i's view at epoch e is drawn from
+  example_seed(seed, e, i) alone, so it is the same in every run, batch and process.
+  `for_api` puts a batch on this process's devices of the mesh, sharded along "data", so the API's
+  fused encoder + defense call runs data-parallel.
   """
 
-  def __init__(self, pool: np.ndarray, config, input_size: int):
+  def __init__(self, pool: data_lib.stream.Pool, config, input_size: int, mesh: jax.sharding.Mesh):
     self.pool = pool
     self.seed = int(config.seed)
     self.query_transform = _transform(config.attack.query_transform, input_size)
     self.requery_transform = _transform(config.attack.requery_transform, input_size)
-    self._cache_index = None
-    self._cache = None
+    self.batch_size = int(config.attack.query_batch_size)
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    self.api_mesh = jax.sharding.Mesh(np.asarray(local), (distributed.DATA_AXIS,))
+    paper = config.attack.protocol == "paper"
+    self.first_transform = self.requery_transform if paper else self.query_transform
 
-  def cache(self, indices: np.ndarray) -> None:
-    """Precomputes the epoch-0 views of `indices` (the query-once training set)."""
-    self._cache = data_lib.apply_transform(self.pool[indices], self.query_transform, seed=self.seed,
-                                           ids=indices, epoch=0)
-    self._cache_index = np.full(len(self.pool), -1, np.int64)
-    self._cache_index[indices] = np.arange(len(indices))
+  def transform(self, epoch: int):
+    return self.first_transform if epoch == 0 else self.requery_transform
 
   def uint8(self, indices: np.ndarray, epoch: int) -> np.ndarray:
-    if epoch == 0:
-      if self._cache_index is not None and np.all(self._cache_index[indices] >= 0):
-        return self._cache[self._cache_index[indices]]
-      return data_lib.apply_transform(self.pool[indices], self.query_transform, seed=self.seed,
-                                      ids=indices, epoch=0)
-    return data_lib.apply_transform(self.pool[indices], self.requery_transform, seed=self.seed,
-                                    ids=indices, epoch=epoch)
+    return data_lib.stream.views(self.pool, indices, self.transform(epoch), seed=self.seed, epoch=epoch,
+                                 batch_size=max(len(indices), 1))
 
-  def __call__(self, indices: np.ndarray, epoch: int) -> np.ndarray:
-    return self.uint8(indices, epoch)
+  def stream(self, indices: np.ndarray, epoch: int, batch_size: int):
+    """uint8 numpy batches of the views of `indices`, in order, read ahead by the pipeline."""
+    return data_lib.stream.view_batches(self.pool, indices, self.transform(epoch), seed=self.seed,
+                                        epoch=epoch, batch_size=batch_size)
+
+  def batches(self, indices: np.ndarray, epoch: int, batch_size: int):
+    """What protocol.Attacker sends: the views of `indices` in batches, on this process's devices."""
+    return (self.for_api(b) for b in self.stream(indices, epoch, batch_size))
+
+  def for_api(self, images: np.ndarray):
+    n = self.api_mesh.devices.size
+    if n == 1 or len(images) % n:  # a short last batch runs undivided (the API pads it itself)
+      return images
+    return jax.device_put(images, distributed.batch_sharded(self.api_mesh))
+
+  def __call__(self, indices: np.ndarray, epoch: int):
+    return self.for_api(self.uint8(indices, epoch))
+
+
+class EvalSet:
+  """The held-out images, streamed: each process embeds its share on its devices; shares gathered."""
+
+  def __init__(self, pool: data_lib.stream.Pool, transform, seed: int, batch_size: int):
+    self.pool, self.transform, self.seed, self.batch_size = pool, transform, seed, batch_size
+
+  def __len__(self) -> int:
+    return len(self.pool)
+
+  def embed(self, encoder, params=None) -> np.ndarray:
+    share = data_lib.stream.host_slice(len(self.pool))
+    ids = np.arange(len(self.pool))[share]
+    reps = [embeddings.embed_images(encoder, b, batch_size=self.batch_size, params=params)
+            for b in data_lib.stream.view_batches(self.pool, ids, self.transform, seed=self.seed,
+                                                  epoch=0, batch_size=self.batch_size)]
+    local = np.concatenate(reps) if reps else np.zeros((0, encoder.rep_dim), np.float32)
+    return data_lib.stream.gather_rows(ids, local)[0]
 
 
 def clean_response_space(config, rep_dim: int, victim_reps: np.ndarray) -> np.ndarray:
@@ -288,12 +395,16 @@ class Queried:
   attacker: protocol.Attacker          # its API is the latest saved state (see _latest_api)
   targets: Optional[np.ndarray]        # query once: [num_train, D] responses in account 1's space
   accounts_after_queries: List[dict]
+  # paper: the sigma each training row's charged batch was answered with (plan.train_indices order),
+  # the account of each row, and the offline simulation of the per-epoch answers.
+  sigma_rows: Optional[np.ndarray] = None
+  account_rows: Optional[np.ndarray] = None
+  offline: Optional[offline_lib.OfflineAnswers] = None
 
 
 def query_phase(config, workdir: str, s: SetUp) -> Queried:
   """Sends the planned queries (or restores what an earlier run received)."""
   ac = config.attack
-  requery = bool(ac.requery_each_epoch)
   queries_dir = os.path.join(workdir, _QUERIES_DIR)
   done = os.path.isdir(queries_dir) and ckpt_lib.Checkpointer(queries_dir).latest_step() is not None
   api = _latest_api(config, workdir, s) if done else new_api(s.victim, config)
@@ -302,7 +413,11 @@ def query_phase(config, workdir: str, s: SetUp) -> Queried:
       unit="batch", every_seconds=float(config.get("progress_every_seconds", 10.0)))
   attacker = protocol.Attacker(
       api, s.plan, s.views, batch_size=int(ac.query_batch_size),
-      on_batch=lambda entry: _log_query_batch(s.writer, progress, len(attacker.log), entry))
+      on_batch=lambda entry: _log_query_batch(s.writer, progress, len(attacker.log), entry),
+      rep_scale=float(ac.rep_scale), strategy=_strategy_spec(config, s))
+  paper = s.protocol == "paper"
+  offline = offline_lib.OfflineAnswers(s.victim, config.defense, attacker.users) if paper else None
+  account_rows = protocol.accounts_of_rows(s.plan)
 
   if done:
     logging.info("resuming: query phase already done (%s)", queries_dir)
@@ -310,37 +425,63 @@ def query_phase(config, workdir: str, s: SetUp) -> Queried:
     protocol.restore_mappers(attacker, saved.get("mappers", {}), meta.get("mapper_metrics", {}),
                              kind=ac.mapper.kind, in_dim=api.out_dim, out_dim=api.out_dim)
     attacker.log = [protocol.QueryLogEntry(**e) for e in meta.get("query_log", [])]
-    targets = None if requery else np.asarray(saved["targets"], np.float32)
-    return Queried(attacker, targets, meta["accounts_after_queries"])
+    targets = np.asarray(saved["targets"], np.float32) if "targets" in saved else None
+    sigma_rows = np.asarray(saved["sigma_rows"], np.float64) if "sigma_rows" in saved else None
+    return Queried(attacker, targets, meta["accounts_after_queries"], sigma_rows, account_rows, offline)
 
   t0 = time.time()
   mapper_kwargs = dict(kind=ac.mapper.kind, epochs=int(ac.mapper.epochs),
                        learning_rate=float(ac.mapper.learning_rate),
                        batch_size=int(ac.mapper.batch_size),
                        val_fraction=float(ac.mapper.val_fraction), seed=int(config.seed))
-  if requery:
+  targets = sigma_rows = None
+  if s.protocol == "requery_each_epoch":
     attacker.mapping_phase_only(**mapper_kwargs)
-    targets = None
+  elif paper:
+    sigma_rows = attacker.charge_paper_pass(num_pairs=int(ac.num_queries_mapping), **mapper_kwargs)
   else:
     targets = attacker.collect_training_targets(**mapper_kwargs)
-  logging.info("query phase: %d charged queries in %.1fs", s.plan.num_queries, time.time() - t0)
+  logging.info("query phase: %d charged queries in %.1fs", api.stats()["total_queries"],
+               time.time() - t0)
   api.save(os.path.join(workdir, _API_AFTER_QUERIES))
   tree = {"mappers": protocol.mapper_states(attacker)}
   if targets is not None:
     tree["targets"] = targets
+  if sigma_rows is not None:
+    tree["sigma_rows"] = sigma_rows
   meta = {"query_log": [e.to_dict() for e in attacker.log],
           "mapper_metrics": {str(k): m.metrics for k, m in attacker.mappers.items()},
           "accounts_after_queries": attacker.account_summary(), "seconds": time.time() - t0}
   if s.is_writer:  # one process writes (every process holds the same responses)
     ckpt_lib.save_pytree(queries_dir, tree, meta)
-  return Queried(attacker, targets, meta["accounts_after_queries"])
+  return Queried(attacker, targets, meta["accounts_after_queries"], sigma_rows, account_rows, offline)
+
+
+def _strategy_spec(config, s: SetUp) -> Optional[protocol.StrategySpec]:
+  """The query-once protocol's strategy (config.attack.strategy, with the fields of
+  config.attack.strategy_kwargs its constructor takes); None in the other protocols."""
+  if s.protocol != "query_once":
+    return None
+  ac = config.attack
+  cls = strategies_lib.STRATEGIES[ac.strategy]
+  accepted = inspect.signature(cls.__init__).parameters
+  given = ac.get("strategy_kwargs")
+  given = given.to_dict() if hasattr(given, "to_dict") else dict(given or {})
+  kwargs = {k: v for k, v in given.items() if k in accepted and v is not None}
+  if "seed" in accepted:
+    kwargs.setdefault("seed", int(config.seed))
+  if "canary" in accepted and "canary" not in kwargs:  # the first training image's view rides along
+    kwargs["canary"] = s.views.uint8(s.plan.train_indices[:1], 0)[0].astype(np.float32) / 255.0
+  return protocol.StrategySpec(
+      cls, kwargs, to_strategy=lambda views: np.asarray(views, np.float32) / np.float32(255.0),
+      to_api=lambda x01: np.clip(np.round(np.asarray(x01, np.float32) * 255.0), 0, 255).astype(np.uint8))
 
 
 def _latest_api(config, workdir: str, s: SetUp) -> defense_lib.DefendedEncoder:
   """The API as an earlier run left it: at its latest training checkpoint when training re-queries,
   else right after the query phase."""
   step = s.ckpt.latest_step()
-  if config.attack.requery_each_epoch and step is not None:
+  if s.protocol == "requery_each_epoch" and step is not None:
     path = os.path.join(workdir, _API_TRAIN, f"step_{int(step):09d}")
   else:
     path = os.path.join(workdir, _API_AFTER_QUERIES)
@@ -378,7 +519,7 @@ def train_phase(config, workdir: str, s: SetUp, q: Queried) -> Trained:
   max_steps_this_run; returns its final (or interrupted) state."""
   t_phase = time.time()
   tc, seed = config.train, int(config.seed)
-  requery = bool(config.attack.requery_each_epoch)
+  requery = s.protocol == "requery_each_epoch"
   api = q.attacker.api
   batch_size = int(tc.batch_size)
   steps_per_epoch = len(s.plan.train_indices) // batch_size
@@ -411,16 +552,17 @@ def train_phase(config, workdir: str, s: SetUp, q: Queried) -> Trained:
   progress = progress_lib.Progress(f"{STAGE}/train", total_steps, start_step=start_step,
                                    every_seconds=float(config.get("progress_every_seconds", 10.0)))
   max_this_run = int(config.get("max_steps_this_run", -1))
-  local_rows = batch_size // jax.process_count()
-  local = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
   stopped = None
   t_train = time.time()
+  batches = None  # this epoch's batches, streamed (from the resumed batch on)
 
   while step < total_steps:
     epoch, i = divmod(step, steps_per_epoch)
-    images, targets = _batch(config, s, q, epoch, i)
-    state, step_metrics = train_step(state, distributed.global_batch(images[local], s.mesh),
-                                     distributed.global_batch(targets[local], s.mesh), key)
+    if batches is None or i == 0:
+      batches = _epoch_batches(config, s, q, epoch, i)
+    images, targets = next(batches)
+    state, step_metrics = train_step(state, distributed.global_batch(images, s.mesh),
+                                     distributed.global_batch(targets, s.mesh), key)
     step += 1
     pending.append(step_metrics["loss"])
     if step == start_step + 1:
@@ -467,19 +609,46 @@ def train_phase(config, workdir: str, s: SetUp, q: Queried) -> Trained:
                  initial_eval=meta["initial_eval"], stolen=stolen, stopped=stopped, timings=timings)
 
 
-def _batch(config, s: SetUp, q: Queried, epoch: int, i: int):
-  """Global batch i of `epoch`: (uint8 images, targets); rows from a permutation seeded by the epoch."""
+def _epoch_batches(config, s: SetUp, q: Queried, epoch: int, start: int):
+  """(this process's uint8 images, its targets) for batches start, start + 1, ... of `epoch`.
+
+  Query once and re-query: global batch i is rows [i*B, (i+1)*B) of a permutation of the training rows
+  seeded by the epoch. Paper: the pool order, as the original's unshuffled loader, so batch i holds the
+  same images every epoch, in fresh views. Each process takes its contiguous slice of every batch; the
+  views stream ahead of the train step.
+  """
   batch_size = int(config.train.batch_size)
   train_indices = s.plan.train_indices
-  rows = np.random.default_rng([int(config.seed), 7, epoch]).permutation(len(train_indices))[
-      i * batch_size:(i + 1) * batch_size]
-  if not config.attack.requery_each_epoch:
-    return s.views.uint8(train_indices[rows], 0), q.targets[rows]
-  # Re-query: every view of every epoch is a new charged query, each row sent by its own account.
-  images = s.views.uint8(train_indices[rows], epoch + 1)
-  targets = q.attacker.query_rows(protocol.accounts_of_rows(s.plan)[rows], train_indices[rows],
-                                  epoch=epoch + 1, images=images)
-  return images, targets
+  steps = len(train_indices) // batch_size
+  if s.protocol == "paper":
+    order = np.arange(len(train_indices))
+  else:
+    order = np.random.default_rng([int(config.seed), 7, epoch]).permutation(len(train_indices))
+  rows = order[start * batch_size:steps * batch_size].reshape(-1, batch_size)
+  local = data_lib.stream.host_slice(batch_size)
+  if s.protocol == "paper":
+    mine = rows[:, local]
+    images = s.views.stream(train_indices[mine.reshape(-1)], epoch + 1, mine.shape[1])
+    for r, batch in zip(mine, images):
+      # The paper's offline simulation (attacks/offline.py): NOT charged, never through the API.
+      answers = q.offline.answer(batch, q.sigma_rows[r], q.account_rows[r], train_indices[r], epoch)
+      yield batch, q.attacker.map_rows(q.account_rows[r], answers)
+    return
+  if s.protocol == "query_once":
+    # Query once: the epoch-0 views, whose responses are the targets; this process reads only its rows.
+    mine = rows[:, local]
+    images = s.views.stream(train_indices[mine.reshape(-1)], 0, mine.shape[1])
+    for r, batch in zip(mine, images):
+      yield batch, q.targets[r]
+    return
+  # Re-query: every view of every epoch is a new charged query, each row sent by its own account. The
+  # API simulation runs on every process, so each reads the whole global batch.
+  accounts = protocol.accounts_of_rows(s.plan)
+  images = s.views.stream(train_indices[rows.reshape(-1)], epoch + 1, batch_size)
+  for r, batch in zip(rows, images):
+    targets = q.attacker.query_rows(accounts[r], train_indices[r], epoch=epoch + 1,
+                                    images=s.views.for_api(batch))
+    yield batch[local], targets[local]
 
 
 def _step_config(config, pre, total_steps: int) -> ts.StepConfig:
@@ -490,7 +659,13 @@ def _step_config(config, pre, total_steps: int) -> ts.StepConfig:
       learning_rate=ts.scaled_learning_rate(tc.base_lr, tc.batch_size), total_steps=int(total_steps),
       momentum=float(tc.momentum), weight_decay=float(tc.weight_decay),
       mean=tuple(float(m) for m in mean), std=tuple(float(v) for v in std), augment=bool(tc.augment),
-      input_size=int(pre["input_size"]), center_targets=bool(tc.center_targets))
+      input_size=int(pre["input_size"]), center_targets=bool(tc.center_targets),
+      compute_dtype=compute_dtype(config))
+
+
+def compute_dtype(config) -> str:
+  """The train step's compute dtype: config.compute_dtype, or the backend's default when unset."""
+  return config.get("compute_dtype") or ts.default_compute_dtype()
 
 
 def _create_stolen(config, target_dim: int, seed: int):
@@ -526,17 +701,27 @@ def evaluate_and_export(config, workdir: str, s: SetUp, q: Queried, t: Trained) 
   """Final similarities, the stolen encoder directory, the results dict (written by run)."""
   final = _similarity(config, s, t.stolen, t.state)
   api = q.attacker.api
-  protocol_name = "requery_each_epoch" if config.attack.requery_each_epoch else "query_once"
+  protocol_name = s.protocol
+  stats = api.stats()
+  offline_views = t.step * int(config.train.batch_size) if protocol_name == "paper" else 0
   results = {
       "status": "done", "step": t.step, "total_steps": t.total_steps,
       "steps_per_epoch": t.steps_per_epoch, "config": config.to_dict(), "versions": library_versions(),
       "plan": s.plan.summary(), "protocol": protocol_name,
+      "queries": {"meaning": QUERIES_MEANING[protocol_name], "requested": int(config.attack.num_queries),
+                  "charged": int(stats["total_queries"]),
+                  "charged_per_account": [a["charged_queries"] for a in q.attacker.account_summary()],
+                  "views_answered_offline": offline_views},
+      "rep_scale": float(config.attack.rep_scale),
+      "strategy": q.attacker.strategy.name if q.attacker.strategy else None,
+      "compute_dtype": compute_dtype(config),
       "accounts_after_queries": q.accounts_after_queries, "accounts": q.attacker.account_summary(),
-      "api": {k: v for k, v in api.stats().items() if k != "config"},
+      "api": {k: v for k, v in stats.items() if k != "config"},
       "query_log": [e.to_dict() for e in q.attacker.log],
       "epoch_losses": t.epoch_losses, "final_loss": t.epoch_losses[-1] if t.epoch_losses else None,
       "similarity_initial": t.initial_eval, "similarity_final": final,
-      "num_eval_images": int(len(s.eval_images)), "target_dim": int(api.out_dim),
+      "num_eval_images": int(len(s.eval_set)), "target_dim": int(api.out_dim),
+      "pool": s.views.pool.summary(), "eval_set": s.eval_set.pool.summary(),
       "stolen_architecture": t.architecture, "num_devices": int(s.mesh.devices.size),
       "num_processes": int(jax.process_count()),
   }
@@ -561,8 +746,7 @@ def _similarity(config, s: SetUp, stolen: models_lib.Encoder, state) -> Dict[str
   trained on centred targets).
   """
   weights = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
-  reps = embeddings.embed_images(stolen, s.eval_images, batch_size=int(config.eval.batch_size),
-                                 params=weights)
+  reps = s.eval_set.embed(stolen, params=weights)
   out: Dict[str, float] = {}
   if reps.shape == s.victim_eval.shape:
     out["cosine_to_victim"] = _mean_cosine(reps, s.victim_eval)
@@ -588,9 +772,15 @@ def render_report(r: Dict[str, Any]) -> str:
       f"- defense: {'B4B' if c['defense']['enabled'] else 'none'} (transform "
       f"`{c['defense']['transform']}`, lam {c['defense']['lam']}, alpha {c['defense']['alpha']}, "
       f"beta {c['defense']['beta']}%)",
-      f"- protocol: {r['protocol']}; {r['plan']['num_queries']} planned queries over "
-      f"{len(r['accounts'])} account(s); loss `{c['train']['loss']}`; {c['train']['epochs']} epochs, "
-      f"{r['total_steps']} steps", "",
+      f"- protocol: `{r['protocol']}`; {r['queries']['charged']} charged queries over "
+      f"{len(r['accounts'])} account(s) (requested {r['queries']['requested']}), "
+      f"{r['queries']['views_answered_offline']} views answered offline (not charged); rep_scale "
+      f"{r['rep_scale']:g}; loss `{c['train']['loss']}`; {c['train']['epochs']} epochs, "
+      f"{r['total_steps']} steps",
+      f"- what \"queries\" means here: {r['queries']['meaning']}",
+      f"- stealing pool: {r['pool']['num_images']} images of `{r['pool']['name']}`/{r['pool']['split']}"
+      f" ({r['pool']['skipped_corrupt']} undecodable file(s) skipped); held-out: "
+      f"{r['num_eval_images']} images", "",
       "| account | charged queries | coverage % | sigma | mapper val MSE | mapper val cos (unmapped) |",
       "|---|---|---|---|---|---|",
   ]
