@@ -60,7 +60,7 @@ class Launch:
 
   def __init__(self, args, workdir: str, log_dir: str, *, num_processes: int, devices_per_process: int):
     self.workdir = workdir
-    self.logs, self.procs = [], []
+    self.logs, self.procs, self.peak_rss = [], [], {}
     cmd = [sys.executable, "-m", "b4b_jax.main", f"--workdir={workdir}", *args]
     if num_processes > 1:
       cmd += [f"--coordinator_address=127.0.0.1:{_free_port()}", f"--num_processes={num_processes}"]
@@ -72,6 +72,16 @@ class Launch:
         self.procs.append(subprocess.Popen(
             cmd + ([f"--process_id={i}"] if num_processes > 1 else []), cwd=REPO, env=env,
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+
+  def _poll(self, i: int):
+    """Exit code of process i, or None while it runs; records its peak RSS (bytes) when it ends."""
+    p = self.procs[i]
+    if p.returncode is None:
+      pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+      if pid:
+        p.returncode = os.waitstatus_to_exitcode(status)
+        self.peak_rss[i] = usage.ru_maxrss * 1024  # Linux reports KiB
+    return p.returncode
 
   def kill(self) -> None:
     for p in self.procs:
@@ -95,7 +105,7 @@ class Launch:
     deadline = time.monotonic() + timeout_s
     try:
       while True:
-        codes = [p.poll() for p in self.procs]
+        codes = [self._poll(i) for i in range(len(self.procs))]
         if any(c not in (None, 0) for c in codes):
           raise AssertionError(f"a process failed (exit codes {codes}):\n{self.tail()}")
         if all(c == 0 for c in codes):
@@ -171,11 +181,11 @@ def steal_runs(tmp_path_factory):
   resumed = Launch(STEAL + ["--config.max_steps_this_run=3"], str(base / "two"), str(base),
                    num_processes=2, devices_per_process=2)
   _run_all(resumed)
-  return one.workdir, two.workdir
+  return one, two
 
 
 def test_steal_two_processes_match_one(steal_runs):
-  one, two = steal_runs
+  one, two = (launch.workdir for launch in steal_runs)
   r1 = json.load(open(os.path.join(one, "results.json")))
   r2 = json.load(open(os.path.join(two, "results.json")))
   assert (r1["num_processes"], r2["num_processes"]) == (1, 2)
@@ -209,7 +219,7 @@ def _steal_record(workdir: str, step: int) -> dict:
 
 
 def test_steal_only_process_zero_writes(steal_runs):
-  one, two = steal_runs
+  one, two = (launch.workdir for launch in steal_runs)
   files = _tree_files(two)
   assert files == _tree_files(one)
   assert any("ocdbt.process_0" in f for f in files) and not any("process_1" in f for f in files)
@@ -237,6 +247,26 @@ def test_probe_two_processes_match_one(tmp_path):
     np.testing.assert_allclose(b["train_loss_curve"], a["train_loss_curve"], rtol=1e-5)
   assert _tree_files(two.workdir) == _tree_files(one.workdir)
   assert len(_events_files(two.workdir)) == 1
+  _check_memory_estimate(one)
+
+
+def test_steal_memory_estimate_within_factor_of_measured(steal_runs):
+  _check_memory_estimate(steal_runs[0])
+
+
+def _check_memory_estimate(launch: Launch) -> None:
+  """The expected host memory the run logged (cost_estimate) against the process's measured peak RSS:
+  within cost_estimate.ESTIMATE_FACTOR either way."""
+  from b4b_jax.utils import cost_estimate  # pylint: disable=g-import-not-at-top
+  with open(launch.logs[0], errors="replace") as f:
+    line = next(l for l in f if "host memory per process ~" in l)
+  estimated = float(line.split("host memory per process ~")[1].split(" GiB")[0]) * 2**30
+  measured = launch.peak_rss[0]
+  ratio = estimated / measured
+  print(f"{os.path.basename(launch.workdir)}: estimated {estimated / 2**30:.2f} GiB, measured peak RSS "
+        f"{measured / 2**30:.2f} GiB (ratio {ratio:.2f})")
+  assert 1 / cost_estimate.ESTIMATE_FACTOR <= ratio <= cost_estimate.ESTIMATE_FACTOR, (estimated,
+                                                                                        measured)
 
 
 # ----------------------------------------------------------------------------- the flags themselves

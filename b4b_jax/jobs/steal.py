@@ -406,7 +406,9 @@ def query_phase(config, workdir: str, s: SetUp) -> Queried:
   """Sends the planned queries (or restores what an earlier run received)."""
   ac = config.attack
   queries_dir = os.path.join(workdir, _QUERIES_DIR)
-  done = os.path.isdir(queries_dir) and ckpt_lib.Checkpointer(queries_dir).latest_step() is not None
+  # Process 0's view (it alone writes queries_dir): every process takes the same branch.
+  done = distributed.agree(os.path.isdir(queries_dir) and ckpt_lib.Checkpointer(
+      queries_dir, process_local=True).latest_step() is not None)
   api = _latest_api(config, workdir, s) if done else new_api(s.victim, config)
   progress = progress_lib.Progress(
       f"{STAGE}/queries", -(-s.plan.num_queries // int(ac.query_batch_size)) + len(s.plan.accounts),
