@@ -4,6 +4,8 @@ r"""Remapping between two sybil accounts (paper §4.3, Fig. 5): per-user transfo
       --config.source.encoder=workdirs/victims/simsiam --config.source.data_dir=$TFDS_DATA_DIR
   python -m b4b_jax.main --config=configs/remap.py:tiny --workdir=/tmp/remap_tiny   # CPU, ~1 min
 
+The API serves the victim's features x rep_scale (1000, as the original's SimSiam sybil experiments;
+`--config.rep_scale=1` for raw features, `--config.encoder_kind=dino --config.rep_scale=1` for DINO).
 Two accounts query the same CIFAR10 train images (the overlap) and the test images; a linear mapper
 (closed-form least squares, mapper.kind "lstsq") from B's to A's space is fitted on the first n
 overlapping queries. Expected (Fig. 5, figure only): cosine distances below ~0.16, binary the highest;
@@ -15,6 +17,7 @@ fit per n (a 2049 x 2049 solve): ~10 min on a GPU host for 4 transforms x 2 nois
 """
 import ml_collections
 
+from b4b_jax.evaluation import paper_numbers
 from configs import common
 
 
@@ -23,6 +26,9 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.job = "remap"
   config.seed = 0
+  # The victim ("simsiam" | "dino"): the reference classifier's lr/epochs (probe.paper_hparams).
+  config.encoder_kind = "random" if tiny else "simsiam"
+  config.rep_scale = paper_numbers.REP_SCALE.get(config.encoder_kind, 1.0)
   config.source = common.source_block(tiny=tiny)
   config.dataset = common.TINY_DATASET if tiny else "cifar10"
   config.defense = common.evaluation_defense("simsiam", tiny=tiny)
@@ -38,7 +44,7 @@ def get_config(arg=None):
   config.mapper.options = ml_collections.ConfigDict({"ridge": 1e-9})
   config.query_batch_size = 64 if tiny else 256
   # The reference classifier on A's train representations.
-  config.probe = common.probe_block(tiny=tiny)
+  config.probe = common.probe_block(tiny=tiny, paper=True)
   if tiny:
     config.probe.method = "ridge"   # closed form: no compile for the CPU variant
   config.probe.seeds = (0,)

@@ -52,6 +52,10 @@ def test_tiny_variants_pass_their_jobs_validation(name):
     ("legit", "query_batch_size", 0, "query_batch_size"),
     ("probe", "probe.epochs", -1, "probe.epochs"),
     ("embeddings", "source.test_limit", 0, "test_limit"),
+    ("legit", "rep_scale", -1.0, "rep_scale"),
+    ("fuzzing", "rep_scale", 0.0, "rep_scale"),
+    ("fuzzing", "sigmas", (0.0, -1.0), "sigmas"),
+    ("probe", "probe.augment", "maybe", "probe.augment"),
 ])
 def test_refused_evaluation_config_leaves_the_workdir_unclaimed(tmp_path, name, field, value, match):
   config = importlib.import_module(f"configs.{name}").get_config("tiny")
@@ -59,3 +63,18 @@ def test_refused_evaluation_config_leaves_the_workdir_unclaimed(tmp_path, name, 
   with pytest.raises(ValueError, match=match):
     run_job(config, str(tmp_path))
   assert not list(tmp_path.iterdir())
+
+
+def test_probe_config_protocols():
+  probe = importlib.import_module("configs.probe")
+  assert probe.get_config().protocol == "paper" and probe.get_config().probe.batch_size == 256
+  embedding = probe.get_config("protocol=embedding")
+  assert embedding.protocol == "embedding" and embedding.probe.method == "adam"
+  with pytest.raises(ValueError, match="protocol"):
+    probe.get_config("protocol=best")
+  fuzz = importlib.import_module("configs.fuzzing")
+  assert fuzz.get_config().rep_scale == 1.0 and fuzz.get_config("victim=simsiam").rep_scale == 1000.0
+  assert fuzz.get_config("normalize=1").normalize is True
+  legit = importlib.import_module("configs.legit")
+  assert legit.get_config().rep_scale == 1000.0 and legit.get_config("dino").rep_scale == 1.0
+  assert legit.get_config().probe.normalization == "none" and legit.get_config().probe.paper_hparams

@@ -83,19 +83,22 @@ def test_embeddings_job_exports_npz(exported):
   assert "digits" in report
 
 
-def _sklearn_top1(emb, model):
+def _sklearn_top1(emb, model, *, standardize=True):
   """Independent reference: scikit-learn on the same exported embeddings, standardised with train
-  statistics (the probes' normalisation)."""
+  statistics (the embedding probes' default normalisation) or as they are."""
   from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
-  scaler = StandardScaler().fit(emb["train_x"].astype(np.float64))
-  model.fit(scaler.transform(emb["train_x"].astype(np.float64)), emb["train_y"])
-  return 100.0 * float(np.mean(model.predict(scaler.transform(emb["test_x"].astype(np.float64)))
-                               == emb["test_y"]))
+  train, test = emb["train_x"].astype(np.float64), emb["test_x"].astype(np.float64)
+  if standardize:
+    scaler = StandardScaler().fit(train)
+    train, test = scaler.transform(train), scaler.transform(test)
+  model.fit(train, emb["train_y"])
+  return 100.0 * float(np.mean(model.predict(test) == emb["test_y"]))
 
 
 def test_probe_job(exported, tmp_path):
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
-  config = _reuse(tiny_config("probe"), exported)
+  config = _reuse(importlib.import_module("configs.probe").get_config("tiny,protocol=embedding"),
+                  exported)
   config.probe.epochs, config.probe.learning_rate = 30, 1e-2  # converged, for the comparison below
   results = run_job(config, str(tmp_path))
   out, report = _check_outputs(str(tmp_path), plots=("val_curves.png",))
@@ -112,6 +115,23 @@ def test_probe_job(exported, tmp_path):
   assert "| LEGIT | NONE |" in report
 
 
+def test_probe_job_paper_protocol(exported, tmp_path):
+  config = tiny_config("probe")
+  assert config.protocol == "paper" and config.table_row.user == "ATTACK"
+  config.source.encoder = exported["encoder"]
+  results = run_job(config, str(tmp_path))
+  out, report = _check_outputs(str(tmp_path), plots=("val_curves.png",))
+  digits = out["datasets"]["digits"]
+  assert out["protocol"] == "paper" and digits["protocol"] == "paper"
+  assert digits["num_train"] == 384 and len(digits["seeds"][0]["val_curve"]) == config.probe.epochs
+  assert digits["test_top1_mean"] > 40.0 and digits["test_top1_last_mean"] > 40.0   # chance is 10 %
+  assert "last epoch" in report and "comparison only" in report and "| ATTACK | NONE |" in report
+  assert digits["settings"]["train_transform"] == digits["settings"]["eval_transform"]  # auto: CIFAR10 only
+  assert os.path.exists(os.path.join(str(tmp_path), "embeddings", "paper_digits.npz"))
+  assert metrics_lib.read_metrics(str(tmp_path), stage="probe/digits")
+  assert results["datasets"]["digits"]["seeds"][0]["chosen_epoch"] >= 1
+
+
 def test_legit_job_and_the_images_path(exported, tmp_path):
   config = _reuse(tiny_config("legit"), exported)
   config.save_responses = True
@@ -124,13 +144,14 @@ def test_legit_job_and_the_images_path(exported, tmp_path):
   assert rows["B4B"]["through_images"] and rows["B4B"]["account"]["num_queries"] == 384 + 192
   assert "Table 8" in report and "Table 6" in report
   assert results["datasets"]["digits"]["rows"]["NONE"]["account"]["coverage"] is None
-  # NONE row (clean representations): the accuracy of scikit-learn's Ridge on one-hot targets, fit on
-  # all of train (the probe refits there), strength 1.0 x the mean eigenvalue of the centred Gram
-  # matrix (the probe's scale-free convention, b4b_jax/evaluation/linear_probe.py).
+  # NONE row (clean representations, unstandardised as the paper's embedding probe): the accuracy of
+  # scikit-learn's Ridge on one-hot targets, fit on all of train (the probe refits there), strength 1.0
+  # x the mean eigenvalue of the centred Gram matrix (the probe's scale-free convention,
+  # b4b_jax/evaluation/linear_probe.py).
   from sklearn.linear_model import Ridge  # pylint: disable=g-import-not-at-top
-  from sklearn.preprocessing import StandardScaler  # pylint: disable=g-import-not-at-top
+  assert config.probe.normalization == "none" and results["rep_scale"] == 1.0
   emb = embeddings.load_npz(os.path.join(exported["npz_dir"], "digits.npz"))
-  xs = StandardScaler().fit(emb["train_x"].astype(np.float64)).transform(emb["train_x"])
+  xs = emb["train_x"].astype(np.float64)
   xc = xs - xs.mean(0)
   scale = np.linalg.eigvalsh(xc.T @ xc).clip(0).mean()
 
@@ -140,7 +161,7 @@ def test_legit_job_and_the_images_path(exported, tmp_path):
 
     def predict(self, x):
       return np.argmax(super().predict(x), axis=1)
-  reference = _sklearn_top1(emb, _OneHotRidge(alpha=scale))
+  reference = _sklearn_top1(emb, _OneHotRidge(alpha=scale), standardize=False)
   assert rows["NONE"]["test_top1_mean"] == pytest.approx(reference, abs=0.6), reference  # <= 1 image
 
   # The B4B row sent the images through DefendedEncoder.query (encoder fused into the API); sending
@@ -163,8 +184,31 @@ def test_remap_job(exported, tmp_path):
   out, _ = _check_outputs(str(tmp_path), plots=("remap_cosine_none.png", "remap_cosine_b4b.png"))
   cells = {(c["transform"], c["noise"]): c for c in results["cells"]}
   assert len(cells) == 4
+  assert out["rep_scale"] == config.rep_scale and all(c["rep_scale"] == config.rep_scale
+                                                      for c in out["cells"])
   affine = {p["n"]: p["cos_dist"] for p in cells[("diag_affine", "none")]["points"]}
   assert affine[300] < 1e-3 < affine[0]
+
+
+def test_fuzzing_job(exported, tmp_path):
+  from b4b_jax.evaluation import linear_probe  # pylint: disable=g-import-not-at-top
+  config = _reuse(tiny_config("fuzzing"), exported)
+  results = run_job(config, str(tmp_path))
+  out, report = _check_outputs(str(tmp_path), plots=("fuzzing_top1.png", "fuzzing_cosine.png"))
+  points = {p["sigma"]: p for p in out["points"]}
+  assert sorted(points) == [0.0, 0.1, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0]
+  # sigma 0 is the clean probe, exactly; sigma 10 (features of std ~1) is near chance (10 classes).
+  emb = embeddings.load_npz(os.path.join(exported["npz_dir"], "digits.npz"))
+  clean = linear_probe.run_probe(emb["train_x"], emb["train_y"], emb["test_x"], emb["test_y"],
+                                 config.probe)
+  assert points[0.0]["test_top1_mean"] == clean.test_top1_mean > 50.0
+  assert points[0.0]["cos_dist"] == pytest.approx(0.0, abs=1e-6)
+  assert points[10.0]["test_top1_mean"] < 25.0
+  assert points[10.0]["cos_dist"] > points[1.0]["cos_dist"] > points[0.1]["cos_dist"] > 0.0
+  assert out["rep_scale"] == 1.0 and out["normalize"] is False and out["paper_claim"]["sigma"] == 0.5
+  assert "~10 % at sigma 0.5" in report and f"{points[0.5]['test_top1_mean']:.2f} % at sigma 0.5" in report
+  assert [m["sigma"] for m in metrics_lib.read_metrics(str(tmp_path), stage="fuzzing")] == sorted(points)
+  assert results["points"][0]["sigma"] == 0.0
 
 
 def test_coverage_job(exported, tmp_path):

@@ -14,6 +14,7 @@ Encoder specs (`resolve_encoder`):
 """
 import io
 import json
+import math
 import os
 import weakref
 from typing import Iterator, Optional, Tuple
@@ -60,6 +61,37 @@ def _random_encoder(arch: str, *, workdir: Optional[str], seed: int):
       lambda: models.save_random_encoder(directory, arch, image_size=size, seed=seed,
                                          small_input=size <= 64), f"random encoder {directory}")
   return models.load_encoder(directory)
+
+
+class EncoderView:
+  """An encoder seen with another input normalisation and/or its representations multiplied by `scale`.
+
+  Duck-types models.Encoder (manifest, rep_dim, input_size, params, apply_fn, __call__), so it embeds
+  through `embed_images` and serves through `DefendedEncoder.from_encoder`. normalization: anything
+  data.normalization reads ("unit" = ToTensor only, the original stolen-model probe); scale: the
+  original's representation scale (SimSiam features x1000 in its embedding experiments, reference
+  §3.4), applied inside the jitted forward, so the defense hashes, noises and transforms scaled features.
+  Keep one view per job: compilations are cached per object.
+  """
+
+  def __init__(self, encoder, *, normalization=None, scale: float = 1.0):
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+      raise ValueError(f"representation scale must be a finite number > 0, got {scale}")
+    manifest = json.loads(json.dumps(encoder.manifest))
+    if normalization is not None:
+      mean, std = data_lib.normalization(normalization)
+      manifest["preprocessing"] = dict(manifest["preprocessing"], mean=mean.tolist(), std=std.tolist())
+    self.manifest = manifest
+    self.rep_dim = int(encoder.rep_dim)
+    self.input_size = int(manifest["preprocessing"]["input_size"])
+    self.params = encoder.params
+    self.scale = scale
+    base = encoder.apply_fn
+    self.apply_fn = base if scale == 1.0 else (lambda params, x: base(params, x) * scale)
+
+  def __call__(self, images):
+    return self.apply_fn(self.params, images)
 
 
 def eval_transform(encoder, override=None):

@@ -15,6 +15,12 @@ The defense hashes the clean representation and the encoder is deterministic, so
 representations computed once (`query_representations`) is exactly what sending the images would give;
 `through_images=True` sends the images themselves through `DefendedEncoder.query` instead (the tests
 check both agree).
+
+rep_scale: the API serves the encoder's representations times rep_scale, and everything downstream
+acts on the scaled features: LSH coverage (scale-free), the noise (a static sigma, Table 6, is in those
+units), the per-user transform (Binary's hyperplanes pass through points of [0, 1]^d, so it is not
+scale-free) and the probe. The original multiplied SimSiam features by 1000 in every embedding
+experiment (reference §3.4, §7.5); DINO's by 1.
 """
 from typing import Callable, Optional, Sequence
 
@@ -22,6 +28,7 @@ import numpy as np
 
 from b4b_jax import defense
 from b4b_jax.evaluation import api_client
+from b4b_jax.evaluation import embeddings as embeddings_lib
 from b4b_jax.evaluation import linear_probe
 
 
@@ -41,6 +48,25 @@ def row_specs(base_config, *, b4b_transform: str = "diag_affine",
   rows += [(f"noise sigma={float(s):g}", with_(enabled=True, static_sigma=float(s), transform="identity"))
            for s in static_sigmas]
   return rows
+
+
+def check_rep_scale(rep_scale) -> float:
+  """rep_scale as a float, or ValueError: it must be a finite number > 0."""
+  if isinstance(rep_scale, bool) or not isinstance(rep_scale, (int, float)):
+    raise ValueError(f"rep_scale must be a number, got {rep_scale!r}")
+  if not (np.isfinite(rep_scale) and rep_scale > 0):
+    raise ValueError(f"rep_scale must be a finite number > 0, got {rep_scale}")
+  return float(rep_scale)
+
+
+def scaled_encoder(encoder, rep_scale: float):
+  """`encoder` (a models.Encoder or any images -> reps callable) with its outputs times rep_scale."""
+  rep_scale = check_rep_scale(rep_scale)
+  if rep_scale == 1.0:
+    return encoder
+  if hasattr(encoder, "manifest"):
+    return embeddings_lib.EncoderView(encoder, scale=rep_scale)
+  return lambda images: encoder(images) * rep_scale
 
 
 def representation_scale(reps) -> dict:
@@ -65,14 +91,20 @@ def _received(probe, train_trace, test_trace, received, return_responses: bool) 
 
 def legit_user(train, train_y, test, test_y, *, defense_config, probe_cfg, query_batch_size: int = 256,
                through_images: bool = False, encoder_fn=None, rep_dim: Optional[int] = None,
-               user: str = "legit", return_responses: bool = False,
+               user: str = "legit", return_responses: bool = False, rep_scale: float = 1.0,
                on_batch: Optional[Callable[[int, int], None]] = None) -> dict:
   """One legit user of one API config; returns the probe summary and the account's coverage/sigma.
 
   train/test are clean representations (through_images=False) or encoder-ready images with the
   encoder (`encoder_fn`, a models.Encoder) and `rep_dim` (through_images=True). defense_config None =
-  undefended victim.
+  undefended victim. rep_scale: the API serves representations x rep_scale (module docstring).
   """
+  rep_scale = check_rep_scale(rep_scale)
+  if not through_images and rep_scale != 1.0:
+    train = np.asarray(train, np.float32) * np.float32(rep_scale)
+    test = np.asarray(test, np.float32) * np.float32(rep_scale)
+  if defense_config is None and through_images:
+    raise ValueError("the undefended row takes representations (through_images=False)")
   if defense_config is None:
     received = (np.asarray(train, np.float32), np.asarray(test, np.float32))
     probe = linear_probe.run_probe(received[0], train_y, received[1], test_y, probe_cfg)
@@ -86,7 +118,8 @@ def legit_user(train, train_y, test, test_y, *, defense_config, probe_cfg, query
   if through_images:
     if encoder_fn is None or rep_dim is None:
       raise ValueError("through_images=True needs encoder_fn and rep_dim")
-    api = defense.DefendedEncoder(encoder_fn, defense_config, int(rep_dim), capacity=2)
+    api = defense.DefendedEncoder(scaled_encoder(encoder_fn, rep_scale), defense_config, int(rep_dim),
+                                  capacity=2)
   else:
     api = api_client.representation_api(defense_config, np.asarray(train).shape[1], capacity=2)
   send = dict(batch_size=query_batch_size, representations=not through_images)
@@ -106,13 +139,15 @@ def _chunks(batches, batch_size: int, labels: list):
 
 def legit_user_images(encoder, defense_config, train_batches, test_batches, *, probe_cfg,
                       query_batch_size: int = 256, user: str = "legit",
-                      return_responses: bool = False) -> dict:
+                      return_responses: bool = False, rep_scale: float = 1.0) -> dict:
   """A legit user streaming its images through DefendedEncoder.query (the encoder fused into the API).
 
   train_batches/test_batches: iterables of (uint8 images, labels), already transformed to the
-  encoder's input size; the API normalises them as the encoder's manifest says.
+  encoder's input size; the API normalises them as the encoder's manifest says and serves the
+  representations x rep_scale.
   """
-  api = defense.DefendedEncoder.from_encoder(encoder, defense_config, capacity=2)
+  api = defense.DefendedEncoder.from_encoder(scaled_encoder(encoder, rep_scale), defense_config,
+                                             capacity=2)
   received, traces, labels = [], [], []
   for batches in (train_batches, test_batches):
     split_labels = []
@@ -132,12 +167,13 @@ def legit_user_images(encoder, defense_config, train_batches, test_batches, *, p
 
 
 def legit_rows(train_x, train_y, test_x, test_y, *, rows, probe_cfg, query_batch_size: int = 256,
+               rep_scale: float = 1.0,
                on_row: Optional[Callable[[int, int, str, dict], None]] = None) -> dict:
   """Runs every (name, config) row for one dataset's clean representations; {name: row result}."""
   out = {}
   for i, (name, cfg) in enumerate(rows):
     res = legit_user(train_x, train_y, test_x, test_y, defense_config=cfg, probe_cfg=probe_cfg,
-                     query_batch_size=query_batch_size)
+                     query_batch_size=query_batch_size, rep_scale=rep_scale)
     out[name] = res
     if on_row is not None:
       on_row(i + 1, len(rows), name, res)

@@ -386,10 +386,12 @@ def ridge_probe(train_x, train_y, test_x, test_y, *, num_classes: Optional[int] 
   return _finish("ridge", normalization, num_classes, results, classifiers)
 
 
-def run_probe(train_x, train_y, test_x, test_y, cfg, *, num_classes=None, on_epoch=None) -> ProbeResult:
+def run_probe(train_x, train_y, test_x, test_y, cfg, *, num_classes=None, on_epoch=None,
+              record_test_curve: bool = False) -> ProbeResult:
   """Dispatches on a probe config (fields of configs' `probe` block) to the gradient or ridge probe.
 
   test_x/test_y may be None to only fit (then test_top1 is NaN; use `.classifiers`).
+  record_test_curve: gradient probes also record test top-1 per epoch (diagnostics; ridge ignores it).
   """
   method = cfg.get("method", "adam")
   if method not in METHODS:
@@ -404,7 +406,7 @@ def run_probe(train_x, train_y, test_x, test_y, cfg, *, num_classes=None, on_epo
       train_x, train_y, test_x, test_y, method=method, epochs=cfg.get("epochs", 50),
       batch_size=cfg.get("batch_size", 64), learning_rate=cfg.get("learning_rate", 1e-3),
       momentum=cfg.get("momentum", 0.9), weight_decay=cfg.get("weight_decay", 0.0),
-      on_epoch=on_epoch, **common)
+      on_epoch=on_epoch, record_test_curve=record_test_curve, **common)
 
 
 def check_probe_config(cfg) -> None:

@@ -15,6 +15,10 @@ Protocol (the paper's sybil_defense experiment, run through the real API):
 
 n = 0 means "no mapping": B's responses are used as they are (only defined when both spaces have the
 same dimension).
+
+rep_scale: the API serves representations x rep_scale, so the transforms, the noise, the mapper and the
+classifier act on scaled features (the original's sybil experiments used SimSiam features x1000,
+reference §3.4, §4.3).
 """
 from typing import Callable, Optional, Sequence
 
@@ -22,6 +26,7 @@ import numpy as np
 
 from b4b_jax.attacks import mapper as mapper_lib
 from b4b_jax.evaluation import api_client
+from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import linear_probe
 
 TRANSFORM_TITLES = {"identity": "identity", "diag_affine": "affine", "dense_affine": "dense affine",
@@ -62,11 +67,12 @@ def noise_label(config) -> str:
 
 def remap_cell(train_x, train_y, test_x, test_y, *, defense_config, overlaps: Sequence[int],
                classifier_cfg, mapper_kind: str = "lstsq", mapper_options=None,
-               query_batch_size: int = 256, seed: int = 0,
+               query_batch_size: int = 256, seed: int = 0, rep_scale: float = 1.0,
                on_step: Optional[Callable[[str], None]] = None) -> dict:
   """Runs the protocol for one defense config (one transform type, one noise mode)."""
-  train_x = np.asarray(train_x, np.float32)
-  test_x = np.asarray(test_x, np.float32)
+  scale = np.float32(legit_lib.check_rep_scale(rep_scale))
+  train_x = np.asarray(train_x, np.float32) * scale
+  test_x = np.asarray(test_x, np.float32) * scale
   overlaps = sorted(int(n) for n in overlaps)
   if not overlaps or overlaps[0] < 0 or overlaps[-1] > len(train_x):
     raise ValueError(f"overlaps must be non-empty and within [0, {len(train_x)}] (the train "
@@ -107,6 +113,7 @@ def remap_cell(train_x, train_y, test_x, test_y, *, defense_config, overlaps: Se
   return {
       "transform": defense_config.transform,
       "noise": noise_label(defense_config),
+      "rep_scale": float(scale),
       "out_dim": int(a_train.shape[1]),
       "reference_top1": reference_top1,
       "reference_probe": probe.summary(),
@@ -128,7 +135,7 @@ def _fit_mapper(source, target, kind: str, options, seed: int):
 def remap_experiment(train_x, train_y, test_x, test_y, *, base_defense_config,
                      transforms: Sequence[str], noise_modes: Sequence[str], overlaps: Sequence[int],
                      classifier_cfg, mapper_kind: str = "lstsq", mapper_options=None,
-                     query_batch_size: int = 256, seed: int = 0,
+                     query_batch_size: int = 256, seed: int = 0, rep_scale: float = 1.0,
                      on_cell: Optional[Callable[[int, int, dict], None]] = None) -> dict:
   """All (transform, noise) cells; returns {"cells": [...]} for results.json and the plots."""
   cells = []
@@ -138,8 +145,10 @@ def remap_experiment(train_x, train_y, test_x, test_y, *, base_defense_config,
       cfg = account_config(base_defense_config, transform, noise)
       cell = remap_cell(train_x, train_y, test_x, test_y, defense_config=cfg, overlaps=overlaps,
                         classifier_cfg=classifier_cfg, mapper_kind=mapper_kind,
-                        mapper_options=mapper_options, query_batch_size=query_batch_size, seed=seed)
+                        mapper_options=mapper_options, query_batch_size=query_batch_size, seed=seed,
+                        rep_scale=rep_scale)
       cells.append(cell)
       if on_cell is not None:
         on_cell(len(cells), total, cell)
-  return {"cells": cells, "mapper": mapper_kind, "overlaps": [int(n) for n in overlaps]}
+  return {"cells": cells, "mapper": mapper_kind, "overlaps": [int(n) for n in overlaps],
+          "rep_scale": float(rep_scale)}

@@ -3,8 +3,12 @@
   python -m b4b_jax.main --config=configs/legit.py --workdir=DIR --config.source.encoder=VICTIM_DIR
 
 For each downstream dataset, one legit user per row (NONE, B4B, transforms only, static noise) sends its
-train and then test queries to a fresh API and probes what it received. Writes results.json, report.md
-(Table-1 layout + Table 6/8 comparisons), coverage/sigma traces (PNG), metrics.jsonl / TensorBoard.
+train and then test queries to a fresh API and probes what it received. The API serves the encoder's
+representations x config.rep_scale (the original's x1000 for SimSiam), so static sigma, the transforms
+and the probe act on scaled features; the probe block's `paper_hparams` takes the original's Adam lr and
+epochs per task, on unstandardised features. Writes results.json (with rep_scale and the served
+features' scale), report.md (Table-1 layout + Table 6/8 comparisons), coverage/sigma traces (PNG),
+metrics.jsonl / TensorBoard.
 """
 import os
 
@@ -20,6 +24,10 @@ from b4b_jax.utils import metrics as metrics_lib
 from b4b_jax.utils import progress as progress_lib
 
 
+def _probe_cfg(config, dataset):
+  return paper_numbers.embedding_probe_for(config.probe, config.encoder_kind, dataset)
+
+
 def _b4b_through_images(source, emb, dataset, cfg, config, workdir):
   """The B4B row with the images themselves sent through DefendedEncoder.query."""
   encoder = source.encoder
@@ -31,8 +39,9 @@ def _b4b_through_images(source, emb, dataset, cfg, config, workdir):
         data_dir=config.source.data_dir, limit=config.source[f"{key}_limit"], seed=config.seed)
 
   res = legit_lib.legit_user_images(encoder, cfg, batches("train"), batches("test"),
-                                    probe_cfg=config.probe,
-                                    query_batch_size=config.query_batch_size, return_responses=True)
+                                    probe_cfg=_probe_cfg(config, dataset),
+                                    query_batch_size=config.query_batch_size, return_responses=True,
+                                    rep_scale=config.rep_scale)
   for key, labels in zip(("train", "test"), res.pop("labels")):
     if not np.array_equal(labels, emb[f"{key}_y"]):
       raise ValueError(f"{dataset} {key}: the image stream's labels differ from the cached "
@@ -49,6 +58,7 @@ def validate_config(config) -> None:
   """Run by run_job before the workdir is claimed: every value, so a refused config leaves no trace."""
   embeddings_lib.check_source(config.source)
   linear_probe.check_probe_config(config.probe)
+  legit_lib.check_rep_scale(config.rep_scale)
   if config.query_batch_size < 1:
     raise ValueError(f"query_batch_size must be >= 1, got {config.query_batch_size}")
   if not config.datasets:
@@ -75,8 +85,9 @@ def run(config, workdir: str):
         res = _b4b_through_images(source, emb, dataset, cfg, config, workdir)
       else:
         res = legit_lib.legit_user(emb["train_x"], emb["train_y"], emb["test_x"], emb["test_y"],
-                                   defense_config=cfg, probe_cfg=config.probe,
-                                   query_batch_size=config.query_batch_size)
+                                   defense_config=cfg, probe_cfg=_probe_cfg(config, dataset),
+                                   query_batch_size=config.query_batch_size,
+                                   rep_scale=config.rep_scale)
       per_row[name] = res
       step += 1
       prog.update(step, dataset=dataset, row=name, top1=res["test_top1_mean"])
@@ -87,8 +98,14 @@ def run(config, workdir: str):
                    res["test_top1_std"])
     for res in per_row.values():
       res["drop_vs_none"] = per_row["NONE"]["test_top1_mean"] - res["test_top1_mean"]
-    results[dataset] = {"rows": per_row,
-                        "representation_scale": legit_lib.representation_scale(emb["train_x"]),
+    probe_cfg = _probe_cfg(config, dataset)
+    results[dataset] = {"rows": per_row, "rep_scale": float(config.rep_scale),
+                        "probe": {"learning_rate": probe_cfg.learning_rate, "epochs": probe_cfg.epochs,
+                                  "normalization": probe_cfg.normalization,
+                                  "method": probe_cfg.method},
+                        "representation_scale": legit_lib.representation_scale(
+                            emb["train_x"] * np.float32(config.rep_scale)),
+                        "encoder_representation_scale": legit_lib.representation_scale(emb["train_x"]),
                         "num_train": int(len(emb["train_y"])), "num_test": int(len(emb["test_y"]))}
   writer.close()
   return _write_report(config, workdir, base, results)
@@ -148,30 +165,38 @@ def _write_report(config, workdir, base, results):
           os.path.join(workdir, f"legit_{d}_sigma.png"),
           [{"label": "sigma", "x": q, "y": np.maximum(sig, 1e-12)}], xlabel="queries",
           ylabel="noise std sigma", logy=True, title=f"Legit user ({d}): B4B noise it received"))
-  scale_rows = [[d, report.fmt_num(r["representation_scale"]["per_dim_std_mean"]),
+  scale_rows = [[d, report.fmt_num(r["rep_scale"]),
+                 report.fmt_num(r["representation_scale"]["per_dim_std_mean"]),
                  report.fmt_num(r["representation_scale"]["mean_norm"])] for d, r in results.items()]
   paper_caption = (paper_numbers.TABLES[paper_table]["caption"] if paper_table
                    else "none (setting differs)")
   sections = [
-      ("Setup", f"Encoder `{config.source.encoder}` ({config.encoder_kind}); defense "
+      ("Setup", f"Encoder `{config.source.encoder}` ({config.encoder_kind}), served x"
+                f"{config.rep_scale:g} (rep_scale; the original: SimSiam x1000, DINO x1); defense "
                 f"(lambda={base.lam:g}, alpha={base.alpha:g}, "
                 f"beta={base.beta:g}%, 2^{base.num_hyperplanes} buckets, P={base.num_projections}); "
                 f"B4B rows use the `{config.b4b_transform}` transform. Every train and test query of "
                 f"each row is charged to that row's account (batches of {config.query_batch_size}); "
                 f"the probe is trained on received train and tested on received test "
-                f"representations. Paper comparison: {paper_caption}."),
+                f"representations. Probe: {config.probe.method}, normalisation "
+                f"{config.probe.normalization}, "
+                + ("the original's Adam lr/epochs per task (§7.5)" if config.probe.get("paper_hparams")
+                   else f"lr {config.probe.learning_rate:g}, {config.probe.epochs} epochs")
+                + f", epoch chosen on validation. Paper comparison: {paper_caption}."),
       ("Table-1 layout (LEGIT rows)", table1["markdown"]),
       ("Static noise (Table 6)", table6["markdown"] +
-       "\nStatic sigma is in the units of the representations served (see the scale table); the "
-       "paper's SimSiam numbers were probably on features x1000 (reference §3.4)."),
+       f"\nStatic sigma is in the units of the representations served: the encoder's x"
+       f"{config.rep_scale:g} (see the scale table); the paper's SimSiam numbers were probably on "
+       "features x1000 (reference §3.4)."),
       ("Transforms only (Table 8)", table8),
       ("All rows", report.markdown_table(
           ["dataset", "row", "out dim", "test top-1 %", "drop vs NONE (points)", "final coverage %",
            "final sigma"], detail)),
-      ("Representation scale", report.markdown_table(["dataset", "per-dim std", "mean L2 norm"],
-                                                     scale_rows)),
+      ("Representation scale (served)", report.markdown_table(
+          ["dataset", "rep_scale", "per-dim std", "mean L2 norm"], scale_rows)),
   ]
-  summary = {"datasets": results, "paper_table": paper_table, "table1_rows": table_rows,
+  summary = {"datasets": results, "rep_scale": float(config.rep_scale), "paper_table": paper_table,
+             "table1_rows": table_rows,
              "static_rows": static_rows}
   report.write_experiment(workdir, "Legitimate users through the API", summary, config=config,
                           sections=sections, plots=plots)

@@ -2,8 +2,12 @@
 
   python -m b4b_jax.main --config=configs/remap.py --workdir=DIR --config.source.encoder=VICTIM_DIR
 
-Writes results.json, report.md, remap_cosine_<noise>.png (Fig. 5), remap_top1_<noise>.png (accuracy of
-the reference classifier on mapped representations), metrics.jsonl / TensorBoard.
+The API serves the encoder's features x config.rep_scale (the original: SimSiam x1000), so the
+transforms, the noise, the mappers and the reference classifier act on scaled features; the reference
+classifier is the original's embedding probe (probe.paper_hparams: its Adam lr/epochs for the task, no
+standardisation), epoch chosen on validation.
+Writes results.json (with rep_scale), report.md, remap_cosine_<noise>.png (Fig. 5), remap_top1_<noise>.png
+(accuracy of the reference classifier on mapped representations), metrics.jsonl / TensorBoard.
 """
 import os
 
@@ -12,7 +16,9 @@ from absl import logging
 from b4b_jax import defense
 from b4b_jax.attacks import mapper as mapper_lib
 from b4b_jax.evaluation import embeddings as embeddings_lib
+from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import linear_probe
+from b4b_jax.evaluation import paper_numbers
 from b4b_jax.evaluation import remap as remap_lib
 from b4b_jax.evaluation import report
 from b4b_jax.utils import metrics as metrics_lib
@@ -23,6 +29,7 @@ def validate_config(config) -> None:
   """Run by run_job before the workdir is claimed: every value, so a refused config leaves no trace."""
   embeddings_lib.check_source(config.source)
   linear_probe.check_probe_config(config.probe)
+  legit_lib.check_rep_scale(config.rep_scale)
   if config.query_batch_size < 1:
     raise ValueError(f"query_batch_size must be >= 1, got {config.query_batch_size}")
   for transform in config.transforms:
@@ -55,9 +62,11 @@ def run(config, workdir: str):
   results = remap_lib.remap_experiment(
       emb["train_x"], emb["train_y"], emb["test_x"], emb["test_y"], base_defense_config=base,
       transforms=config.transforms, noise_modes=config.noise_modes, overlaps=config.overlaps,
-      classifier_cfg=config.probe, mapper_kind=config.mapper.kind,
-      mapper_options=config.mapper.options.to_dict(), query_batch_size=config.query_batch_size,
-      seed=config.seed, on_cell=on_cell)
+      classifier_cfg=paper_numbers.embedding_probe_for(config.probe, config.encoder_kind,
+                                                       config.dataset),
+      mapper_kind=config.mapper.kind, mapper_options=config.mapper.options.to_dict(),
+      query_batch_size=config.query_batch_size, seed=config.seed, rep_scale=config.rep_scale,
+      on_cell=on_cell)
   writer.close()
   results["dataset"] = config.dataset
   results["num_train"], results["num_test"] = int(len(emb["train_y"])), int(len(emb["test_y"]))
@@ -70,7 +79,8 @@ def run(config, workdir: str):
                    report.fmt_acc(c["reference_top1"]), report.fmt_num(p["top1_drop"])])
   sections = [
       ("Setup", f"Dataset `{config.dataset}` ({results['num_train']} train / {results['num_test']} test "
-                f"queries per account), encoder `{config.source.encoder}`, defense "
+                f"queries per account), encoder `{config.source.encoder}` served x"
+                f"{config.rep_scale:g} (rep_scale), defense "
                 f"lambda={config.defense.lam:g}, alpha={config.defense.alpha:g}, "
                 f"beta={config.defense.beta:g}%, 2^{config.defense.num_hyperplanes} buckets. Accounts "
                 f"A and B of one DefendedEncoder get independent transforms of the same type; noise "
