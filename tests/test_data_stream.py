@@ -198,7 +198,7 @@ from configs import steal_simsiam
 
 root, victim_dir, out = sys.argv[1:4]
 assert jax.local_device_count() == int(sys.argv[4]), jax.devices()
-config = steal_simsiam.get_config("tiny,defended=1")
+config = steal_simsiam.get_config("tiny,defended=1,protocol=query_once")  # epoch 0: centre crops
 config.defense.num_hyperplanes, config.defense.num_projections, config.defense.lam = 6, 4, 1e-3
 config.defense.alpha, config.defense.beta = 0.2, 20.0
 victim = models.load_encoder(victim_dir)
