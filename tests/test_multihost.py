@@ -41,13 +41,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _env(devices_per_process: int) -> dict:
+def _env(devices_per_process: int, cache_dir: str = "") -> dict:
   env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
   env.update(JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1", TF_CPP_MIN_LOG_LEVEL="2",
              PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+  if cache_dir:  # a launch that repeats another's programs (the resumed run) loads them compiled
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
                "TPU_WORKER_HOSTNAMES"):
     env.pop(name, None)  # the test's own launch, never a cluster's
@@ -60,11 +63,12 @@ class Launch:
 
   def __init__(self, args, workdir: str, log_dir: str, *, num_processes: int, devices_per_process: int):
     self.workdir = workdir
-    self.logs, self.procs, self.peak_rss = [], [], {}
+    self.logs, self.procs, self.peak_rss, self.cpu_seconds = [], [], {}, {}
+    self.started = time.monotonic()
     cmd = [sys.executable, "-m", "b4b_jax.main", f"--workdir={workdir}", *args]
     if num_processes > 1:
       cmd += [f"--coordinator_address=127.0.0.1:{_free_port()}", f"--num_processes={num_processes}"]
-    env = _env(devices_per_process)
+    env = _env(devices_per_process, os.path.join(log_dir, "jax_cache"))
     for i in range(num_processes):
       log = os.path.join(log_dir, f"{os.path.basename(workdir)}.{i}.log")
       self.logs.append(log)
@@ -81,6 +85,7 @@ class Launch:
       if pid:
         p.returncode = os.waitstatus_to_exitcode(status)
         self.peak_rss[i] = usage.ru_maxrss * 1024  # Linux reports KiB
+        self.cpu_seconds[i] = usage.ru_utime + usage.ru_stime
     return p.returncode
 
   def kill(self) -> None:
@@ -109,6 +114,8 @@ class Launch:
         if any(c not in (None, 0) for c in codes):
           raise AssertionError(f"a process failed (exit codes {codes}):\n{self.tail()}")
         if all(c == 0 for c in codes):
+          print(f"{self.workdir}: {len(self.procs)} process(es), wall {time.monotonic() - self.started:.0f}"
+                f" s, CPU {sum(self.cpu_seconds.values()):.0f} s")
           return
         if time.monotonic() > deadline:
           raise AssertionError(f"timeout after {timeout_s}s:\n{self.tail()}")
@@ -238,9 +245,12 @@ def test_probe_two_processes_match_one(tmp_path):
             for w in (one.workdir, two.workdir)]
   assert d1.keys() == d2.keys() == {"digits"}
   # The embeddings (written once, by process 0) and the probe built on them.
-  e1, e2 = [np.load(os.path.join(w, "embeddings", "digits.npz")) for w in (one.workdir, two.workdir)]
-  for key in ("train_x", "train_y", "test_x", "test_y"):
-    np.testing.assert_allclose(e2[key], e1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  cached = sorted(os.listdir(os.path.join(one.workdir, "embeddings")))
+  assert cached and sorted(os.listdir(os.path.join(two.workdir, "embeddings"))) == cached
+  for name in cached:
+    e1, e2 = [np.load(os.path.join(w, "embeddings", name)) for w in (one.workdir, two.workdir)]
+    for key in ("train_x", "train_y", "test_x", "test_y"):
+      np.testing.assert_allclose(e2[key], e1[key], rtol=1e-5, atol=1e-6, err_msg=f"{name} {key}")
   s1, s2 = d1["digits"]["seeds"], d2["digits"]["seeds"]
   assert [s["test_top1"] for s in s2] == [s["test_top1"] for s in s1]
   for a, b in zip(s1, s2):
