@@ -305,3 +305,20 @@ def test_bad_flags_exit_with_one_error_line(tmp_path):
   assert "error: --process_id must be in 0..1" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(tmp_path / "w")
+
+
+# ----------------------------------------------------------------------------- process 0 writes, in-process
+@pytest.mark.parametrize("process", [0, 1])
+def test_caches_and_stage_markers_only_on_process_zero(process, tmp_path, monkeypatch):
+  """As process `process` of a run: embeddings caches (save_npz) and the demo's stage markers are
+  written by process 0 alone; a stage's result is the same JSON form on every process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from b4b_jax.demo import stages  # pylint: disable=g-import-not-at-top
+  from b4b_jax.evaluation import embeddings  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, "process_index", lambda backend=None: process)
+  path = embeddings.save_npz(str(tmp_path / "x.npz"), meta={"a": 1}, reps=np.ones((2, 3), np.float32))
+  runner = stages.StageRunner(str(tmp_path / "demo"), ["one"])
+  result = runner.run("one", lambda: {"b": (1, 2), "a": np.float32(0.5)})
+  assert result == {"a": 0.5, "b": [1, 2]}
+  written = os.path.exists(path), os.path.exists(runner.path("one"))
+  assert written == ((True, True) if process == 0 else (False, False))
