@@ -44,6 +44,7 @@ from absl import logging
 from b4b_jax.defense import config as config_lib
 from b4b_jax.defense import cost
 from b4b_jax.defense import errors
+from b4b_jax.defense import hardened
 from b4b_jax.defense import keys as keys_lib
 from b4b_jax.defense import lsh
 from b4b_jax.defense import state as state_lib
@@ -62,8 +63,9 @@ class QueryResult:
 
   reps: float32 [N, out_dim], what the users receive. coverage: float32 [N], the row's user's coverage
   (percent) after this call. sigma: float32 [N], the noise std the row got (provider-only: it helps a
-  thief). buckets: int32 [N, P], the LSH bucket the row charged in each projection (what a journal keeps
-  to `replay` the call). users: the row's account name (NFC).
+  thief). buckets: int32 [N, P + E], the charge codes: the LSH bucket the row charged in each projection,
+  then (hardened noise_keying="per_input" only, E = hardened.seen_columns) the code the row marked seen;
+  a journal keeps all columns to `replay` the call. users: the row's account name (NFC).
   """
   reps: np.ndarray
   coverage: np.ndarray
@@ -215,24 +217,27 @@ class DefendedEncoder:
   def replay(self, users_per_row: Sequence[str], buckets) -> None:
     """Charges a call again from its journal entry, without computing representations.
 
-    users_per_row and buckets [N, P] int32 are one earlier call's `result.users` and `result.buckets`
+    users_per_row and buckets [N, P + E] int32 are one earlier call's `result.users` and `result.buckets`
     (one replay per original call: a user's rows in one call are one query batch). Registers unknown
     users as that call did and advances the same state (occupancy, counts, query and batch counters,
     which key the noise), so snapshot + replay of every later call ends bit-identical to the state
     before a crash. Bad entries raise BadInputError with nothing changed.
     """
+    p, extra = self._settings.num_projections, hardened.seen_columns(self._settings)
+    width = p + extra
     buckets_shape = getattr(buckets, "shape", None)
-    if buckets_shape is None or len(buckets_shape) != 2 or buckets_shape[1] != (
-        self._settings.num_projections):
-      raise errors.BadInputError(f"replay: buckets must have shape [N, {self._settings.num_projections}]"
-                                 f", got {buckets_shape}")
+    if buckets_shape is None or len(buckets_shape) != 2 or buckets_shape[1] != width:
+      raise errors.BadInputError(f"replay: buckets must have shape [N, {width}] ({p} LSH buckets"
+                                 + (f" + {extra} seen codes of the hardened mode" if extra else "")
+                                 + f"), got {buckets_shape}")
     if not np.issubdtype(np.asarray(buckets).dtype, np.integer):
       raise errors.BadInputError(f"replay: buckets must be integers, got dtype {buckets.dtype}")
     buckets = np.asarray(buckets)
-    num_buckets = 1 << self._settings.num_hyperplanes
-    if buckets.size and (buckets.min() < 0 or buckets.max() >= num_buckets):
-      raise errors.BadInputError(f"replay: bucket ids must be in [0, {num_buckets}), got "
-                                 f"[{buckets.min()}, {buckets.max()}]")
+    for name, columns, bits in (("bucket ids", buckets[:, :p], self._settings.num_hyperplanes),
+                                ("seen codes", buckets[:, p:], self._settings.fine_code_bits)):
+      if columns.size and (columns.min() < 0 or columns.max() >= 1 << bits):
+        raise errors.BadInputError(f"replay: {name} must be in [0, {1 << bits}), got "
+                                   f"[{columns.min()}, {columns.max()}]")
     users = self._check_users(users_per_row, buckets.shape[0])
     n = len(users)
     if n == 0:
@@ -245,7 +250,7 @@ class DefendedEncoder:
       slots = np.concatenate([slots, np.full((size - n,), -1, np.int32)])
       buckets = _pad_rows(buckets, size)
     try:
-      self._state = step_lib.replay_step(self._settings.num_hyperplanes, self._state,
+      self._state = step_lib.replay_step(self._settings, self._state,
                                          _device(slots, np.int32), _device(buckets, np.int32))
     except Exception:
       self._forget(new_users)
@@ -259,7 +264,13 @@ class DefendedEncoder:
 
   def sigma(self, user: str) -> float:
     """Noise std at the user's current coverage (what a next batch adding no new bucket would get)."""
-    return self._sigma_at(self.coverage(user))
+    slot = self.slot(user)
+    coverage = self.coverage(user)
+    if self._settings.repeat_charge:  # hardened: repeats charged as coverage (hardened.py)
+      coverage = float(hardened.charged_coverage(
+          self._settings, coverage, float(np.asarray(self._state.num_queries)[slot]),
+          float(np.asarray(self._state.fine_counts)[slot, 0])))
+    return self._sigma_at(coverage)
 
   def num_queries(self, user: str) -> int:
     """Representations returned to the user so far."""
@@ -562,7 +573,8 @@ class DefendedEncoder:
     if n == 0:
       return QueryResult(np.zeros((0, self.out_dim), np.float32), np.zeros((0,), np.float32),
                          np.zeros((0,), np.float32),
-                         np.zeros((0, self._settings.num_projections), np.int32), ())
+                         np.zeros((0, self._settings.num_projections
+                                   + hardened.seen_columns(self._settings)), np.int32), ())
     distinct = len(set(users))
     if self._tables.bound is not None and distinct > self._tables.bound:
       raise errors.BadInputError(
@@ -628,8 +640,9 @@ class DefendedEncoder:
                                    f"{e}") from e
     if reps is None:
       reps = self._eager_encode(images)
+    descriptors = _image_descriptors(self._settings, _device(images, image_dtype))
     return step_lib.defense_step(self._params, self._state, _device(slots, np.int32), reps, table,
-                                 _device(index, np.int32))
+                                 _device(index, np.int32), descriptors)
 
   def _eager_encode(self, images):
     try:
@@ -826,9 +839,20 @@ def _make_fused_serve(encoder_fn):
     n, d = images.shape[0], params.settings.rep_dim
     if tuple(reps.shape) != (n, d):
       raise ValueError(f"encoder_fn returned shape {tuple(reps.shape)}, expected ({n}, {d})")
-    return step_lib.defense_step_impl(params, state, users, reps.astype(jnp.float32), table, index)
+    return step_lib.defense_step_impl(params, state, users, reps.astype(jnp.float32), table, index,
+                                      _image_descriptors(params.settings, images))
 
   return jax.jit(serve, donate_argnums=(1,))
+
+
+def _image_descriptors(settings, images):
+  """The hardened mode's image descriptors (hardened.image_descriptor), None when nothing uses them."""
+  if settings.noise_keying != "per_input" or settings.image_weight <= 0:
+    return None
+  return _descriptor_jit(images, settings.image_grid)
+
+
+_descriptor_jit = jax.jit(hardened.image_descriptor, static_argnums=1)
 
 
 def _is_traceable(encoder_fn, images, dtype) -> bool:
