@@ -9,20 +9,8 @@ import dataclasses
 import math
 from typing import List, Optional
 
-# (substring of jax's device_kind, bf16 TFLOP/s, f32-as-XLA-runs-it TFLOP/s); first match wins.
-PEAK_TFLOPS = (
-    ("H200", 989.0, 494.0),
-    ("H100", 989.0, 494.0),   # SXM; the PCIe card is ~25% lower
-    ("A100", 312.0, 156.0),
-    ("L4", 121.0, 60.0),
-    ("TPU v6", 918.0, 918.0),
-    ("TPU v5 lite", 197.0, 197.0),
-    ("TPU v5e", 197.0, 197.0),
-    ("TPU v5", 459.0, 459.0),  # v5p
-    ("TPU v4", 275.0, 275.0),
-    ("TPU v3", 123.0, 123.0),
-    ("TPU v2", 45.0, 45.0),
-)
+# The peak table lives in the package (the runs' expected-cost estimate uses it too).
+from b4b_jax.utils.cost_estimate import PEAK_TFLOPS  # noqa: E402,F401  pylint: disable=unused-import
 
 
 def device_kind() -> str:
@@ -33,14 +21,8 @@ def device_kind() -> str:
 
 def peak_flops(dtype: str = "f32") -> Optional[float]:
   """Peak FLOP/s of device 0 for "f32" or "bf16" compute; None on CPU or an unknown device."""
-  import jax  # pylint: disable=g-import-not-at-top
-  d = jax.devices()[0]
-  if d.platform == "cpu":
-    return None
-  for name, bf16, f32 in PEAK_TFLOPS:
-    if name.lower() in d.device_kind.lower():
-      return 1e12 * (bf16 if dtype == "bf16" else f32)
-  return None
+  from b4b_jax.utils import cost_estimate  # pylint: disable=g-import-not-at-top
+  return cost_estimate.peak_flops(dtype=dtype)
 
 
 def compiled_flops(compiled) -> Optional[float]:

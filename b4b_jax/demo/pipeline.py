@@ -16,6 +16,7 @@ from b4b_jax.evaluation import least_squares
 from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import linear_probe
 from b4b_jax.evaluation import remap as remap_lib
+from b4b_jax.utils import distributed
 from b4b_jax.utils import progress as progress_lib
 from configs import steal_simsiam
 
@@ -69,7 +70,9 @@ def train_victim(config, data, workdir: str, writer) -> dict:
   manifest = {"preprocessing": pre,
               "source": {"kind": "SimSiam victim trained by the demo", "data": "digits train + "
                          f"{len(data['photos_train'])} sklearn photo crops", "epochs": int(vc.epochs)}}
-  models_lib.save_encoder(os.path.join(workdir, VICTIM_DIR), backbone, manifest, overwrite=True)
+  distributed.written_by_process_zero(  # multi-host: one writer, then every process loads it
+      lambda: models_lib.save_encoder(os.path.join(workdir, VICTIM_DIR), backbone, manifest,
+                                      overwrite=True), "demo victim written")
   # Collapse check on the held-out photo crops, through the saved encoder as every later stage sees it.
   stats = victim_lib.collapse_stats(embed(models_lib.load_encoder(os.path.join(workdir, VICTIM_DIR)),
                                           data["photos_test"]))
@@ -265,10 +268,10 @@ def probes(config, victim, data, attack_dirs: Dict[str, str], workdir: str) -> d
 
 def random_baseline(config, data, probe_cfg, victim_reps, workdir: str) -> dict:
   """A randomly initialised network of the stolen architecture: what stealing must beat."""
-  directory = models_lib.save_random_encoder(
-      os.path.join(workdir, "random_encoder"), str(config.attack.stolen_arch),
-      image_size=int(config.image_size), seed=int(config.seed) + 7,
-      source={"kind": "random init baseline"})
+  directory = os.path.join(workdir, "random_encoder")
+  distributed.written_by_process_zero(lambda: models_lib.save_random_encoder(
+      directory, str(config.attack.stolen_arch), image_size=int(config.image_size),
+      seed=int(config.seed) + 7, source={"kind": "random init baseline"}), "demo random encoder")
   return probe_encoder(models_lib.load_encoder(directory), data, probe_cfg, victim_reps)
 
 

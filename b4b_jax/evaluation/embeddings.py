@@ -57,7 +57,9 @@ def _random_encoder(arch: str, *, workdir: Optional[str], seed: int):
   if workdir is None:
     raise ValueError("a random:<arch> encoder needs a workdir to be saved into")
   directory = os.path.join(workdir, f"random_encoder_{arch}_{size}_seed{seed}")
-  models.save_random_encoder(directory, arch, image_size=size, seed=seed, small_input=size <= 64)
+  distributed.written_by_process_zero(  # multi-host: one writer, then every process loads it
+      lambda: models.save_random_encoder(directory, arch, image_size=size, seed=seed,
+                                         small_input=size <= 64), f"random encoder {directory}")
   return models.load_encoder(directory)
 
 
@@ -284,7 +286,10 @@ def embed_split(encoder, dataset: str, split: str, *, transform, batch_size: int
 
 
 def save_npz(path: str, *, meta: Optional[dict] = None, **arrays) -> str:
-  """Writes arrays (+ a JSON meta string) to `path` atomically."""
+  """Writes arrays (+ a JSON meta string) to `path` atomically; on process 0 only (multi-host runs:
+  every process holds the same arrays, one writes)."""
+  if not distributed.is_writer():
+    return path
   buf = io.BytesIO()
   np.savez(buf, **arrays, meta=np.asarray(json.dumps(meta or {}, sort_keys=True, default=str)))
   files.atomic_write_bytes(path, buf.getvalue())
@@ -378,7 +383,8 @@ class EmbeddingSource:
       if os.path.exists(given):
         return load_npz(given)
     path = self.cache_path(dataset)
-    if os.path.exists(path):
+    # Every process takes process 0's branch: embedding is collective (the shares are gathered).
+    if distributed.agree(os.path.exists(path)):
       return load_npz(path)
     out = embed_dataset(self.encoder, dataset, train_split=self.source.train_split,
                         test_split=self.source.test_split, data_dir=self.source.data_dir,

@@ -17,6 +17,7 @@ from b4b_jax.defense import hardened
 from b4b_jax.evaluation import embeddings
 from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import report as report_lib
+from b4b_jax.utils import distributed
 from b4b_jax.utils import files
 from b4b_jax.utils import metrics as metrics_lib
 
@@ -60,8 +61,9 @@ def run(config, workdir: str) -> dict:
   writer.close()
   results = {"config": config.to_dict(), "encoder": config.encoder, "input_size": size,
              "seeds": per_seed, "summary": summarise(per_seed)}
-  files.atomic_write_json(os.path.join(workdir, "results.json"), results)
-  files.atomic_write_text(os.path.join(workdir, "report.md"), render_report(results))
+  if distributed.is_writer():  # multi-host: every process computed the same results; one writes
+    files.atomic_write_json(os.path.join(workdir, "results.json"), results)
+    files.atomic_write_text(os.path.join(workdir, "report.md"), render_report(results))
   plot(results, os.path.join(workdir, "error_ratio_vs_n.png"))
   return results
 

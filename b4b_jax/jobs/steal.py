@@ -427,7 +427,9 @@ def query_phase(config, workdir: str, s: SetUp) -> Queried:
   """Sends the planned queries (or restores what an earlier run received)."""
   ac = config.attack
   queries_dir = os.path.join(workdir, _QUERIES_DIR)
-  done = os.path.isdir(queries_dir) and ckpt_lib.Checkpointer(queries_dir).latest_step() is not None
+  # Process 0's view (it alone writes queries_dir): every process takes the same branch.
+  done = distributed.agree(os.path.isdir(queries_dir) and ckpt_lib.Checkpointer(
+      queries_dir, process_local=True).latest_step() is not None)
   api = _latest_api(config, workdir, s) if done else new_api(s.victim, config)
   progress = progress_lib.Progress(
       f"{STAGE}/queries", -(-s.plan.num_queries // int(ac.query_batch_size)) + len(s.plan.accounts),
@@ -474,7 +476,8 @@ def query_phase(config, workdir: str, s: SetUp) -> Queried:
   meta = {"query_log": [e.to_dict() for e in attacker.log],
           "mapper_metrics": {str(k): m.metrics for k, m in attacker.mappers.items()},
           "accounts_after_queries": attacker.account_summary(), "seconds": time.time() - t0}
-  ckpt_lib.save_pytree(queries_dir, tree, meta)
+  if s.is_writer:  # one process writes (every process holds the same responses)
+    ckpt_lib.save_pytree(queries_dir, tree, meta)
   return Queried(attacker, targets, meta["accounts_after_queries"], sigma_rows, account_rows, offline)
 
 
