@@ -3,6 +3,18 @@ r"""Entry point for every b4b-jax experiment.
   python -m b4b_jax.main --config=configs/<name>.py[:variant] --workdir=DIR [--config.field=value]
 
 `config.job` names a module in `b4b_jax.jobs`; that module's `run(config, workdir)` does the work.
+Several processes (hosts of a GPU cluster without a cluster manager, or CPU processes on one machine)
+form one JAX system with
+
+  python -m b4b_jax.main ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+
+run once per process (I = 0..N-1, HOST:PORT process 0's address and a free port; the same config and
+workdir everywhere). On TPU pod slices, SLURM and Open MPI leave the three flags out: the cluster is
+detected. On CPU the processes exchange collectives through gloo, e.g. 2 processes x 2 devices:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m b4b_jax.main ... \
+      --coordinator_address=127.0.0.1:29500 --num_processes=2 --process_id=0   # and =1 in a second shell
+
 A workdir that cannot be used (a regular file, not writable) ends the run with one `error:` line naming
 it and exit status 1, before anything is written.
 """
@@ -19,6 +31,11 @@ from b4b_jax.utils import files
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0's coordinator (with "
+    "--num_processes and --process_id). Leave out on TPU pods / SLURM / Open MPI (auto-detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's id, 0..N-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,7 +61,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _hide_gpus_from_tensorflow()
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  distributed.initialize_distributed()
+  try:
+    distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:  # flags that do not fit together: one line, before JAX starts
+    raise SystemExit(f"error: {e}") from None
   workdir = os.path.abspath(_WORKDIR.value)
   logging.info("job %s -> workdir %s", _CONFIG.value.get("job"), workdir)
   try:

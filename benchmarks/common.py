@@ -9,20 +9,8 @@ import dataclasses
 import math
 from typing import List, Optional
 
-# (substring of jax's device_kind, bf16 TFLOP/s, f32-as-XLA-runs-it TFLOP/s); first match wins.
-PEAK_TFLOPS = (
-    ("H200", 989.0, 494.0),
-    ("H100", 989.0, 494.0),   # SXM; the PCIe card is ~25% lower
-    ("A100", 312.0, 156.0),
-    ("L4", 121.0, 60.0),
-    ("TPU v6", 918.0, 918.0),
-    ("TPU v5 lite", 197.0, 197.0),
-    ("TPU v5e", 197.0, 197.0),
-    ("TPU v5", 459.0, 459.0),  # v5p
-    ("TPU v4", 275.0, 275.0),
-    ("TPU v3", 123.0, 123.0),
-    ("TPU v2", 45.0, 45.0),
-)
+# The peak table lives in the package (the runs' expected-cost estimate uses it too).
+from b4b_jax.utils.cost_estimate import PEAK_TFLOPS  # noqa: E402,F401  pylint: disable=unused-import
 
 
 def device_kind() -> str:
@@ -33,14 +21,8 @@ def device_kind() -> str:
 
 def peak_flops(dtype: str = "f32") -> Optional[float]:
   """Peak FLOP/s of device 0 for "f32" or "bf16" compute; None on CPU or an unknown device."""
-  import jax  # pylint: disable=g-import-not-at-top
-  d = jax.devices()[0]
-  if d.platform == "cpu":
-    return None
-  for name, bf16, f32 in PEAK_TFLOPS:
-    if name.lower() in d.device_kind.lower():
-      return 1e12 * (bf16 if dtype == "bf16" else f32)
-  return None
+  from b4b_jax.utils import cost_estimate  # pylint: disable=g-import-not-at-top
+  return cost_estimate.peak_flops(dtype=dtype)
 
 
 def compiled_flops(compiled) -> Optional[float]:
@@ -65,18 +47,30 @@ def flops_share(flops: Optional[float], seconds: float, dtype: str = "f32") -> s
   return f"{achieved / 1e12:.3f} TFLOP/s, {share}"
 
 
+def load_average() -> str:
+  """The 1-minute load average ("?" where /proc/loadavg is missing): printed beside every figure, since
+  on a shared machine a figure means little without the load it was taken under."""
+  try:
+    with open("/proc/loadavg") as f:
+      return f.read().split()[0]
+  except OSError:
+    return "?"
+
+
 @dataclasses.dataclass
 class Row:
-  """One printed figure: ours beside the reference, their ratio (>1 = ours faster), FLOP/s."""
+  """One printed figure: ours beside the reference, their ratio (>1 = ours faster), FLOP/s, and the
+  load average when the row was made."""
   benchmark: str
   ours: str
   reference: str
   ratio: float
   flops: str = "FLOP/s n/a"
+  load: str = dataclasses.field(default_factory=load_average)
 
 
 def print_table(rows: List[Row], title: str) -> None:
   print(f"\n== {title} ({device_kind()})")
-  print(f"{'benchmark':<44} {'ours':>22} {'reference':>28} {'ratio':>7}  achieved")
+  print(f"{'benchmark':<44} {'ours':>22} {'reference':>28} {'ratio':>7} {'load':>6}  achieved")
   for r in rows:
-    print(f"{r.benchmark:<44} {r.ours:>22} {r.reference:>28} {r.ratio:>6.2f}x  {r.flops}")
+    print(f"{r.benchmark:<44} {r.ours:>22} {r.reference:>28} {r.ratio:>6.2f}x {r.load:>6}  {r.flops}")

@@ -139,7 +139,7 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
 
   rng = np.random.default_rng(seed)
   say(f"defense benchmark on {jax.devices()[0].platform} ({jax.device_count()} device(s)): D={rep_dim}"
-      f" P={num_projections} K={num_hyperplanes}")
+      f" P={num_projections} K={num_hyperplanes}, load {os.getloadavg()[0]:.2f}")
   results: Dict = {"rep_dim": rep_dim, "num_projections": num_projections,
                    "num_hyperplanes": num_hyperplanes, "batch_size": batch_size,
                    "num_reps": num_reps, "platform": jax.devices()[0].platform}

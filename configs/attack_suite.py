@@ -13,9 +13,15 @@ account: a coverage-raising phase of `coverage_queries` diverse photo crops, the
 each of `targets` held-out crops; err(N) = RMS per dimension of (mean of the first N answers - clean
 answer). The cost is calibrated as the demo does (alpha = alpha_scale x per-dimension std of the
 server's own representations, beta = beta_fraction x their coverage).
-Expected (issue 12): paper-B4B err(1)/err(100) ~ 10 (sqrt(100)); hardened <= 1.2; canary: under the
-hardened defense the probe's answers only change when the sigma level rises; legit digits drop grows
-by <= 0.2 points. Runtime: ~5-10 min on 2 CPU cores (random-init encoder at 16 px); :tiny ~1 min.
+Defenses: paper (per-query noise), hardened (per-input keying + image-keyed noise, config.hardened),
+charged (hardened + repeat_charge: repeats charged as new buckets; skipped when repeat_charge = 0).
+The legit digits user queries through images (api.query), so the image-keyed noise applies to it.
+Expected (issue 12): paper-B4B err(1)/err(100) ~ 10 (sqrt(100)); hardened <= 1.2 for exact repeats and
+near-duplicates; canary: under the hardened defense the probe's answers only change when the sigma
+level rises; legit digits drop grows by <= 0.2 points.
+Runtime: not re-measured at full size after the third defense and the image-path legit rows were added
+(the last full run, two defenses, took 21 min on the 2-core CPU under load from other jobs); :tiny is
+the test (tests/test_attack_suite.py).
 """
 import ml_collections
 
@@ -60,6 +66,16 @@ def get_config(arg=None):
   c.hardened.fine_code_bits = 16
   c.hardened.fine_codes = 4
   c.hardened.sigma_level_ratio = 2.0
+  # Image-keyed noise (hardened.image_noise): all of the noise variance a smooth secret function of a
+  # flip-invariant 4x4 thumbnail, RBF lengthscale 0.3 (tuned on the demo's trained victim: 1-pixel
+  # shifts, JPEG and crop+flip averaged 100x gain <= 1.1x; distinct photo crops' noise correlation 0.08
+  # on average, see docs/defense.md).
+  c.hardened.image_weight = 1.0
+  c.hardened.image_grid = 4
+  c.hardened.image_lengthscale = 0.3
+  c.hardened.image_features = 256
+  # A third defense "charged" = hardened + repeat_charge (repeats charged as new buckets); 0 = not run.
+  c.repeat_charge = 1.0
   c.probe = common.probe_block(tiny=True)
   c.probe.method = "ridge"
   c.probe.seeds = (0,) if tiny else (0, 1, 2)

@@ -147,6 +147,8 @@ def steal_config(victim: str, arg=None) -> ml_collections.ConfigDict:
     c.data.transform = {"mode": "center_crop", "size": 256, "resize_size": 256}
   c.data.per_class = None if tiny else 100
   c.data.data_dir = None
+  # Undecodable pool / held-out files: "skip" (counted and listed in results.json) or "error".
+  c.data.on_corrupt = "skip"
 
   c.eval = ml_collections.ConfigDict()
   if tiny:

@@ -2,6 +2,7 @@ r"""The offline end-to-end B4B demo (README quickstart), 8.6 minutes on 2 quiet 
 (measured from a fresh clone, 14.1 CPU-minutes):
 
   python -m b4b_jax.main --config=configs/demo.py --workdir=/tmp/b4b_demo
+  python -m b4b_jax.main --config=configs/demo.py:served=1 --workdir=/tmp/b4b_demo_served  # over HTTP
 
 `configs/demo.py:tiny` is the seconds-scale variant the tests run (tests/test_demo.py also runs it under
 two rounding settings and checks the verdicts agree). Expected result (full variant): each of the
@@ -13,11 +14,20 @@ import ml_collections
 
 
 def get_config(arg=None):
-  tiny = arg == "tiny"
-  if arg not in (None, "", "tiny"):
-    raise ValueError(f"configs/demo.py takes no argument or 'tiny', got {arg!r}")
+  parts = [p for p in (arg or "").split(",") if p]
+  if any(p not in ("tiny", "served=0", "served=1") for p in parts):
+    raise ValueError(f"configs/demo.py takes 'tiny' and/or 'served=1' (comma-separated), got {arg!r}")
+  tiny, served = "tiny" in parts, "served=1" in parts
   c = ml_collections.ConfigDict()
   c.job = "demo"
+  # served=1: the legit user and the defended thieves talk HTTP (b4b_jax.serve.client) to a B4B server
+  # on 127.0.0.1 started by the demo (one fresh server per group, b4b_jax/demo/served.py); the
+  # undefended baseline stays in-process. Same seeds, same answers (tests/test_serve_demo.py).
+  c.served = served
+  c.serve = ml_collections.ConfigDict()
+  c.serve.capacity = 8                     # account slots (as the in-process APIs: same state shapes)
+  c.serve.start_timeout_s = 600.0          # first start compiles the batch shapes
+  c.serve.compilation_cache_dir = ""       # "" = <workdir>/served/jax_cache
   c.seed = 0
   c.image_size = 16
   c.query_batch_size = 64

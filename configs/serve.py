@@ -12,9 +12,14 @@ calibrates the cost to it as the demo does. Any converted encoder directory (wei
 served with `--config.encoder_dir`; the defense then uses the block below as given (the paper's
 SimSiam cost: lam 1e-6, alpha 1, beta 80 %, P=20, K=12).
 
-Defense: the paper's B4B (coverage-priced noise) with a per-account diag_affine transform against sybils;
-`--config.defense.transform=identity` is the paper's B4B without transforms, `--config.defense.enabled=
-False` an undefended API (coverage still counted). `:tiny` is the variant the tests run (small batches and
+Defense: the hardened B4B by default (b4b_jax/defense/hardened.py, noise_keying="per_input": the noise
+is keyed by the account, a fine code of the input and the sigma level, so repeated or near-identical
+queries cannot be averaged), on the paper's coverage-priced cost, with a per-account diag_affine
+transform against sybils. The paper's B4B is one field away: `--config.defense.noise_keying=per_query`
+(a fresh draw per query); `--config.defense.image_weight=0.5` adds the image-keyed share of the noise;
+`--config.defense.transform=identity` drops the transforms, `--config.defense.enabled=False` serves
+undefended (coverage still counted). With the demo victim the cost is the demo's calibration and the
+hardening fields come from this block. `:tiny` is the variant the tests run (small batches and
 limits; name an encoder directory to skip the demo victim). Start-up: a few seconds plus compiling the
 padded batch sizes (cached in <workdir>/jax_cache, so restarts are quick).
 """
@@ -36,7 +41,7 @@ def get_config(arg=None):
   c.demo_workdir = ""                # "" = <workdir>/demo
   c.demo = demo_config.get_config("tiny" if tiny else None)
   c.calibrate_defense = ml_collections.config_dict.placeholder(bool)  # None: iff serving the demo victim
-  c.defense = defense.defense_config("simsiam", transform="diag_affine")
+  c.defense = defense.defense_config("simsiam", transform="diag_affine", noise_keying="per_input")
   c.defense_json = ""                # a JSON file of defense fields replacing the block above (e.g. the
                                      # demo's calibrated defense, hash_center included)
   c.capacity = 64 if tiny else 1024  # account slots pre-sized (growing recompiles under traffic)
@@ -46,6 +51,7 @@ def get_config(arg=None):
   c.batching.max_wait_ms = 4.0                   # how long a batch waits for more requests
   c.batching.max_queued_rows = 8192 if tiny else 65536
   c.batching.warm_up = True                      # compile every padded batch size before serving
+  c.batching.shard_over_devices = True           # split each micro-batch's rows over all local devices
 
   c.limits = ml_collections.ConfigDict()
   c.limits.max_request_bytes = (8 if tiny else 64) * 2**20

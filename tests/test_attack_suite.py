@@ -24,7 +24,12 @@ def test_attack_suite_tiny_end_to_end(tmp_path):
   assert ratio["hardened"]["repeat_exact"][n]["max"] == pytest.approx(1.0)
   seed = results["seeds"]["0"]
   assert seed["provider"]["hardened"]["repeat_exact"]["repeats"] > 0
-  assert set(seed["legit"]) == {"none", "paper", "hardened", "paper sigma=1std", "hardened sigma=1std"}
+  assert set(seed["legit"]) == {"none", "paper", "hardened", "charged", "paper sigma=1std",
+                                "hardened sigma=1std", "charged sigma=1std"}
+  # repeat_charge: the repeat thief pays for its repeats in sigma; the query-once thief does not.
+  charged, hard = seed["attacks"]["charged"], seed["attacks"]["hardened"]
+  assert charged["repeat_exact"]["sigma"] > hard["repeat_exact"]["sigma"]
+  assert charged["query_once"]["sigma"] == pytest.approx(hard["query_once"]["sigma"], rel=0.5)
   # the static rows apply the same sigma under both keyings
   assert seed["legit"]["paper sigma=1std"]["sigma"] == seed["legit"]["hardened sigma=1std"]["sigma"] > 0
   assert "| repeat_jitter | hardened |" in (tmp_path / "report.md").read_text()

@@ -81,7 +81,8 @@ def test_repeat_average_beats_per_query_noise_by_sqrt_n_but_not_per_input_noise(
     s = strategies.RepeatAverage(_api(keying), ["thief"], copies=16, perturbation="exact")
     curve = s.steal_curve(x, [1, 16])
     err = {n: np.sqrt(np.mean((t - clean) ** 2)) for n, t in curve.items()}
-    assert lo <= err[1] / err[16] <= hi, (keying, err)  # sqrt(16) = 4 for fresh noise
+    # sqrt(16) = 4 for fresh noise; 1 up to float rounding of the mean of 16 identical answers.
+    assert lo - 1e-5 <= err[1] / err[16] <= hi + 1e-5, (keying, err)
   jittered = strategies.RepeatAverage(_api("per_input"), ["thief"], copies=16, perturbation="jitter")
   curve = jittered.steal_curve(x, [1, 16])
   ratio = np.sqrt(np.mean((curve[1] - clean) ** 2)) / np.sqrt(np.mean((curve[16] - clean) ** 2))

@@ -138,3 +138,13 @@ def test_unknown_compute_dtype_is_refused():
   graphdef, _, _ = models.split_model(model)
   with pytest.raises(ValueError, match="compute_dtype"):
     ts.make_train_step(graphdef, ts.StepConfig(compute_dtype="float16"), distributed.data_mesh(1))
+
+
+@pytest.mark.parametrize("backend, expected", [("cpu", "float32"), ("gpu", "bfloat16"),
+                                               ("tpu", "bfloat16")])
+def test_default_compute_dtype_is_bf16_on_accelerators_only(monkeypatch, backend, expected):
+  """The steal job's default (issue 15): bf16 where tensor cores / the MXU make it pay and where
+  test_bfloat16_step_tracks_the_float32_loss_over_100_steps shows it tracks float32; float32 on CPUs."""
+  monkeypatch.setattr(ts.jax, "default_backend", lambda: backend)
+  assert ts.default_compute_dtype() == expected
+  assert ts.default_compute_dtype() in ts.COMPUTE_DTYPES

@@ -174,3 +174,161 @@ def test_paper_b4b_is_the_default_and_matches_the_per_query_formula():
 def test_bad_hardening_fields_raise_naming_the_field(field, value):
   with pytest.raises(ValueError, match=field):
     defense_config("simsiam", **{field: value})
+
+
+def _state_arrays(api):
+  from b4b_jax.defense import state as state_lib
+  return state_lib.state_to_numpy(api.state)
+
+
+def test_journal_replay_writes_the_seen_codes_exactly_like_live_queries(tmp_path):
+  """Snapshot + replay of the journaled charge codes (result.buckets: P LSH buckets + the seen code)
+  ends bit-identical to the uninterrupted state, repeat counts and all later answers included."""
+  live = DefendedEncoder(None, _cfg(), D, capacity=2)
+  reps = _reps(60)
+  rng = np.random.default_rng(2)
+
+  def call(i):  # many repeats (30 inputs), so the seen-code state matters
+    rows = rng.integers(0, 30, 8 + i)
+    return live.query_representations([f"u{j}" for j in rng.integers(0, 3, len(rows))], reps[rows])
+
+  for i in range(2):
+    call(i)
+  live.save(str(tmp_path / "snap"))
+  results = [call(i) for i in range(2, 6)]
+  assert all(r.buckets.shape[1] == 4 + hardened.seen_columns(live._settings) for r in results)
+  journal = [(list(r.users), r.buckets.copy()) for r in results]
+  revived = DefendedEncoder.restore(str(tmp_path / "snap"), None)
+  for users, codes in journal:
+    revived.replay(users, codes)
+  a, b = _state_arrays(live), _state_arrays(revived)
+  assert a.keys() == b.keys() and "fine_occupancy" in a
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert hardened.provider_stats(revived) == hardened.provider_stats(live)
+  assert sum(r["repeats"] for r in hardened.provider_stats(live).values()) > 0
+  users = ["u0", "u2", "u1"] * 4
+  np.testing.assert_array_equal(_q(live, users, reps[:12]), _q(revived, users, reps[:12]))
+  # A journal entry without the seen-code column (or with one out of range) is refused, state unchanged.
+  from b4b_jax.defense import BadInputError
+  a = _state_arrays(revived)
+  for codes in (journal[0][1][:, :4], np.concatenate([journal[0][1][:, :4], np.full(
+      (len(journal[0][0]), 1), 1 << 16, np.int32)], axis=1)):
+    with pytest.raises(BadInputError, match="replay"):
+      revived.replay(journal[0][0], codes)
+  b2 = _state_arrays(revived)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b2[k], err_msg=k)
+
+
+# ------------------------------------------------------------------ image-keyed noise (image_weight)
+_W_ENC = np.random.default_rng(7).normal(size=(8 * 8 * 3, D)).astype(np.float32) / 8.0
+
+
+def _encoder(images):
+  import jax.numpy as jnp
+  # An elementwise product and a fixed-length sum (not a dot, whose CPU rounding depends on the batch
+  # shape), so batches of any size give bit-identical rows.
+  return jnp.tanh(jnp.sum(images.reshape(images.shape[0], -1, 1) * _W_ENC[None], axis=1))
+
+
+def _images(n, seed=0):
+  """Smooth random 8x8 RGB images in [0, 1] (distinct low-frequency content per image)."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.uniform(0, 1, size=(n, 3, 3, 3)).astype(np.float32)
+  return np.asarray(jax.image.resize(coarse, (n, 8, 8, 3), "linear"), np.float32)
+
+
+def _img_noise(api, user, images):
+  clean = np.asarray(_encoder(images))
+  result = api.query(user, images)
+  return (np.asarray(result.reps) - clean) / np.asarray(result.sigma)[:, None]
+
+
+def _corr(a, b):
+  return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_image_descriptor_is_flip_brightness_and_contrast_invariant():
+  x = _images(16)
+  d = np.asarray(hardened.image_descriptor(x, 4))
+  np.testing.assert_allclose(np.asarray(hardened.image_descriptor(x[:, :, ::-1], 4)), d, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(hardened.image_descriptor(0.5 * x + 0.2, 4)), d, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-5)
+  # numpy reference for an exactly divisible grid (antialiased linear = 2x2 area mean at factor 2).
+  g = x.mean(-1)
+  g = 0.5 * (g + g[:, :, ::-1])
+  ref = g.reshape(16, 4, 2, 4, 2).mean((2, 4)).reshape(16, 16)
+  ref = ref - ref.mean(1, keepdims=True)
+  ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+  np.testing.assert_allclose(d, ref, atol=1e-5)
+  assert not np.any(np.asarray(hardened.image_descriptor(np.full((2, 8, 8, 3), 0.3), 4)))
+
+
+def test_image_keyed_noise_holds_for_near_duplicates_and_stays_independent_elsewhere():
+  api = DefendedEncoder(_encoder, _cfg(static_sigma=1.0, image_weight=1.0, image_lengthscale=0.3,
+                                       image_grid=4), D)
+  x = _images(256)
+  z = _img_noise(api, "alice", x)
+  assert abs(z.std() - 1.0) < 0.05 and abs(z.mean()) < 0.05  # exactly N(0, 1) given the image
+  np.testing.assert_array_equal(_img_noise(api, "alice", x), z)  # deterministic
+  # A mirrored image has the same descriptor, hence the same noise (the representation differs).
+  np.testing.assert_allclose(_img_noise(api, "alice", x[:, :, ::-1]), z, atol=1e-5)
+  # A small pixel perturbation keeps almost all of it (a 1/255 jitter flips no descriptor bit: smooth).
+  jitter = np.clip(x + np.random.default_rng(1).uniform(-2 / 255, 2 / 255, x.shape), 0, 1)
+  assert np.median(_corr(_img_noise(api, "alice", jitter.astype(np.float32)), z)) > 0.99
+  # Another account: independent. Distinct images: nearly independent (collision rate measured).
+  assert abs(np.corrcoef(z.ravel(), _img_noise(api, "bob", x).ravel())[0, 1]) < 0.03
+  unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+  off = (unit @ unit.T)[np.triu_indices(len(z), 1)]
+  assert abs(off.mean()) < 0.05 and np.mean(off > 0.5) < 0.02, (off.mean(), np.mean(off > 0.5))
+
+
+def test_image_keyed_mixed_batches_equal_per_user_calls_and_replay_is_unchanged(tmp_path):
+  cfg = _cfg(image_weight=0.7)
+  x = _images(24, seed=3)
+  users = ["alice", "bob", "carol"] * 8
+  mixed_api = DefendedEncoder(_encoder, cfg, D, capacity=4)
+  mixed = mixed_api.query_mixed(users, x)
+  single_api = DefendedEncoder(_encoder, cfg, D, capacity=4)
+  for u in ("carol", "alice", "bob"):
+    rows = [i for i, v in enumerate(users) if v == u]
+    # Equal up to the float rounding of the descriptor's reductions at another batch shape (~1e-7,
+    # as the encoder's own forward pass); the keys, codes and draws are the same.
+    np.testing.assert_allclose(np.asarray(single_api.query(u, x[rows]).reps),
+                               np.asarray(mixed.reps)[rows], atol=2e-5)
+  # The image part adds no state: the journal's charge codes replay it bit-identically.
+  fresh = DefendedEncoder(_encoder, cfg, D, capacity=4)
+  fresh.replay(list(mixed.users), mixed.buckets)
+  a, b = _state_arrays(mixed_api), _state_arrays(fresh)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # Save/restore: the same answers afterwards.
+  mixed_api.save(str(tmp_path))
+  restored = DefendedEncoder.restore(str(tmp_path), _encoder)
+  y = _images(8, seed=4)
+  np.testing.assert_array_equal(np.asarray(restored.query("alice", y).reps),
+                                np.asarray(mixed_api.query("alice", y).reps))
+
+
+def test_repeat_charge_raises_sigma_for_repeats_only():
+  cfg = _cfg(repeat_charge=4.0, beta=95.0)
+  reps = _reps(64, seed=5)
+  api = DefendedEncoder(None, cfg, D, capacity=4)
+  plain = DefendedEncoder(None, _cfg(beta=95.0), D, capacity=4)
+  for a in (api, plain):
+    a.query_representations("once", reps)            # 64 distinct inputs: no repeat
+    for _ in range(4):
+      a.query_representations("again", reps[:16])   # 48 repeats
+  assert hardened.provider_stats(api)["again"]["repeats"] == 48
+  assert api.sigma("once") == plain.sigma("once")
+  # 48 repeats x 4 buckets each = 192 of 2^6 buckets per projection: charged to full coverage.
+  from b4b_jax.defense import cost
+  s = api._settings
+  expected = float(cost.noise_std(100.0, s.lam, s.alpha, s.beta))
+  assert api.sigma("again") == pytest.approx(expected, rel=1e-6) and expected > plain.sigma("again")
+  # The step applies the charged sigma (hardened rounds it up to its level).
+  got = api.query_representations("again", reps[:1]).sigma[0]
+  assert got >= expected * (1 - 1e-6) and got < 2.0 * expected
+  with pytest.raises(ValueError, match="repeat_charge"):
+    DefendedEncoder(None, defense_config("simsiam", repeat_charge=1.0), D)

@@ -1,7 +1,9 @@
 """Crash safety of the served API: the server is SIGKILLed under load at random moments, several times,
 and restarted on the same workdir. Afterwards no acknowledged query is missing from any account's
 coverage or counters and nothing is counted twice: every account's state lies between a recomputation
-from the acknowledged requests and one from the acknowledged plus the in-flight (unanswered) ones."""
+from the acknowledged requests and one from the acknowledged plus the in-flight (unanswered) ones. The
+service runs its default defense, the hardened B4B (noise keyed per input), whose seen-code state is
+journaled and replayed with the LSH buckets."""
 import io
 import os
 import threading
@@ -59,7 +61,8 @@ def _reference(encoder_dir, config, requests):
   images = np.concatenate([images for _, images in requests])
   for i in range(0, len(users), 64):  # coverage is a union and counts add up: any grouping
     api.query_mixed(users[i:i + 64], images[i:i + 64])
-  arrays = {k: np.asarray(getattr(api.state, k)) for k in ("occupancy", "num_queries")}
+  arrays = {k: np.asarray(getattr(api.state, k)) for k in ("occupancy", "num_queries",
+                                                            "fine_occupancy")}
   return {u: {k: v[api.slot(u)] for k, v in arrays.items()} for u in api.users}
 
 
@@ -96,6 +99,7 @@ def test_sigkill_under_load_loses_no_acknowledged_query_and_counts_nothing_twice
         t.join(60)
       if round_ < KILLS:
         restarts.append(proc.start(timeout=300))
+        print(f"restart {round_ + 1}: {restarts[-1]:.1f} s to /healthz; breakdown {proc.startup}")
   finally:
     code = proc.stop()
   assert code == 0, proc.log_tail()
@@ -106,6 +110,7 @@ def test_sigkill_under_load_loses_no_acknowledged_query_and_counts_nothing_twice
 
   from configs import serve as serve_config  # pylint: disable=g-import-not-at-top
   config = serve_config.get_config("tiny")
+  assert config.defense.noise_keying == "per_input"  # the service's default: hardened B4B
   svc = service_lib.Service(config, workdir, encoder_dir)
   svc.open()
   users, arrays = svc.state_arrays()
@@ -121,6 +126,10 @@ def test_sigkill_under_load_loses_no_acknowledged_query_and_counts_nothing_twice
     assert int(lo["num_queries"]) <= rows <= int(hi["num_queries"]), (account, rows)
     assert not np.any(lo["occupancy"] & ~occ), f"{account}: an acknowledged query's bucket is missing"
     assert not np.any(occ & ~hi["occupancy"]), f"{account}: a bucket nobody sent is counted"
+    # The hardened default's per-row state (the seen fine codes behind the repeat counts) is journaled
+    # and replayed too.
+    fine = arrays["fine_occupancy"][slot]
+    assert not np.any(lo["fine_occupancy"] & ~fine) and not np.any(fine & ~hi["fine_occupancy"])
   # Nothing counted twice: the total is the acknowledged rows plus a part of the unanswered ones.
   total = int(arrays["num_queries"].sum())
   assert sum(len(i) for _, i in acked) <= total <= sum(len(i) for _, i in acked + unknown)

@@ -179,6 +179,11 @@ def test_admin_endpoints_cli_client_and_metrics(server):
   out = remote.query_mixed(["erin", "dave", "erin"], testing.random_images(3, 16, seed=4))
   assert out.reps.shape[0] == 3 and remote.num_queries("erin") == 2
   assert 0 < remote.coverage("dave") <= 100 and remote.sigma("dave") >= 0
+  assert remote.out_dim == reps.shape[1]  # from /healthz
+  assert out.coverage.shape == (3,) and out.sigma.shape == (3,) and float(out.coverage[0]) > 0
+  startup = httpx.get(proc.url + "/healthz").json()["startup"]  # where the start-up seconds went
+  assert {"process_imports_s", "load_encoder_s", "replay_s", "warm_up_s", "process_s_at_listen"} <= set(
+      startup), startup
   admin.revoke(created["key_id"])
   with pytest.raises(client_lib.ServedError) as e:
     dave.embed(testing.random_images(1, 16))

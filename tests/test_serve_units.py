@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from b4b_jax.serve import accounts, errors, images, service as service_lib, store as store_lib, testing
+from b4b_jax.serve import accounts, defended, errors, images, service as service_lib, store as store_lib, testing
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 LIMITS = images.Limits(max_request_bytes=2**20, max_rows_per_request=8, max_image_pixels=512 * 512,
@@ -245,6 +245,7 @@ def _same_state(svc, users, arrays):
 
 
 def test_restart_restores_snapshot_plus_journal_bit_identically(tmp_path, encoder_dir):
+  assert _config().defense.noise_keying == "per_input"  # the hardened default, seen codes journaled
   live, users, arrays = _serve_some(tmp_path / "w", encoder_dir, rounds=4, stop=False,
                                     snapshot_after=1)
   crash = tmp_path / "crash"  # the files as a SIGKILL leaves them: snapshot at seq 2, journal 3..
@@ -259,6 +260,34 @@ def test_restart_restores_snapshot_plus_journal_bit_identically(tmp_path, encode
   _same_state(after_stop, users, arrays)
   assert after_stop.store.journal_stats()["entries"] == 0
   after_stop.close()
+
+
+def test_grouped_replay_equals_replaying_entry_by_entry(encoder_dir):
+  """Start-up replays consecutive journal entries in one call while no account recurs: the state must
+  equal one replay per entry (occupancy, counts, query and batch counters, registry order)."""
+  from b4b_jax.defense import hardened  # pylint: disable=g-import-not-at-top
+  config = _config().defense
+  encoder = defended.load_encoder(encoder_dir)
+  one_by_one = defended.open_api(encoder, config, capacity=8)
+  settings = defended.inner(one_by_one).params.settings
+  rng = np.random.default_rng(0)
+  entries = []
+  for seq in range(1, 41):
+    names = list(rng.choice(["a", "b", "c", "d", "e", "f"], size=int(rng.integers(1, 3)), replace=False))
+    users = [str(names[i]) for i in rng.integers(0, len(names), size=int(rng.integers(1, 9)))]
+    codes = np.concatenate([  # the LSH buckets, then the hardened default's seen codes
+        rng.integers(0, 1 << settings.num_hyperplanes, (len(users), settings.num_projections)),
+        rng.integers(0, 1 << settings.fine_code_bits, (len(users), hardened.seen_columns(settings)))], 1)
+    entries.append(store_lib.JournalEntry(seq, users, codes.astype(np.int32), {}))
+  for e in entries:
+    defended.replay(one_by_one, e.users_per_row, e.codes)
+  grouped = defended.open_api(encoder, config, capacity=8)
+  num_entries, calls = defended.replay_entries(grouped, iter(entries))
+  assert num_entries == 40 and calls < 30, calls
+  assert defended.inner(grouped).users == defended.inner(one_by_one).users
+  want, got = defended.state_arrays(one_by_one), defended.state_arrays(grouped)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
 def test_damaged_snapshot_journal_or_counters_refuse_to_start(tmp_path, encoder_dir):
@@ -346,6 +375,7 @@ def test_config_resolution_encoder_dir_and_defense_json(tmp_path, encoder_dir):
   c.encoder_dir = encoder_dir
   config, resolved = serve_job.resolved_config(c, str(tmp_path))
   assert resolved == os.path.abspath(encoder_dir) and config.defense.transform == "diag_affine"
+  assert config.defense.noise_keying == "per_input"  # hardened by default; the paper one field away
   (tmp_path / "d.json").write_text(json.dumps({"lam": 1e-4, "beta": 30.0, "hash_center": [0.5] * 8}))
   c.defense_json = str(tmp_path / "d.json")
   config, _ = serve_job.resolved_config(c, str(tmp_path))

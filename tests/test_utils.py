@@ -63,6 +63,18 @@ def test_progress_reports_rate_and_eta():
   assert "[steal] step 10/10 (100.0%)" in lines[-1] and "ETA" in lines[-1] and "loss=0.5" in lines[-1]
 
 
+def test_progress_without_a_known_total_shows_no_percentage_or_negative_eta():
+  """A per-host filtered stream has no cheap cardinality (total 0); an overrun step must not print a
+  negative ETA either."""
+  lines = []
+  p = progress.Progress("embed/x", 0, unit="image", print_fn=lines.append, every_seconds=0)
+  p.update(64)
+  assert "image 64 (total unknown)" in lines[-1] and "ETA ?" in lines[-1], lines[-1]
+  q = progress.Progress("embed/y", 10, unit="image", print_fn=lines.append, every_seconds=0)
+  q.update(12)
+  assert "image 12/10" in lines[-1] and "ETA ?" in lines[-1] and "-" not in lines[-1].split("ETA")[1]
+
+
 def test_workdir_refuses_incompatible_run(tmp_path):
   cfg = ml_collections.ConfigDict({"job": "x", "lr": 0.1})
   assert workdir.prepare_workdir(str(tmp_path), cfg, "x") is False

@@ -25,7 +25,6 @@ Contract:
 """
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Iterator, Optional, Sequence, Tuple
 
@@ -146,20 +145,32 @@ def undecodable(paths: Sequence[str], *, process_index: Optional[int] = None,
     for i, _ in ds.as_numpy_iterator():
       ok[i - start] = True
     bad[start:stop] = ~ok
-  if pc > 1:
+  if pc > 1 and jax.process_count() > 1:  # the shares of all processes
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     bad = np.asarray(multihost_utils.process_allgather(bad)).max(axis=0)
   return tuple(str(p) for p in paths[bad.astype(bool)])
 
 
 def _cached_check(paths: np.ndarray, cache: Optional[str]) -> Tuple[str, ...]:
+  """undecodable(paths), or what an earlier run saved in `cache` for the same file list. Process 0's
+  cache decides for every process (a collective call: the processes must agree on whether the decode
+  pass, itself collective, runs)."""
   digest = hashlib.sha256("\n".join(paths.tolist()).encode()).hexdigest()
+  saved = None
   if cache and os.path.exists(cache):
-    with open(cache) as f:
-      saved = json.load(f)
-    if saved.get("paths_sha256") == digest:
-      return tuple(saved["undecodable"])
-    logging.warning("%s was written for another file list: checking the pool again", cache)
+    saved = files_lib.read_json(cache)
+    if saved.get("paths_sha256") != digest:
+      logging.warning("%s was written for another file list: checking the pool again", cache)
+      saved = None
+  mask = np.zeros((len(paths),), bool)
+  if saved is not None:
+    mask = np.isin(paths, np.asarray(saved["undecodable"], dtype=str))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    cached, mask = multihost_utils.broadcast_one_to_all((np.asarray(saved is not None), mask))
+    saved = {} if bool(cached) else None
+  if saved is not None:
+    return tuple(str(p) for p in paths[np.asarray(mask, bool)])
   bad = undecodable(paths)
   if cache and jax.process_index() == 0:
     files_lib.atomic_write_json(cache, {"paths_sha256": digest, "num_files": len(paths),

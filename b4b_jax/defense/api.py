@@ -44,6 +44,7 @@ from absl import logging
 from b4b_jax.defense import config as config_lib
 from b4b_jax.defense import cost
 from b4b_jax.defense import errors
+from b4b_jax.defense import hardened
 from b4b_jax.defense import keys as keys_lib
 from b4b_jax.defense import lsh
 from b4b_jax.defense import state as state_lib
@@ -62,8 +63,9 @@ class QueryResult:
 
   reps: float32 [N, out_dim], what the users receive. coverage: float32 [N], the row's user's coverage
   (percent) after this call. sigma: float32 [N], the noise std the row got (provider-only: it helps a
-  thief). buckets: int32 [N, P], the LSH bucket the row charged in each projection (what a journal keeps
-  to `replay` the call). users: the row's account name (NFC).
+  thief). buckets: int32 [N, P + E], the charge codes: the LSH bucket the row charged in each projection,
+  then (hardened noise_keying="per_input" only, E = hardened.seen_columns) the code the row marked seen;
+  a journal keeps all columns to `replay` the call. users: the row's account name (NFC).
   """
   reps: np.ndarray
   coverage: np.ndarray
@@ -93,12 +95,15 @@ class DefendedEncoder:
       rows, so varying batch sizes compile only a few shapes.
     uint8_images: images are uint8 [0, 255] and encoder_fn normalises them itself (from_encoder_dir);
       False: images are floating point, already normalised.
+    shard_rows: split each fused image call's (padded) rows over all local devices (a 1-D mesh), so
+      one call runs data-parallel; a batch whose padded size the device count does not divide runs as
+      is. The state stays wherever the compiled call puts it; results equal the one-device call.
   """
 
   def __init__(self, encoder_fn: Optional[Callable], config: ml_collections.ConfigDict, rep_dim: int,
                *, capacity: int = 8, require_registration: bool = False,
                input_shape: Optional[Sequence[int]] = None, fuse_encoder: Optional[bool] = None,
-               pad_batches: bool = True, uint8_images: bool = False):
+               pad_batches: bool = True, uint8_images: bool = False, shard_rows: bool = False):
     self._config = ml_collections.ConfigDict(config.to_dict())
     self._params = state_lib.make_params(self._config, rep_dim)  # validates config and rep_dim
     self._config.lock()
@@ -110,6 +115,10 @@ class DefendedEncoder:
     self._fuse = fuse_encoder
     self._pad_batches = bool(pad_batches)
     self._uint8 = bool(uint8_images)
+    devices = jax.local_devices()
+    self._row_sharding = (jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("rows",)),
+                                                     jax.sharding.PartitionSpec("rows"))
+                          if shard_rows and len(devices) > 1 else None)
     self._fused_serve = None
     self._names: List[str] = []
     self._slots: Dict[str, int] = {}
@@ -215,24 +224,27 @@ class DefendedEncoder:
   def replay(self, users_per_row: Sequence[str], buckets) -> None:
     """Charges a call again from its journal entry, without computing representations.
 
-    users_per_row and buckets [N, P] int32 are one earlier call's `result.users` and `result.buckets`
+    users_per_row and buckets [N, P + E] int32 are one earlier call's `result.users` and `result.buckets`
     (one replay per original call: a user's rows in one call are one query batch). Registers unknown
     users as that call did and advances the same state (occupancy, counts, query and batch counters,
     which key the noise), so snapshot + replay of every later call ends bit-identical to the state
     before a crash. Bad entries raise BadInputError with nothing changed.
     """
+    p, extra = self._settings.num_projections, hardened.seen_columns(self._settings)
+    width = p + extra
     buckets_shape = getattr(buckets, "shape", None)
-    if buckets_shape is None or len(buckets_shape) != 2 or buckets_shape[1] != (
-        self._settings.num_projections):
-      raise errors.BadInputError(f"replay: buckets must have shape [N, {self._settings.num_projections}]"
-                                 f", got {buckets_shape}")
+    if buckets_shape is None or len(buckets_shape) != 2 or buckets_shape[1] != width:
+      raise errors.BadInputError(f"replay: buckets must have shape [N, {width}] ({p} LSH buckets"
+                                 + (f" + {extra} seen codes of the hardened mode" if extra else "")
+                                 + f"), got {buckets_shape}")
     if not np.issubdtype(np.asarray(buckets).dtype, np.integer):
       raise errors.BadInputError(f"replay: buckets must be integers, got dtype {buckets.dtype}")
     buckets = np.asarray(buckets)
-    num_buckets = 1 << self._settings.num_hyperplanes
-    if buckets.size and (buckets.min() < 0 or buckets.max() >= num_buckets):
-      raise errors.BadInputError(f"replay: bucket ids must be in [0, {num_buckets}), got "
-                                 f"[{buckets.min()}, {buckets.max()}]")
+    for name, columns, bits in (("bucket ids", buckets[:, :p], self._settings.num_hyperplanes),
+                                ("seen codes", buckets[:, p:], self._settings.fine_code_bits)):
+      if columns.size and (columns.min() < 0 or columns.max() >= 1 << bits):
+        raise errors.BadInputError(f"replay: {name} must be in [0, {1 << bits}), got "
+                                   f"[{columns.min()}, {columns.max()}]")
     users = self._check_users(users_per_row, buckets.shape[0])
     n = len(users)
     if n == 0:
@@ -245,7 +257,7 @@ class DefendedEncoder:
       slots = np.concatenate([slots, np.full((size - n,), -1, np.int32)])
       buckets = _pad_rows(buckets, size)
     try:
-      self._state = step_lib.replay_step(self._settings.num_hyperplanes, self._state,
+      self._state = step_lib.replay_step(self._settings, self._state,
                                          _device(slots, np.int32), _device(buckets, np.int32))
     except Exception:
       self._forget(new_users)
@@ -259,7 +271,13 @@ class DefendedEncoder:
 
   def sigma(self, user: str) -> float:
     """Noise std at the user's current coverage (what a next batch adding no new bucket would get)."""
-    return self._sigma_at(self.coverage(user))
+    slot = self.slot(user)
+    coverage = self.coverage(user)
+    if self._settings.repeat_charge:  # hardened: repeats charged as coverage (hardened.py)
+      coverage = float(hardened.charged_coverage(
+          self._settings, coverage, float(np.asarray(self._state.num_queries)[slot]),
+          float(np.asarray(self._state.fine_counts)[slot, 0])))
+    return self._sigma_at(coverage)
 
   def num_queries(self, user: str) -> int:
     """Representations returned to the user so far."""
@@ -562,7 +580,8 @@ class DefendedEncoder:
     if n == 0:
       return QueryResult(np.zeros((0, self.out_dim), np.float32), np.zeros((0,), np.float32),
                          np.zeros((0,), np.float32),
-                         np.zeros((0, self._settings.num_projections), np.int32), ())
+                         np.zeros((0, self._settings.num_projections
+                                   + hardened.seen_columns(self._settings)), np.int32), ())
     distinct = len(set(users))
     if self._tables.bound is not None and distinct > self._tables.bound:
       raise errors.BadInputError(
@@ -617,7 +636,7 @@ class DefendedEncoder:
         self._fused_serve = _fused_serve_for(self._encoder_fn)
       try:
         return self._fused_serve(self._params, self._state, table, _device(index, np.int32),
-                                 _device(slots, np.int32), _device(images, image_dtype),
+                                 _device(slots, np.int32), self._rows(images, image_dtype),
                                  _encoder_parts(self._encoder_fn)[1])
       except (ValueError, FloatingPointError):
         raise
@@ -628,8 +647,16 @@ class DefendedEncoder:
                                    f"{e}") from e
     if reps is None:
       reps = self._eager_encode(images)
+    descriptors = _image_descriptors(self._settings, _device(images, image_dtype))
     return step_lib.defense_step(self._params, self._state, _device(slots, np.int32), reps, table,
-                                 _device(index, np.int32))
+                                 _device(index, np.int32), descriptors)
+
+  def _rows(self, images, dtype) -> jax.Array:
+    """The images on device: split over the local devices by rows with shard_rows (when they divide)."""
+    sharding = self._row_sharding
+    if sharding is None or images.shape[0] % sharding.mesh.size:
+      return _device(images, dtype)
+    return jax.device_put(np.asarray(images, dtype), sharding)
 
   def _eager_encode(self, images):
     try:
@@ -826,9 +853,20 @@ def _make_fused_serve(encoder_fn):
     n, d = images.shape[0], params.settings.rep_dim
     if tuple(reps.shape) != (n, d):
       raise ValueError(f"encoder_fn returned shape {tuple(reps.shape)}, expected ({n}, {d})")
-    return step_lib.defense_step_impl(params, state, users, reps.astype(jnp.float32), table, index)
+    return step_lib.defense_step_impl(params, state, users, reps.astype(jnp.float32), table, index,
+                                      _image_descriptors(params.settings, images))
 
   return jax.jit(serve, donate_argnums=(1,))
+
+
+def _image_descriptors(settings, images):
+  """The hardened mode's image descriptors (hardened.image_descriptor), None when nothing uses them."""
+  if settings.noise_keying != "per_input" or settings.image_weight <= 0:
+    return None
+  return _descriptor_jit(images, settings.image_grid)
+
+
+_descriptor_jit = jax.jit(hardened.image_descriptor, static_argnums=1)
 
 
 def _is_traceable(encoder_fn, images, dtype) -> bool:

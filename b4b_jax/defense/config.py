@@ -22,7 +22,9 @@ NOISE_KEYINGS = ("per_query", "per_input")
 # Hardening fields (hardened.py), optional in a config so configs and checkpoints written before they
 # existed still load; absent = these defaults = the paper's B4B.
 HARDENING_DEFAULTS = {"noise_keying": "per_query", "fine_code_bits": 16, "fine_codes": 4,
-                      "sigma_level_ratio": 2.0}
+                      "sigma_level_ratio": 2.0, "image_weight": 0.0, "image_grid": 4,
+                      "image_lengthscale": 0.5, "image_features": 256,
+                      "repeat_charge": 0.0}
 MAX_FINE_CODE_BITS = 24  # the per-account set of seen codes is 2^bits bits (16 bits: 8 KiB)
 
 
@@ -64,6 +66,16 @@ def defense_config(preset: str = "simsiam", **overrides) -> ml_collections.Confi
       hash_center when set), so one flipped code changes only 1/fine_codes of the noise variance.
     sigma_level_ratio: per_input only: ratio r > 1 between sigma levels (see docs/defense.md for the
       bound it gives on what differencing answers across levels reveals).
+    image_weight, image_grid, image_lengthscale, image_features: per_input only, image queries only
+      (hardened.image_noise): a share image_weight in [0, 1] of the noise variance is a smooth secret
+      function of the image itself (a Gaussian-process draw per account and sigma level over a
+      flip-invariant image_grid x image_grid grayscale descriptor, random features of an RBF kernel of
+      lengthscale image_lengthscale), so 1-pixel shifts, JPEG re-encodings and small crops/flips get
+      nearly the same noise; 0 (default) = the fine codes alone.
+    repeat_charge: per_input only: every answer whose seen code (all fine codes, hashed) the account
+      had already been answered for (a repeat, or a near-duplicate that got the same noise: no new
+      coverage) is charged as `repeat_charge` newly occupied buckets per projection; sigma comes from min(100, coverage + 100 repeat_charge repeats / 2^K).
+      0 (default) = only flagged (hardened.provider_stats), never charged.
     transform_cache_mib: device memory (MiB) for the per-user matrices of dense_affine and binary (an
       LRU of whole users; 16 MiB per user at D=2048, so the default 512 keeps 31): also the most
       distinct users one call may hold. A resource bound, not a defense setting (results never depend
@@ -191,6 +203,22 @@ def _validate_hardening(config) -> None:
   r = h["sigma_level_ratio"]
   if isinstance(r, bool) or not isinstance(r, (int, float)) or not 1.0 < r < float("inf"):
     raise ValueError(f"defense config: sigma_level_ratio must be a finite number > 1, got {r!r}")
+  w = h["image_weight"]
+  if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+    raise ValueError(f"defense config: image_weight must be a number in [0, 1], got {w!r}")
+  for name, low, high in (("image_grid", 2, 64), ("image_features", 8, 4096)):
+    v = h[name]
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+      raise ValueError(f"defense config: {name} must be an integer in [{low}, {high}], got {v!r}")
+  rc = h["repeat_charge"]
+  if isinstance(rc, bool) or not isinstance(rc, (int, float)) or not 0.0 <= rc < float("inf"):
+    raise ValueError(f"defense config: repeat_charge must be a finite number >= 0, got {rc!r}")
+  if rc > 0 and h["noise_keying"] != "per_input":
+    raise ValueError("defense config: repeat_charge > 0 needs noise_keying='per_input' (only that mode "
+                     "tracks repeats)")
+  ell = h["image_lengthscale"]
+  if isinstance(ell, bool) or not isinstance(ell, (int, float)) or not 0.0 < ell < float("inf"):
+    raise ValueError(f"defense config: image_lengthscale must be a finite number > 0, got {ell!r}")
 
 
 def _is_number_list(value) -> bool:
@@ -239,6 +267,11 @@ class Settings(NamedTuple):
   fine_code_bits: int = 16
   fine_codes: int = 4
   sigma_level_ratio: float = 2.0
+  image_weight: float = 0.0
+  image_grid: int = 4
+  image_lengthscale: float = 0.5
+  image_features: int = 256
+  repeat_charge: float = 0.0
 
 
 def settings(config, rep_dim: int) -> Settings:
@@ -264,4 +297,7 @@ def settings(config, rep_dim: int) -> Settings:
 def _hardening_settings(config) -> dict:
   h = hardening(config)
   return {"noise_keying": str(h["noise_keying"]), "fine_code_bits": int(h["fine_code_bits"]),
-          "fine_codes": int(h["fine_codes"]), "sigma_level_ratio": float(h["sigma_level_ratio"])}
+          "fine_codes": int(h["fine_codes"]), "sigma_level_ratio": float(h["sigma_level_ratio"]),
+          "image_weight": float(h["image_weight"]), "image_grid": int(h["image_grid"]),
+          "image_lengthscale": float(h["image_lengthscale"]),
+          "image_features": int(h["image_features"]), "repeat_charge": float(h["repeat_charge"])}

@@ -26,8 +26,8 @@ the best single answer s0. Reusing one standard-normal vector
 at two sigmas would reveal x exactly (a1 - a2 = (s1 - s2) z); keying the level into the draw prevents it.
 
 Stats (no extra device work per query beyond one bitset update per row):
-  repeats(user) = answers whose first fine code the account had already been answered for (exact
-  repeats and most near-duplicates: they add no coverage); overlap(user) = share of the account's
+  repeats(user) = answers whose hashed fine codes (all T) the account had already been answered for
+  (exact repeats and near-duplicates that got the identical noise: they add no coverage); overlap(user) = share of the account's
   occupied coverage buckets that some other account also occupies (what a sybil mapper needs).
 """
 import jax
@@ -36,6 +36,7 @@ import numpy as np
 
 from b4b_jax.defense import keys as keys_lib
 from b4b_jax.defense import lsh
+from b4b_jax.defense import noise as noise_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _NO_NOISE_LEVEL = -(1 << 30)  # level of sigma == 0 (no draw is used)
@@ -45,7 +46,56 @@ def make_fine_params(settings, center) -> dict:
   """{"fine_projection": (T*b, D), "fine_threshold": (T*b,)} from the "fine" key stream."""
   t, b, d = settings.fine_codes, settings.fine_code_bits, settings.rep_dim
   projection = jax.random.normal(keys_lib.stream_key(settings.seed, "fine"), (t * b, d), jnp.float32)
-  return {"fine_projection": projection, "fine_threshold": lsh.hash_threshold(projection, center)}
+  out = {"fine_projection": projection, "fine_threshold": lsh.hash_threshold(projection, center)}
+  if settings.image_weight > 0:
+    g2, f = settings.image_grid ** 2, settings.image_features
+    k_omega, k_phase = jax.random.split(keys_lib.stream_key(settings.seed, "image"))
+    out["image_omega"] = jax.random.normal(k_omega, (g2, f), jnp.float32) / jnp.float32(
+        settings.image_lengthscale)
+    out["image_phase"] = jax.random.uniform(k_phase, (f,), jnp.float32, 0.0, 2 * np.pi)
+  return out
+
+
+def image_descriptor(images: jax.Array, grid: int) -> jax.Array:
+  """float32 [N, grid*grid]: a flip-invariant, brightness- and contrast-invariant thumbnail of NHWC
+  images (uint8 or float, any per-channel affine normalisation): the channel mean, averaged with its
+  left-right mirror, area-averaged to grid x grid (each cell the mean of the pixel area it covers,
+  fractional pixels weighted), mean removed, unit norm (a flat image gives zeros). Small shifts,
+  re-encodings and crops move it little; distinct photos move it far."""
+  x = images.astype(jnp.float32)
+  gray = jnp.mean(x, axis=-1)
+  gray = 0.5 * (gray + gray[:, :, ::-1])
+  rows, cols = _area_weights(gray.shape[1], grid), _area_weights(gray.shape[2], grid)
+  # Like the encoder's forward pass, these float reductions may round differently (~1e-7 relative) in
+  # batches of other shapes: a mixed batch equals per-user calls up to that rounding, not bit for bit.
+  thumb = jnp.einsum("iy,nyx,jx->nij", rows, gray, cols, precision=_HIGHEST)
+  thumb = thumb.reshape(thumb.shape[0], grid * grid)
+  thumb = thumb - jnp.mean(thumb, axis=1, keepdims=True)
+  norm = jnp.sqrt(jnp.sum(thumb * thumb, axis=1, keepdims=True))
+  return jnp.where(norm > 1e-6, thumb / jnp.maximum(norm, 1e-6), 0.0)
+
+
+def _area_weights(size: int, grid: int) -> np.ndarray:
+  """float32 [grid, size]: row i averages pixels over [i size/grid, (i+1) size/grid) by overlap."""
+  edges = np.arange(grid + 1) * size / grid
+  lo, hi = np.arange(size)[None, :], np.arange(1, size + 1)[None, :]
+  overlap = np.clip(np.minimum(hi, edges[1:, None]) - np.maximum(lo, edges[:-1, None]), 0, None)
+  return (overlap * grid / size).astype(np.float32)
+
+
+def image_noise(params, uids: jax.Array, level: jax.Array, descriptors: jax.Array, dim: int):
+  """float32 [N, dim]: per row z = W^T u, u = phi(descriptor) / |phi| (random Fourier features of an
+  RBF kernel, unit norm), W [F, dim] i.i.d. N(0, 1) keyed by (account, sigma level) only. Given u, z is
+  exactly N(0, I); two inputs' draws have correlation u.u' ~ exp(-|d - d'|^2 / (2 lengthscale^2)):
+  near-duplicates share almost all of it, distinct images almost none."""
+  s = params.settings
+  feats = jnp.cos(jax.lax.dot_general(descriptors.astype(jnp.float32), params.image_omega,
+                                      (((1,), (0,)), ((), ())), precision=_HIGHEST) + params.image_phase)
+  feats = feats / jnp.sqrt(jnp.sum(feats * feats, axis=1, keepdims=True))
+  stream = keys_lib.stream_key(s.seed, "image_noise")
+  keys = jax.vmap(lambda uid, lvl: jax.random.fold_in(keys_lib.user_key(stream, uid), lvl))(uids, level)
+  weights = noise_lib.standard_normal(keys, s.image_features * dim).reshape(-1, s.image_features, dim)
+  return jnp.einsum("nf,nfd->nd", feats, weights, precision=_HIGHEST)
 
 
 def fine_codes(params, reps: jax.Array) -> jax.Array:
@@ -70,10 +120,13 @@ def sigma_level(sigma: jax.Array, ratio: float):
   return jnp.where(positive, level.astype(jnp.int32), _NO_NOISE_LEVEL), applied.astype(jnp.float32)
 
 
-def input_keyed_noise(params, uids: jax.Array, sigma: jax.Array, reps: jax.Array):
+def input_keyed_noise(params, uids: jax.Array, sigma: jax.Array, reps: jax.Array,
+                      descriptors=None):
   """Noise for per_input keying.
 
-  Args: uids uint32 [N, 2] per row; sigma float32 [N] from the cost; reps float32 [N, D] clean.
+  Args: uids uint32 [N, 2] per row; sigma float32 [N] from the cost; reps float32 [N, D] clean;
+  descriptors: float32 [N, G*G] image_descriptor of the queried images (image queries with
+  image_weight > 0), or None: the fine codes alone.
   Returns: (applied sigma [N], standard-normal noise [N, D], per-row keys [N] for other per-answer
   draws such as debinarize, keyed like the noise so they do not average away either).
   """
@@ -83,25 +136,71 @@ def input_keyed_noise(params, uids: jax.Array, sigma: jax.Array, reps: jax.Array
   stream = keys_lib.stream_key(s.seed, "input_noise")
   d = reps.shape[1]
 
-  def row(uid, lvl, row_codes):
+  def row_keys_of(uid, lvl, row_codes):
     base = jax.random.fold_in(keys_lib.user_key(stream, uid), lvl)
-    code_keys = jax.vmap(lambda t, c: jax.random.fold_in(jax.random.fold_in(base, t), c))(
+    return jax.vmap(lambda t, c: jax.random.fold_in(jax.random.fold_in(base, t), c))(
         jnp.arange(s.fine_codes, dtype=jnp.int32), row_codes)
-    draws = jax.vmap(lambda k: jax.random.normal(k, (d,), jnp.float32))(code_keys)
-    return jnp.sum(draws, axis=0) * jnp.float32(1.0 / np.sqrt(s.fine_codes)), jax.random.fold_in(
-        code_keys[0], 1)
 
-  noise, row_keys = jax.vmap(row)(uids, level, codes)
+  code_keys = jax.vmap(row_keys_of)(uids, level, codes)  # [N, T] typed keys
+  n = reps.shape[0]
+  # The project's generator (noise.py, as the paper's keying uses), one row of D values per (row, code)
+  # key: each draw is a pure function of its key, so the (account, level, code) keying holds.
+  draws = noise_lib.standard_normal(code_keys.reshape(n * s.fine_codes), d).reshape(n, s.fine_codes, d)
+  noise = jnp.sum(draws, axis=1) * jnp.float32(1.0 / np.sqrt(s.fine_codes))
+  if descriptors is not None and s.image_weight > 0:  # independent parts: still exactly N(0, I)
+    noise = (jnp.float32(np.sqrt(1.0 - s.image_weight)) * noise + jnp.float32(np.sqrt(s.image_weight))
+             * image_noise(params, uids, level, descriptors, d))
+  row_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(code_keys[:, 0])
   return applied, noise, row_keys
 
 
-def count_seen_codes(params, state, users_w: jax.Array, reps: jax.Array):
-  """State with every written row's first fine code marked as seen by its user (rows with users_w
-  outside [0, U) are not written); repeats are num_queries - fine_counts."""
-  codes = fine_codes(params, reps)[:, :1]
+def seen_columns(settings) -> int:
+  """How many int32 columns the hardened mode appends to a call's charge codes (info["buckets"],
+  QueryResult.buckets) after the P LSH buckets: what a journal must keep so that replay writes the
+  seen-code state exactly as the live call did. 0 for the paper's keying."""
+  return 1 if settings.noise_keying == "per_input" else 0
+
+
+def seen_codes(params, reps: jax.Array) -> jax.Array:
+  """int32 [N, seen_columns] the per-row code `mark_seen` records: all T fine codes hashed into
+  fine_code_bits bits, so two inputs count as the same only when every fine code agrees (the noise is
+  then identical) or by a 2^-b hash chance. (The first code alone is an LSH bucket: on narrow data
+  distinct inputs share it often, and charging repeats would charge those users for nothing.)"""
+  s = params.settings
+  codes = fine_codes(params, reps).astype(jnp.uint32)
+  h = jnp.zeros(codes.shape[:1], jnp.uint32)
+  for t in range(s.fine_codes):  # a keyless mix: the codes themselves are secret (secret hyperplanes)
+    h = _mix32(h ^ (codes[:, t] + jnp.uint32((0x9E3779B9 * (t + 1)) & 0xFFFFFFFF)))
+  return (h >> jnp.uint32(32 - s.fine_code_bits)).astype(jnp.int32)[:, None]
+
+
+def _mix32(x):
+  """A 32-bit bijection with good avalanche (xorshift-multiply, the lowbias32 constants)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def mark_seen(settings, state, users_w: jax.Array, codes: jax.Array):
+  """State with every written row's seen code(s) [N, seen_columns] marked as seen by its user (rows
+  with users_w outside [0, U) are not written); repeats are num_queries - fine_counts. The live step
+  and journal replay both call this (through step.charge), so they write bit-identical state."""
   occupancy, counts = lsh.add_buckets(state.fine_occupancy, state.fine_counts, users_w, codes,
-                                      params.settings.fine_code_bits)
+                                      settings.fine_code_bits)
   return state.replace(fine_occupancy=occupancy, fine_counts=counts)
+
+
+def charged_coverage(settings, coverage, num_queries, fine_counts):
+  """Coverage (percent) the cost sees with repeat_charge: min(100, coverage + 100 repeat_charge
+  repeats / 2^K), repeats = num_queries - distinct seen codes (hashed fine codes). Works on jax and numpy arrays."""
+  if not settings.repeat_charge:
+    return coverage
+  xp = jnp if isinstance(coverage, jax.Array) else np
+  repeats = num_queries - fine_counts
+  extra = 100.0 * settings.repeat_charge * repeats / float(1 << settings.num_hyperplanes)
+  return xp.minimum(100.0, coverage + extra)
 
 
 def bucket_overlap(occupancy) -> np.ndarray:

@@ -15,7 +15,8 @@ import numpy as np
 
 from b4b_jax.defense import errors
 
-_STREAMS = {"lsh": 0, "transform": 1, "noise": 2, "fine": 3, "input_noise": 4}
+_STREAMS = {"lsh": 0, "transform": 1, "noise": 2, "fine": 3, "input_noise": 4, "image": 5,
+            "image_noise": 6}
 
 
 def master_key(seed: int) -> jax.Array:

@@ -8,7 +8,7 @@ State layout for capacity U, P projections, K hyperplanes (W = max(1, 2^K / 32) 
   uids         uint32 [U, 2]     64-bit user id (sha256 of the account name) per slot
 At P=20, K=12: 10240 + 80 + 4 + 4 + 8 = 10336 bytes per user.
 Only with noise_keying="per_input" (hardened.py; None otherwise, so the paper's state is unchanged):
-  fine_occupancy uint32 [U, 1, W'] the fine input codes (first code) this user was answered for
+  fine_occupancy uint32 [U, 1, W'] the seen codes (all fine codes hashed to b bits) this user was answered for
   fine_counts    int32  [U, 1]     how many distinct ones (repeats = num_queries - fine_counts)
 """
 import functools
@@ -35,6 +35,8 @@ class DefenseParams:
   settings: config_lib.Settings = flax.struct.field(pytree_node=False)
   fine_projection: Optional[jax.Array] = None  # per_input only: (T*b, D) fine-code hyperplanes
   fine_threshold: Optional[jax.Array] = None  # per_input only: (T*b,) hash_center @ fine hyperplanes
+  image_omega: Optional[jax.Array] = None  # per_input, image_weight > 0: (G*G, F) random frequencies
+  image_phase: Optional[jax.Array] = None  # per_input, image_weight > 0: (F,) random phases
 
 
 @flax.struct.dataclass

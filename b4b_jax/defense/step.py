@@ -1,7 +1,7 @@
 """The jitted defense step: count coverage, pick sigma, add noise, apply each user's transform.
 
   defense_step(params, state, user_index_per_row, reps) -> (state, returned, info)
-  replay_step(num_hyperplanes, state, user_index_per_row, buckets) -> state   (journal replay)
+  replay_step(settings, state, user_index_per_row, codes) -> state   (journal replay)
 
 One call serves a batch whose rows may belong to different users (row n belongs to slot
 user_index_per_row[n]; rows with an index outside [0, capacity) are ignored: no state change, zeros
@@ -42,16 +42,21 @@ from b4b_jax.defense import transforms
 from b4b_jax.defense.state import DefenseParams, DefenseState
 
 
-def charge(state: DefenseState, users_w: jax.Array, buckets: jax.Array, num_hyperplanes: int):
-  """Everything a call writes to the state: rows' buckets and the users' query and batch counters.
+def charge(state: DefenseState, users_w: jax.Array, codes: jax.Array, settings):
+  """Everything a call writes to the state: rows' buckets, the hardened mode's seen codes, and the
+  users' query and batch counters.
 
   users_w: int32 [N] slot per row, `capacity` (or any out-of-range value) for rows that write nothing.
+  codes: int32 [N, P + E] the call's charge codes: the P LSH buckets, then the E =
+  hardened.seen_columns(settings) seen codes (E = 0 with the paper's keying), i.e. info["buckets"].
   Returns (new state, rank [N] of each row among its user's rows in this call, in row order). Shared by
-  the step and by `replay_step`, so replaying a call's buckets advances exactly what the call did.
+  the step and by `replay_step`, so replaying a call's codes advances exactly what the call did.
   """
+  p = settings.num_projections
+  buckets = codes[:, :p]
   n = buckets.shape[0]
   occupancy, counts = lsh.add_buckets(state.occupancy, state.counts, users_w, buckets,
-                                      num_hyperplanes)
+                                      settings.num_hyperplanes)
   # Rank of each row among its user's rows in this call (stable: row order), and the batch counters.
   order = jnp.argsort(users_w, stable=True)
   sorted_users = users_w[order]
@@ -62,24 +67,30 @@ def charge(state: DefenseState, users_w: jax.Array, buckets: jax.Array, num_hype
   num_batches = state.num_batches.at[sorted_users].add(first.astype(jnp.int32), mode="drop")
   num_queries = state.num_queries.at[users_w].add(1, mode="drop")
   # replace, not a new DefenseState: the hardened mode's fields (fine_occupancy, ...) pass through.
-  return state.replace(occupancy=occupancy, counts=counts, num_batches=num_batches,
-                       num_queries=num_queries), rank
+  state = state.replace(occupancy=occupancy, counts=counts, num_batches=num_batches,
+                        num_queries=num_queries)
+  if hardened.seen_columns(settings):
+    state = hardened.mark_seen(settings, state, users_w, codes[:, p:])
+  return state, rank
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def replay_step(num_hyperplanes: int, state: DefenseState, user_index_per_row: jax.Array,
-                buckets: jax.Array) -> DefenseState:
-  """The state after a call whose rows (slot per row; out-of-range slots ignored) had `buckets`
-  [N, P] int32: bit-identical to what `defense_step` wrote for those rows. State donated."""
+def replay_step(settings, state: DefenseState, user_index_per_row: jax.Array,
+                codes: jax.Array) -> DefenseState:
+  """The state after a call whose rows (slot per row; out-of-range slots ignored) had charge codes
+  `codes` [N, P + E] int32 (info["buckets"] of that call): bit-identical to what `defense_step` wrote
+  for those rows, the hardened mode's seen codes included. settings: the defense's Settings (static).
+  State donated."""
   num_users = state.occupancy.shape[0]
   users = user_index_per_row.astype(jnp.int32)
   users_w = jnp.where((users >= 0) & (users < num_users), users, num_users)
-  return charge(state, users_w, buckets.astype(jnp.int32), num_hyperplanes)[0]
+  return charge(state, users_w, codes.astype(jnp.int32), settings)[0]
 
 
 def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per_row: jax.Array,
                       reps: jax.Array, transform_table: Optional[dict] = None,
-                      transform_index_per_row: Optional[jax.Array] = None):
+                      transform_index_per_row: Optional[jax.Array] = None,
+                      image_descriptors: Optional[jax.Array] = None):
   """Un-jitted body of `defense_step` (for fusing into a bigger jitted function, e.g. with an encoder).
 
   Args:
@@ -91,10 +102,13 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
       derived here from state.uids for all U slots (fine for O(D) transforms and few users; the
       DefendedEncoder caches tables instead).
     transform_index_per_row: int [N] entry of transform_table per row; defaults to the user index.
+    image_descriptors: float [N, G*G] hardened.image_descriptor of the queried images, or None (the
+      hardened mode's image-keyed noise needs them; every other mode ignores them).
   Returns:
     (new state, returned [N, out_dim] float32, info) with info = {"coverage": [N] float32 percent,
     after this batch; "sigma": [N] float32 noise std applied; "all_finite": bool scalar; "buckets":
-    [N, P] int32 LSH bucket ids the row charged (what `replay_step` needs to repeat the call)}.
+    [N, P + E] int32 charge codes: the LSH bucket ids the row charged, then (hardened mode only,
+    E = hardened.seen_columns) the codes it marked seen; what `replay_step` needs to repeat the call}.
   """
   s = params.settings
   num_users = state.occupancy.shape[0]
@@ -114,10 +128,10 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
   buckets = lsh.bucket_ids(reps, params.projection, s.num_hyperplanes,
                            params.threshold if s.centered else None)
   coverage_before = lsh.coverage_percent(state.counts[slot], s.num_hyperplanes)
-  new_state, rank = charge(state, users_w, buckets, s.num_hyperplanes)
+  if hardened.seen_columns(s):  # the charge codes a journal keeps: buckets, then the seen codes
+    buckets = jnp.concatenate([buckets, hardened.seen_codes(params, reps)], axis=1)
+  new_state, rank = charge(state, users_w, buckets, s)
   coverage_after = lsh.coverage_percent(new_state.counts[slot], s.num_hyperplanes)
-  if s.noise_keying == "per_input":
-    new_state = hardened.count_seen_codes(params, new_state, users_w, reps)
 
   zeros = jnp.zeros((n,), jnp.float32)
   if not s.enabled:
@@ -131,6 +145,10 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
     sigma = jnp.full((n,), s.static_sigma, jnp.float32)
   else:
     used = coverage_after if s.sigma_from == "after" else coverage_before
+    if s.repeat_charge:  # hardened: repeats/near-duplicates charged as new buckets (hardened.py)
+      counted = new_state if s.sigma_from == "after" else state
+      used = hardened.charged_coverage(s, used, counted.num_queries[slot],
+                                       counted.fine_counts[slot, 0])
     sigma = cost.noise_std(used, s.lam, s.alpha, s.beta)
   sigma = jnp.where(valid, sigma, 0.0)
 
@@ -142,7 +160,7 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
     return jax.random.fold_in(jax.random.fold_in(keys_lib.user_key(params.noise_key, uid), c), r)
 
   if s.noise_keying == "per_input":
-    sigma, noise, row_keys = hardened.input_keyed_noise(params, uids, sigma, reps)
+    sigma, noise, row_keys = hardened.input_keyed_noise(params, uids, sigma, reps, image_descriptors)
     sigma = jnp.where(valid, sigma, 0.0)
   else:
     row_keys = jax.vmap(row_key)(uids, counter, rank)
@@ -170,7 +188,8 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
 @functools.partial(jax.jit, donate_argnames=("state",))
 def defense_step(params: DefenseParams, state: DefenseState, user_index_per_row: jax.Array,
                  reps: jax.Array, transform_table: Optional[dict] = None,
-                 transform_index_per_row: Optional[jax.Array] = None):
+                 transform_index_per_row: Optional[jax.Array] = None,
+                 image_descriptors: Optional[jax.Array] = None):
   """Jitted `defense_step_impl` (see there) with `state` donated -> (state, returned, info)."""
   return defense_step_impl(params, state, user_index_per_row, reps, transform_table,
-                           transform_index_per_row)
+                           transform_index_per_row, image_descriptors)

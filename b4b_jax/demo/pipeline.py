@@ -16,6 +16,7 @@ from b4b_jax.evaluation import least_squares
 from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import linear_probe
 from b4b_jax.evaluation import remap as remap_lib
+from b4b_jax.utils import distributed
 from b4b_jax.utils import progress as progress_lib
 from configs import steal_simsiam
 
@@ -69,7 +70,9 @@ def train_victim(config, data, workdir: str, writer) -> dict:
   manifest = {"preprocessing": pre,
               "source": {"kind": "SimSiam victim trained by the demo", "data": "digits train + "
                          f"{len(data['photos_train'])} sklearn photo crops", "epochs": int(vc.epochs)}}
-  models_lib.save_encoder(os.path.join(workdir, VICTIM_DIR), backbone, manifest, overwrite=True)
+  distributed.written_by_process_zero(  # multi-host: one writer, then every process loads it
+      lambda: models_lib.save_encoder(os.path.join(workdir, VICTIM_DIR), backbone, manifest,
+                                      overwrite=True), "demo victim written")
   # Collapse check on the held-out photo crops, through the saved encoder as every later stage sees it.
   stats = victim_lib.collapse_stats(embed(models_lib.load_encoder(os.path.join(workdir, VICTIM_DIR)),
                                           data["photos_test"]))
@@ -125,19 +128,22 @@ def defended_config(config, calib: dict):
 
 
 # ------------------------------------------------------------------------------------------ legit users
-def legit_users(config, victim, data, defense_cfg) -> dict:
+def legit_users(config, victim, data, defense_cfg, api=None) -> dict:
   """The digits user through the undefended victim and through B4B (images sent to the API), and
-  paired bootstrap samples of its top-1 drop (test images and probe seeds resampled)."""
+  paired bootstrap samples of its top-1 drop (test images and probe seeds resampled). api: a B4B API
+  taking uint8 images (the served one with served=1; else a DefendedEncoder on normalised images)."""
   norm = normalizer(victim)
   probe_cfg = config.probe
   clean_train, clean_test = embed(victim, data["digits_train"]), embed(victim, data["digits_test"])
   y_train, y_test = data["digits_train_y"], data["digits_test_y"]
   none = legit_lib.legit_user(clean_train, y_train, clean_test, y_test, defense_config=None,
                               probe_cfg=probe_cfg, return_responses=True)
+  images = (data["digits_train"], data["digits_test"]) if api is not None else (
+      norm(data["digits_train"]), norm(data["digits_test"]))
   b4b = legit_lib.legit_user(
-      norm(data["digits_train"]), y_train, norm(data["digits_test"]), y_test,
+      images[0], y_train, images[1], y_test,
       defense_config=defense_cfg, probe_cfg=probe_cfg, through_images=True,
-      encoder_fn=victim, rep_dim=victim.rep_dim,
+      encoder_fn=victim, rep_dim=victim.rep_dim, api=api,
       query_batch_size=int(config.query_batch_size), user="legit-digits", return_responses=True)
   # Per seed and test image: right or wrong (the probe is deterministic, so refitting it on the same
   # responses gives the classifiers behind the numbers above).
@@ -158,8 +164,9 @@ def _strip(result: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ attacks
-def steal_config(config, workdir: str, *, defended: bool, accounts: int, defense_cfg):
-  """The stealing job's config (configs/steal_simsiam.py) pointed at the demo's victim and photos."""
+def steal_config(config, workdir: str, *, defended: bool, accounts: int, defense_cfg, served=None):
+  """The stealing job's config (configs/steal_simsiam.py) pointed at the demo's victim and photos
+  (served: a served.Served whose API URL the thief queries instead of an in-process API)."""
   ac = config.attack
   c = steal_simsiam.get_config("tiny")
   c.seed = int(config.seed)
@@ -173,6 +180,8 @@ def steal_config(config, workdir: str, *, defended: bool, accounts: int, defense
   c.eval.view_transform = {"mode": "resize", "size": int(config.image_size)}
   c.defense = defense_cfg if defended else defense_lib.defense_config("none")
   c.attack.protocol = "query_once"  # the demo's thief: each crop sent once (charged), E epochs on them
+  if served is not None:
+    c.victim.api_url, c.victim.api_admin_token_file = served.url, served.token_file
   c.attack.num_queries = int(ac.num_queries)
   c.attack.num_accounts = int(accounts)
   c.attack.num_queries_mapping = int(ac.num_queries_mapping)
@@ -259,10 +268,10 @@ def probes(config, victim, data, attack_dirs: Dict[str, str], workdir: str) -> d
 
 def random_baseline(config, data, probe_cfg, victim_reps, workdir: str) -> dict:
   """A randomly initialised network of the stolen architecture: what stealing must beat."""
-  directory = models_lib.save_random_encoder(
-      os.path.join(workdir, "random_encoder"), str(config.attack.stolen_arch),
-      image_size=int(config.image_size), seed=int(config.seed) + 7,
-      source={"kind": "random init baseline"})
+  directory = os.path.join(workdir, "random_encoder")
+  distributed.written_by_process_zero(lambda: models_lib.save_random_encoder(
+      directory, str(config.attack.stolen_arch), image_size=int(config.image_size),
+      seed=int(config.seed) + 7, source={"kind": "random init baseline"}), "demo random encoder")
   return probe_encoder(models_lib.load_encoder(directory), data, probe_cfg, victim_reps)
 
 

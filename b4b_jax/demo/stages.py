@@ -1,11 +1,15 @@
 """Resumable stages: each stage's result is a JSON file written atomically when the stage ends, so a
-re-run with the same workdir skips finished stages and redoes at most the one that was interrupted."""
+re-run with the same workdir skips finished stages and redoes at most the one that was interrupted.
+
+Multi-host: every process runs every stage (same result), process 0 alone writes the markers, and all
+processes follow process 0's view of which stages are done."""
 import os
 import time
 from typing import Any, Callable, Dict
 
 from absl import logging
 
+from b4b_jax.utils import distributed
 from b4b_jax.utils import files
 from b4b_jax.utils import progress as progress_lib
 
@@ -21,7 +25,8 @@ class StageRunner:
     self.seconds: Dict[str, float] = {}
     self._progress = progress_lib.Progress("demo", len(self.names), unit="stage", every_seconds=0,
                                            print_fn=print_fn)
-    os.makedirs(os.path.join(workdir, STAGES_DIR), exist_ok=True)
+    if distributed.is_writer():
+      os.makedirs(os.path.join(workdir, STAGES_DIR), exist_ok=True)
 
   def path(self, name: str) -> str:
     return os.path.join(self.workdir, STAGES_DIR, f"{name}.json")
@@ -30,7 +35,7 @@ class StageRunner:
     """Returns the stage's stored result, computing (and storing) it first if the stage has not run."""
     index = self.names.index(name) + 1
     path = self.path(name)
-    if os.path.exists(path):
+    if distributed.agree(os.path.exists(path)):
       stored = files.read_json(path)
       self.results[name] = stored["result"]
       self.seconds[name] = stored["seconds"]
@@ -41,7 +46,10 @@ class StageRunner:
       t0 = time.time()
       result = fn()
       self.seconds[name] = time.time() - t0
-      files.atomic_write_json(path, {"result": result, "seconds": self.seconds[name]})
-      self.results[name] = files.read_json(path)["result"]  # the JSON form, as a resumed run sees it
+      record = {"result": result, "seconds": self.seconds[name]}
+      if distributed.is_writer():
+        files.atomic_write_json(path, record)
+      # The JSON form, as a resumed run sees it.
+      self.results[name] = files.json_form(record)["result"]
     self._progress.update(index, force=True, last=name)
     return self.results[name]

@@ -57,7 +57,9 @@ def _random_encoder(arch: str, *, workdir: Optional[str], seed: int):
   if workdir is None:
     raise ValueError("a random:<arch> encoder needs a workdir to be saved into")
   directory = os.path.join(workdir, f"random_encoder_{arch}_{size}_seed{seed}")
-  models.save_random_encoder(directory, arch, image_size=size, seed=seed, small_input=size <= 64)
+  distributed.written_by_process_zero(  # multi-host: one writer, then every process loads it
+      lambda: models.save_random_encoder(directory, arch, image_size=size, seed=seed,
+                                         small_input=size <= 64), f"random encoder {directory}")
   return models.load_encoder(directory)
 
 
@@ -205,13 +207,13 @@ def embed_images(encoder, images: np.ndarray, *, batch_size: int = 256, params=N
 
 
 def local_examples(dataset: str, split: str, *, transform, data_dir=None, limit: Optional[int] = None,
-                   seed: int = 0, shuffle_files: bool = False):
+                   seed: int = 0, shuffle_files: bool = False, epoch: int = 0):
   """This process's share of a split as a tf.data.Dataset of (global index, transformed uint8 image,
   label), and the files it reads (None for non-folder sources).
 
   Class folders: the process's contiguous share of the (first `limit`) files, read only by it. Other
   sources (TFDS, bundled: small sets): every process_count-th example of the stream. Example i draws its
-  randomness from example_seed(seed, 0, i), as `batches_of`, whichever process embeds it.
+  randomness from example_seed(seed, epoch, i) (epoch 0: as `batches_of`), whichever process embeds it.
   """
   tf = data_lib.preprocess.tf
   pi, pc = jax.process_index(), jax.process_count()
@@ -237,7 +239,7 @@ def local_examples(dataset: str, split: str, *, transform, data_dir=None, limit:
       ds = ds.filter(lambda i, image, label: i % pc == pi)
 
   def prepare(i, image, label):
-    seed_i = data_lib.example_seed(seed, 0, i) if transform.is_random else None
+    seed_i = data_lib.example_seed(seed, epoch, i) if transform.is_random else None
     return i, transform(image, seed_i), tf.cast(label, tf.int32)
 
   return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), paths
@@ -251,16 +253,16 @@ def _check_limit(limit) -> int:
 
 def embed_split(encoder, dataset: str, split: str, *, transform, batch_size: int = 256,
                 data_dir=None, limit: Optional[int] = None, seed: int = 0, shuffle_files: bool = False,
-                progress: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+                progress: Optional[str] = None, epoch: int = 0) -> Tuple[np.ndarray, np.ndarray]:
   """Representations [N, D] float32 and labels [N] int32 of one split; `progress` names a progress
-  line ("embed/<name>") reporting images done.
+  line ("embed/<name>") reporting images done; `epoch` selects the random views of a random transform.
 
   Streams: host memory holds the pipeline's buffers and the representations, never the images. Each
   process embeds its share (`local_examples`) data-parallel on its local devices; the shares are
   gathered, so every process returns the whole split in order.
   """
   ds, paths = local_examples(dataset, split, transform=transform, data_dir=data_dir, limit=limit,
-                             seed=seed, shuffle_files=shuffle_files)
+                             seed=seed, shuffle_files=shuffle_files, epoch=epoch)
   prog = progress_lib.Progress(f"embed/{progress}", num_examples(ds), unit="image") if progress else None
   ds = ds.batch(batch_size).prefetch(2)
   ids, reps, labels = [], [], []
@@ -284,7 +286,10 @@ def embed_split(encoder, dataset: str, split: str, *, transform, batch_size: int
 
 
 def save_npz(path: str, *, meta: Optional[dict] = None, **arrays) -> str:
-  """Writes arrays (+ a JSON meta string) to `path` atomically."""
+  """Writes arrays (+ a JSON meta string) to `path` atomically; on process 0 only (multi-host runs:
+  every process holds the same arrays, one writes)."""
+  if not distributed.is_writer():
+    return path
   buf = io.BytesIO()
   np.savez(buf, **arrays, meta=np.asarray(json.dumps(meta or {}, sort_keys=True, default=str)))
   files.atomic_write_bytes(path, buf.getvalue())
@@ -378,7 +383,8 @@ class EmbeddingSource:
       if os.path.exists(given):
         return load_npz(given)
     path = self.cache_path(dataset)
-    if os.path.exists(path):
+    # Every process takes process 0's branch: embedding is collective (the shares are gathered).
+    if distributed.agree(os.path.exists(path)):
       return load_npz(path)
     out = embed_dataset(self.encoder, dataset, train_split=self.source.train_split,
                         test_split=self.source.test_split, data_dir=self.source.data_dir,

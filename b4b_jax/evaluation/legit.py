@@ -92,12 +92,15 @@ def _received(probe, train_trace, test_trace, received, return_responses: bool) 
 def legit_user(train, train_y, test, test_y, *, defense_config, probe_cfg, query_batch_size: int = 256,
                through_images: bool = False, encoder_fn=None, rep_dim: Optional[int] = None,
                user: str = "legit", return_responses: bool = False, rep_scale: float = 1.0,
-               on_batch: Optional[Callable[[int, int], None]] = None) -> dict:
+               on_batch: Optional[Callable[[int, int], None]] = None, api=None) -> dict:
   """One legit user of one API config; returns the probe summary and the account's coverage/sigma.
 
   train/test are clean representations (through_images=False) or encoder-ready images with the
   encoder (`encoder_fn`, a models.Encoder) and `rep_dim` (through_images=True). defense_config None =
   undefended victim. rep_scale: the API serves representations x rep_scale (module docstring).
+  api: an API already built (through_images=True: it takes the images as given, e.g. uint8 for
+  DefendedEncoder.from_encoder or the served b4b_jax.serve.client.RemoteDefendedEncoder) instead of one
+  built here from encoder_fn; it serves at its own scale (rep_scale must stay 1).
   """
   rep_scale = check_rep_scale(rep_scale)
   if not through_images and rep_scale != 1.0:
@@ -115,7 +118,11 @@ def legit_user(train, train_y, test, test_y, *, defense_config, probe_cfg, query
     if return_responses:
       result["responses"] = received
     return result
-  if through_images:
+  if api is not None:
+    if not through_images or rep_scale != 1.0:
+      raise ValueError("api= sends images at the API's own scale: pass through_images=True and no "
+                       "rep_scale")
+  elif through_images:
     if encoder_fn is None or rep_dim is None:
       raise ValueError("through_images=True needs encoder_fn and rep_dim")
     api = defense.DefendedEncoder(scaled_encoder(encoder_fn, rep_scale), defense_config, int(rep_dim),

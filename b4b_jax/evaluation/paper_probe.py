@@ -101,21 +101,9 @@ def embed_view(encoder, dataset: str, split: str, transform, *, seed: int, epoch
                batch_size: int, data_dir=None, limit=None):
   """Features [N, D] and labels [N] of one pass over a split; example i of a random transform draws
   from example_seed(seed, epoch, i), so every epoch has its own views and a rerun the same ones."""
-  tf = data_lib.preprocess.tf
-  ds = embeddings_lib.split_dataset(dataset, split, data_dir=data_dir, limit=limit, seed=seed)
-
-  def prepare(i, ex):
-    s = data_lib.example_seed(seed, epoch, i) if transform.is_random else None
-    return transform(ex["image"], s), ex["label"]
-
-  ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  feats, labels = [], []
-  for images, y in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
-    feats.append(embeddings_lib.embed_images(encoder, images, batch_size=batch_size))
-    labels.append(y.astype(np.int32))
-  if not feats:
-    raise ValueError(f"dataset {dataset!r} split {split!r} is empty")
-  return np.concatenate(feats), np.concatenate(labels)
+  # Streamed; each process embeds its share on its devices (embeddings.embed_split).
+  return embeddings_lib.embed_split(encoder, dataset, split, transform=transform, batch_size=batch_size,
+                                    data_dir=data_dir, limit=limit, seed=seed, epoch=epoch)
 
 
 # ---------------------------------------------------------------- the head's optimisation (pure)

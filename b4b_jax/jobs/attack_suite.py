@@ -17,10 +17,16 @@ from b4b_jax.defense import hardened
 from b4b_jax.evaluation import embeddings
 from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import report as report_lib
+from b4b_jax.utils import distributed
 from b4b_jax.utils import files
 from b4b_jax.utils import metrics as metrics_lib
 
-DEFENSES = ("paper", "hardened")
+DEFENSES = ("paper", "hardened")  # always run; "charged" (hardened + repeat_charge) when configured
+
+
+def defenses(config) -> tuple:
+  charge = float(config.get("repeat_charge", 0.0) or 0.0)
+  return DEFENSES + (("charged",) if charge > 0 else ())
 
 
 def validate_config(config) -> None:
@@ -55,8 +61,9 @@ def run(config, workdir: str) -> dict:
   writer.close()
   results = {"config": config.to_dict(), "encoder": config.encoder, "input_size": size,
              "seeds": per_seed, "summary": summarise(per_seed)}
-  files.atomic_write_json(os.path.join(workdir, "results.json"), results)
-  files.atomic_write_text(os.path.join(workdir, "report.md"), render_report(results))
+  if distributed.is_writer():  # multi-host: every process computed the same results; one writes
+    files.atomic_write_json(os.path.join(workdir, "results.json"), results)
+    files.atomic_write_text(os.path.join(workdir, "report.md"), render_report(results))
   plot(results, os.path.join(workdir, "error_ratio_vs_n.png"))
   return results
 
@@ -95,8 +102,8 @@ def run_seed(config, encoder, to_input, size: int, seed: int) -> dict:
                                 probe_cfg=config.probe)
     out["legit"]["none"] = _legit_row(none)
 
-  for name in DEFENSES:
-    cfg = defense_config(config, calib, seed, hardened_mode=name == "hardened")
+  for name in defenses(config):
+    cfg = defense_config(config, calib, seed, mode=name)
     api = defense_lib.DefendedEncoder(fn, cfg, encoder.rep_dim, capacity=16)
     ratio = float(cfg.sigma_level_ratio)
     attacks = {}
@@ -118,21 +125,23 @@ def run_seed(config, encoder, to_input, size: int, seed: int) -> dict:
                                        seed)
     out["provider"][name] = hardened.provider_stats(api)
     if config.legit:
-      row = legit_lib.legit_user(legit_reps[0], train_y, legit_reps[1], test_y, defense_config=cfg,
-                                 probe_cfg=config.probe, query_batch_size=bs)
+      # Through images (api.query), so the hardened mode's image-keyed noise applies as it does for
+      # the thieves (the representation path would key by the fine codes alone).
+      row = legit_lib.legit_user_images(encoder, cfg, [(train_x, train_y)], [(test_x, test_y)],
+                                        probe_cfg=config.probe, query_batch_size=bs)
       out["legit"][name] = _legit_row(row)
       # The cost leaves this narrow user almost noise free; these rows ask what the hardened keying
       # costs a legit user when there is noise: a constant sigma near m x per-dim std, snapped to a
       # power of sigma_level_ratio so both defenses apply exactly the same sigma and only the keying
       # differs (the rounding up costs at most a factor r more, on top; see docs/defense.md).
       for m in config.legit_static_sigmas:
-        static = defense_config(config, calib, seed, hardened_mode=name == "hardened")
+        static = defense_config(config, calib, seed, mode=name)
         r = float(config.hardened.sigma_level_ratio)
         with static.unlocked():
           static.static_sigma = float(r ** np.round(np.log(float(m) * calib["per_dim_std"]) / np.log(r)))
         defense_lib.validate_config(static)
-        row = legit_lib.legit_user(legit_reps[0], train_y, legit_reps[1], test_y,
-                                   defense_config=static, probe_cfg=config.probe, query_batch_size=bs)
+        row = legit_lib.legit_user_images(encoder, static, [(train_x, train_y)], [(test_x, test_y)],
+                                          probe_cfg=config.probe, query_batch_size=bs)
         out["legit"][f"{name} sigma={float(m):g}std"] = _legit_row(row)
   return out
 
@@ -178,9 +187,13 @@ def calibrate(config, server_reps: np.ndarray, seed: int) -> dict:
           "per_dim_std": float(server_reps.std(0).mean())}
 
 
-def defense_config(config, calib: dict, seed: int, *, hardened_mode: bool) -> ml_collections.ConfigDict:
+def defense_config(config, calib: dict, seed: int, *, mode: str) -> ml_collections.ConfigDict:
+  """mode: "paper" (the published B4B), "hardened" (config.hardened) or "charged" (config.hardened
+  plus repeat_charge = config.repeat_charge)."""
   dc = config.defense
-  extra = config.hardened.to_dict() if hardened_mode else {}
+  extra = config.hardened.to_dict() if mode != "paper" else {}
+  if mode == "charged":
+    extra["repeat_charge"] = float(config.repeat_charge)
   return defense_lib.defense_config(
       "simsiam", num_projections=int(dc.num_projections), num_hyperplanes=int(dc.num_hyperplanes),
       lam=calib["lam"], alpha=calib["alpha"], beta=calib["beta"], hash_center=calib["center"],
@@ -188,7 +201,7 @@ def defense_config(config, calib: dict, seed: int, *, hardened_mode: bool) -> ml
 
 
 def applied_sigma(sigma: float, ratio: float, defense: str) -> float:
-  if defense != "hardened":
+  if defense == "paper":
     return float(sigma)
   return float(hardened.sigma_level(np.float32(sigma), ratio)[1])
 
@@ -244,7 +257,7 @@ def summarise(per_seed: dict) -> dict:
 
   seeds = list(per_seed.values())
   out = {"error_ratio": {}, "canary": {}, "legit_drop": {}, "repeat_share": {}}
-  for d in DEFENSES:
+  for d in seeds[0]["attacks"]:
     for a in seeds[0]["attacks"].get(d, {}):
       for n in seeds[0]["attacks"][d][a]["error_ratio"]:
         out["error_ratio"].setdefault(d, {}).setdefault(a, {})[str(n)] = stats(
@@ -259,9 +272,10 @@ def summarise(per_seed: dict) -> dict:
                                     for s in seeds])
     out["repeat_share"][d] = {a: stats([s["provider"][d][a].get("repeat_share", float("nan"))
                                         for s in seeds]) for a in seeds[0]["provider"].get(d, {})}
-  if all(d in out["legit_drop"] for d in DEFENSES):
-    out["legit_drop"]["hardened_minus_paper"] = stats(
-        [s["legit"]["paper"]["test_top1_mean"] - s["legit"]["hardened"]["test_top1_mean"] for s in seeds])
+  for d in ("hardened", "charged"):
+    if "paper" in out["legit_drop"] and d in out["legit_drop"]:
+      out["legit_drop"][f"{d}_minus_paper"] = stats(
+          [s["legit"]["paper"]["test_top1_mean"] - s["legit"][d]["test_top1_mean"] for s in seeds])
   for key in seeds[0]["legit"]:
     if key.startswith("paper sigma="):
       other = "hardened" + key[len("paper"):]
@@ -285,14 +299,14 @@ def render_report(results: dict) -> str:
   ns = [str(int(n)) for n in results["config"]["ns"]]
   rows = []
   for a in summary["error_ratio"]["paper"]:
-    for d in DEFENSES:
+    for d in summary["error_ratio"]:
       by_n = summary["error_ratio"][d][a]
       rows.append([a, d] + [_fmt(by_n[n]) if n in by_n else "" for n in ns])
   lines += [report_lib.markdown_table(["attack", "defense"] + [f"N={n}" for n in ns], rows), ""]
   first = results["seeds"][seeds[0]]
   rows = [[a, d, f"{r['coverage']:.1f}", f"{r['sigma']:.3g}", f"{r['applied_sigma']:.3g}",
            str(r["queries"]), f"{r['error'][1]:.3g}"]
-          for d in DEFENSES for a, r in first["attacks"][d].items()]
+          for d in first["attacks"] for a, r in first["attacks"][d].items()]
   lines += [f"Accounts after the attack (seed {seeds[0]}):", "",
             report_lib.markdown_table(["account", "defense", "coverage %", "cost sigma",
                                        "applied sigma", "queries", "err(1)"], rows), ""]

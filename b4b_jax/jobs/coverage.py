@@ -16,6 +16,7 @@ from b4b_jax.evaluation import coverage_curves
 from b4b_jax.evaluation import embeddings as embeddings_lib
 from b4b_jax.evaluation import paper_numbers
 from b4b_jax.evaluation import report
+from b4b_jax.utils import distributed
 from b4b_jax.utils import files
 from b4b_jax.utils import metrics as metrics_lib
 from b4b_jax.utils import progress as progress_lib
@@ -31,7 +32,7 @@ def query_set_reps(config, workdir, source):
   for qs in config.query_sets:
     name = qs.name
     path = os.path.join(workdir, "embeddings", f"queries_{embeddings_lib.safe_name(name)}.npz")
-    if os.path.exists(path):
+    if distributed.agree(os.path.exists(path)):  # process 0's view: embedding below is collective
       sets[name] = embeddings_lib.load_array(path)
       continue
     if qs.dataset == RANDOM_NOISE:
@@ -96,7 +97,8 @@ def run(config, workdir: str):
                          "num_hyperplanes": base.num_hyperplanes,
                          "num_projections": base.num_projections}}
   # The raw curves are large: keep them next to results.json, and only summaries inside it.
-  files.atomic_write_json(os.path.join(workdir, "curves.json"), results)
+  if distributed.is_writer():  # multi-host: every process computed the same curves; one writes
+    files.atomic_write_json(os.path.join(workdir, "curves.json"), results)
   summary = _summary(config, curves)
   plots = _plots(workdir, curves, sigma_q, sigma_c, per_bucket, k_main)
   sections = _sections(config, base, summary, per_bucket)

@@ -3,6 +3,7 @@ jobs (the demo runs the stealing job), and by tests. Kept apart from b4b_jax.mai
 may only be defined once per process."""
 import importlib
 
+from b4b_jax.utils import cost_estimate
 from b4b_jax.utils import workdir as workdir_lib
 
 
@@ -21,5 +22,8 @@ def run_job(config, workdir: str):
   validate = getattr(module, "validate_config", None)
   if validate is not None:
     validate(config)
+  # Expected device time and host memory, logged; a run the host cannot hold is refused here, before
+  # the workdir is claimed.
+  cost_estimate.check(config)
   workdir_lib.prepare_workdir(workdir, config, job)
   return module.run(config, workdir)

@@ -11,6 +11,7 @@ import jax
 from absl import logging
 
 from b4b_jax import defense
+from b4b_jax.defense import config as defense_config_lib
 from b4b_jax.serve import app as app_lib
 from b4b_jax.serve import errors
 
@@ -70,18 +71,24 @@ def resolved_config(config, workdir: str):
     if calib is None:
       raise ValueError("calibrate_defense=True needs the demo victim (leave encoder_dir empty)")
     from b4b_jax.demo import pipeline  # pylint: disable=g-import-not-at-top
-    config.defense = pipeline.defended_config(config.demo, calib)  # the demo's calibrated B4B
+    calibrated = pipeline.defended_config(config.demo, calib)  # the demo's calibrated B4B cost ...
+    with calibrated.unlocked():  # ... with this config's hardening (noise keying, image share)
+      calibrated.update({k: config.defense[k] for k in defense_config_lib.HARDENING_DEFAULTS
+                         if k in config.defense})
+    config.defense = calibrated
   return config, os.path.abspath(encoder_dir)
 
 
 def run(config, workdir: str):
+  from b4b_jax.serve import service as service_lib  # pylint: disable=g-import-not-at-top
+  imports_s = service_lib.process_age_seconds()  # interpreter start + imports, until here
   cache = str(config.persistence.compilation_cache_dir) or os.path.join(workdir, "jax_cache")
   if cache != "none":
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   config, encoder_dir = resolved_config(config, workdir)
   try:
-    app_lib.run_server(config, workdir, encoder_dir)
+    app_lib.run_server(config, workdir, encoder_dir, startup={"process_imports_s": imports_s})
   except errors.StartupError as e:
     logging.error("the service did not start: %s", e)
     raise

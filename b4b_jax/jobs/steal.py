@@ -292,7 +292,28 @@ def load_victim(config, workdir: str) -> models_lib.Encoder:
   return models_lib.load_encoder(vc.encoder_dir)
 
 
+def served_api(config):
+  """The served API (config.victim.api_url, b4b_jax.serve) when the thief talks HTTP, else None. Its
+  accounts' keys are created with the provider's admin token (victim.api_admin_token_file), which also
+  gives the coverage/sigma read-outs the in-process API gives the evaluator; the defense state lives
+  in the server, so nothing of it is saved here (a re-run after a kill re-sends, and is charged again,
+  what the killed run sent after its last checkpoint)."""
+  url = config.victim.get("api_url")
+  if not url:
+    return None
+  if jax.process_count() > 1:
+    raise ValueError("victim.api_url: a served victim is queried by one process; run single-host")
+  from b4b_jax.serve import client as client_lib  # pylint: disable=g-import-not-at-top
+  with open(config.victim.api_admin_token_file) as f:
+    token = f.read().strip()
+  return client_lib.RemoteDefendedEncoder(url, admin_token=token,
+                                          batch_size=int(config.attack.query_batch_size))
+
+
 def new_api(victim: models_lib.Encoder, config) -> defense_lib.DefendedEncoder:
+  served = served_api(config)
+  if served is not None:
+    return served
   # The one way to serve an encoder: uint8 views in, the manifest's normalisation and the forward fused
   # with the defense in one jitted call, weights passed as arguments.
   return defense_lib.DefendedEncoder.from_encoder(victim, config.defense,
@@ -406,7 +427,9 @@ def query_phase(config, workdir: str, s: SetUp) -> Queried:
   """Sends the planned queries (or restores what an earlier run received)."""
   ac = config.attack
   queries_dir = os.path.join(workdir, _QUERIES_DIR)
-  done = os.path.isdir(queries_dir) and ckpt_lib.Checkpointer(queries_dir).latest_step() is not None
+  # Process 0's view (it alone writes queries_dir): every process takes the same branch.
+  done = distributed.agree(os.path.isdir(queries_dir) and ckpt_lib.Checkpointer(
+      queries_dir, process_local=True).latest_step() is not None)
   api = _latest_api(config, workdir, s) if done else new_api(s.victim, config)
   progress = progress_lib.Progress(
       f"{STAGE}/queries", -(-s.plan.num_queries // int(ac.query_batch_size)) + len(s.plan.accounts),
@@ -443,7 +466,8 @@ def query_phase(config, workdir: str, s: SetUp) -> Queried:
     targets = attacker.collect_training_targets(**mapper_kwargs)
   logging.info("query phase: %d charged queries in %.1fs", api.stats()["total_queries"],
                time.time() - t0)
-  api.save(os.path.join(workdir, _API_AFTER_QUERIES))
+  if not config.victim.get("api_url"):  # a served API keeps its own state
+    api.save(os.path.join(workdir, _API_AFTER_QUERIES))
   tree = {"mappers": protocol.mapper_states(attacker)}
   if targets is not None:
     tree["targets"] = targets
@@ -452,7 +476,8 @@ def query_phase(config, workdir: str, s: SetUp) -> Queried:
   meta = {"query_log": [e.to_dict() for e in attacker.log],
           "mapper_metrics": {str(k): m.metrics for k, m in attacker.mappers.items()},
           "accounts_after_queries": attacker.account_summary(), "seconds": time.time() - t0}
-  ckpt_lib.save_pytree(queries_dir, tree, meta)
+  if s.is_writer:  # one process writes (every process holds the same responses)
+    ckpt_lib.save_pytree(queries_dir, tree, meta)
   return Queried(attacker, targets, meta["accounts_after_queries"], sigma_rows, account_rows, offline)
 
 
@@ -479,6 +504,9 @@ def _strategy_spec(config, s: SetUp) -> Optional[protocol.StrategySpec]:
 def _latest_api(config, workdir: str, s: SetUp) -> defense_lib.DefendedEncoder:
   """The API as an earlier run left it: at its latest training checkpoint when training re-queries,
   else right after the query phase."""
+  served = served_api(config)
+  if served is not None:
+    return served
   step = s.ckpt.latest_step()
   if s.protocol == "requery_each_epoch" and step is not None:
     path = os.path.join(workdir, _API_TRAIN, f"step_{int(step):09d}")
@@ -680,6 +708,8 @@ def _create_stolen(config, target_dim: int, seed: int):
 
 def _save_checkpoint(workdir: str, s: SetUp, api, step: int, state, meta: dict) -> None:
   """The train state at `step` (and, when training re-queries, the API's state at that step)."""
+  if hasattr(api, "base_url"):  # a served API (served_api) keeps its own state
+    api = None
   if api is not None:
     api.save(os.path.join(workdir, _API_TRAIN, f"step_{step:09d}"))
   # Host copies: the state is replicated, and orbax would otherwise slice every replica on device.

@@ -16,7 +16,7 @@ Endpoints (user endpoints take `Authorization: Bearer <api key>`, admin ones the
   POST   /v1/admin/keys          {"account", "quota_rows"?, "rate_rows_per_s"?} -> a new key, shown once
   DELETE /v1/admin/keys/{key_id} revokes a key
   POST   /v1/admin/snapshot      snapshot now (and trim the journal)
-  GET    /healthz, GET /metrics  liveness and Prometheus text
+  GET    /healthz, GET /metrics  liveness (+ out_dim, input_size) and Prometheus text
 Errors are {"error": {"code", "message"}} with a 4xx naming the problem (nothing is charged for a
 refused request) or 503 when the service cannot answer (then nothing was charged either).
 """
@@ -38,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from b4b_jax.defense.errors import DefenseError
 from b4b_jax.serve import errors
 from b4b_jax.serve import images as images_lib
+from b4b_jax.serve import service as service_lib
 from b4b_jax.serve.service import Service
 
 NPY = "application/x-npy"
@@ -292,7 +293,9 @@ def create_app(service: Service) -> FastAPI:
   async def healthz():
     broken = service.batcher.broken if service.batcher else "starting"
     body = {"status": "ok" if not broken else "unavailable", "reason": broken,
-            "journal_seq": service.store.last_seq, "start_seconds": service.start_seconds}
+            "journal_seq": service.store.last_seq, "start_seconds": service.start_seconds,
+            "out_dim": service.out_dim, "input_size": service.geometry.input_size,
+            "startup": service.startup}
     return JSONResponse(body, status_code=503 if broken else 200)
 
   @app.get("/metrics")
@@ -327,14 +330,17 @@ def _make_server_class():
   return Server
 
 
-def run_server(config, workdir: str, encoder_dir: str) -> None:
+def run_server(config, workdir: str, encoder_dir: str, startup=None) -> None:
   """Starts the service (StartupError before the port is bound if it cannot), then serves until
-  SIGINT/SIGTERM, then drains, snapshots and exits."""
+  SIGINT/SIGTERM, then drains, snapshots and exits. startup: earlier phases' seconds (imports) for
+  the start-up breakdown logged at "listening" and shown in /healthz."""
   import uvicorn  # pylint: disable=g-import-not-at-top
   _Server = _make_server_class()  # pylint: disable=invalid-name
   service = Service(config, workdir, encoder_dir)
+  service.startup.update(startup or {})
   service.start()
   app = create_app(service)
+  service.startup["process_s_at_listen"] = service_lib.process_age_seconds()
   uv = uvicorn.Config(app, host=str(config.host), port=int(config.port), log_level="warning",
                       access_log=False, lifespan="on", timeout_graceful_shutdown=10,
                       timeout_keep_alive=75,  # longer than clients keep idle pooled connections
@@ -342,7 +348,8 @@ def run_server(config, workdir: str, encoder_dir: str) -> None:
   server = _Server(uv)
   logging.info("%s", json.dumps({"event": "listening", "host": str(config.host),
                                  "port": int(config.port), "workdir": workdir,
-                                 "encoder_dir": encoder_dir, "start_seconds": service.start_seconds}))
+                                 "encoder_dir": encoder_dir, "start_seconds": service.start_seconds,
+                                 "startup": service.startup}))
   std_logging.getLogger("uvicorn.error").setLevel(std_logging.WARNING)
   try:
     server.run()

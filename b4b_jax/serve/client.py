@@ -12,6 +12,7 @@
   api.query("alice", images_uint8).reps                    # as DefendedEncoder.query on uint8 images
   api.query_mixed(users_per_row, images).reps, api.coverage("alice"), api.sigma("alice"),
   api.num_queries("alice"), api.stats()                    # the provider's read-outs, via admin
+  api.out_dim                                              # from /healthz
 
 Errors: a refused request raises ServedError (a ValueError) with `.status`, `.code` and the server's
 message; 429 and 503 are retried `retries` times after the server's Retry-After (capped).
@@ -128,10 +129,13 @@ class AdminClient(_Http):
 
 
 class RemoteResult:
-  __slots__ = ("reps", "users")
+  """As defense.QueryResult: reps, users, and (with the admin token) each row's account coverage and
+  sigma after the call (the in-process per-row sigma is the account's sigma after the call, step.py)."""
+  __slots__ = ("reps", "users", "coverage", "sigma")
 
-  def __init__(self, reps, users):
+  def __init__(self, reps, users, coverage=None, sigma=None):
     self.reps, self.users = reps, tuple(users)
+    self.coverage, self.sigma = coverage, sigma
 
 
 class RemoteDefendedEncoder:
@@ -147,6 +151,18 @@ class RemoteDefendedEncoder:
     self._admin = AdminClient(base_url, admin_token, **kw) if admin_token else None
     self._batch_size = int(batch_size)
     self._kw = kw
+    self._accounts = None  # the provider read-out after the last query (admin token only)
+    self._info = None
+
+  @property
+  def out_dim(self) -> int:
+    """The dimension of the served representations (from /healthz)."""
+    if self._info is None:
+      with httpx.Client(base_url=self.base_url.rstrip("/"), timeout=30) as http:
+        r = http.get("/healthz")
+        _raise_for(r)
+        self._info = r.json()
+    return int(self._info["out_dim"])
 
   def _client(self, user: str) -> Client:
     if user not in self._clients:
@@ -163,7 +179,21 @@ class RemoteDefendedEncoder:
 
   def query(self, user: str, images) -> RemoteResult:
     images = np.asarray(images)
-    return RemoteResult(self._client(user).embed(images), [user] * len(images))
+    return self._result(self._client(user).embed(images), [user] * len(images))
+
+  def _result(self, reps, users) -> RemoteResult:
+    self._accounts = None
+    if self._admin is None:
+      return RemoteResult(reps, users)
+    accounts = self._read_accounts()
+    cov = np.asarray([accounts[u]["coverage"] for u in users], np.float32)
+    sig = np.asarray([accounts[u]["sigma"] for u in users], np.float32)
+    return RemoteResult(reps, users, cov, sig)
+
+  def _read_accounts(self) -> dict:
+    if self._accounts is None:
+      self._accounts = self._admin.accounts()["accounts"]
+    return self._accounts
 
   def query_mixed(self, users_per_row: Sequence[str], images) -> RemoteResult:
     """Rows are sent per user (each user's rows in order), then put back in row order."""
@@ -178,12 +208,12 @@ class RemoteDefendedEncoder:
       if out is None:
         out = np.zeros((len(users), reps.shape[1]), np.float32)
       out[rows] = reps
-    return RemoteResult(out, users)
+    return self._result(out, users)
 
   def _account(self, user: str) -> dict:
     if self._admin is None:
       raise ValueError("coverage and sigma are provider read-outs: pass admin_token=")
-    accounts = self._admin.accounts()["accounts"]
+    accounts = self._read_accounts()
     if user not in accounts:
       raise ValueError(f"unknown user {user!r}")
     return accounts[user]
@@ -200,9 +230,12 @@ class RemoteDefendedEncoder:
     return int(self._account(user)["num_queries"])
 
   def stats(self) -> dict:
+    """The provider's /v1/admin/accounts read-out, plus total_queries (as DefendedEncoder.stats)."""
     if self._admin is None:
       raise ValueError("stats are a provider read-out: pass admin_token=")
-    return self._admin.accounts()
+    out = self._admin.accounts()
+    out["total_queries"] = sum(int(a["num_queries"]) for a in out["accounts"].values())
+    return out
 
   def close(self) -> None:
     for c in self._clients.values():

@@ -5,13 +5,12 @@ inside the jitted call; a mixed-user call returns its own QueryResult (reps, per
 and the LSH `buckets` [N, P] each row charged); `replay(users_per_row, buckets)` re-applies a journaled
 call bit-identically; refusals are typed (BadInputError, CorruptCheckpointError, NoCheckpointError).
 """
-from typing import Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from b4b_jax import defense as defense_lib
 from b4b_jax import models as models_lib
-from b4b_jax.defense import api as api_lib
 from b4b_jax.defense import state as state_lib
 
 
@@ -22,15 +21,21 @@ class Served:
     self.api, self.encoder = api, encoder
 
 
-def open_api(encoder_dir: str, config, *, capacity: int, snapshot: Optional[str] = None) -> Served:
-  """The defended API serving the encoder directory; continued from `snapshot` if given."""
-  encoder = models_lib.load_encoder(encoder_dir)
+def load_encoder(encoder_dir: str):
+  return models_lib.load_encoder(encoder_dir)
+
+
+def open_api(encoder, config, *, capacity: int, snapshot: Optional[str] = None,
+             shard_rows: bool = False) -> Served:
+  """The defended API serving the encoder (load_encoder); continued from `snapshot` if given.
+  shard_rows: each micro-batch split over all local devices (DefendedEncoder's shard_rows)."""
   if snapshot is None:
-    api = defense_lib.DefendedEncoder.from_encoder(encoder, config, capacity=capacity)
+    api = defense_lib.DefendedEncoder.from_encoder(encoder, config, capacity=capacity,
+                                                   shard_rows=shard_rows)
   else:
-    # The same normalising encoder from_encoder builds (one per encoder, so the jit is shared).
-    api = defense_lib.DefendedEncoder.restore(
-        snapshot, api_lib._normalising_encoder(encoder))  # pylint: disable=protected-access
+    # restore() wraps a models.Encoder in the same uint8 normalising encoder from_encoder builds (one
+    # per encoder, so the jit is shared with the warm-up's scratch API).
+    api = defense_lib.DefendedEncoder.restore(snapshot, encoder, shard_rows=shard_rows)
   return Served(api, encoder)
 
 
@@ -44,15 +49,54 @@ def padded_sizes(max_rows: int):
     size = size * 2 if size < 1024 else size + 1024
 
 
-def warm_up(served: Served, config, sizes, *, capacity: int) -> None:
-  """Compiles the call for every batch size on a scratch API (same encoder, config and capacity, so
-  the same jitted function and shapes), leaving the served state untouched."""
-  scratch = defense_lib.DefendedEncoder.from_encoder(served.encoder, config,
-                                                     capacity=max(capacity, served.api.capacity))
-  s = served.encoder.input_size
+def scratch_api(encoder, config, *, capacity: int, shard_rows: bool = False) -> Served:
+  """An API for warm_up: the same encoder, config, capacity and sharding as the served one, so the
+  same jitted function (one per encoder, made here, on the calling thread) and the same shapes."""
+  return Served(defense_lib.DefendedEncoder.from_encoder(encoder, config, capacity=capacity,
+                                                         shard_rows=shard_rows), encoder)
+
+
+def warm_up(scratch: Served, sizes) -> None:
+  """Compiles the call for every batch size on the scratch API, touching no served state (may run on
+  a thread while the served API is restored)."""
+  s = scratch.encoder.input_size
   for size in sizes:
-    scratch.query_mixed(["warm-up"] * size, np.zeros((size, s, s, 3), np.uint8))
-  scratch.replay(["warm-up"], np.zeros((1, served.api.params.settings.num_projections), np.int32))
+    scratch.api.query_mixed(["warm-up"] * size, np.zeros((size, s, s, 3), np.uint8))
+
+
+def replay_entries(served: Served, entries: Iterable, *, max_rows: int = 8192) -> Tuple[int, int]:
+  """Replays journal entries in order, several per device call where that is exact; returns
+  (entries, calls).
+
+  One replay call advances each user in it by one query batch (DefendedEncoder.replay), so
+  consecutive entries are merged only while no user appears in two of them: the merged call then
+  sets the same occupancy bits and counts (a union), adds the same query counts (a sum) and the same
+  one batch per (entry, user). A user that recurs starts a new call."""
+  api = served.api
+  users: List[str] = []
+  codes: List[np.ndarray] = []
+  seen: set = set()
+  num_entries = num_calls = 0
+
+  def flush():
+    nonlocal num_calls
+    if users:
+      api.replay(users, np.concatenate(codes) if len(codes) > 1 else codes[0])
+      num_calls += 1
+    users.clear()
+    codes.clear()
+    seen.clear()
+
+  for entry in entries:
+    names = set(entry.users_per_row)
+    if (names & seen) or len(users) + len(entry.users_per_row) > max_rows:
+      flush()
+    users.extend(entry.users_per_row)
+    codes.append(entry.codes)
+    seen.update(names)
+    num_entries += 1
+  flush()
+  return num_entries, num_calls
 
 
 def inner(served: Served) -> defense_lib.DefendedEncoder:

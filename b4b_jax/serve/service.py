@@ -74,6 +74,19 @@ def check_workdir(workdir: str, min_free_bytes: int) -> None:
                               "(config.persistence.min_free_bytes) for its journal and snapshots")
 
 
+def process_age_seconds() -> Optional[float]:
+  """Seconds since this process started (Linux /proc; None elsewhere): the start-up breakdown's
+  clock, so interpreter start and imports are counted too."""
+  try:
+    with open("/proc/self/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+    with open("/proc/uptime") as f:
+      uptime = float(f.read().split()[0])
+    return round(uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"), 3)
+  except (OSError, ValueError, IndexError):
+    return None
+
+
 def _errname(e: OSError) -> str:
   return errno.errorcode.get(e.errno or 0, str(e.errno))
 
@@ -144,22 +157,36 @@ class Service:
     self._last_snapshot_time = time.monotonic()
     self._coverage: Dict[str, float] = {}
     self._stopping = threading.Event()
+    self.encoder = None
+    self.startup: Dict[str, float] = {}   # seconds per start-up phase (logged, and in /healthz)
+    self._warm_thread: Optional[threading.Thread] = None
+    self._warm_error: Optional[BaseException] = None
+    self._shard_rows = bool(config.batching.get("shard_over_devices", True))
 
   # -------------------------------------------------------------------------------- start/stop
   def start(self) -> None:
-    """open() then serve()."""
+    """open() then serve(); the batch shapes compile (warm-up) on a thread while the state is
+    restored. `startup` holds where the seconds went."""
     t0 = time.perf_counter()
-    self.open()
+    self.open(warm_up=True)
     self.serve()
     self.start_seconds = time.perf_counter() - t0
+    self.startup["service_total_s"] = round(self.start_seconds, 3)
     logging.info("service ready in %.1f s: %d accounts, journal at seq %d, snapshot seq %d",
                  self.start_seconds, len(self.store.accounts()), self.store.last_seq,
                  self._snapshot_seq)
 
-  def open(self) -> None:
+  def _phase(self, name: str, t0: float) -> float:
+    t1 = time.perf_counter()
+    self.startup[name] = round(t1 - t0, 3)
+    return t1
+
+  def open(self, warm_up: bool = False) -> None:
     """Checks the workdir, opens the database, restores snapshot + journal and checks the counters.
-    Writes nothing but the database file and the admin token (read-only inspection uses this)."""
+    Writes nothing but the database file and the admin token (read-only inspection uses this).
+    warm_up: also starts compiling the batch shapes on a thread (joined by serve())."""
     p = self.config.persistence
+    t = time.perf_counter()
     check_workdir(self.workdir, int(p.min_free_bytes))
     self.admin_token = admin_token(self.workdir)
     try:
@@ -168,16 +195,39 @@ class Service:
       raise errors.StartupError(str(e)) from e
     except OSError as e:
       raise errors.StartupError(f"cannot open the service database in {self.workdir}: {e}") from e
+    t = self._phase("open_database_s", t)
+    self.encoder = defended.load_encoder(self.encoder_dir)
+    t = self._phase("load_encoder_s", t)
+    if warm_up and self.config.batching.warm_up:
+      # XLA compiles (or loads from the persistent cache) in native code, off the GIL: restoring the
+      # snapshot and replaying the journal proceed meanwhile.
+      scratch = defended.scratch_api(self.encoder, self.config.defense,
+                                     capacity=int(self.config.capacity), shard_rows=self._shard_rows)
+      self._warm_thread = threading.Thread(target=self._warm_up, args=(scratch,), name="b4b-warm-up",
+                                           daemon=True)
+      self._warm_thread.start()
     self._restore()
+    t = time.perf_counter()
     self.gate = accounts_lib.Gatekeeper(self.store,
                                         auth_cache_seconds=float(self.config.limits.auth_cache_seconds),
                                         max_rows_per_request=self.limits.max_rows_per_request)
     self._check_counters()
     self.geometry = images_lib.Geometry(defended.preprocessing(self.api))
+    self._phase("check_counters_s", t)
 
   def serve(self) -> None:
-    """Compiles the batch shapes and starts the batching threads."""
-    self._warm_up()
+    """Waits for the batch shapes to compile and starts the batching threads."""
+    t = time.perf_counter()
+    capacity = int(defended.inner(self.api).capacity)
+    if self._warm_thread is not None:
+      self._warm_thread.join()
+      if self._warm_error is not None:
+        raise self._warm_error
+    if self._warm_thread is None or capacity != int(self.config.capacity):
+      # (a restored state that outgrew config.capacity has other shapes: compile those)
+      self._warm_up(defended.scratch_api(self.encoder, self.config.defense, capacity=capacity,
+                                         shard_rows=self._shard_rows))
+    self._phase("warm_up_wait_s", t)
     b = self.config.batching
     self.batcher = batcher_lib.Batcher(self._compute, self._commit, max_rows=int(b.max_rows),
                                        max_wait_s=float(b.max_wait_ms) / 1000.0,
@@ -198,11 +248,12 @@ class Service:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     snaps = snapshot_dirs(self.workdir)
     capacity = int(self.config.capacity)
+    t = time.perf_counter()
     if snaps:
       seq, path = snaps[-1]
       try:
-        self.api = defended.open_api(self.encoder_dir, self.config.defense, capacity=capacity,
-                                     snapshot=path)
+        self.api = defended.open_api(self.encoder, self.config.defense, capacity=capacity,
+                                     snapshot=path, shard_rows=self._shard_rows)
       except (ValueError, FileNotFoundError) as e:
         raise errors.StartupError(f"the snapshot {path} cannot be restored: {e}. The service will not "
                                   "start from a reset state; restore the snapshot from a backup (or, "
@@ -218,19 +269,20 @@ class Service:
       if self.store.last_seq > 0 and self.store.journal_stats()["anchor_seq"] > 0:
         raise errors.StartupError(f"{self.workdir} has no snapshot but its journal starts after entry "
                                   f"{self.store.journal_stats()['anchor_seq']}: the snapshots were lost")
-      self.api = defended.open_api(self.encoder_dir, self.config.defense, capacity=capacity)
+      self.api = defended.open_api(self.encoder, self.config.defense, capacity=capacity,
+                                   shard_rows=self._shard_rows)
       self._snapshot_seq = 0
-    replayed = 0
+    t = self._phase("restore_snapshot_s", t)
     try:
-      for entry in self.store.read_journal(self._snapshot_seq):
-        defended.replay(self.api, entry.users_per_row, entry.codes)
-        replayed += 1
+      replayed, calls = defended.replay_entries(self.api, self.store.read_journal(self._snapshot_seq))
     except store_lib.StoreError as e:
       raise errors.StartupError(str(e)) from e
     except ValueError as e:
       raise errors.StartupError(f"the journal could not be replayed onto the snapshot: {e}") from e
-    logging.info("restored snapshot seq %d and replayed %d journal entries", self._snapshot_seq,
-                 replayed)
+    self._phase("replay_s", t)
+    self.startup["replayed_entries"], self.startup["replay_calls"] = replayed, calls
+    logging.info("restored snapshot seq %d and replayed %d journal entries in %d calls",
+                 self._snapshot_seq, replayed, calls)
     self.metrics.journal_entries.set(replayed)
 
   def _check_counters(self) -> None:
@@ -248,13 +300,18 @@ class Service:
     self._coverage = {n: u["coverage"] for n, u in stats["users"].items()}
     self.metrics.set_coverage(self._coverage)
 
-  def _warm_up(self) -> None:
+  def _warm_up(self, scratch) -> None:
     """Compiles every padded batch shape now, on a scratch API, so no user pays for compilation."""
     if not self.config.batching.warm_up:
       return
     t0 = time.perf_counter()
     sizes = defended.padded_sizes(int(self.config.batching.max_rows))
-    defended.warm_up(self.api, self.config.defense, sizes, capacity=int(self.config.capacity))
+    try:
+      defended.warm_up(scratch, sizes)
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised by serve())
+      self._warm_error = e
+      return
+    self._phase("warm_up_s", t0)
     logging.info("warm-up compiled batch sizes %s in %.1f s", sizes, time.perf_counter() - t0)
 
   def stop(self) -> None:
@@ -340,6 +397,10 @@ class Service:
       return reps, seq
     finally:
       self.gate.settle(account, n, answered=answered)
+
+  @property
+  def out_dim(self) -> int:
+    return int(defended.inner(self.api).out_dim)
 
   def account_view(self, account: str) -> dict:
     a = self.store.account(account) or {"rows": 0, "requests": 0, "quota_rows": 0,

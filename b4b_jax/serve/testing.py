@@ -53,6 +53,7 @@ class ServerProcess:
     self.log_path = log_path or os.path.join(os.path.dirname(os.path.abspath(workdir)),
                                              os.path.basename(workdir) + ".log")
     self.proc: Optional[subprocess.Popen] = None
+    self.startup: dict = {}  # the last start's breakdown (seconds per phase, from /healthz)
 
   @property
   def url(self) -> str:
@@ -77,7 +78,9 @@ class ServerProcess:
       if self.proc.poll() is not None:
         raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
       try:
-        if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+        r = httpx.get(self.url + "/healthz", timeout=1.0)
+        if r.status_code == 200:
+          self.startup = r.json().get("startup", {})
           return time.perf_counter() - t0
       except httpx.HTTPError:
         pass

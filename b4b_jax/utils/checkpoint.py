@@ -12,6 +12,14 @@ orbax still lists. Half-deleted steps left by older versions are found on open: 
 (a marker file missing or a directory emptied) that is *not* the latest is a leftover of an
 interrupted deletion (orbax only deletes older steps) and is removed with a warning; an incomplete
 *latest* step is damage, not a leftover, and is left for `restore` to report.
+
+Multi-process runs. A `Checkpointer` is collective by default: every process constructs it and calls
+save/restore in the same order (orbax synchronises them; each process writes and reads its shards of
+global arrays, process 0 the metadata and host (numpy) arrays) -- the training checkpoints. One-shot
+host trees (`save_pytree`: an encoder's weights, the attack's responses) are written by one process
+alone (`process_local=True`: no barriers, so process 0 can write while the others wait elsewhere);
+`load_pytree` reads process-locally on any process. Only process 0 deletes anything (old steps, trash,
+leftovers of killed saves), so a process that reads never removes what another is writing.
 """
 import os
 import shutil
@@ -37,15 +45,27 @@ def abstract_like(tree):
 class Checkpointer:
   """Step checkpoints under `directory` (e.g. workdir/checkpoints)."""
 
-  def __init__(self, directory: str, *, max_to_keep: Optional[int] = 2, async_save: bool = False):
+  def __init__(self, directory: str, *, max_to_keep: Optional[int] = 2, async_save: bool = False,
+               process_local: bool = False):
+    """process_local: this process alone saves/restores here (no cross-process barriers); default:
+    every process of the run takes part in every call (see the module docstring)."""
     self.directory = os.path.abspath(directory)
     files.check_output_dir(self.directory, "checkpoint directory", must_be_writable=False)
-    if os.path.isdir(self.directory) and jax.process_index() == 0:
+    housekeeper = jax.process_index() == 0
+    if os.path.isdir(self.directory) and housekeeper:
       _empty_trash(self.directory)
       _remove_incomplete_old_steps(self.directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+    multiprocessing, create = ocp.options.MultiprocessingOptions(), True
+    if process_local and jax.process_count() > 1:
+      me = jax.process_index()
+      multiprocessing = ocp.options.MultiprocessingOptions(
+          primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"local{me}")
+      files.make_dir(self.directory)  # orbax's create=True would sync with the other processes
+      create = False
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                            enable_async_checkpointing=async_save,
-                                           todelete_subdir=TRASH, cleanup_tmp_directories=True)
+                                           todelete_subdir=TRASH, cleanup_tmp_directories=housekeeper,
+                                           multiprocessing_options=multiprocessing)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
 
@@ -127,8 +147,9 @@ def _remove_incomplete_old_steps(directory: str) -> None:
 
 
 def save_pytree(directory: str, tree: Any, meta: Optional[dict] = None) -> None:
-  """One-shot save of a single pytree (e.g. converted encoder params) as step 0 of `directory`."""
-  ckpt = Checkpointer(directory, max_to_keep=None)
+  """One-shot save of a single host pytree (e.g. converted encoder params) as step 0 of `directory`, by
+  this process alone: in multi-process runs call it from one process (process 0)."""
+  ckpt = Checkpointer(directory, max_to_keep=None, process_local=True)
   ckpt.save(0, tree, meta)
   ckpt.close()
 
@@ -138,11 +159,11 @@ def load_pytree(directory: str, abstract_tree: Any = None, *, step: Optional[int
   back as saved (host/default).
 
   Reads only: a missing `directory` is a FileNotFoundError (it is not created), and a read-only one
-  works.
+  works. Process-local: any process reads by itself.
   """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoint under {directory} (no such directory)")
-  ckpt = Checkpointer(directory, max_to_keep=None)
+  ckpt = Checkpointer(directory, max_to_keep=None, process_local=True)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:

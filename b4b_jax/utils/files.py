@@ -77,6 +77,11 @@ def atomic_write_json(path: str, obj: Any) -> None:
   atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+def json_form(obj: Any) -> Any:
+  """`obj` as atomic_write_json then read_json would give it back (without touching a file)."""
+  return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
+
+
 def read_json(path: str) -> Any:
   """The JSON value in `path`; a torn or corrupt file is a ValueError naming the path."""
   with open(path, "rb") as f:

@@ -43,10 +43,13 @@ class Progress:
       return
     self._last_print = now
     rate = self.rate(step)
-    remaining = (self.total - step) / rate if rate > 0 else float("nan")
-    pct = 100.0 * step / self.total if self.total else 100.0
     fields = " ".join(f"{k}={_fmt(v)}" for k, v in extra.items())
-    self.last_line = (f"[{self.stage}] {self.unit} {step}/{self.total} ({pct:.1f}%) "
+    if self.total and step <= self.total:
+      remaining = (self.total - step) / rate if rate > 0 else float("nan")
+      done = f"{step}/{self.total} ({100.0 * step / self.total:.1f}%)"
+    else:  # total unknown (0: e.g. a filtered tf.data stream) or overrun: no percentage, no ETA
+      remaining, done = float("nan"), f"{step}" + (f"/{self.total}" if self.total else " (total unknown)")
+    self.last_line = (f"[{self.stage}] {self.unit} {done} "
                       f"{rate:.2f} {self.unit}/s ETA {_format_eta(remaining)} {fields}").rstrip()
     self.print_fn(self.last_line)
 

@@ -1,0 +1,89 @@
+"""The served demo (configs/demo.py:tiny,served=1) end to end: the legit user and the defended thieves
+talk HTTP to real B4B servers on loopback, and what they received equals what the in-process API gives
+for the same seeds.
+
+Where served equals in-process, and why the comparison is against an in-process API on uint8 images:
+the served API normalises uint8 images inside its jitted call (DefendedEncoder.from_encoder), as the
+steal job's in-process API does, so the thieves' whole runs (query log, coverage, sigma, mapper, losses)
+must be identical to the in-process steal job on the same config. The in-process demo's legit user
+instead sends images normalised on the host (a float path whose last bits can differ, which can move a
+representation across an LSH hyperplane), so its served row is compared with the in-process API built
+by from_encoder on the same uint8 images, which must be bit-identical.
+"""
+import json
+import os
+
+import numpy as np
+
+from b4b_jax import defense
+from b4b_jax import models
+from b4b_jax.demo import pipeline
+from b4b_jax.jobs.runner import run_job
+from configs import demo as demo_config
+from tests.test_serve_http import CACHE
+
+
+def _small(config):
+  """The tiny demo made smaller still where it does not touch the served path."""
+  config.attack.epochs = 1
+  config.probe.seeds = (0,)
+  config.claims.bootstrap_samples = 20
+  config.remap.overlaps = (16,)
+  config.remap.transforms = ("diag_affine",)
+  config.fidelity_photos = 128
+  config.serve.compilation_cache_dir = CACHE  # shared with the other service tests
+  return config
+
+
+def _json(tree):
+  return json.loads(json.dumps(tree))
+
+
+def assert_same(served, in_process, path="results"):
+  """Equal trees, except the sigma read-outs: the served client reads an account's sigma from the
+  provider's stats (DefendedEncoder.stats: noise_std of the coverage on the host, float64), the
+  in-process trace from the call's per-row sigma (the same formula on the device, float32); they
+  agree to a few float32 ulps (rtol 1e-5). Everything else (responses, probes, coverage, counts, losses) is exact."""
+  if isinstance(in_process, dict):
+    assert isinstance(served, dict) and set(served) == set(in_process), (path, set(served) ^ set(in_process))
+    for k in in_process:
+      assert_same(served[k], in_process[k], f"{path}.{k}")
+  elif isinstance(in_process, list):
+    assert isinstance(served, list) and len(served) == len(in_process), path
+    for i, (a, b) in enumerate(zip(served, in_process)):
+      assert_same(a, b, f"{path}[{i}]")
+  elif "sigma" in path and isinstance(in_process, float):
+    np.testing.assert_allclose(served, in_process, rtol=1e-5, err_msg=path)
+  else:
+    assert served == in_process, (path, served, in_process)
+
+
+def check_against_in_process(config, workdir: str, results: dict, scratch: str) -> None:
+  """The served demo's legit and sybil stages vs the in-process API on the same seeds (module doc)."""
+  victim = models.load_encoder(os.path.join(workdir, pipeline.VICTIM_DIR))
+  defense_cfg = pipeline.defended_config(config, results["calibration"])
+  data = pipeline.load_data(config)
+  api = defense.DefendedEncoder.from_encoder(victim, defense_cfg, capacity=int(config.serve.capacity))
+  legit = _json(pipeline.legit_users(config, victim, data, defense_cfg, api=api))
+  assert_same(results["legit"], legit, "legit")
+  cfg = pipeline.steal_config(config, workdir, defended=True, accounts=2, defense_cfg=defense_cfg)
+  in_process = _json(pipeline.attack_summary(run_job(cfg, os.path.join(scratch, "sybil_in_process"))))
+  assert_same(results["attack_sybil"], in_process, "attack_sybil")
+
+
+def test_served_demo_runs_end_to_end_and_answers_as_in_process(tmp_path):
+  config = _small(demo_config.get_config("tiny,served=1"))
+  workdir = str(tmp_path / "demo")
+  results = run_job(config, workdir)
+
+  served = results["served"]
+  assert set(served) == {"legit", "attack_b4b", "attack_sybil"}
+  assert all(s["url"].startswith("http://127.0.0.1:") for s in served.values())
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert "## Served over HTTP" in f.read()
+  for stage in served:  # every server journaled what it answered and stopped cleanly (exit 0)
+    assert os.path.exists(os.path.join(workdir, "served", stage, "service.sqlite"))
+
+  check_against_in_process(config, workdir, _json(results), str(tmp_path))
+  assert results["attack_sybil"]["accounts"][0]["charged_queries"] > 0
+  assert np.isfinite(results["probes"]["attack_sybil"]["fidelity_r2_photos"])
