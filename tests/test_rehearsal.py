@@ -27,8 +27,9 @@ as the row's protocol column says.
 
 Runtime: the victims stay what the convert commands wrote, a ResNet-50 and a ViT-S/16 at their
 manifests' 224 px (no config exposes another input size), and compiling them and the stolen models
-dominates; XLA's persistent compilation cache (per test) and its fast-compile mode cut that. Measured
-(tests/test_rehearsal.py, by hand): see the report printed at the end of the run. It is marked `slow`
+dominates; XLA's persistent compilation cache (per test) and its fast-compile mode cut that. Measured on
+the shared 2-core machine at load average 20-29 (eight jobs at once): 33 min (46 s converting, 130-210 s
+per stealing run, 10-36 s per probe, legit 150-290 s, remap 436 s); it prints its per-row times. It is marked `slow`
 (`-m "not slow"` skips it by hand); .ci/run runs every test, this one included.
 """
 import json
