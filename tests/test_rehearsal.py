@@ -27,7 +27,9 @@ as the row's protocol column says.
 
 Runtime: the victims stay what the convert commands wrote, a ResNet-50 and a ViT-S/16 at their
 manifests' 224 px (no config exposes another input size), and compiling them and the stolen models
-dominates; XLA's persistent compilation cache (per test) and its fast-compile mode cut that. Measured on
+dominates; XLA's fast-compile mode cuts that. (XLA's persistent compilation cache, switched on in-process
+here, crashed the pytest process with a segfault inside jax's cache write in a full CI run on
+2 Dec 2026, so the rows compile afresh.) Measured with the cache on
 the shared 2-core machine at load average 20-29 (eight jobs at once): 33 min (46 s converting, 130-210 s
 per stealing run, 10-36 s per probe, legit 150-290 s, remap 436 s); it prints its per-row times. It is marked `slow`
 (`-m "not slow"` skips it by hand); .ci/run runs every test, this one included.
@@ -257,24 +259,6 @@ def test_the_papers_inconsistent_svhn_cell_is_shown_with_a_note():
   assert "62.1" in _section(open(README).read(), TABLE_SECTION)  # the README's Table 1 cell says it
 
 
-@pytest.fixture
-def compile_cache(tmp_path, fast_compiles):  # pylint: disable=unused-argument
-  """XLA's persistent compilation cache for the rows: they compile the same victim forwards and stolen
-  steps again and again (most of this test's time); restored afterwards. XLA's optimisation passes are
-  off too (fast_compiles): compile time dominates at these sizes."""
-  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  previous = {n: getattr(jax.config, n) for n in names}
-  for name, value in zip(names, (str(tmp_path / "xla_cache"), 0.0, 0)):
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()   # the cache is set up once per process, at the first compile
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
-
 def _same_run(config, done):
   """The workdir of an earlier row whose config equals `config` but for the workdir, or None."""
   for other_config, other_workdir in done:
@@ -284,7 +268,7 @@ def _same_run(config, done):
 
 
 @pytest.mark.slow
-def test_every_row_runs_as_written(researcher, monkeypatch, compile_cache):  # pylint: disable=unused-argument
+def test_every_row_runs_as_written(researcher, monkeypatch, fast_compiles):  # pylint: disable=unused-argument
   monkeypatch.chdir(researcher["root"])
   monkeypatch.setenv("TFDS_DATA_DIR", os.path.join(researcher["root"], "tfds"))
   _, rows = readme_table()
