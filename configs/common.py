@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 import ml_collections
 
 from b4b_jax.defense import defense_config
+from b4b_jax.evaluation import paper_numbers
 from weight_conversion import converters
 
 # --------------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def steal_config(victim: str, arg=None) -> ml_collections.ConfigDict:
   c.attack.protocol = protocol
   # Mappers are fitted and applied on responses x rep_scale, divided back: the original's x1000 for
   # SimSiam (its features are ~1e-3 per dimension), 1 for DINO (reference section 3.4).
-  c.attack.rep_scale = 1000.0 if victim == "simsiam" else 1.0
+  c.attack.rep_scale = paper_numbers.REP_SCALE.get(victim, 1.0)
   # How the query_once protocol asks for each image (b4b_jax/attacks/strategies); the kwargs below are
   # passed to the strategies whose constructor takes them.
   c.attack.strategy = a["strategy"]
