@@ -42,7 +42,6 @@ import time
 
 from absl import flags
 from ml_collections import config_flags
-import jax
 import numpy as np
 from PIL import Image
 import pytest
