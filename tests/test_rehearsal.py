@@ -14,8 +14,9 @@ would have:
   * $TFDS_DATA_DIR: an empty directory, with every TFDS read served by tfds.testing.mock_data.
 
 Each command is parsed by the same absl/ml_collections flags as `python -m b4b_jax.main` and run
-in-process through `b4b_jax.main.run_job` (TFDS mocking is per process, and one process shares the
-compiled encoders between rows). What is appended to a command, and nothing else, are size options
+through `b4b_jax.main.run_job`, all rows in one child Python process (TFDS mocking is per process, and
+one process shares the compiled encoders between rows; a child, so that a crash in it fails this test
+instead of killing pytest). What is appended to a command, and nothing else, are size options
 (SIZE_OVERRIDES below): fewer queries (24 per account, whatever the budget), epochs, images, probe runs
 and overlaps, smaller batches (8: one per virtual device), and the stolen copy's architecture
 (`stolen.arch`, an option of the stealing configs: a 1/8-width ResNet-18 instead of a ResNet-50). A row
@@ -27,17 +28,17 @@ as the row's protocol column says.
 
 Runtime: the victims stay what the convert commands wrote, a ResNet-50 and a ViT-S/16 at their
 manifests' 224 px (no config exposes another input size), and compiling them and the stolen models
-dominates; XLA's fast-compile mode cuts that. (XLA's persistent compilation cache, switched on in-process
-here, crashed the pytest process with a segfault inside jax's cache write in a full CI run on
-2 Dec 2026, so the rows compile afresh.) Measured with the cache on
-the shared 2-core machine at load average 20-29 (eight jobs at once): 33 min (46 s converting, 130-210 s
-per stealing run, 10-36 s per probe, legit 150-290 s, remap 436 s); it prints its per-row times. It is marked `slow`
+dominates; XLA's fast-compile mode cuts that. Measured alone from a fresh clone under load: 19 min;
+with eight jobs beside it (load average 20-29): 33 min (46 s converting, 130-210 s per stealing run,
+10-36 s per probe, legit 150-290 s, remap 436 s); it prints its per-row times. It is marked `slow`
 (`-m "not slow"` skips it by hand); .ci/run runs every test, this one included.
 """
 import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 import time
 
 from absl import flags
@@ -50,8 +51,6 @@ import tensorflow_datasets as tfds
 from b4b_jax.evaluation import paper_numbers
 from b4b_jax.evaluation import report
 from b4b_jax.main import run_job
-from tests.torch_reference import write_dino_checkpoint
-from tests.torch_reference import write_simsiam_checkpoint
 from weight_conversion import convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,9 +59,10 @@ TABLE_SECTION = "## The paper's experiments"
 CONVERT_SECTION = "## Converting the released checkpoints"
 MAIN = ["python", "-m", "b4b_jax.main"]
 CONVERT = ["python", "-m", "weight_conversion.convert"]
-# The generated checkpoints, by the file name the README's convert commands name.
-CHECKPOINT_WRITERS = {"checkpoint_0099.pth.tar": write_simsiam_checkpoint,
-                      "dino_deitsmall16_pretrain_full_checkpoint.pth": write_dino_checkpoint}
+# The generated checkpoints' writers (tests/torch_reference.py), by the file name the README's convert
+# commands name. Imported where used: the rehearsal's child process must not load torch.
+CHECKPOINT_WRITERS = {"checkpoint_0099.pth.tar": "write_simsiam_checkpoint",
+                      "dino_deitsmall16_pretrain_full_checkpoint.pth": "write_dino_checkpoint"}
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 8, 2
 MOCK_EXAMPLES = 16          # every mocked TFDS split
 BATCH = 8                   # one image per virtual device
@@ -209,7 +209,8 @@ def researcher(tmp_path_factory):
       assert name in CHECKPOINT_WRITERS, f"no generator for the README's checkpoint {name}"
       path = os.path.join(root, "checkpoints", name)
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      CHECKPOINT_WRITERS[name](path)
+      from tests import torch_reference  # pylint: disable=g-import-not-at-top
+      getattr(torch_reference, CHECKPOINT_WRITERS[name])(path)
       argv[argv.index("--checkpoint") + 1] = path   # the only change to the command
       assert convert.main(argv) == 0, command
     _write_imagenet_tree(os.path.join(root, "data", "imagenet"))
@@ -266,13 +267,42 @@ def _same_run(config, done):
   return None
 
 
+# The rows run in a child Python (one process for all rows, so they share compiled encoders), not in
+# pytest's own: a full suite's pytest holds several GB and years of JAX state, and twice (2 Dec 2026,
+# once on a quiet CI machine) XLA segfaulted while compiling a row there, which killed the whole suite
+# and its report. In a child, a crash is this test's failure, with the child's log.
+CHILD = ("import sys; sys.modules.setdefault('triton', None); "  # as in conftest (TF before torch)
+         "from tests import test_rehearsal; test_rehearsal.rehearse(sys.argv[1], sys.argv[2])")
+CHILD_TIMEOUT_S = 3600
+
+
 @pytest.mark.slow
-def test_every_row_runs_as_written(researcher, monkeypatch, fast_compiles):  # pylint: disable=unused-argument
-  monkeypatch.chdir(researcher["root"])
-  monkeypatch.setenv("TFDS_DATA_DIR", os.path.join(researcher["root"], "tfds"))
+def test_every_row_runs_as_written(researcher, tmp_path):
+  out, log = str(tmp_path / "rehearsal.json"), str(tmp_path / "rehearsal.log")
+  env = dict(os.environ, TFDS_DATA_DIR=os.path.join(researcher["root"], "tfds"), JAX_PLATFORMS="cpu",
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # XLA's fast compile: tiny shapes, compiles dominate
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  with open(log, "wb") as f:
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(researcher["root"]), out], cwd=REPO,
+                          env=env, stdout=f, stderr=subprocess.STDOUT, timeout=CHILD_TIMEOUT_S)
+  lines = open(log, errors="replace").read().splitlines()
+  print("\n".join(l for l in lines if l.startswith("rehearsal:")))
+  assert proc.returncode == 0, (f"the rehearsal process exited with {proc.returncode}; its log ends:\n"
+                                + "\n".join(lines[-60:]))
+  result = json.load(open(out))
+  timings = [("convert (2 checkpoints written + converted)", researcher["convert_s"])] + result["timings"]
+  for name, seconds in timings:
+    print(f"{seconds:7.1f} s  {name}")
+  print(f"{sum(s for _, s in timings):7.1f} s  total")
+  assert not result["problems"], "\n".join(result["problems"])
+
+
+def rehearse(root: str, out_path: str) -> None:
+  """Runs every README row's command (with the size options) in this process, from `root` (the
+  researcher's directory); writes {"timings": [[name, seconds]], "problems": [...]} to `out_path`."""
+  os.chdir(root)
   _, rows = readme_table()
-  timings = [("convert (2 checkpoints written + converted)", researcher["convert_s"])]
-  problems, done = [], []
+  timings, problems, done = [], [], []
   for row in rows:
     for command in row["commands"]:
       config, _ = parse_main_command(command)
@@ -292,10 +322,8 @@ def test_every_row_runs_as_written(researcher, monkeypatch, fast_compiles):  # p
       timings.append((f"{row['experiment']}: {config.job}", time.time() - start))
       print(f"rehearsal: {timings[-1][1]:.1f} s  {timings[-1][0]}", flush=True)
       problems += _check_outputs(config.job, workdir, row["protocol"])
-  for name, seconds in timings:
-    print(f"{seconds:7.1f} s  {name}")
-  print(f"{sum(s for _, s in timings):7.1f} s  total")
-  assert not problems, "\n".join(problems)
+  with open(out_path, "w") as f:
+    json.dump({"timings": timings, "problems": problems}, f)
 
 
 def _check_outputs(job, workdir, protocol_cell):
