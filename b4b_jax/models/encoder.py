@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from b4b_jax.models import functional
+from b4b_jax.models.normalization import RESIZE_METHODS
 from b4b_jax.models import resnet as resnet_lib
 from b4b_jax.models import vit as vit_lib
 from b4b_jax.utils import checkpoint
@@ -32,9 +33,6 @@ FORMAT = "b4b_jax.encoder/v1"
 MANIFEST = "manifest.json"
 PARAMS_DIR = "params"
 MAX_INPUT_SIZE = 4096                     # bound on a manifest's input_size and resize (pixels)
-# The resize filters a manifest may name: those b4b_jax.data.preprocess and serve.images implement
-# (models stays free of TensorFlow, so it cannot import preprocess's list).
-RESIZE_METHODS = ("bilinear", "bicubic")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 REPRESENTATIONS = ("forward", "dino_representation")
