@@ -95,23 +95,23 @@ def get_config(arg=None):
   c.theft.attacks = tuple(only) if only else (
       "query_once", "repeat_exact", "canary", "under_knee", "augmentation_flood", "random_noise",
       "sybil_mapper", "account_rotation", "denoised")
-  c.theft.images = 64 if tiny else 2000
+  c.theft.images = 64 if tiny else 1000
   c.theft.eval_images = 32 if tiny else 256
   c.theft.arch = "resnet18_w0.125"
   c.theft.init_seed_offset = 1000           # copy init seed = seed + this (never the random victim's)
-  c.theft.steps = 8 if tiny else 300
+  c.theft.steps = 8 if tiny else 200
   c.theft.batch_size = 16 if tiny else 64
   c.theft.loss = "mse"                      # any of attacks.losses' robust set: mse, cosine, huber, infonce
   c.theft.base_lr = 0.4
   c.theft.copies = 4 if tiny else 16        # repeat_*, canary (after it switches)
   c.theft.canary_switch_sigma = 0.0         # canary: switch to repeats once it reads any noise
-  c.theft.under_knee_budget = 16 if tiny else 256
+  c.theft.under_knee_budget = 16 if tiny else 128
   c.theft.selection = "coverage_aware"
   c.theft.flood_weak = 2
   c.theft.flood_strong = 2
-  c.theft.noise_count = 64 if tiny else 500
+  c.theft.noise_count = 64 if tiny else 250
   c.theft.overlap = 16 if tiny else 100      # sybil_mapper, account_rotation
-  c.theft.per_account = 40 if tiny else 500  # account_rotation: queries per account (overlap included)
+  c.theft.per_account = 40 if tiny else 400  # account_rotation: queries per account (overlap included)
   c.theft.alignment = "linear"
   c.theft.proxy_images = 64 if tiny else 512  # denoised: the (oracle) proxy's clean answers
   c.probe = common.probe_block(tiny=True)

@@ -257,10 +257,17 @@ def run_theft(config, encoder, to_input, size: int, seed: int, calib: dict, clea
                                  to_input=to_input, batch_size=int(config.query_batch_size), seed=seed,
                                  proxy_clean=proxy)
       inputs = np.clip(np.round(got.inputs01 * 255), 0, 255).astype(np.uint8)
-      copy, losses = stolen_copy.train_copy(
-          inputs, got.targets, arch=str(tc.arch), preprocessing=pre, mean=mean, std=std,
-          steps=int(tc.steps), batch_size=int(tc.batch_size), loss=str(tc.loss),
-          base_lr=float(tc.base_lr), seed=init_seed)
+      try:
+        copy, losses = stolen_copy.train_copy(
+            inputs, got.targets, arch=str(tc.arch), preprocessing=pre, mean=mean, std=std,
+            steps=int(tc.steps), batch_size=int(tc.batch_size), loss=str(tc.loss),
+            base_lr=float(tc.base_lr), seed=init_seed)
+        measured = {**measure(copy.params), "loss_first": losses[0],
+                    "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])), "diverged": False}
+      except FloatingPointError as e:  # e.g. targets drowned in a charged sigma: reported, not hidden
+        logging.warning("attack_suite theft: %s copy under %s diverged: %s", attack, defense, e)
+        measured = {"cosine": float("nan"), "rel_mse": float("nan"), "probe_top1": float("nan"),
+                    "loss_first": float("nan"), "loss_last": float("nan"), "diverged": True}
       accounts = [{"account": a, "queries": api.num_queries(a), "coverage": api.coverage(a),
                    "sigma": float(api.sigma(a))} for a in got.accounts]
       rows[attack] = {
@@ -268,9 +275,7 @@ def run_theft(config, encoder, to_input, size: int, seed: int, calib: dict, clea
           "coverage_max": max(a["coverage"] for a in accounts),
           "sigma_max": max(a["sigma"] for a in accounts),
           "pairs": int(len(got.targets)), "note": got.note,
-          "copy": {**measure(copy.params), "loss_first": losses[0],
-                   "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):]))},
-          "seconds": time.time() - t0}
+          "copy": measured, "seconds": time.time() - t0}
     out[defense] = rows
   return out
 
@@ -495,7 +500,8 @@ def theft_report(results: dict) -> list:
            "squared errors / the victim's total variance; 1 = no better than its mean); probe: "
            "linear probe top-1 (%) on digits embedded by the copy; legit: the digits user's top-1 (%) "
            "through that defense. Queries: all of the attack's accounts; coverage % and sigma: the "
-           "largest over its accounts. Mean [min, max] over seeds.", ""]
+           "largest over its accounts. Mean [min, max] over seeds; nan: the copy's training loss went "
+           "non-finite on what it received (e.g. under a charged sigma).", ""]
   rows = []
   for a in next(iter(theft.values())):
     for d in theft:
