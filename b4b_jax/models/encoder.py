@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from b4b_jax.models import functional
+from b4b_jax.models.normalization import RESIZE_METHODS
 from b4b_jax.models import resnet as resnet_lib
 from b4b_jax.models import vit as vit_lib
 from b4b_jax.utils import checkpoint
@@ -31,6 +32,7 @@ from b4b_jax.utils import files
 FORMAT = "b4b_jax.encoder/v1"
 MANIFEST = "manifest.json"
 PARAMS_DIR = "params"
+MAX_INPUT_SIZE = 4096                     # bound on a manifest's input_size and resize (pixels)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 REPRESENTATIONS = ("forward", "dino_representation")
@@ -74,8 +76,18 @@ def _check_preprocessing(pre) -> None:
   if len(pre["mean"]) != 3 or len(pre["std"]) != 3 or min(pre["std"]) <= 0:
     raise ValueError(f"preprocessing mean/std must be 3 values with std > 0, got {pre['mean']}, "
                      f"{pre['std']}")
-  if int(pre["input_size"]) < 1:
-    raise ValueError(f"preprocessing input_size must be positive, got {pre['input_size']}")
+  # Bounded, so an edited or hostile manifest is refused here instead of allocating gigabytes per
+  # image in the first resize (the largest released encoders take 518 px).
+  if not 1 <= int(pre["input_size"]) <= MAX_INPUT_SIZE:
+    raise ValueError(f"preprocessing input_size must be in [1, {MAX_INPUT_SIZE}], got "
+                     f"{pre['input_size']}")
+  resize = pre.get("resize")
+  if resize is not None and not int(pre["input_size"]) <= int(resize) <= MAX_INPUT_SIZE:
+    raise ValueError(f"preprocessing resize must be None or in [input_size, {MAX_INPUT_SIZE}] (the "
+                     f"centre crop is taken from the resized image), got {resize}")
+  if pre.get("interpolation", "bilinear") not in RESIZE_METHODS:
+    raise ValueError(f"preprocessing interpolation must be one of {RESIZE_METHODS}, got "
+                     f"{pre['interpolation']!r}")
 
 
 def _representation_fn(representation: Dict[str, Any]) -> Callable[[nnx.Module, jax.Array], jax.Array]:
@@ -220,20 +232,32 @@ class Encoder:
   """
 
   def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, batch_stats: nnx.State,
-               manifest: Dict[str, Any], *, precision: Optional[str] = None):
+               manifest: Dict[str, Any], *, precision: Optional[str] = None,
+               compute_dtype: Optional[str] = None):
     self.manifest = manifest
     self.rep_dim = int(manifest["rep_dim"])
     self.input_size = int(manifest["preprocessing"]["input_size"])
     self.graphdef = graphdef
     self.params = {"params": params, "batch_stats": batch_stats}
+    self.compute_dtype = jnp.dtype(compute_dtype or jnp.float32)
+    if self.compute_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+      raise ValueError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype!r}")
     rep_fn = _representation_fn(manifest["representation"])
+    dtype = self.compute_dtype
+
+    def forward(variables, images):
+      weights = variables["params"]
+      if dtype != jnp.float32:  # mixed precision: bf16 weights and activations, BatchNorm stats in f32
+        weights = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+                               else a, weights)
+      model = nnx.merge(graphdef, weights, variables["batch_stats"], copy=True)
+      return rep_fn(model, images.astype(jnp.float32).astype(dtype)).astype(jnp.float32)
 
     def apply_fn(variables, images):
-      model = nnx.merge(graphdef, variables["params"], variables["batch_stats"], copy=True)
       if precision is None:
-        return rep_fn(model, images.astype(jnp.float32))
+        return forward(variables, images)
       with jax.default_matmul_precision(precision):  # applies while tracing, also inside callers' jits
-        return rep_fn(model, images.astype(jnp.float32))
+        return forward(variables, images)
 
     self.apply_fn = apply_fn
     self._jitted = jax.jit(apply_fn)
@@ -253,12 +277,18 @@ class Encoder:
             f"input_size={self.input_size})")
 
 
-def load_encoder(directory: str, *, verify: bool = True, precision: Optional[str] = None) -> Encoder:
+def load_encoder(directory: str, *, verify: bool = True, precision: Optional[str] = None,
+                 compute_dtype: Optional[str] = None) -> Encoder:
   """Loads what save_encoder (or `python -m weight_conversion.convert`) wrote.
 
   precision: matmul/conv precision of the forward ("highest" for float32-exact results on GPUs/TPUs,
   whose defaults use TF32/bfloat16 passes); None follows jax_default_matmul_precision. On CPU the
   default is already float32.
+  compute_dtype: "bfloat16" runs the forward in mixed precision (weights and activations cast to bf16,
+  BatchNorm statistics and the returned representations float32), for throughput on GPUs/TPUs; None /
+  "float32" is the converted model as is. The default stays float32 everywhere: a victim's answers and
+  their LSH buckets are the model's own, and bf16 moves them (tests/test_models_resnet.py bounds how
+  far).
   """
   directory = os.path.abspath(directory)
   manifest = read_manifest(directory)
@@ -283,4 +313,5 @@ def load_encoder(directory: str, *, verify: bool = True, precision: Optional[str
                        f"{manifest['params_sha256'][:12]}...; the directory is corrupt or was edited")
   params = jax.tree.map(jnp.asarray, params)
   batch_stats = jax.tree.map(jnp.asarray, batch_stats)
-  return Encoder(graphdef, params, batch_stats, manifest, precision=precision)
+  return Encoder(graphdef, params, batch_stats, manifest, precision=precision,
+                 compute_dtype=compute_dtype)
