@@ -14,7 +14,7 @@ Two parts per seed:
 
 Outputs in the workdir: results.json (everything, per seed), report.md (tables per attack x defense,
 mean and range over seeds), error_ratio_vs_n.png, utility_theft_frontier.png (legit accuracy vs the
-copies' probe accuracy, one point per attack, per defense), metrics.jsonl (stage "attack_suite").
+copies' cosine to the victim, one point per attack, per defense), metrics.jsonl (stage "attack_suite").
 """
 import os
 import time
@@ -528,20 +528,20 @@ def theft_report(results: dict) -> list:
 
 
 def plot_frontier(results: dict, path: str) -> None:
-  """Per defense: the legit user's accuracy (y) against each attack's copy probe accuracy (x)."""
+  """Per defense: the legit user's accuracy (y) against each attack's theft (x: the copy's mean cosine
+  to the victim on held-out crops; the digits probe of a copy is a weak theft measure at this scale,
+  an untrained copy already probes well), one point per attack; diverged copies (nan) are left out."""
   theft, legit = results["summary"]["theft"], results["summary"].get("legit_top1", {})
   series = []
   for d, attacks in theft.items():
-    if d not in legit:
-      continue
-    names = list(attacks)
-    series.append({"label": d, "x": [attacks[a]["probe_top1"]["mean"]
-                                                             for a in names],
-                   "y": [legit[d]["mean"]] * len(names),
-                   "style": {"none": "o", "paper": "s", "hardened": "^", "charged": "v"}.get(d, "o")})
+    points = [(attacks[a]["cosine"]["mean"], legit[d]["mean"]) for a in attacks
+              if d in legit and np.isfinite(attacks[a]["cosine"]["mean"])]
+    if points:
+      series.append({"label": d, "x": [p[0] for p in points], "y": [p[1] for p in points],
+                     "style": {"none": "o", "paper": "s", "hardened": "^", "charged": "v"}.get(d, "o")})
   if series:
-    report_lib.line_plot(path, series, xlabel="theft: copy's digits probe top-1 (%), one point per "
-                         "attack", ylabel="legit user's top-1 (%)",
+    report_lib.line_plot(path, series, xlabel="theft: copy's mean cosine to the victim (held-out), one "
+                         "point per attack", ylabel="legit user's top-1 (%)",
                          title="Utility / theft frontier per defense")
 
 
