@@ -25,9 +25,12 @@ The legit digits user queries through images (api.query), so the image-keyed noi
 Expected (issue 12): paper-B4B err(1)/err(100) ~ 10 (sqrt(100)); hardened <= 1.2 for exact repeats and
 near-duplicates; canary: under the hardened defense the probe's answers only change when the sigma
 level rises; legit digits drop grows by <= 0.2 points.
-Runtime: not re-measured at full size after the third defense and the image-path legit rows were added
-(the last full run, two defenses, took 21 min on the 2-core CPU under load from other jobs); :tiny is
-the test (tests/test_attack_suite.py).
+Runtime: the full config does NOT fit the issue's 20 minutes on 2 CPU cores. Measured parts, under
+load from other jobs on the shared 2-core CPU: the last full run of the error part (two defenses) took
+21 min; the coverage + canary part alone (3 seeds, three defenses) 6 min 21 s (load 6-11); the theft
+rows on the demo's victim 604 s per seed (load 4-9), so ~30 min for three seeds on top. For a run that
+fits, use --config.seeds="(0,)" and drop perturbations. :tiny is the test (tests/test_attack_suite.py:
+300 s wall at load 7-10, 206 s CPU).
 """
 import ml_collections
 
