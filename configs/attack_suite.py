@@ -30,7 +30,7 @@ load from other jobs on the shared 2-core CPU: the last full run of the error pa
 21 min; the coverage + canary part alone (3 seeds, three defenses) 6 min 21 s (load 6-11); the theft
 rows on the demo's victim 604 s per seed (load 4-9), so ~30 min for three seeds on top. For a run that
 fits, use --config.seeds="(0,)" and drop perturbations. :tiny is the test (tests/test_attack_suite.py:
-300 s wall at load 7-10, 206 s CPU).
+180 s wall at load average 2-6; 300 s at 7-10).
 """
 import ml_collections
 

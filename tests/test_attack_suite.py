@@ -69,7 +69,8 @@ def _check_theft(config, results, report):
   assert theft["charged"]["repeat_exact"]["sigma_max"] > theft["hardened"]["repeat_exact"]["sigma_max"]
   assert theft["charged"]["repeat_exact"]["copy"]["rel_mse"] > theft["hardened"]["repeat_exact"][
       "copy"]["rel_mse"]
-  # the canary reads noise under paper-B4B (and switches to repeats), not under the image-keyed noise
+  # the canary reads fresh noise under paper-B4B (and switches to repeats); under the hardened keying
+  # its answers repeat while the sigma level holds (the whole tiny run), so it reads none
   assert "True" in theft["paper"]["canary"]["note"] and "False" in theft["hardened"]["canary"]["note"]
   assert "| account_rotation | charged |" in report and "| (untrained copy) |" in report
 
