@@ -102,7 +102,7 @@ STEAL_ARGS = """Arguments (the `:arg` string of configs/steal_{simsiam,dino}.py)
   strategy=NAME    how the query_once protocol asks (b4b_jax/attacks/strategies: query_once,
                    repeat_average, canary; settings in attack.strategy_kwargs)
   epochs=N         stealing epochs (paper: 100)
-  loss=infonce|mse|softnn
+  loss=infonce|mse|softnn|cosine|huber   (cosine, huber: the noise-robust losses of issue 12)
   mapper=linear|mlp
   center=0|1       centre the responses over each batch (default: on when defended)
   tiny             the small CPU variant (random tiny victim built into the workdir, 16x16 photo crops)

@@ -93,7 +93,7 @@ def test_stolen_model_gets_the_dino_head_only_when_dims_differ():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("train.loss", "cosine", "unknown stealing loss"),
+    ("train.loss", "l1", "unknown stealing loss"),
     ("attack.mapper.kind", "conv", "unknown attack.mapper.kind"),
     ("train.base_lr", 0.0, "base_lr"),
     ("train.epochs", 0, "train.epochs"),
@@ -108,6 +108,10 @@ def test_stolen_model_gets_the_dino_head_only_when_dims_differ():
     ("attack.protocol", "online", "unknown attack.protocol"),
     ("attack.strategy", "repeat_average", "needs attack.protocol='query_once'"),
     ("attack.strategy", "guess", "unknown attack.strategy"),
+    ("attack.strategy", "under_knee", "fewer rows than images.*configs/attack_suite.py"),
+    ("attack.strategy", "sybil_mapper", "does not fit the steal job"),
+    ("attack.strategy", "account_rotation", "does not fit the steal job"),
+    ("attack.strategy", "denoised", "proxy"),
     ("attack.rep_scale", 0.0, "rep_scale"),
     ("compute_dtype", "float16", "compute_dtype"),
     ("attack.num_queries_mapping", 250, "must exceed its 4 mapping batches"),

@@ -10,13 +10,19 @@ contrastive losses span the *global* batch, so every device sees the same negati
 - `mse`: mean squared error over all elements (torch's nn.MSELoss default reduction).
 - `soft_nearest_neighbor`: Frosst et al.'s soft nearest-neighbour loss over the same 2B points with
   labels = pair index, on squared Euclidean distances / temperature (reference section 7.3).
+- `cosine`: 1 - mean cosine similarity of the pairs (scale-free: ignores how far the noise pushes a
+  response's norm).
+- `huber`: mean elementwise Huber loss, delta in units of the batch targets' RMS (the thief does not
+  know the noise scale up front); quadratic for small residuals, linear for the noise's large ones.
+The last two are the noise-robust losses of issue 12 (attacks/strategies/denoise.py's robust_loss);
+`train.loss` in the steal job selects any of LOSSES, default "infonce" (the paper's).
 """
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-LOSSES = ("infonce", "mse", "softnn")
+LOSSES = ("infonce", "mse", "softnn", "cosine", "huber")
 
 
 def _check_pair(stolen, target):
@@ -62,6 +68,23 @@ def soft_nearest_neighbor(stolen: jnp.ndarray, target: jnp.ndarray, *,
   return _paired_cross_entropy(-dist / temperature)
 
 
+def cosine(stolen: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
+  _check_pair(stolen, target)
+  stolen, target = stolen.astype(jnp.float32), target.astype(jnp.float32)
+  num = jnp.sum(stolen * target, axis=1)
+  den = jnp.linalg.norm(stolen, axis=1) * jnp.linalg.norm(target, axis=1) + 1e-12
+  return 1.0 - jnp.mean(num / den)
+
+
+def huber(stolen: jnp.ndarray, target: jnp.ndarray, *, delta: float = 1.0) -> jnp.ndarray:
+  """0.5 r^2 for |r| <= d, d (|r| - d/2) beyond, d = delta x RMS(target) (of this batch)."""
+  _check_pair(stolen, target)
+  stolen, target = stolen.astype(jnp.float32), target.astype(jnp.float32)
+  d = jnp.float32(delta) * jnp.sqrt(jnp.mean(target * target) + 1e-30)
+  r = jnp.abs(stolen - target)
+  return jnp.mean(jnp.where(r <= d, 0.5 * r * r, d * (r - 0.5 * d)))
+
+
 def get_loss(name: str, *, temperature: float = None
              ) -> Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]:
   """Loss by config name; `temperature` overrides the loss's default (InfoNCE 0.25, SoftNN 1000)."""
@@ -69,8 +92,8 @@ def get_loss(name: str, *, temperature: float = None
     t = 0.25 if temperature is None else temperature
   elif name == "softnn":
     t = 1000.0 if temperature is None else temperature
-  elif name == "mse":
-    return mse
+  elif name in ("mse", "cosine", "huber"):  # no temperature (a configured one is ignored, as before)
+    return {"mse": mse, "cosine": cosine, "huber": huber}[name]
   else:
     raise ValueError(f"unknown stealing loss {name!r}; choose one of {LOSSES}")
   if not t > 0:

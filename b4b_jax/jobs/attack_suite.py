@@ -1,10 +1,23 @@
 """Job "attack_suite": adaptive attacks (b4b_jax.attacks.strategies) against paper-B4B and the hardened
 defense (b4b_jax.defense.hardened), and the legit user's accuracy under each. See configs/attack_suite.py.
 
+Two parts per seed:
+  the error of the thief's targets (repeat-and-average curves, the canary's sigma read-out) against
+    paper / hardened / charged;
+  theft (config.theft): every attack of config.theft.attacks (strategies/received.py) sends the same
+    stealing images from fresh accounts to each defense of THEFT_DEFENSES (none, paper, hardened,
+    charged); a small copy is trained on what it received (attacks/stolen_copy.py: the steal job's
+    train step) and measured on held-out photo crops no attacker sent (cosine and relative MSE to the
+    victim's clean representation) and by a linear probe on digits embedded by the copy; beside it
+    the attack's queries, its accounts' coverage and sigma, and the legit digits user's accuracy under
+    the same defense.
+
 Outputs in the workdir: results.json (everything, per seed), report.md (tables per attack x defense,
-mean and range over seeds), error_ratio_vs_n.png, metrics.jsonl (stage "attack_suite").
+mean and range over seeds), error_ratio_vs_n.png, utility_theft_frontier.png (legit accuracy vs the
+copies' cosine to the victim, one point per attack, per defense), metrics.jsonl (stage "attack_suite").
 """
 import os
+import time
 
 import ml_collections
 from absl import logging
@@ -12,16 +25,20 @@ import numpy as np
 
 from b4b_jax import data as data_lib
 from b4b_jax import defense as defense_lib
+from b4b_jax.attacks import stolen_copy
 from b4b_jax.attacks import strategies
+from b4b_jax.attacks.strategies import received as received_lib
 from b4b_jax.defense import hardened
 from b4b_jax.evaluation import embeddings
 from b4b_jax.evaluation import legit as legit_lib
+from b4b_jax.evaluation import linear_probe
 from b4b_jax.evaluation import report as report_lib
 from b4b_jax.utils import distributed
 from b4b_jax.utils import files
 from b4b_jax.utils import metrics as metrics_lib
 
 DEFENSES = ("paper", "hardened")  # always run; "charged" (hardened + repeat_charge) when configured
+FRONTIER_PNG = "utility_theft_frontier.png"
 
 
 def defenses(config) -> tuple:
@@ -41,6 +58,29 @@ def validate_config(config) -> None:
   if not config.seeds:
     raise ValueError("seeds must name at least one seed")
   defense_lib.defense_config("simsiam", **config.hardened.to_dict())  # ValueError naming a bad field
+  tc = config.get("theft")
+  if tc is not None and tc.enabled:
+    if not tc.attacks:
+      raise ValueError("theft.attacks names no attack (set theft.enabled=False to skip theft)")
+    for a in tc.attacks:
+      received_lib.check_attack(a)
+    if tc.selection not in strategies.SELECTIONS:
+      raise ValueError(f"theft.selection {tc.selection!r}: expected one of {strategies.SELECTIONS}")
+    if tc.alignment not in strategies.ALIGNMENTS:
+      raise ValueError(f"theft.alignment {tc.alignment!r}: expected one of {strategies.ALIGNMENTS}")
+    ints = {k: int(tc[k]) for k in ("images", "eval_images", "copies", "steps", "batch_size",
+                                    "under_knee_budget", "noise_count", "overlap", "per_account",
+                                    "proxy_images")}
+    small = [k for k, v in ints.items() if v < (2 if k in ("images", "eval_images", "overlap",
+                                                             "batch_size") else 1)]
+    if small:
+      raise ValueError(f"theft fields {small} are too small ({ {k: ints[k] for k in small} })")
+    if ints["per_account"] <= ints["overlap"]:
+      raise ValueError(f"theft.per_account ({ints['per_account']}) must exceed theft.overlap "
+                       f"({ints['overlap']})")
+    if not float(tc.base_lr) > 0 or float(tc.canary_switch_sigma) < 0:
+      raise ValueError("theft.base_lr must be > 0 and theft.canary_switch_sigma >= 0")
+    strategies.robust_loss(tc.loss, np.zeros((2, 2), np.float32), np.ones((2, 2), np.float32))
 
 
 def run(config, workdir: str) -> dict:
@@ -65,6 +105,8 @@ def run(config, workdir: str) -> dict:
     files.atomic_write_json(os.path.join(workdir, "results.json"), results)
     files.atomic_write_text(os.path.join(workdir, "report.md"), render_report(results))
   plot(results, os.path.join(workdir, "error_ratio_vs_n.png"))
+  if results["summary"].get("theft"):
+    plot_frontier(results, os.path.join(workdir, FRONTIER_PNG))
   return results
 
 
@@ -101,7 +143,10 @@ def run_seed(config, encoder, to_input, size: int, seed: int) -> dict:
     none = legit_lib.legit_user(legit_reps[0], train_y, legit_reps[1], test_y, defense_config=None,
                                 probe_cfg=config.probe)
     out["legit"]["none"] = _legit_row(none)
+  else:
+    train_x = train_y = test_x = test_y = None
 
+  apis = {}
   for name in defenses(config):
     cfg = defense_config(config, calib, seed, mode=name)
     api = defense_lib.DefendedEncoder(fn, cfg, encoder.rep_dim, capacity=16)
@@ -124,6 +169,7 @@ def run_seed(config, encoder, to_input, size: int, seed: int) -> dict:
       out["canary"][name] = run_canary(api, coverage_images, canary_image, to_input, bs, ratio, name,
                                        seed)
     out["provider"][name] = hardened.provider_stats(api)
+    apis[name] = api
     if config.legit:
       # Through images (api.query), so the hardened mode's image-keyed noise applies as it does for
       # the thieves (the representation path would key by the fine codes alone).
@@ -143,6 +189,94 @@ def run_seed(config, encoder, to_input, size: int, seed: int) -> dict:
         row = legit_lib.legit_user_images(encoder, static, [(train_x, train_y)], [(test_x, test_y)],
                                           probe_cfg=config.probe, query_batch_size=bs)
         out["legit"][f"{name} sigma={float(m):g}std"] = _legit_row(row)
+  if config.get("theft") is not None and config.theft.enabled:
+    digits = (train_x, train_y, test_x, test_y) if config.legit else None
+    out["theft"] = run_theft(config, encoder, to_input, size, seed, calib, clean, server, digits,
+                             apis)
+  return out
+
+
+# ------------------------------------------------------------------------------------------ theft
+def run_theft(config, encoder, to_input, size: int, seed: int, calib: dict, clean, server,
+              digits, apis: dict) -> dict:
+  """{defense: {attack: row}}: each attack's received pairs -> a trained copy -> its fidelity on held-out
+  crops and its digits probe accuracy (module docstring). apis: {defense: the error part's API}, reused
+  with fresh accounts (theft_<attack>) so its compiled calls serve both parts."""
+  tc = config.theft
+  n_steal, n_eval = int(tc.images), int(tc.eval_images)
+  photos, _ = data_lib.load_arrays("sklearn_photos", "query", image_size=size, limit=n_steal, seed=seed)
+  steal_images = photos.astype(np.float32) / 255
+  # Held-out crops no attacker sends: the test split after the rows the error part uses as targets.
+  skip = int(config.targets) + 1
+  held, _ = data_lib.load_arrays("sklearn_photos", "test", image_size=size, limit=skip + n_eval,
+                                 seed=seed)
+  eval_uint8 = held[skip:]
+  victim_eval = clean.steal(eval_uint8.astype(np.float32) / 255).astype(np.float64)
+  if digits is None or digits[0] is None:
+    train_x, train_y = data_lib.load_arrays("digits", "train", image_size=size)
+    test_x, test_y = data_lib.load_arrays("digits", "test", image_size=size)
+    if int(config.legit_limit):
+      train_x, train_y = train_x[:int(config.legit_limit)], train_y[:int(config.legit_limit)]
+  else:
+    train_x, train_y, test_x, test_y = digits
+  # The denoiser's proxy: the victim's clean answers on the server's other public crops (an oracle
+  # proxy, the best any real proxy could do).
+  proxy = clean.steal(server[:int(tc.proxy_images)].astype(np.float32) / 255)
+  mean, std = data_lib.normalization(encoder)
+  pre = dict(encoder.manifest["preprocessing"])
+  settings = {k: tc[k] for k in received_lib.SETTINGS}
+  # The untrained copy: the reference every trained copy must beat (a random ResNet's features already
+  # probe digits well above chance). One compiled embedding serves every copy: weights as arguments.
+  # The copy's init seed is offset so that a random victim of the same architecture (the offline
+  # default random:resnet18_w0.125, seed 0) is never the copy's own starting point.
+  init_seed = seed + int(tc.init_seed_offset)
+  template = stolen_copy.initial_copy(str(tc.arch), encoder.rep_dim, preprocessing=pre, seed=init_seed)
+
+  def measure(weights) -> dict:
+    def embed(images):
+      return embeddings.embed_images(template, images, batch_size=256, params=weights)
+    probe = linear_probe.run_probe(embed(train_x), train_y, embed(test_x), test_y, config.probe)
+    return {**stolen_copy.fidelity(embed(eval_uint8), victim_eval),
+            "probe_top1": float(probe.test_top1_mean)}
+
+  out = {"untrained_copy": measure(template.params)}
+  for defense in ("none",) + defenses(config):
+    if defense == "none":
+      dc = config.defense
+      cfg = defense_lib.defense_config(
+          "none", num_projections=int(dc.num_projections), num_hyperplanes=int(dc.num_hyperplanes),
+          hash_center=calib["center"], seed=seed + int(dc.seed_offset))
+      api = defense_lib.DefendedEncoder(encoder, cfg, encoder.rep_dim, capacity=16)
+    else:
+      api = apis[defense]
+    rows = {}
+    for attack in tc.attacks:
+      logging.info("attack_suite theft: seed %d, %s defense, attack %s", seed, defense, attack)
+      t0 = time.time()
+      got = received_lib.receive(attack, api, f"theft_{attack}", steal_images, settings,
+                                 to_input=to_input, batch_size=int(config.query_batch_size), seed=seed,
+                                 proxy_clean=proxy)
+      inputs = np.clip(np.round(got.inputs01 * 255), 0, 255).astype(np.uint8)
+      try:
+        copy, losses = stolen_copy.train_copy(
+            inputs, got.targets, arch=str(tc.arch), preprocessing=pre, mean=mean, std=std,
+            steps=int(tc.steps), batch_size=int(tc.batch_size), loss=str(tc.loss),
+            base_lr=float(tc.base_lr), seed=init_seed)
+        measured = {**measure(copy.params), "loss_first": losses[0],
+                    "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])), "diverged": False}
+      except FloatingPointError as e:  # e.g. targets drowned in a charged sigma: reported, not hidden
+        logging.warning("attack_suite theft: %s copy under %s diverged: %s", attack, defense, e)
+        measured = {"cosine": float("nan"), "rel_mse": float("nan"), "probe_top1": float("nan"),
+                    "loss_first": float("nan"), "loss_last": float("nan"), "diverged": True}
+      accounts = [{"account": a, "queries": api.num_queries(a), "coverage": api.coverage(a),
+                   "sigma": float(api.sigma(a))} for a in got.accounts]
+      rows[attack] = {
+          "queries": int(sum(a["queries"] for a in accounts)), "accounts": accounts,
+          "coverage_max": max(a["coverage"] for a in accounts),
+          "sigma_max": max(a["sigma"] for a in accounts),
+          "pairs": int(len(got.targets)), "note": got.note,
+          "copy": measured, "seconds": time.time() - t0}
+    out[defense] = rows
   return out
 
 
@@ -272,6 +406,23 @@ def summarise(per_seed: dict) -> dict:
                                     for s in seeds])
     out["repeat_share"][d] = {a: stats([s["provider"][d][a].get("repeat_share", float("nan"))
                                         for s in seeds]) for a in seeds[0]["provider"].get(d, {})}
+  if seeds[0].get("theft"):
+    out["theft"] = {}
+    out["untrained_copy"] = {k: stats([s["theft"]["untrained_copy"][k] for s in seeds])
+                             for k in ("cosine", "rel_mse", "probe_top1")}
+    for d, attacks in seeds[0]["theft"].items():
+      if d == "untrained_copy":
+        continue
+      for a in attacks:
+        rows = [s["theft"][d][a] for s in seeds]
+        out["theft"].setdefault(d, {})[a] = {
+            **{k: stats([r["copy"][k] for r in rows]) for k in ("cosine", "rel_mse", "probe_top1")},
+            **{k: stats([r[k] for r in rows]) for k in ("queries", "coverage_max", "sigma_max")}}
+    out["legit_top1"] = {d: stats([s["legit"][d]["test_top1_mean"] for s in seeds])
+                         for d in seeds[0]["theft"] if d in seeds[0]["legit"]}
+    out["seconds"] = {"theft": stats([sum(r["seconds"] for d, rows in s["theft"].items()
+                                          if d != "untrained_copy" for r in rows.values())
+                                      for s in seeds])}
   for d in ("hardened", "charged"):
     if "paper" in out["legit_drop"] and d in out["legit_drop"]:
       out["legit_drop"][f"{d}_minus_paper"] = stats(
@@ -330,11 +481,68 @@ def render_report(results: dict) -> str:
     lines += [f"How far each perturbation moves the clean representation (angle / pi, centred; seed "
               f"{seeds[0]}); 'distinct' = between different targets (median, min):", "",
               report_lib.markdown_table(["perturbation", "median", "max"], rows), ""]
+  if summary.get("theft"):
+    lines += theft_report(results)
   rows = [[d, a, _fmt(v)] for d, accts in summary["repeat_share"].items() for a, v in accts.items()]
   lines += ["Provider flags (hardened only tracks repeats): share of an account's answers whose fine "
             "code it had already been answered for.", "",
             report_lib.markdown_table(["defense", "account", "repeat share"], rows), ""]
   return "\n".join(lines)
+
+
+def theft_report(results: dict) -> list:
+  summary, tc = results["summary"], results["config"]["theft"]
+  theft, legit = summary["theft"], summary.get("legit_top1", {})
+  lines = [f"## Theft: a copy trained on what each attack received ({tc['arch']}, {tc['steps']} steps "
+           f"x batch {tc['batch_size']}, loss {tc['loss']}; {tc['images']} stealing images per attack, "
+           f"{tc['eval_images']} held-out crops)", "",
+           "Copy vs victim on held-out crops no attacker sent: mean cosine and relative MSE (sum of "
+           "squared errors / the victim's total variance; 1 = no better than its mean); probe: "
+           "linear probe top-1 (%) on digits embedded by the copy; legit: the digits user's top-1 (%) "
+           "through that defense. Queries: all of the attack's accounts; coverage % and sigma: the "
+           "largest over its accounts. Mean [min, max] over seeds; nan: the copy's training loss went "
+           "non-finite on what it received (e.g. under a charged sigma).", ""]
+  rows = []
+  for a in next(iter(theft.values())):
+    for d in theft:
+      r = theft[d][a]
+      rows.append([a, d, f"{r['queries']['mean']:.0f}", f"{r['coverage_max']['mean']:.1f}",
+                   f"{r['sigma_max']['mean']:.3g}", _fmt(r["cosine"]), _fmt(r["rel_mse"]),
+                   _fmt(r["probe_top1"]), _fmt(legit[d]) if d in legit else "-"])
+  u = summary["untrained_copy"]
+  rows.append(["(untrained copy)", "-", "0", "-", "-", _fmt(u["cosine"]), _fmt(u["rel_mse"]),
+               _fmt(u["probe_top1"]), "-"])
+  lines += [report_lib.markdown_table(["attack", "defense", "queries", "coverage %", "sigma",
+                                       "copy cosine", "copy rel MSE", "copy probe top-1",
+                                       "legit top-1"], rows), ""]
+  first = results["seeds"][next(iter(results["seeds"]))]["theft"]
+  grouped = {}
+  for d, rows_ in first.items():
+    for a, r in (rows_.items() if d != "untrained_copy" else ()):
+      if r["note"]:
+        grouped.setdefault((a, r["note"]), []).append(d)
+  if grouped:
+    lines += ["What the attacks received (first seed): " + "; ".join(
+        f"{a}: {n} ({', '.join(ds)})" for (a, n), ds in grouped.items()) + ".", ""]
+  return lines
+
+
+def plot_frontier(results: dict, path: str) -> None:
+  """Per defense: the legit user's accuracy (y) against each attack's theft (x: the copy's mean cosine
+  to the victim on held-out crops; the digits probe of a copy is a weak theft measure at this scale,
+  an untrained copy already probes well), one point per attack; diverged copies (nan) are left out."""
+  theft, legit = results["summary"]["theft"], results["summary"].get("legit_top1", {})
+  series = []
+  for d, attacks in theft.items():
+    points = [(attacks[a]["cosine"]["mean"], legit[d]["mean"]) for a in attacks
+              if d in legit and np.isfinite(attacks[a]["cosine"]["mean"])]
+    if points:
+      series.append({"label": d, "x": [p[0] for p in points], "y": [p[1] for p in points],
+                     "style": {"none": "o", "paper": "s", "hardened": "^", "charged": "v"}.get(d, "o")})
+  if series:
+    report_lib.line_plot(path, series, xlabel="theft: copy's mean cosine to the victim (held-out), one "
+                         "point per attack", ylabel="legit user's top-1 (%)",
+                         title="Utility / theft frontier per defense")
 
 
 def plot(results: dict, path: str) -> None:

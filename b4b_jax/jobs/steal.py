@@ -74,6 +74,7 @@ from b4b_jax.attacks import protocol
 from b4b_jax.attacks import queries as queries_lib
 from b4b_jax.attacks import strategies as strategies_lib
 from b4b_jax.attacks import train_state as ts
+from b4b_jax.attacks.strategies import received as received_lib
 from b4b_jax.evaluation import embeddings
 from b4b_jax.utils import checkpoint as ckpt_lib
 from b4b_jax.utils import distributed
@@ -120,6 +121,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if strategy not in strategies_lib.STRATEGIES:
     raise ValueError(f"unknown attack.strategy {strategy!r}; choose one of "
                      f"{sorted(strategies_lib.STRATEGIES)}")
+  if strategy in received_lib.STEAL_JOB_MISFITS:
+    raise ValueError(f"attack.strategy={strategy!r} does not fit the steal job: "
+                     f"{received_lib.STEAL_JOB_MISFITS[strategy]}; run it in the attack suite "
+                     f"(configs/attack_suite.py:attack={strategy}), which trains a copy on what it "
+                     "received")
   if strategy != "query_once" and protocol_name != "query_once":
     raise ValueError(f"attack.strategy={strategy!r} needs attack.protocol='query_once' (the paper "
                      "protocol's per-epoch answers are simulated offline and re-query charges every "

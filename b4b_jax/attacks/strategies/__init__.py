@@ -20,6 +20,10 @@ DefendedEncoder and, once it exists, the served API.
   DenoisedQueryOnce answers passed through a linear MMSE denoiser the thief fits on (proxy clean,
                    proxy clean + published-cost noise) pairs; robust_loss: mse, cosine, huber, infonce
 
+The steal job (config.attack.strategy) runs the strategies that give one answer per planned image from
+one account; received.py runs every attack for the suite as the (input, answer) pairs it received, and
+names (STEAL_JOB_MISFITS) the strategies the steal job refuses and why.
+
 Images are float32 NHWC in [0, 1] (what perturbations act on); each strategy is given `to_input`, the
 victim's preprocessing (normalisation), applied just before sending.
 """

@@ -9,7 +9,8 @@ mu), the best any denoiser does then). Applied to the API's answers before steal
 the proxy's distribution is not the victim's, so the shrinkage is only as good as that match.
 
 Losses (jax, [B, D] stolen vs target -> scalar): mse, cosine (1 - mean cosine), huber (delta relative
-to the targets' RMS), infonce (attacks.losses.info_nce, the paper's).
+to the targets' RMS), infonce (the paper's); all from attacks.losses, where the steal job's
+`train.loss` selects them too.
 """
 import jax.numpy as jnp
 import numpy as np
@@ -67,15 +68,8 @@ def robust_loss(name: str, stolen, target, *, delta: float = 1.0, temperature: f
   stolen, target = jnp.asarray(stolen, jnp.float32), jnp.asarray(target, jnp.float32)
   if stolen.ndim != 2 or stolen.shape != target.shape:
     raise ValueError(f"stolen {stolen.shape} and target {target.shape} must both be [B, D] and equal")
-  if name == "mse":
-    return losses_lib.mse(stolen, target)
   if name == "infonce":
     return losses_lib.info_nce(stolen, target, temperature=temperature)
-  if name == "cosine":
-    num = jnp.sum(stolen * target, axis=1)
-    den = jnp.linalg.norm(stolen, axis=1) * jnp.linalg.norm(target, axis=1) + 1e-12
-    return 1.0 - jnp.mean(num / den)
-  # huber, delta in units of the targets' RMS (the noise scale is unknown to the thief up front).
-  d = jnp.float32(delta) * jnp.sqrt(jnp.mean(target * target) + 1e-30)
-  r = jnp.abs(stolen - target)
-  return jnp.mean(jnp.where(r <= d, 0.5 * r * r, d * (r - 0.5 * d)))
+  if name == "huber":
+    return losses_lib.huber(stolen, target, delta=delta)
+  return losses_lib.get_loss(name)(stolen, target)
