@@ -121,3 +121,20 @@ def test_make_subset_links_the_same_images_as_per_class(tree, tmp_path):
   assert len(list_folder(dst, "val")) == 6 and sub.class_names == CLASSES
   with pytest.raises(FileExistsError, match="refusing"):
     make_subset(tree, dst, per_class=2)
+
+
+def test_make_subset_removes_only_its_own_leftovers(tree, tmp_path):
+  from b4b_jax.data import make_subset as make_subset_lib  # pylint: disable=g-import-not-at-top
+  dst = str(tmp_path / "subset")
+  # A directory of the user's under the work name is refused and kept.
+  users = tmp_path / "subset.incomplete"
+  users.mkdir()
+  (users / "keep.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match="not left by make_subset"):
+    make_subset_lib.make_subset(tree, dst, per_class=1)
+  assert (users / "keep.txt").read_text() == "mine" and not os.path.exists(dst)
+  # A crashed run's leftover (marker inside) is replaced; the finished subset has no marker.
+  (users / "keep.txt").unlink()
+  (users / make_subset_lib._MARKER).write_text("")  # pylint: disable=protected-access
+  assert make_subset_lib.make_subset(tree, dst, per_class=1) == 3
+  assert not users.exists() and sorted(os.listdir(dst)) == ["train"]

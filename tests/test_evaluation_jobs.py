@@ -226,3 +226,25 @@ def test_coverage_job(exported, tmp_path):
   # Query-set embeddings are cached in the workdir, so a re-run resumes without re-embedding.
   cached = sorted(os.listdir(os.path.join(str(tmp_path), "embeddings")))
   assert cached == ["queries_digits.npz", "queries_photo_crops.npz", "queries_random_noise.npz"]
+
+
+def test_damaged_npz_files_are_one_clear_error(tmp_path):
+  """Truncated, foreign and missing .npz files: a ValueError / FileNotFoundError naming the file, for
+  the embeddings files and the single-array files alike (np.load's own errors vary by the damage)."""
+  good = embeddings.save_npz(str(tmp_path / "good.npz"), meta={"a": 1},
+                             **{k: np.zeros((2, 3) if k.endswith("_x") else (2,), np.float32)
+                                for k in embeddings.NPZ_KEYS})
+  array = embeddings.save_array(str(tmp_path / "reps.npz"), np.ones((4, 3)))
+  assert embeddings.load_npz(good)["meta"] == {"a": 1}
+  np.testing.assert_array_equal(embeddings.load_array(array), np.ones((4, 3), np.float32))
+  data = open(good, "rb").read()
+  for name, content in (("truncated", data[: len(data) // 2]), ("header_only", data[:4]),
+                        ("text", b"not an npz at all"), ("empty", b"")):
+    path = tmp_path / f"{name}.npz"
+    path.write_bytes(content)
+    for load in (embeddings.load_npz, embeddings.load_array):
+      with pytest.raises(ValueError, match=f"{name}.npz is not a readable"):
+        load(str(path))
+  for load in (embeddings.load_npz, embeddings.load_array):
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+      load(str(tmp_path / "missing.npz"))

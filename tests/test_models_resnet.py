@@ -201,6 +201,22 @@ def test_save_load_encoder_round_trip(tmp_path, fast_compile):
     models.load_encoder(str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize("edit, match", [
+    ({"input_size": 10**6}, "input_size must be in"), ({"input_size": 0}, "input_size must be in"),
+    ({"resize": 8}, "resize must be None or in"), ({"resize": 10**6}, "resize must be None or in"),
+    ({"interpolation": "lanczos"}, "interpolation must be one of")])
+def test_load_encoder_refuses_out_of_range_preprocessing(tmp_path, edit, match):
+  model = models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(0), small_input=True)
+  directory = str(tmp_path / "enc")
+  models.save_encoder(directory, model, {"preprocessing": _preprocessing()})
+  path = os.path.join(directory, "manifest.json")
+  manifest = json.load(open(path))
+  manifest["preprocessing"].update(edit)
+  json.dump(manifest, open(path, "w"))
+  with pytest.raises(ValueError, match=match):
+    models.load_encoder(directory)
+
+
 def test_load_encoder_detects_edited_manifest(tmp_path):
   model = models.create_resnet("resnet18_w0.25", rngs=nnx.Rngs(0), small_input=True)
   directory = str(tmp_path / "enc")

@@ -18,6 +18,8 @@ from absl import logging
 from b4b_jax.data import folders
 from b4b_jax.utils.progress import Progress
 
+_MARKER = ".make_subset_in_progress"
+
 
 def make_subset(src: str, dst: str, *, per_class: int, splits: Sequence[str] = ("train",),
                 full_splits: Sequence[str] = (), seed: int = 0, copy: bool = False) -> int:
@@ -27,8 +29,14 @@ def make_subset(src: str, dst: str, *, per_class: int, splits: Sequence[str] = (
   jobs = [(s, per_class) for s in splits] + [(s, None) for s in full_splits]
   listed = [(s, folders.list_folder(src, s, per_class=n, seed=seed)) for s, n in jobs]
   tmp = dst + ".incomplete"
-  if os.path.exists(tmp):
+  if os.path.lexists(tmp):
+    # A crashed earlier run's leftover is ours to remove (it carries the marker); anything else under
+    # that name is the user's and is never deleted.
+    if not os.path.isfile(os.path.join(tmp, _MARKER)):
+      raise FileExistsError(f"{tmp} exists and was not left by make_subset; move it away first")
     shutil.rmtree(tmp)
+  os.makedirs(tmp)
+  open(os.path.join(tmp, _MARKER), "w").close()
   total = sum(len(f) for _, f in listed)
   progress = Progress("make_subset", total, unit="file")
   written = 0
@@ -43,6 +51,7 @@ def make_subset(src: str, dst: str, *, per_class: int, splits: Sequence[str] = (
         os.symlink(os.path.abspath(path), out)
       written += 1
       progress.update(written)
+  os.remove(os.path.join(tmp, _MARKER))
   os.rename(tmp, dst)  # the subset appears whole or not at all
   logging.info("wrote %d files to %s", written, dst)
   return written

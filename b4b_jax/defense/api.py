@@ -50,6 +50,7 @@ from b4b_jax.defense import lsh
 from b4b_jax.defense import state as state_lib
 from b4b_jax.defense import step as step_lib
 from b4b_jax.defense import transforms
+from b4b_jax.models import normalization
 from b4b_jax.utils import checkpoint
 
 # /2: the metadata (config, seed, registry, settings, array checksums) is covered by one digest.
@@ -794,11 +795,8 @@ class _NormalisingEncoder:
   """A models.Encoder taking uint8 images: normalised with its manifest's mean/std inside the jit."""
 
   def __init__(self, encoder):
-    pre = encoder.manifest["preprocessing"]
-    # data.preprocess.normalize's arithmetic, without importing it (it loads TensorFlow: seconds at
-    # every server start).
-    mean, std = np.asarray(pre["mean"], np.float32), np.asarray(pre["std"], np.float32)
-    self._normalize = lambda x: (x.astype(jnp.float32) / np.float32(255.0) - mean) / std
+    mean, std = normalization.normalization(encoder.manifest)
+    self._normalize = lambda x: normalization.normalize(x, mean, std)
     self._apply = encoder.apply_fn
     self.params = encoder.params
     self.rep_dim = encoder.rep_dim

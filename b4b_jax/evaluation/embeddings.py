@@ -17,6 +17,7 @@ import json
 import math
 import os
 import weakref
+import zipfile
 from typing import Iterator, Optional, Tuple
 
 import jax
@@ -298,14 +299,12 @@ def save_npz(path: str, *, meta: Optional[dict] = None, **arrays) -> str:
 
 def load_npz(path: str) -> dict:
   """Reads what save_npz / the embeddings job wrote: {"train_x", ..., "meta": dict}."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"embeddings file {path} does not exist")
+  arrays = _read_npz(path, "embeddings")
   try:
-    with np.load(path, allow_pickle=False) as f:
-      out = {k: f[k] for k in f.files if k != "meta"}
-      meta = json.loads(str(f["meta"])) if "meta" in f.files else {}
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path} is not a readable embeddings .npz ({e})") from e
+    meta = json.loads(str(arrays.pop("meta"))) if "meta" in arrays else {}
+  except ValueError as e:
+    raise ValueError(f"{path}: its meta entry is not JSON ({e})") from e
+  out = arrays
   missing = [k for k in NPZ_KEYS if k not in out]
   if missing:
     raise ValueError(f"{path} lacks arrays {missing} (has {sorted(out)})")
@@ -403,9 +402,19 @@ def save_array(path: str, reps: np.ndarray, *, meta: Optional[dict] = None) -> s
 
 
 def load_array(path: str) -> np.ndarray:
+  arrays = _read_npz(path, "representation")
+  if "reps" not in arrays:
+    raise ValueError(f"{path} has no 'reps' array (has {sorted(arrays)})")
+  return arrays["reps"]
+
+
+def _read_npz(path: str, what: str) -> dict:
+  """Every array of an .npz file; a missing, truncated or foreign file is one clear error naming it
+  (np.load raises OSError, ValueError, EOFError or zipfile.BadZipFile by the kind of damage)."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"representation file {path} does not exist")
-  with np.load(path, allow_pickle=False) as f:
-    if "reps" not in f.files:
-      raise ValueError(f"{path} has no 'reps' array (has {f.files})")
-    return f["reps"]
+    raise FileNotFoundError(f"{what} file {path} does not exist")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path} is not a readable {what} .npz ({type(e).__name__}: {e})") from e

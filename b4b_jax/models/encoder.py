@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from b4b_jax.models import functional
+from b4b_jax.models.normalization import RESIZE_METHODS
 from b4b_jax.models import resnet as resnet_lib
 from b4b_jax.models import vit as vit_lib
 from b4b_jax.utils import checkpoint
@@ -31,6 +32,7 @@ from b4b_jax.utils import files
 FORMAT = "b4b_jax.encoder/v1"
 MANIFEST = "manifest.json"
 PARAMS_DIR = "params"
+MAX_INPUT_SIZE = 4096                     # bound on a manifest's input_size and resize (pixels)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 REPRESENTATIONS = ("forward", "dino_representation")
@@ -74,8 +76,18 @@ def _check_preprocessing(pre) -> None:
   if len(pre["mean"]) != 3 or len(pre["std"]) != 3 or min(pre["std"]) <= 0:
     raise ValueError(f"preprocessing mean/std must be 3 values with std > 0, got {pre['mean']}, "
                      f"{pre['std']}")
-  if int(pre["input_size"]) < 1:
-    raise ValueError(f"preprocessing input_size must be positive, got {pre['input_size']}")
+  # Bounded, so an edited or hostile manifest is refused here instead of allocating gigabytes per
+  # image in the first resize (the largest released encoders take 518 px).
+  if not 1 <= int(pre["input_size"]) <= MAX_INPUT_SIZE:
+    raise ValueError(f"preprocessing input_size must be in [1, {MAX_INPUT_SIZE}], got "
+                     f"{pre['input_size']}")
+  resize = pre.get("resize")
+  if resize is not None and not int(pre["input_size"]) <= int(resize) <= MAX_INPUT_SIZE:
+    raise ValueError(f"preprocessing resize must be None or in [input_size, {MAX_INPUT_SIZE}] (the "
+                     f"centre crop is taken from the resized image), got {resize}")
+  if pre.get("interpolation", "bilinear") not in RESIZE_METHODS:
+    raise ValueError(f"preprocessing interpolation must be one of {RESIZE_METHODS}, got "
+                     f"{pre['interpolation']!r}")
 
 
 def _representation_fn(representation: Dict[str, Any]) -> Callable[[nnx.Module, jax.Array], jax.Array]:
