@@ -99,3 +99,20 @@ def _materialized_words(seeds: jax.Array, num_words: int) -> jax.Array:
 def standard_normal(row_keys: jax.Array, dim: int) -> jax.Array:
   """float32 [N, dim] i.i.d. N(0, 1); row n is a function of row_keys[n] (typed keys [N]) only."""
   return normal_from_words(_materialized_words(row_seeds(row_keys), dim))
+
+
+def normalized_sum(row_keys: jax.Array, dim: int) -> jax.Array:
+  """float32 [N, dim]: sum_t standard_normal(row_keys[:, t], dim) / sqrt(T) for typed keys [N, T] (so
+  exactly N(0, 1) again); row n a function of row_keys[n] only (hardened.py's per-input noise, T =
+  fine_codes). The draws are added one at a time in a loop, so one [N, dim] buffer of words is live at a
+  time: materialising all T draws (or their words) at once made XLA's temporary buffer 32 MiB at T=4,
+  N=1024, D=2048, past glibc's largest mmap threshold, and every call page-faulted it in afresh (8,400
+  minor faults per call, counted with getrusage; 0 for one [N, dim] buffer)."""
+  n, t = row_keys.shape
+  seeds = row_seeds(row_keys.reshape(n * t)).reshape(n, t, 3)
+
+  def add_draw(i, total):
+    return total + normal_from_words(_materialized_words(seeds[:, i], dim))
+
+  total = jax.lax.fori_loop(1, t, add_draw, normal_from_words(_materialized_words(seeds[:, 0], dim)))
+  return total * np.float32(1.0 / np.sqrt(t))
