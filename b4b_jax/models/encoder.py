@@ -232,20 +232,32 @@ class Encoder:
   """
 
   def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, batch_stats: nnx.State,
-               manifest: Dict[str, Any], *, precision: Optional[str] = None):
+               manifest: Dict[str, Any], *, precision: Optional[str] = None,
+               compute_dtype: Optional[str] = None):
     self.manifest = manifest
     self.rep_dim = int(manifest["rep_dim"])
     self.input_size = int(manifest["preprocessing"]["input_size"])
     self.graphdef = graphdef
     self.params = {"params": params, "batch_stats": batch_stats}
+    self.compute_dtype = jnp.dtype(compute_dtype or jnp.float32)
+    if self.compute_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+      raise ValueError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype!r}")
     rep_fn = _representation_fn(manifest["representation"])
+    dtype = self.compute_dtype
+
+    def forward(variables, images):
+      weights = variables["params"]
+      if dtype != jnp.float32:  # mixed precision: bf16 weights and activations, BatchNorm stats in f32
+        weights = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+                               else a, weights)
+      model = nnx.merge(graphdef, weights, variables["batch_stats"], copy=True)
+      return rep_fn(model, images.astype(jnp.float32).astype(dtype)).astype(jnp.float32)
 
     def apply_fn(variables, images):
-      model = nnx.merge(graphdef, variables["params"], variables["batch_stats"], copy=True)
       if precision is None:
-        return rep_fn(model, images.astype(jnp.float32))
+        return forward(variables, images)
       with jax.default_matmul_precision(precision):  # applies while tracing, also inside callers' jits
-        return rep_fn(model, images.astype(jnp.float32))
+        return forward(variables, images)
 
     self.apply_fn = apply_fn
     self._jitted = jax.jit(apply_fn)
@@ -265,12 +277,18 @@ class Encoder:
             f"input_size={self.input_size})")
 
 
-def load_encoder(directory: str, *, verify: bool = True, precision: Optional[str] = None) -> Encoder:
+def load_encoder(directory: str, *, verify: bool = True, precision: Optional[str] = None,
+                 compute_dtype: Optional[str] = None) -> Encoder:
   """Loads what save_encoder (or `python -m weight_conversion.convert`) wrote.
 
   precision: matmul/conv precision of the forward ("highest" for float32-exact results on GPUs/TPUs,
   whose defaults use TF32/bfloat16 passes); None follows jax_default_matmul_precision. On CPU the
   default is already float32.
+  compute_dtype: "bfloat16" runs the forward in mixed precision (weights and activations cast to bf16,
+  BatchNorm statistics and the returned representations float32), for throughput on GPUs/TPUs; None /
+  "float32" is the converted model as is. The default stays float32 everywhere: a victim's answers and
+  their LSH buckets are the model's own, and bf16 moves them (tests/test_models_resnet.py bounds how
+  far).
   """
   directory = os.path.abspath(directory)
   manifest = read_manifest(directory)
@@ -295,4 +313,5 @@ def load_encoder(directory: str, *, verify: bool = True, precision: Optional[str
                        f"{manifest['params_sha256'][:12]}...; the directory is corrupt or was edited")
   params = jax.tree.map(jnp.asarray, params)
   batch_stats = jax.tree.map(jnp.asarray, batch_stats)
-  return Encoder(graphdef, params, batch_stats, manifest, precision=precision)
+  return Encoder(graphdef, params, batch_stats, manifest, precision=precision,
+                 compute_dtype=compute_dtype)
