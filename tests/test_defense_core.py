@@ -180,6 +180,35 @@ def test_step_ignores_padding_rows_and_counts_a_users_rows_as_one_batch():
   assert bool(info["all_finite"])
 
 
+def test_step_finite_check_from_the_hashing_scores_is_exact():
+  """The step reads finiteness off the hashing scores and checks reps itself only when a score is not
+  finite: a NaN or inf in a counted row rejects the call (state bit-identical), one in a padding row
+  does not, and finite values large enough to overflow the scores are still accepted."""
+  cfg = defense.defense_config("simsiam", num_projections=2, num_hyperplanes=4)
+  params = defense.make_params(cfg, 8)
+
+  def fresh():
+    state = defense.init_state(params, 2)
+    return defense.set_uid(state, 0, defense.uid_from_name("user0"))
+
+  reps = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+  users = jnp.array([0, 0, 5, 0], jnp.int32)          # row 2 is padding
+  for bad in (np.nan, np.inf, -np.inf):
+    x = reps.copy()
+    x[1, 3] = bad
+    state, _, info = defense.defense_step(params, fresh(), users, jnp.asarray(x))
+    assert not bool(info["all_finite"]), bad
+    assert int(np.asarray(state.num_queries).sum()) == 0 and int(np.asarray(state.counts).sum()) == 0
+    x = reps.copy()
+    x[2, 3] = bad                                     # only in the ignored row
+    state, _, info = defense.defense_step(params, fresh(), users, jnp.asarray(x))
+    assert bool(info["all_finite"]), bad
+    assert int(np.asarray(state.num_queries)[0]) == 3
+  huge = np.full((4, 8), 3e38, np.float32)            # finite, but x @ R overflows float32
+  state, _, info = defense.defense_step(params, fresh(), users, jnp.asarray(huge))
+  assert bool(info["all_finite"]) and int(np.asarray(state.num_queries)[0]) == 3
+
+
 def test_state_layout_and_bytes_per_user():
   params = defense.make_params(defense.defense_config(), 2048)
   assert params.hyperplanes.shape == (20, 2048, 12)

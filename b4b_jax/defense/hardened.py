@@ -142,11 +142,10 @@ def input_keyed_noise(params, uids: jax.Array, sigma: jax.Array, reps: jax.Array
         jnp.arange(s.fine_codes, dtype=jnp.int32), row_codes)
 
   code_keys = jax.vmap(row_keys_of)(uids, level, codes)  # [N, T] typed keys
-  n = reps.shape[0]
   # The project's generator (noise.py, as the paper's keying uses), one row of D values per (row, code)
-  # key: each draw is a pure function of its key, so the (account, level, code) keying holds.
-  draws = noise_lib.standard_normal(code_keys.reshape(n * s.fine_codes), d).reshape(n, s.fine_codes, d)
-  noise = jnp.sum(draws, axis=1) * jnp.float32(1.0 / np.sqrt(s.fine_codes))
+  # key, summed over the codes and scaled by 1/sqrt(T): each draw is a pure function of its key, so the
+  # (account, level, code) keying holds.
+  noise = noise_lib.normalized_sum(code_keys, d)
   if descriptors is not None and s.image_weight > 0:  # independent parts: still exactly N(0, I)
     noise = (jnp.float32(np.sqrt(1.0 - s.image_weight)) * noise + jnp.float32(np.sqrt(s.image_weight))
              * image_noise(params, uids, level, descriptors, d))

@@ -49,10 +49,20 @@ def bucket_ids(reps: jax.Array, projection: jax.Array, num_hyperplanes: int,
 
   threshold: optional [P*K] offsets (see hash_threshold); None hashes through the origin as the paper.
   """
-  n = reps.shape[0]
-  k = num_hyperplanes
+  return buckets_from_scores(hash_scores(reps, projection), num_hyperplanes, threshold)
+
+
+def hash_scores(reps: jax.Array, projection: jax.Array) -> jax.Array:
+  """float32 [N, P*K] x @ R for all projections (the hashing matmul)."""
   # Full float32 precision so a representation's buckets never depend on the device's matmul mode.
-  scores = jax.lax.dot_general(reps, projection, (((1,), (1,)), ((), ())), precision=_HIGHEST)
+  return jax.lax.dot_general(reps, projection, (((1,), (1,)), ((), ())), precision=_HIGHEST)
+
+
+def buckets_from_scores(scores: jax.Array, num_hyperplanes: int,
+                        threshold: Optional[jax.Array] = None) -> jax.Array:
+  """int32 [N, P] bucket ids from hash_scores [N, P*K] (see bucket_ids)."""
+  n = scores.shape[0]
+  k = num_hyperplanes
   if threshold is not None:
     scores = scores - threshold
   bits = (scores > 0).reshape(n, -1, k).astype(jnp.int32)
