@@ -9,7 +9,7 @@ the user's batch counter and the row's rank into the row key; everything derives
 Why not `jax.random.normal` per row: threefry spends 20 rounds of 32-bit arithmetic per two words, in a
 separate pass before XLA's erf_inv; on a CPU that cost 3.6-5x the hashing matmul it accompanies. Here:
   * bits: per row, three uint32 seed words drawn from the row's JAX key (one threefry call per row, not
-    per value); value j's word is h = mix(mix(mix(j * phi + k0) ^ k1) + k2), mix being the 32-bit
+    per value; jax.random.bits' words, computed by keys.bits_data as straight-line ops, see keys.py); value j's word is h = mix(mix(mix(j * phi + k0) ^ k1) + k2), mix being the 32-bit
     finaliser lowbias32 (xorshift-multiply; a bijection with near-ideal avalanche). For a fixed row every
     stage is a bijection of j, so a row's words never repeat; seeds of different rows are independent
     threefry outputs.
@@ -32,6 +32,8 @@ separate pass before XLA's erf_inv; on a CPU that cost 3.6-5x the hashing matmul
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from b4b_jax.defense import keys as keys_lib
 
 _PHI = np.uint32(0x9E3779B9)  # 2^32 / golden ratio: a Weyl step that spreads consecutive counters
 _BIN_BITS = 7  # mantissa bits per octave of t: 128 bins per octave
@@ -64,7 +66,10 @@ def _mix(x: jax.Array) -> jax.Array:
 
 
 def row_seeds(row_keys: jax.Array) -> jax.Array:
-  """uint32 [N, 3] hash seeds of typed JAX keys [N] (any PRNG implementation)."""
+  """uint32 [N, 3] hash seeds of typed JAX keys [N] (any PRNG implementation): jax.random.bits(k, (3,))
+  per key, by keys.bits_data's straight-line threefry where it reproduces jax.random exactly."""
+  if keys_lib.fast_keys_apply(row_keys):
+    return keys_lib.bits_data(jax.random.key_data(row_keys), 3)
   return jax.vmap(lambda k: jax.random.bits(k, (3,), jnp.uint32))(row_keys)
 
 
