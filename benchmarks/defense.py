@@ -4,6 +4,7 @@ r"""Defense speed: our jitted step vs the original coverage algorithm, the matmu
   python -m benchmarks.defense --tiny             # seconds, a smoke check
   python -m benchmarks.defense --workdir=DIR      # also DIR/results.json, DIR/report.md, metrics
   python -m benchmarks.defense --encoders=resnet50,vit_small --encoder-batch=256   # section (e)
+  python -m benchmarks.defense --profile          # also (f): where each step's time goes, per XLA op
 
 Measures, on the same random representations:
   (a) coverage-update throughput of our jitted step (defense disabled: hash + occupancy update +
@@ -16,7 +17,9 @@ Measures, on the same random representations:
       mixed in every batch, each against the floor at that batch;
   (d) bytes of defense state per user;
   (e) optionally, the defense's overhead on an encoder's forward: the encoder alone vs encoder + full
-      defense jitted together (as DefendedEncoder serves), random weights, 64 users mixed per batch.
+      defense jitted together (as DefendedEncoder serves), random weights, 64 users mixed per batch;
+  (f) optionally, per XLA op (fusion, sort, scatter, loop), the least time of each serving step of (c)
+      over traced runs, as a share of the floor's time traced alternately (benchmarks/op_profile.py).
 Timings are best-of interleaved trials (load from other processes hits all alike). Nothing here
 asserts a time; the figures are printed, returned, and with --workdir written (metrics: one stage per
 section). The full run takes one to two minutes on a 2-core CPU (mostly the original algorithm).
@@ -46,7 +49,7 @@ FULL = dict(rep_dim=2048, num_projections=20, num_hyperplanes=12, batch_size=256
             serving_batch_size=1024, users_mixed=(1, 64, 1024), repeats=5, trials=5, seed=0)
 TINY = dict(rep_dim=64, num_projections=4, num_hyperplanes=6, batch_size=32, num_reps=256,
             serving_batch_size=32, users_mixed=(1, 4, 16), repeats=2, trials=1, seed=0)
-SECTIONS = ("coverage_update", "matmul_floor", "serving", "state", "encoders")
+SECTIONS = ("coverage_update", "matmul_floor", "serving", "state", "encoders", "profile")
 
 
 def original_coverage_curve(reps: np.ndarray, hyperplanes: np.ndarray, batch_size: int):
@@ -105,7 +108,10 @@ def _registered_state(params, capacity: int):
 def _floor_fn(params) -> Callable:
   """x -> x @ R_p for all p: the hashing matmul alone, in our layout (the fastest on CPU)."""
   hi = jax.lax.Precision.HIGHEST
-  return jax.jit(lambda x, r: jax.lax.dot_general(x, r, (((1,), (1,)), ((), ())), precision=hi))
+
+  def hashing_floor(x, r):  # XLA module "jit_hashing_floor" (section (f) finds its ops by that name)
+    return jax.lax.dot_general(x, r, (((1,), (1,)), ((), ())), precision=hi)
+  return jax.jit(hashing_floor)
 
 
 def _stepper(params, capacity, users, batches, cached_table: bool = False):
@@ -124,17 +130,25 @@ def _stepper(params, capacity, users, batches, cached_table: bool = False):
   return run_batches, holder
 
 
+def _step_hlo(params, holder, users, batch, cached_table: bool = False) -> str:
+  """The compiled text of the step _stepper runs (op names for section (f)); compiles, runs nothing."""
+  table = (transforms.make_table(params.settings, params.transform_key, holder[0].uids)
+           if cached_table else None)
+  return step_lib.defense_step.lower(params, holder[0], users, batch, table).compile().as_text()
+
+
 def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int = 12,
         batch_size: int = 256, num_reps: int = 20480, serving_batch_size: int = 1024,
         users_mixed=(1, 64, 1024), repeats: int = 5, trials: int = 3, seed: int = 0,
         encoders: Sequence[str] = (), encoder_batch: int = 256, encoder_size: int = 224,
-        log: Optional[Callable[[str], None]] = None,
+        profile: bool = False, log: Optional[Callable[[str], None]] = None,
         on_section: Optional[Callable[[str, Dict], None]] = None) -> Dict:
   """Runs (a)-(d); returns a JSON-friendly dict of figures.
 
   `log` receives the printed lines (default print); `on_section(name, figures)` is called after each
   section of SECTIONS that ran (metrics with --workdir). `encoders` (names for models.create_*,
-  e.g. "resnet50", "vit_small") adds section (e) at encoder_batch images of encoder_size pixels.
+  e.g. "resnet50", "vit_small") adds section (e) at encoder_batch images of encoder_size pixels;
+  `profile` adds section (f).
   """
   log = log or print
   on_section = on_section or (lambda name, figures: None)
@@ -238,6 +252,9 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
         f"({row['hardened_service']['over_floor']:.2f}x floor); load {os.getloadavg()[0]:.2f}")
 
   on_section("serving", results["serving"])
+  if profile:
+    _profile_section(say, results, rng, n, capacity, users_mixed, floor, serve_batch, count_params,
+                     serve_params, hardened_params, repeats, on_section)
 
   # (d) state per user.
   per_user = state_lib.state_bytes_per_user(count_params)
@@ -259,6 +276,33 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
     on_section("encoders", results["encoders"])
   results["lines"] = lines
   return results
+
+
+def _profile_section(say, results, rng, n, capacity, users_mixed, floor, serve_batch, count_params,
+                     serve_params, hardened_params, repeats, on_section):
+  """(f): per-op least times of each serving step of (c) vs the floor, at the fewest and the most
+  users mixed per batch."""
+  from benchmarks import op_profile  # pylint: disable=g-import-not-at-top
+  results["profile"] = {}
+  say(f"(f) where the time goes: per XLA op, least time over traced runs as a share of the floor's "
+      f"(x @ R_p, batch {n}) traced alternately; load {os.getloadavg()[0]:.2f}")
+  for num_users in sorted({min(users_mixed), max(users_mixed)}):
+    users = jax.device_put(rng.permutation(np.arange(n) % num_users).astype(np.int32))
+    for name, params, cached in (("coverage_only", count_params, False),
+                                 ("full_defense", serve_params, False),
+                                 ("hardened_service", hardened_params, True)):
+      step, holder = _stepper(params, capacity, users, serve_batch, cached_table=cached)
+      hlo = _step_hlo(params, holder, users, serve_batch[0], cached)
+      p = op_profile.profile(step, "jit_defense_step",
+                             lambda: floor(serve_batch[0], count_params.projection),
+                             "jit_hashing_floor", runs=2 * repeats, hlo_text=hlo)
+      results["profile"][f"{name}/{num_users}"] = {
+          "wall_over_floor": p.wall / p.reference_wall,
+          "ops_over_floor": {op: sec / p.reference_wall for op, sec, _ in p.ops}}
+      say(f"    {name}, {num_users} users/batch (load {os.getloadavg()[0]:.2f}):")
+      for line in op_profile.lines(p):
+        say(line)
+  on_section("profile", {k: v["wall_over_floor"] for k, v in results["profile"].items()})
 
 
 def _encoder_overhead(name, batch, size, seed, repeats, trials, common) -> Dict:
@@ -368,13 +412,15 @@ def main(argv=None):
   parser.add_argument("--encoders", default="", help="comma-separated, e.g. resnet50,vit_small")
   parser.add_argument("--encoder-batch", type=int, default=256)
   parser.add_argument("--encoder-size", type=int, default=224)
+  parser.add_argument("--profile", action="store_true", help="also (f): per-XLA-op times of each step")
   parser.add_argument("--users", default=None, help="users mixed per serving batch, e.g. 1,64,1024")
   args = parser.parse_args(argv)
   settings = dict(TINY if args.tiny else FULL)
   if args.users:
     settings["users_mixed"] = tuple(int(u) for u in args.users.split(","))
   settings.update(encoders=tuple(e for e in args.encoders.split(",") if e),
-                  encoder_batch=args.encoder_batch, encoder_size=args.encoder_size)
+                  encoder_batch=args.encoder_batch, encoder_size=args.encoder_size,
+                  profile=args.profile)
   results = run_into(args.workdir, settings) if args.workdir else run(**settings)
   return results
 

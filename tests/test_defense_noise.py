@@ -204,3 +204,31 @@ def test_checks_reject_a_hash_with_too_little_mixing():
 
   assert check_independent(*_shifted_pairs(k0_only), "shifted rows")
   assert check_independent(*_shifted_pairs(noise_lib.hash_words), "shifted rows") == []
+
+
+def test_straight_line_threefry_key_arithmetic_equals_jax_random():
+  # keys.fold_in_rows / noise.row_seeds replace vmapped jax.random.fold_in / jax.random.bits (rolled
+  # threefry loops on CPU) in the step: they must give the same keys and seed words, bit for bit, or
+  # every drawn value changes. Data spans the whole uint32 range and negative int32 (the hardened
+  # mode's no-noise level); keys of another implementation take jax.random's own path.
+  from b4b_jax.defense import keys as keys_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(7)
+  stream = keys_lib.stream_key(3, "noise")
+  uids = jnp.asarray(rng.integers(0, 2**32, (40, 2), dtype=np.uint64).astype(np.uint32))
+  counter = jnp.asarray(rng.integers(-2**31, 2**31, 40), jnp.int32)
+  rank = jnp.arange(40, dtype=jnp.int32)
+  expected = jax.vmap(lambda u, c, r: jax.random.fold_in(jax.random.fold_in(
+      keys_lib.user_key(stream, u), c), r))(uids, counter, rank)
+  got = jax.jit(lambda: keys_lib.fold_in_rows(stream, uids[:, 0], uids[:, 1], counter, rank))()
+  np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(expected))
+  codes = jnp.asarray(rng.integers(0, 4096, (40, 3)), jnp.int32)
+  nested = keys_lib.fold_in_rows(got[:, None], jnp.arange(3)[None, :], codes)
+  expected_nested = jax.vmap(lambda k, cs: jax.vmap(lambda t, c: jax.random.fold_in(
+      jax.random.fold_in(k, t), c))(jnp.arange(3), cs))(expected, codes)
+  np.testing.assert_array_equal(jax.random.key_data(nested), jax.random.key_data(expected_nested))
+  np.testing.assert_array_equal(
+      noise_lib.row_seeds(got), jax.vmap(lambda k: jax.random.bits(k, (3,), jnp.uint32))(expected))
+  other = jax.random.key(3, impl="rbg")
+  np.testing.assert_array_equal(
+      jax.random.key_data(keys_lib.fold_in_rows(other, counter)),
+      jax.random.key_data(jax.vmap(lambda c: jax.random.fold_in(other, c))(counter)))

@@ -93,7 +93,7 @@ def image_noise(params, uids: jax.Array, level: jax.Array, descriptors: jax.Arra
                                       (((1,), (0,)), ((), ())), precision=_HIGHEST) + params.image_phase)
   feats = feats / jnp.sqrt(jnp.sum(feats * feats, axis=1, keepdims=True))
   stream = keys_lib.stream_key(s.seed, "image_noise")
-  keys = jax.vmap(lambda uid, lvl: jax.random.fold_in(keys_lib.user_key(stream, uid), lvl))(uids, level)
+  keys = keys_lib.fold_in_rows(stream, uids[:, 0], uids[:, 1], level)
   weights = noise_lib.standard_normal(keys, s.image_features * dim).reshape(-1, s.image_features, dim)
   return jnp.einsum("nf,nfd->nd", feats, weights, precision=_HIGHEST)
 
@@ -136,12 +136,11 @@ def input_keyed_noise(params, uids: jax.Array, sigma: jax.Array, reps: jax.Array
   stream = keys_lib.stream_key(s.seed, "input_noise")
   d = reps.shape[1]
 
-  def row_keys_of(uid, lvl, row_codes):
-    base = jax.random.fold_in(keys_lib.user_key(stream, uid), lvl)
-    return jax.vmap(lambda t, c: jax.random.fold_in(jax.random.fold_in(base, t), c))(
-        jnp.arange(s.fine_codes, dtype=jnp.int32), row_codes)
-
-  code_keys = jax.vmap(row_keys_of)(uids, level, codes)  # [N, T] typed keys
+  # Per row and code t: fold_in(fold_in(fold_in(user_key(stream, uid), level), t), code_t) (typed keys
+  # [N, T]; keys.fold_in_rows computes the vmapped jax.random.fold_in chain without threefry loops).
+  base = keys_lib.fold_in_rows(stream, uids[:, 0], uids[:, 1], level)
+  code_keys = keys_lib.fold_in_rows(base[:, None], jnp.arange(s.fine_codes, dtype=jnp.int32)[None, :],
+                                    codes)
   # The project's generator (noise.py, as the paper's keying uses), one row of D values per (row, code)
   # key, summed over the codes and scaled by 1/sqrt(T): each draw is a pure function of its key, so the
   # (account, level, code) keying holds.
@@ -149,7 +148,7 @@ def input_keyed_noise(params, uids: jax.Array, sigma: jax.Array, reps: jax.Array
   if descriptors is not None and s.image_weight > 0:  # independent parts: still exactly N(0, I)
     noise = (jnp.float32(np.sqrt(1.0 - s.image_weight)) * noise + jnp.float32(np.sqrt(s.image_weight))
              * image_noise(params, uids, level, descriptors, d))
-  row_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(code_keys[:, 0])
+  row_keys = keys_lib.fold_in_rows(code_keys[:, 0], 1)
   return applied, noise, row_keys
 
 

@@ -11,6 +11,7 @@ import hashlib
 import unicodedata
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from b4b_jax.defense import errors
@@ -60,3 +61,66 @@ def uid_from_name(name: str) -> np.ndarray:
 def user_key(stream: jax.Array, uid: jax.Array) -> jax.Array:
   """Per-user key of a stream; `uid` is a uint32 [2] array (traceable, vmappable)."""
   return jax.random.fold_in(jax.random.fold_in(stream, uid[0]), uid[1])
+
+
+# Key arithmetic on raw threefry key data, for the per-row noise keys of the jitted step.
+#
+# jax.random.fold_in / jax.random.bits on a CPU lower every threefry call to a rolled 5-iteration loop
+# (XLA while), and the step derives each row's noise seeds through six of them (two for the user id,
+# the batch counter, the rank, the noise sub-stream, the seed words): ~30 tiny loop iterations of
+# separately dispatched ops per call. The functions below compute the same Threefry-2x32 (Salmon et
+# al., 2011; 20 rounds) as straight-line elementwise ops that XLA fuses, on uint32 [..., 2] key data
+# (jax.random.key_data). They return bit-identical keys and words (tests/test_defense_noise.py checks
+# them against jax.random), so no drawn value changes.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k1, k2, x1, x2):
+  """Threefry-2x32 of counter words (x1, x2) under key (k1, k2), all uint32 arrays (broadcast)."""
+  keys = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+  x1, x2 = x1 + keys[0], x2 + keys[1]
+  for block in range(5):
+    for r in _ROTATIONS[block % 2]:
+      x1 = x1 + x2
+      x2 = x1 ^ ((x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r)))
+    x1 = x1 + keys[(block + 1) % 3]
+    x2 = x2 + keys[(block + 2) % 3] + np.uint32(block + 1)
+  return x1, x2
+
+
+def fast_keys_apply(key: jax.Array) -> bool:
+  """Whether fold_in_data / bits_data reproduce jax.random for `key`'s implementation: threefry2x32
+  keys (the default), and for bits_data the partitionable counter layout (JAX's default since 0.5)."""
+  return (str(jax.random.key_impl(key)) == "threefry2x32"
+          and bool(jax.config.jax_threefry_partitionable))
+
+
+def fold_in_data(key_data: jax.Array, data: jax.Array) -> jax.Array:
+  """uint32 [..., 2]: jax.random.key_data(jax.random.fold_in(k, d)) elementwise, for threefry key data
+  [..., 2] (or [2]) and uint32 data [...] (broadcast)."""
+  data = jnp.asarray(data).astype(jnp.uint32)
+  y1, y2 = _threefry2x32(key_data[..., 0], key_data[..., 1], jnp.zeros_like(data), data)
+  return jnp.stack([y1, y2], axis=-1)
+
+
+def fold_in_rows(keys: jax.Array, *columns) -> jax.Array:
+  """Typed keys [...]: fold_in(... fold_in(keys, columns[0]) ..., columns[-1]) elementwise, for a typed
+  key (or typed keys [...]) and integer columns broadcasting to [...]. Bit-identical to vmapped
+  jax.random.fold_in; straight-line threefry (above) for threefry keys, jax.random otherwise."""
+  if str(jax.random.key_impl(keys)) != "threefry2x32":
+    for column in columns:
+      keys = jnp.vectorize(jax.random.fold_in)(keys, jnp.asarray(column).astype(jnp.uint32))
+    return keys
+  data = jax.random.key_data(keys)
+  for column in columns:
+    data = fold_in_data(data, column)
+  return jax.random.wrap_key_data(data, impl=jax.random.key_impl(keys))
+
+
+def bits_data(key_data: jax.Array, num_words: int) -> jax.Array:
+  """uint32 [..., num_words]: jax.random.bits(k, (num_words,), uint32) per threefry key data [..., 2]
+  (valid when fast_keys_apply)."""
+  counter = jnp.arange(num_words, dtype=jnp.uint32)
+  b1, b2 = _threefry2x32(key_data[..., 0, None], key_data[..., 1, None], jnp.zeros_like(counter),
+                         counter)
+  return b1 ^ b2

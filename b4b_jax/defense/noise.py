@@ -9,7 +9,7 @@ the user's batch counter and the row's rank into the row key; everything derives
 Why not `jax.random.normal` per row: threefry spends 20 rounds of 32-bit arithmetic per two words, in a
 separate pass before XLA's erf_inv; on a CPU that cost 3.6-5x the hashing matmul it accompanies. Here:
   * bits: per row, three uint32 seed words drawn from the row's JAX key (one threefry call per row, not
-    per value); value j's word is h = mix(mix(mix(j * phi + k0) ^ k1) + k2), mix being the 32-bit
+    per value; jax.random.bits' words, computed by keys.bits_data as straight-line ops, see keys.py); value j's word is h = mix(mix(mix(j * phi + k0) ^ k1) + k2), mix being the 32-bit
     finaliser lowbias32 (xorshift-multiply; a bijection with near-ideal avalanche). For a fixed row every
     stage is a bijection of j, so a row's words never repeat; seeds of different rows are independent
     threefry outputs.
@@ -24,7 +24,10 @@ separate pass before XLA's erf_inv; on a CPU that cost 3.6-5x the hashing matmul
     erfinv polynomials: log, sqrt, two 9-term polynomials per value) cost as much as the hashing matmul.
   * speed on a CPU: XLA would fuse the hash into the table lookup's loop, where LLVM leaves the hash
     scalar (measured 1.8x slower than the old generator); on CPU the words are materialised first (a
-    conditional that is always taken: XLA cannot fuse across it), so both loops vectorise.
+    conditional that is always taken: XLA cannot fuse across it), so the hash vectorises. The lookup's
+    loop stays scalar whatever surrounds the gather (LLVM has no fast vector gather for this CPU and
+    scalarises the whole loop), so the hash's loop also computes t and moves the sign bit into one
+    word (_packed): 13-15% less time for the draw, same values.
   The distribution is checked, not assumed: tests/test_defense_noise.py runs moments, a Kolmogorov-Smirnov
   test against N(0, 1), tail frequencies, and correlations across columns, rows, users and queries, with
   thresholds that a broken generator fails, and compares the transform with scipy's ndtri.
@@ -32,6 +35,8 @@ separate pass before XLA's erf_inv; on a CPU that cost 3.6-5x the hashing matmul
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from b4b_jax.defense import keys as keys_lib
 
 _PHI = np.uint32(0x9E3779B9)  # 2^32 / golden ratio: a Weyl step that spreads consecutive counters
 _BIN_BITS = 7  # mantissa bits per octave of t: 128 bins per octave
@@ -64,7 +69,10 @@ def _mix(x: jax.Array) -> jax.Array:
 
 
 def row_seeds(row_keys: jax.Array) -> jax.Array:
-  """uint32 [N, 3] hash seeds of typed JAX keys [N] (any PRNG implementation)."""
+  """uint32 [N, 3] hash seeds of typed JAX keys [N] (any PRNG implementation): jax.random.bits(k, (3,))
+  per key, by keys.bits_data's straight-line threefry where it reproduces jax.random exactly."""
+  if keys_lib.fast_keys_apply(row_keys):
+    return keys_lib.bits_data(jax.random.key_data(row_keys), 3)
   return jax.vmap(lambda k: jax.random.bits(k, (3,), jnp.uint32))(row_keys)
 
 
@@ -77,28 +85,42 @@ def hash_words(seeds: jax.Array, num_words: int) -> jax.Array:
 
 def normal_from_words(h: jax.Array) -> jax.Array:
   """uint32 words -> float32 N(0, 1) values of the same shape (tabulated inverse CDF, sign from bit 0)."""
-  t = ((h >> 1).astype(jnp.float32) + 0.5) * np.float32(2.0**-31)   # two-sided tail mass, in (0, 1)
-  index = (jax.lax.bitcast_convert_type(t, jnp.int32) >> (23 - _BIN_BITS)) - _FIRST_INDEX
+  return _normal_from_packed(_packed(h))
+
+
+def _packed(h: jax.Array) -> jax.Array:
+  """uint32: the float32 bits of t = (h >> 1 + 1/2) / 2^31, the two-sided tail mass in (0, 1), with h's
+  bit 0 (the value's sign) in bit 31 (t > 0, so its own sign bit is free). Vectorised arithmetic done in
+  the hash's loop; the lookup's loop, which LLVM leaves scalar (the gather), then needs fewer ops."""
+  t = ((h >> 1).astype(jnp.float32) + 0.5) * np.float32(2.0**-31)
+  return jax.lax.bitcast_convert_type(t, jnp.uint32) | (h << 31)
+
+
+def _normal_from_packed(w: jax.Array) -> jax.Array:
+  """The N(0, 1) values of _packed words: |z| from the table at t's bin, then w's sign bit."""
+  t_bits = w & np.uint32(0x7FFFFFFF)
+  t = jax.lax.bitcast_convert_type(t_bits, jnp.float32)
+  index = (t_bits >> (23 - _BIN_BITS)).astype(jnp.int32) - _FIRST_INDEX
   magnitude = (jnp.asarray(_INTERCEPT).at[index].get(mode="promise_in_bounds")
                + jnp.asarray(_SLOPE).at[index].get(mode="promise_in_bounds") * t)
-  # The sign: bit 0 of h moved onto the float's sign bit (|z| > 0 always).
+  # The sign: bit 31 of w onto the float's sign bit (|z| > 0 always).
   return jax.lax.bitcast_convert_type(
-      jax.lax.bitcast_convert_type(magnitude, jnp.uint32) ^ (h << 31), jnp.float32)
+      jax.lax.bitcast_convert_type(magnitude, jnp.uint32) ^ (w & np.uint32(0x80000000)), jnp.float32)
 
 
 def _materialized_words(seeds: jax.Array, num_words: int) -> jax.Array:
-  """hash_words, computed in its own loop on CPU (see the module docstring): the branch of a conditional
-  whose predicate XLA cannot fold, but is always true (k0 | 1 is odd, never 0)."""
+  """_packed(hash_words), computed in its own loop on CPU (see the module docstring): the branch of a
+  conditional whose predicate XLA cannot fold, but is always true (k0 | 1 is odd, never 0)."""
   if jax.default_backend() != "cpu":
-    return hash_words(seeds, num_words)
+    return _packed(hash_words(seeds, num_words))
   always = (seeds[0, 0] | np.uint32(1)) != np.uint32(0) if seeds.shape[0] else jnp.bool_(True)
-  return jax.lax.cond(always, lambda s: hash_words(s, num_words),
+  return jax.lax.cond(always, lambda s: _packed(hash_words(s, num_words)),
                       lambda s: jnp.zeros((s.shape[0], num_words), jnp.uint32), seeds)
 
 
 def standard_normal(row_keys: jax.Array, dim: int) -> jax.Array:
   """float32 [N, dim] i.i.d. N(0, 1); row n is a function of row_keys[n] (typed keys [N]) only."""
-  return normal_from_words(_materialized_words(row_seeds(row_keys), dim))
+  return _normal_from_packed(_materialized_words(row_seeds(row_keys), dim))
 
 
 def normalized_sum(row_keys: jax.Array, dim: int) -> jax.Array:
@@ -112,7 +134,7 @@ def normalized_sum(row_keys: jax.Array, dim: int) -> jax.Array:
   seeds = row_seeds(row_keys.reshape(n * t)).reshape(n, t, 3)
 
   def add_draw(i, total):
-    return total + normal_from_words(_materialized_words(seeds[:, i], dim))
+    return total + _normal_from_packed(_materialized_words(seeds[:, i], dim))
 
-  total = jax.lax.fori_loop(1, t, add_draw, normal_from_words(_materialized_words(seeds[:, 0], dim)))
+  total = jax.lax.fori_loop(1, t, add_draw, _normal_from_packed(_materialized_words(seeds[:, 0], dim)))
   return total * np.float32(1.0 / np.sqrt(t))

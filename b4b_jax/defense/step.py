@@ -156,15 +156,14 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
   uids = state.uids[slot]
   counter = state.num_batches[slot]
 
-  def row_key(uid, c, r):
-    return jax.random.fold_in(jax.random.fold_in(keys_lib.user_key(params.noise_key, uid), c), r)
-
+  # fold_in(fold_in(user_key(noise_key, uid), counter), rank) per row (keys.fold_in_rows: the same keys
+  # as vmapped jax.random.fold_in, as straight-line ops instead of a rolled threefry loop per fold).
   if s.noise_keying == "per_input":
     sigma, noise, row_keys = hardened.input_keyed_noise(params, uids, sigma, reps, image_descriptors)
     sigma = jnp.where(valid, sigma, 0.0)
   else:
-    row_keys = jax.vmap(row_key)(uids, counter, rank)
-    noise = noise_lib.standard_normal(jax.vmap(lambda k: jax.random.fold_in(k, 0))(row_keys), d)
+    row_keys = keys_lib.fold_in_rows(params.noise_key, uids[:, 0], uids[:, 1], counter, rank)
+    noise = noise_lib.standard_normal(keys_lib.fold_in_rows(row_keys, 0), d)
   noised = reps + sigma[:, None] * noise
 
   # 4. per-user transform.
@@ -177,7 +176,7 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
     if transform_table:
       entries = jax.tree.leaves(transform_table)[0].shape[0]
       table_index = jnp.clip(table_index, 0, entries - 1)
-  debinarize_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(row_keys)
+  debinarize_keys = keys_lib.fold_in_rows(row_keys, 1)
   returned = transforms.apply(s, transform_table, table_index, noised, debinarize_keys)
   returned = jnp.where(valid[:, None], returned, 0.0)
   info = {"coverage": jnp.where(valid, coverage_after, 0.0), "sigma": sigma, "all_finite": all_finite,
