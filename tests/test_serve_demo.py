@@ -39,22 +39,23 @@ def _json(tree):
   return json.loads(json.dumps(tree))
 
 
-def assert_same(served, in_process, path="results", float_rtol=0.0):
+def assert_same(served, in_process, path="results", float_rtol=0.0, float_atol=0.0):
   """Equal trees, except the sigma read-outs: the served client reads an account's sigma from the
   provider's stats (DefendedEncoder.stats: noise_std of the coverage on the host, float64), the
   in-process trace from the call's per-row sigma (the same formula on the device, float32); they
   agree to a few float32 ulps (rtol 1e-5). With float_rtol > 0 every float compares to that rtol
-  (integers, strings and booleans stay exact)."""
+  plus float_atol (integers, strings and booleans stay exact)."""
   if isinstance(in_process, dict):
     assert isinstance(served, dict) and set(served) == set(in_process), (path, set(served) ^ set(in_process))
     for k in in_process:
-      assert_same(served[k], in_process[k], f"{path}.{k}", float_rtol)
+      assert_same(served[k], in_process[k], f"{path}.{k}", float_rtol, float_atol)
   elif isinstance(in_process, list):
     assert isinstance(served, list) and len(served) == len(in_process), path
     for i, (a, b) in enumerate(zip(served, in_process)):
-      assert_same(a, b, f"{path}[{i}]", float_rtol)
+      assert_same(a, b, f"{path}[{i}]", float_rtol, float_atol)
   elif isinstance(in_process, float) and ("sigma" in path or float_rtol > 0):
-    np.testing.assert_allclose(served, in_process, rtol=max(float_rtol, 1e-5), err_msg=path)
+    np.testing.assert_allclose(served, in_process, rtol=max(float_rtol, 1e-5), atol=float_atol,
+                               err_msg=path)
   else:
     assert served == in_process, (path, served, in_process)
 
@@ -77,12 +78,18 @@ def check_against_in_process(config, workdir: str, results: dict, scratch: str) 
   # So: what the API charged and answered (accounts with their mappers, the query log) to float32
   # rounding (rtol 1e-5; integers exact), and the training outcome, which amplifies last-bit differences
   # as in tests/test_multihost.py, to rtol 1e-2 (cosine to the victim: 0.6681 vs 0.6676).
+  # Traced since (serve4, docs/serving.md): the servers run one host device and this process eight, and
+  # on an AVX2 AMD EPYC the plain jitted encoder already rounds the last row of a 64-row batch a few ulps
+  # apart between the two (the served answers equal a 1-device in-process API bit for bit). There the
+  # copy's cosine to its training answers, a number near 0, came out 0.04589 served vs 0.04663 in
+  # process: relative 1.6e-2, absolute 7e-4. So the training outcome also gets an absolute 1e-2 (on
+  # cosines and losses of order 0.1-10; a broken served stage moves them by far more).
   served_sybil, in_process_sybil = results["attack_sybil"], in_process
   assert set(served_sybil) == set(in_process_sybil)
   for key in in_process_sybil:
     trained = key in ("final_loss", "epoch_losses", "similarity_final")
     assert_same(served_sybil[key], in_process_sybil[key], f"attack_sybil.{key}",
-                float_rtol=1e-2 if trained else 1e-5)
+                float_rtol=1e-2 if trained else 1e-5, float_atol=1e-2 if trained else 0.0)
 
 
 def test_served_demo_runs_end_to_end_and_answers_as_in_process(tmp_path):

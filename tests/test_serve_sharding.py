@@ -1,7 +1,17 @@
 """A micro-batch split over all local devices (configs/serve.py batching.shard_over_devices, the
-DefendedEncoder's shard_rows) answers exactly as one device: the same run in two subprocesses, one with
-2 virtual CPU devices and one with 1, must give the same representations, coverage, sigma, charge codes
-and state, snapshot and restore included."""
+DefendedEncoder's shard_rows) answers as one device: the same run in two subprocesses, one with 2
+virtual CPU devices and one with 1, must give the same coverage, sigma, charge codes and state, snapshot
+and restore included, exactly, and the same representations to float32 rounding.
+
+Why the representations are not compared bit for bit: the encoder's XLA CPU kernels round differently
+for another per-device batch shape on some CPUs. On a 2-core AMD EPYC (AVX2, no AVX-512; 2 Dec 2026) the
+last row of an 8-row batch split 4 + 4 differed from the 1-device answer in 37 of 512 values by at most
+2.5e-6 relative, already in the plain jitted encoder before the defense (traced by the serve4 work,
+docs/serving.md); on the AVX-512 Xeon of earlier sessions they were identical. The defense on top is
+deterministic (the noise is keyed, not drawn from a device stream), so any real sharding defect (a row
+on the wrong device, another user's noise or transform, a lost charge) moves a representation by the
+noise's or the transform's scale, and the buckets, coverage and state by whole buckets.
+"""
 import os
 import subprocess
 import sys
@@ -55,4 +65,7 @@ def test_a_micro_batch_sharded_over_two_devices_answers_as_one_device(tmp_path):
   assert int(two.pop("devices")) == 2 and int(one.pop("devices")) == 1
   assert set(two) == set(one) and "state_occupancy" in two and "state_fine_occupancy" in two
   for k in sorted(one):
-    np.testing.assert_array_equal(two[k], one[k], err_msg=k)
+    if k.startswith("reps"):
+      np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    else:
+      np.testing.assert_array_equal(two[k], one[k], err_msg=k)
