@@ -98,6 +98,37 @@ def _mean_batch(metrics_text):
   return total / max(count, 1.0), int(count)
 
 
+def _mean(metrics_text, name, labels=""):
+  """sum / count of a Prometheus histogram in /metrics text (0 when it has no observations)."""
+  found = {}
+  for part in ("sum", "count"):
+    m = re.search(rf"^{name}_{part}{re.escape(labels)} ([0-9.e+-]+)", metrics_text, re.M)
+    found[part] = float(m.group(1)) if m else 0.0
+  return found["sum"] / found["count"] if found["count"] else 0.0
+
+
+def _request_profile(metrics_text) -> str:
+  """Where an embeddings request's latency went, from the server's own histograms (means): decode
+  (auth + image decoding on a worker thread), queue wait (enqueued -> its batch's device call starts),
+  device (the batch's encoder + defense call) and commit (the device call's end -> the batch's
+  journal commit); "other" is the rest of the server-side latency (reading the body, the worker-thread
+  hops, writing the answer). Device and commit are per batch: each request waits for its whole
+  batch's."""
+  total = _mean(metrics_text, "b4b_request_seconds", '{endpoint="/v1/embeddings"}')
+  parts = {"decode": _mean(metrics_text, "b4b_decode_seconds"),
+           "queue wait": _mean(metrics_text, "b4b_queue_wait_seconds"),
+           "device": _mean(metrics_text, "b4b_device_seconds"),
+           "commit": _mean(metrics_text, "b4b_journal_commit_seconds")}
+  parts["other"] = max(0.0, total - sum(parts.values()))
+  return (f"mean server-side latency {1000 * total:.1f} ms = " +
+          " + ".join(f"{k} {1000 * v:.1f} ms ({100 * v / max(total, 1e-12):.0f}%)"
+                     for k, v in parts.items()))
+
+
+def _load() -> str:
+  return "load " + " ".join(open("/proc/loadavg").read().split()[:3])
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--tiny", action="store_true")
@@ -145,6 +176,7 @@ def main():
     start_s = proc.start(timeout=900)
     results, seconds = asyncio.run(_run_load(proc.url, keys, bodies, args.clients, args.duration))
     metrics = httpx.get(proc.url + "/metrics").text
+    load_during_run = _load()
   finally:
     code = proc.stop()
   mean_batch, num_batches = _mean_batch(metrics)
@@ -163,10 +195,11 @@ def main():
   print(f"[serve_load] served:     {served:8.1f} images/s  {len(ok) / seconds:7.1f} requests/s  "
         f"p50 {1000 * np.percentile(lat, 50):7.1f} ms  p99 {1000 * np.percentile(lat, 99):7.1f} ms  "
         f"errors {len(errors)} {sorted(set(map(str, errors)))[:5]}  ({len(done)}/{len(bodies)} sent in "
-        f"{seconds:.1f} s)")
+        f"{seconds:.1f} s; {load_during_run})")
   print(f"[serve_load] micro-batches: {num_batches}, mean {mean_batch:.1f} rows")
+  print(f"[serve_load] request profile: {_request_profile(metrics)}  ({_load()})")
   print(f"[serve_load] in-process: {before:8.1f} images/s before, {after:8.1f} after (batch "
-        f"{args.max_rows}); {after_mean:8.1f} at the served mean batch {batch}")
+        f"{args.max_rows}); {after_mean:8.1f} at the served mean batch {batch}  ({_load()})")
   print(f"[serve_load] served / in-process (batch {args.max_rows}) = {served / inproc:.2f}; "
         f"/ in-process at batch {batch} = {served / after_mean:.2f}   (target >= 0.70)")
 

@@ -20,8 +20,9 @@ transform against sybils. The paper's B4B is one field away: `--config.defense.n
 `--config.defense.transform=identity` drops the transforms, `--config.defense.enabled=False` serves
 undefended (coverage still counted). With the demo victim the cost is the demo's calibration and the
 hardening fields come from this block. `:tiny` is the variant the tests run (small batches and
-limits; name an encoder directory to skip the demo victim). Start-up: a few seconds plus compiling the
-padded batch sizes (cached in <workdir>/jax_cache, so restarts are quick).
+limits; name an encoder directory to skip the demo victim). Start-up: the port is bound first (/healthz
+answers 503 "starting", queries wait), then the state is restored and queries are answered while the
+padded batch sizes compile on a thread (cached in <workdir>/jax_cache, so restarts are quick).
 """
 import ml_collections
 
@@ -50,7 +51,10 @@ def get_config(arg=None):
   c.batching.max_rows = 32 if tiny else 512      # row budget of one micro-batch (padded to 8, 16, ...)
   c.batching.max_wait_ms = 4.0                   # how long a batch waits for more requests
   c.batching.max_queued_rows = 8192 if tiny else 65536
-  c.batching.warm_up = True                      # compile every padded batch size before serving
+  c.batching.warm_up = True                      # compile every padded batch size at start-up ...
+  c.batching.serve_during_warm_up = True         # ... on a thread while already serving (a call whose
+                                                 # shape is not compiled yet compiles it: on a restart
+                                                 # a persistent-cache hit); False: serve after warm-up
   c.batching.shard_over_devices = True           # split each micro-batch's rows over all local devices
 
   c.limits = ml_collections.ConfigDict()

@@ -99,7 +99,8 @@ def test_sigkill_under_load_loses_no_acknowledged_query_and_counts_nothing_twice
         t.join(60)
       if round_ < KILLS:
         restarts.append(proc.start(timeout=300))
-        print(f"restart {round_ + 1}: {restarts[-1]:.1f} s to /healthz; breakdown {proc.startup}")
+        print(f"restart {round_ + 1}: {restarts[-1]:.1f} s to /healthz ok (ready); breakdown "
+              f"{proc.startup}; load {os.getloadavg()[0]:.1f}")
   finally:
     code = proc.stop()
   assert code == 0, proc.log_tail()

@@ -16,10 +16,16 @@ Endpoints (user endpoints take `Authorization: Bearer <api key>`, admin ones the
   POST   /v1/admin/keys          {"account", "quota_rows"?, "rate_rows_per_s"?} -> a new key, shown once
   DELETE /v1/admin/keys/{key_id} revokes a key
   POST   /v1/admin/snapshot      snapshot now (and trim the journal)
-  GET    /healthz, GET /metrics  liveness (+ out_dim, input_size) and Prometheus text
+  GET    /healthz, GET /metrics  liveness (+ out_dim, input_size, warming_up: batch shapes still
+                                 compiling on their thread) and Prometheus text
+The port is bound before the state is restored: until the service is ready /healthz answers 503 with
+status "starting" (and the start-up phases so far) and every other request waits for it (a request
+waits, it is not refused: nothing is queued or charged before the restored state serves it); if the
+start fails they get 503 and the process exits with the reason.
 Errors are {"error": {"code", "message"}} with a 4xx naming the problem (nothing is charged for a
 refused request) or 503 when the service cannot answer (then nothing was charged either).
 """
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -110,14 +116,17 @@ def _bearer(request: Request) -> str:
   return request.headers.get("x-api-key", "").strip()
 
 
-def create_app(service: Service) -> FastAPI:
+def create_app(service: Service, on_startup=None) -> FastAPI:
+  """The ASGI app in front of `service`; on_startup() runs at the lifespan start-up (run_server starts
+  the service there, on a thread, as uvicorn binds the port)."""
   limits = service.limits
 
   @contextlib.asynccontextmanager
   async def lifespan(_):
-    # The service was started before the port was bound (start-up errors never bind it); on shutdown
-    # (SIGTERM/SIGINT: uvicorn drains open requests first) it stops here, before uvicorn re-raises the
-    # signal.
+    # On shutdown (SIGTERM/SIGINT: uvicorn drains open requests first) the service stops here, after
+    # finishing a start still under way.
+    if on_startup is not None:
+      on_startup()
     yield
     await run_in_threadpool(service.stop)
     logging.info("%s", json.dumps({"event": "stopped", "journal_seq": service.store.last_seq}))
@@ -145,6 +154,13 @@ def create_app(service: Service) -> FastAPI:
     logging.exception("internal error on %s", request.url.path)
     return JSONResponse({"error": {"code": "internal", "message": f"internal error ({type(exc).__name__})"
                                    }}, status_code=500)
+
+  async def _ready() -> None:
+    """Waits until the service serves (start-up restores the state after the port is bound)."""
+    while not service.ready.is_set():
+      if service.start_error is not None:
+        raise errors.ServiceUnavailable(f"the service did not start: {service.start_error}", 5.0)
+      await asyncio.sleep(0.02)
 
   def _parse(content_type: str, body: bytes, files):
     if files is not None:
@@ -176,15 +192,19 @@ def create_app(service: Service) -> FastAPI:
                                    f"{NPY} or image/png|jpeg")
 
   def _prepare(key: str, content_type: str, body: bytes, files):
+    t0 = time.perf_counter()
     account = service.gate.authenticate(key)
     service.gate.refresh_limits()
-    return account, _parse(content_type, body, files)
+    images = _parse(content_type, body, files)
+    service.metrics.decode.observe(time.perf_counter() - t0)
+    return account, images
 
   @app.post("/v1/embeddings")
   async def embeddings(request: Request):
     key = _bearer(request)
     if not key:  # before reading a possibly large body
       raise errors.unauthorized("missing_key", "no API key: send 'Authorization: Bearer <key>'")
+    await _ready()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await _read_body(request, limits.max_request_bytes)
     files = None
@@ -217,6 +237,7 @@ def create_app(service: Service) -> FastAPI:
     return Response(text, media_type="application/json")
 
   async def _account(request: Request) -> str:
+    await _ready()
     return await run_in_threadpool(service.gate.authenticate, _bearer(request))
 
   @app.get("/v1/account")
@@ -243,11 +264,13 @@ def create_app(service: Service) -> FastAPI:
   @app.get("/v1/admin/accounts")
   async def admin_accounts(request: Request):
     _admin(request)
+    await _ready()
     return await run_in_threadpool(service.admin_accounts)
 
   @app.post("/v1/admin/keys")
   async def admin_create_key(request: Request):
     _admin(request)
+    await _ready()
     body = await _read_body(request, 65536)
     try:
       doc = json.loads(body or b"null")
@@ -272,6 +295,7 @@ def create_app(service: Service) -> FastAPI:
   @app.delete("/v1/admin/keys/{key_id}")
   async def admin_revoke(key_id: str, request: Request):
     _admin(request)
+    await _ready()
 
     def revoke():
       try:
@@ -286,16 +310,23 @@ def create_app(service: Service) -> FastAPI:
   @app.post("/v1/admin/snapshot")
   async def admin_snapshot(request: Request):
     _admin(request)
+    await _ready()
     seq = await run_in_threadpool(service.snapshot_now)
     return {"snapshot_seq": seq}
 
   @app.get("/healthz")
   async def healthz():
-    broken = service.batcher.broken if service.batcher else "starting"
+    if not service.ready.is_set():
+      failed = service.start_error is not None
+      return JSONResponse({"status": "unavailable" if failed else "starting",
+                           "reason": f"start-up failed: {service.start_error}" if failed else "starting",
+                           "startup": dict(service.startup)}, status_code=503)
+    broken = service.batcher.broken
     body = {"status": "ok" if not broken else "unavailable", "reason": broken,
             "journal_seq": service.store.last_seq, "start_seconds": service.start_seconds,
             "out_dim": service.out_dim, "input_size": service.geometry.input_size,
-            "startup": service.startup}
+            "warming_up": service.warming_up,
+            "startup": dict(service.startup)}
     return JSONResponse(body, status_code=503 if broken else 200)
 
   @app.get("/metrics")
@@ -331,27 +362,39 @@ def _make_server_class():
 
 
 def run_server(config, workdir: str, encoder_dir: str, startup=None) -> None:
-  """Starts the service (StartupError before the port is bound if it cannot), then serves until
-  SIGINT/SIGTERM, then drains, snapshots and exits. startup: earlier phases' seconds (imports) for
-  the start-up breakdown logged at "listening" and shown in /healthz."""
+  """Binds the port, starts the service on a thread (requests wait for it; /healthz says "starting"),
+  then serves until SIGINT/SIGTERM, then drains, snapshots and exits. A start-up failure stops the
+  server and is raised here (StartupError: the process exits with the reason). startup: earlier
+  phases' seconds (imports) for the start-up breakdown logged at "ready" and shown in /healthz."""
   import uvicorn  # pylint: disable=g-import-not-at-top
   _Server = _make_server_class()  # pylint: disable=invalid-name
   service = Service(config, workdir, encoder_dir)
   service.startup.update(startup or {})
-  service.start()
-  app = create_app(service)
-  service.startup["process_s_at_listen"] = service_lib.process_age_seconds()
-  uv = uvicorn.Config(app, host=str(config.host), port=int(config.port), log_level="warning",
-                      access_log=False, lifespan="on", timeout_graceful_shutdown=10,
+
+  def started():
+    if service.start_error is not None:
+      server.should_exit = True  # nothing was served; run() returns and the error is raised below
+      return
+    logging.info("%s", json.dumps({"event": "ready", "start_seconds": service.start_seconds,
+                                   "startup": service.startup}))
+
+  def listening():  # the lifespan start-up: uvicorn binds the port right after it
+    service.startup["process_s_at_listen"] = service_lib.process_age_seconds()
+    logging.info("%s", json.dumps({"event": "listening", "host": str(config.host),
+                                   "port": int(config.port), "workdir": workdir,
+                                   "encoder_dir": encoder_dir, "startup": service.startup}))
+    service.start_in_background(started)
+
+  uv = uvicorn.Config(create_app(service, on_startup=listening), host=str(config.host),
+                      port=int(config.port), log_level="warning", access_log=False, lifespan="on",
+                      timeout_graceful_shutdown=10,
                       timeout_keep_alive=75,  # longer than clients keep idle pooled connections
                       limit_concurrency=int(config.limits.max_connections))
   server = _Server(uv)
-  logging.info("%s", json.dumps({"event": "listening", "host": str(config.host),
-                                 "port": int(config.port), "workdir": workdir,
-                                 "encoder_dir": encoder_dir, "start_seconds": service.start_seconds,
-                                 "startup": service.startup}))
   std_logging.getLogger("uvicorn.error").setLevel(std_logging.WARNING)
   try:
     server.run()
   finally:
-    service.stop()  # no-op if the lifespan already stopped it
+    service.stop()  # no-op if the lifespan already stopped it; waits for a start under way
+  if service.start_error is not None:
+    raise service.start_error

@@ -29,13 +29,16 @@ def open_api(encoder, config, *, capacity: int, snapshot: Optional[str] = None,
              shard_rows: bool = False) -> Served:
   """The defended API serving the encoder (load_encoder); continued from `snapshot` if given.
   shard_rows: each micro-batch split over all local devices (DefendedEncoder's shard_rows)."""
+  # fuse_encoder: a models.Encoder is traceable, so its first call need not trace it once more to find
+  # out (DefendedEncoder's default probes with eval_shape, a second trace of the whole encoder).
   if snapshot is None:
     api = defense_lib.DefendedEncoder.from_encoder(encoder, config, capacity=capacity,
-                                                   shard_rows=shard_rows)
+                                                   shard_rows=shard_rows, fuse_encoder=True)
   else:
     # restore() wraps a models.Encoder in the same uint8 normalising encoder from_encoder builds (one
     # per encoder, so the jit is shared with the warm-up's scratch API).
-    api = defense_lib.DefendedEncoder.restore(snapshot, encoder, shard_rows=shard_rows)
+    api = defense_lib.DefendedEncoder.restore(snapshot, encoder, shard_rows=shard_rows,
+                                              fuse_encoder=True)
   return Served(api, encoder)
 
 
@@ -53,14 +56,18 @@ def scratch_api(encoder, config, *, capacity: int, shard_rows: bool = False) -> 
   """An API for warm_up: the same encoder, config, capacity and sharding as the served one, so the
   same jitted function (one per encoder, made here, on the calling thread) and the same shapes."""
   return Served(defense_lib.DefendedEncoder.from_encoder(encoder, config, capacity=capacity,
-                                                         shard_rows=shard_rows), encoder)
+                                                         shard_rows=shard_rows, fuse_encoder=True),
+                encoder)
 
 
-def warm_up(scratch: Served, sizes) -> None:
+def warm_up(scratch: Served, sizes, stop=None) -> None:
   """Compiles the call for every batch size on the scratch API, touching no served state (may run on
-  a thread while the served API is restored)."""
+  a thread while the served API is restored and serves). stop: a threading.Event checked between
+  sizes (a stopping service waits for one compile at most)."""
   s = scratch.encoder.input_size
   for size in sizes:
+    if stop is not None and stop.is_set():
+      return
     scratch.api.query_mixed(["warm-up"] * size, np.zeros((size, s, s, 3), np.uint8))
 
 

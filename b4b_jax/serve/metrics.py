@@ -35,8 +35,11 @@ class Metrics:
     self.rows = prom.Counter("b4b_rows", "Images answered", registry=r)
     self.device = prom.Histogram("b4b_device_seconds", "Encoder + defense call per batch",
                                  buckets=_LATENCY, registry=r)
-    self.commit = prom.Histogram("b4b_journal_commit_seconds", "Journal group commit per batch",
+    self.commit = prom.Histogram("b4b_journal_commit_seconds", "From a batch's device call's end to "
+                                 "its journal commit (commit-thread queue + SQLite transaction)",
                                  buckets=_LATENCY, registry=r)
+    self.decode = prom.Histogram("b4b_decode_seconds", "Authentication + image decoding per request "
+                                 "(on a worker thread)", buckets=_LATENCY, registry=r)
     self.queue_wait = prom.Histogram("b4b_queue_wait_seconds", "Wait before a request's batch ran",
                                      buckets=_LATENCY, registry=r)
     self.snapshot = prom.Histogram("b4b_snapshot_seconds", "Snapshot save time", buckets=_LATENCY,

@@ -1,7 +1,9 @@
 """The service core (no HTTP): durable accounts, the defended encoder, micro-batching, snapshots.
 
   service = Service(config, workdir, encoder_dir)
-  service.start()                       # checks the workdir, restores snapshot + journal, warms up
+  service.start()                       # checks the workdir, restores snapshot + journal, then serves
+                                        # (the batch shapes keep compiling on a thread, see serve())
+  service.start_in_background(done)     # the same on a thread; `ready` is set once it serves
   reps, seq = await service.embed(account, images_uint8)   # answered after its journal commit
   service.stop()                        # drains, snapshots, closes
 
@@ -161,6 +163,9 @@ class Service:
     self.startup: Dict[str, float] = {}   # seconds per start-up phase (logged, and in /healthz)
     self._warm_thread: Optional[threading.Thread] = None
     self._warm_error: Optional[BaseException] = None
+    self._start_thread: Optional[threading.Thread] = None
+    self.ready = threading.Event()        # set once start() finished: requests are served
+    self.start_error: Optional[BaseException] = None   # why a background start failed
     self._shard_rows = bool(config.batching.get("shard_over_devices", True))
 
   # -------------------------------------------------------------------------------- start/stop
@@ -172,9 +177,27 @@ class Service:
     self.serve()
     self.start_seconds = time.perf_counter() - t0
     self.startup["service_total_s"] = round(self.start_seconds, 3)
+    self.startup["process_s_at_ready"] = process_age_seconds()
+    self.ready.set()
     logging.info("service ready in %.1f s: %d accounts, journal at seq %d, snapshot seq %d",
                  self.start_seconds, len(self.store.accounts()), self.store.last_seq,
                  self._snapshot_seq)
+
+  def start_in_background(self, done=None) -> None:
+    """start() on a thread (the HTTP server listens meanwhile; requests wait for `ready`). A failure
+    is kept in `start_error` (never served from); `done()` runs after either outcome."""
+
+    def run():
+      try:
+        self.start()
+      except BaseException as e:  # pylint: disable=broad-except  (reported by the caller)
+        self.start_error = e
+      finally:
+        if done is not None:
+          done()
+
+    self._start_thread = threading.Thread(target=run, name="b4b-start", daemon=True)
+    self._start_thread.start()
 
   def _phase(self, name: str, t0: float) -> float:
     t1 = time.perf_counter()
@@ -216,10 +239,14 @@ class Service:
     self._phase("check_counters_s", t)
 
   def serve(self) -> None:
-    """Waits for the batch shapes to compile and starts the batching threads."""
+    """Starts the batching threads. With batching.serve_during_warm_up (the default) the batch shapes
+    go on compiling on their thread meanwhile: a call whose shape is not compiled yet compiles it
+    itself (on a restart a persistent-cache hit: tracing plus loading, no XLA compile), so a restart
+    answers as soon as the state is restored. Without it, serving waits for every shape."""
     t = time.perf_counter()
     capacity = int(defended.inner(self.api).capacity)
-    if self._warm_thread is not None:
+    wait = not bool(self.config.batching.get("serve_during_warm_up", True))
+    if self._warm_thread is not None and (wait or capacity != int(self.config.capacity)):
       self._warm_thread.join()
       if self._warm_error is not None:
         raise self._warm_error
@@ -307,18 +334,26 @@ class Service:
     t0 = time.perf_counter()
     sizes = defended.padded_sizes(int(self.config.batching.max_rows))
     try:
-      defended.warm_up(scratch, sizes)
+      defended.warm_up(scratch, sizes, stop=self._stopping)
     except BaseException as e:  # pylint: disable=broad-except  (re-raised by serve())
       self._warm_error = e
+      logging.exception("warm-up failed (a call compiles its batch shape when it first needs it)")
+      return
+    if self._stopping.is_set():
       return
     self._phase("warm_up_s", t0)
     logging.info("warm-up compiled batch sizes %s in %.1f s", sizes, time.perf_counter() - t0)
 
   def stop(self) -> None:
+    if self._start_thread is not None and self._start_thread is not threading.current_thread():
+      self._start_thread.join()  # a stop during start-up: finish starting (restore, replay) first
     if self._stopping.is_set():
       return
     self._stopping.set()
     self.metrics.up.set(0)
+    if self._warm_thread is not None and self._warm_thread is not threading.current_thread():
+      self._warm_thread.join(timeout=300)  # it stops after the size compiling now (not torn down
+                                           # inside an XLA compile at exit)
     if self.batcher is not None:
       if not self.batcher.broken:
         try:
@@ -334,9 +369,7 @@ class Service:
     return defended.query_mixed(self.api, users, images)
 
   def _commit(self, users, result, requests) -> int:
-    t0 = time.perf_counter()
-    seq = self.store.append_batch(users, result.buckets, requests)
-    self.metrics.commit.observe(time.perf_counter() - t0)
+    seq = self.store.append_batch(users, result.buckets, requests)  # (timed by the batcher: on_batch)
     cov = {}
     for u, c in zip(users, np.asarray(result.coverage)):
       cov[u] = float(c)
@@ -397,6 +430,12 @@ class Service:
       return reps, seq
     finally:
       self.gate.settle(account, n, answered=answered)
+
+  @property
+  def warming_up(self) -> bool:
+    """True while the batch shapes still compile on their thread (calls of a shape not compiled yet
+    compile it themselves meanwhile)."""
+    return self._warm_thread is not None and self._warm_thread.is_alive()
 
   @property
   def out_dim(self) -> int:

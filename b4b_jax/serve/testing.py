@@ -42,14 +42,15 @@ class ServerProcess:
 
   def __init__(self, workdir: str, encoder_dir: str, *, port: Optional[int] = None,
                overrides: Optional[List[str]] = None, env: Optional[dict] = None, log_path=None,
-               config: str = "configs/serve.py:tiny"):
+               config: str = "configs/serve.py:tiny", keep_xla_flags: bool = False):
     self.config = config
     self.workdir, self.encoder_dir = workdir, encoder_dir
     self.port = port or free_port()
     self.overrides = list(overrides or [])
     self.env = dict(os.environ, **(env or {}))
     self.env.setdefault("JAX_PLATFORMS", "cpu")
-    self.env.pop("XLA_FLAGS", None)  # one device: the served process, not the test's 8 virtual ones
+    if not keep_xla_flags:  # one device: the served process, not the test's 8 virtual ones
+      self.env.pop("XLA_FLAGS", None)
     self.log_path = log_path or os.path.join(os.path.dirname(os.path.abspath(workdir)),
                                              os.path.basename(workdir) + ".log")
     self.proc: Optional[subprocess.Popen] = None
@@ -64,8 +65,10 @@ class ServerProcess:
             f"--workdir={self.workdir}", f"--config.port={self.port}",
             f"--config.encoder_dir={self.encoder_dir}", *self.overrides]
 
-  def start(self, timeout: float = 120.0, wait: bool = True) -> float:
-    """Starts the process; returns the seconds until /healthz answered (RuntimeError if it exited)."""
+  def start(self, timeout: float = 120.0, wait: bool = True, warm: bool = True) -> float:
+    """Starts the process; returns the seconds until /healthz answered ok (RuntimeError if it exited).
+    warm: also wait until the batch shapes are compiled (no query then pays for compiling; the
+    service itself answers before, see configs/serve.py batching.serve_during_warm_up)."""
     import httpx  # pylint: disable=g-import-not-at-top
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     self._log = open(self.log_path, "ab")
@@ -80,8 +83,14 @@ class ServerProcess:
       try:
         r = httpx.get(self.url + "/healthz", timeout=1.0)
         if r.status_code == 200:
+          ready = time.perf_counter() - t0
           self.startup = r.json().get("startup", {})
-          return time.perf_counter() - t0
+          if warm:
+            while r.json().get("warming_up") and time.perf_counter() - t0 < timeout:
+              time.sleep(0.1)
+              r = httpx.get(self.url + "/healthz", timeout=5.0)
+            self.startup = r.json().get("startup", {})
+          return ready
       except httpx.HTTPError:
         pass
       time.sleep(0.1)
