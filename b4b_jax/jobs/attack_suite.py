@@ -33,6 +33,7 @@ from b4b_jax.evaluation import embeddings
 from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import linear_probe
 from b4b_jax.evaluation import report as report_lib
+from b4b_jax.evaluation import similarity
 from b4b_jax.utils import distributed
 from b4b_jax.utils import files
 from b4b_jax.utils import metrics as metrics_lib
@@ -288,7 +289,7 @@ def geometry(config, clean, targets, clean_targets, center, seed: int) -> dict:
   base = clean_targets - np.asarray(center)
 
   def angles(a, b):
-    cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+    cos = similarity.cosine_similarity(a, b)
     return np.arccos(np.clip(cos, -1, 1)) / np.pi
 
   out = {}
