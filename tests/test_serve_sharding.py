@@ -1,7 +1,8 @@
 """A micro-batch split over all local devices (configs/serve.py batching.shard_over_devices, the
-DefendedEncoder's shard_rows) answers exactly as one device: the same run in two subprocesses, one with
-2 virtual CPU devices and one with 1, must give the same representations, coverage, sigma, charge codes
-and state, snapshot and restore included."""
+DefendedEncoder's shard_rows) answers as one device: the same run in two subprocesses, one with
+2 virtual CPU devices and one with 1, must give the same coverage, sigma, charge codes and state
+(bit-identical), snapshot and restore included, and the same representations to float32 rounding (the
+image-keyed noise of the default hardened preset rounds its descriptor per batch shape)."""
 import os
 import subprocess
 import sys
@@ -55,4 +56,11 @@ def test_a_micro_batch_sharded_over_two_devices_answers_as_one_device(tmp_path):
   assert int(two.pop("devices")) == 2 and int(one.pop("devices")) == 1
   assert set(two) == set(one) and "state_occupancy" in two and "state_fine_occupancy" in two
   for k in sorted(one):
-    np.testing.assert_array_equal(two[k], one[k], err_msg=k)
+    if k.startswith("reps"):
+      # The default hardened preset's image-keyed noise (image_weight 1) reduces each image's
+      # descriptor; at the per-device batch shape those reductions round differently (measured: 37 of
+      # 512 values of one row off by <= 5e-7, 2.5e-6 relative), as for mixed batches (docs/defense.md).
+      # What is charged and stored stays bit-identical (every other key, exact).
+      np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    else:
+      np.testing.assert_array_equal(two[k], one[k], err_msg=k)
