@@ -2,39 +2,44 @@ r"""Adaptive attacks against paper-B4B and the hardened defense (issue 12): repe
 repeats and near-duplicates), canary probing, the naive thief, and the legit digits user; and theft:
 every attack of b4b_jax/attacks/strategies/received.py (query once, exact repeats, canary, under the
 knee, augmentation flood, random noise, sybil mapper, account rotation, learned denoiser) trains a
-small copy on what it received against none / paper / hardened / charged, measured by its fidelity to
-the victim on held-out crops and a digits probe, beside the legit user's accuracy (report.md's "Theft"
-table, utility_theft_frontier.png).
+small copy on what it received against none / paper / hardened / hardened_no_charge, measured by its
+fidelity to the victim on held-out crops and a digits probe, beside the legit user's accuracy
+(report.md's "Theft" table, utility_theft_frontier.png).
 
   python -m b4b_jax.main --config=configs/attack_suite.py --workdir=/tmp/attack_suite
+  # reuse the victim of an earlier demo (or suite/serve) run instead of training it into <workdir>/demo:
+  python -m b4b_jax.main --config=configs/attack_suite.py --workdir=W --config.demo_workdir=/tmp/b4b_demo
   python -m b4b_jax.main --config=configs/attack_suite.py:tiny --workdir=/tmp/attack_suite_tiny  # tests
   python -m b4b_jax.main --config=configs/attack_suite.py:tiny,attack=under_knee --workdir=W  # one theft
-  # on the demo's trained victim (after the demo ran into /tmp/b4b_demo):
-  python -m b4b_jax.main --config=configs/attack_suite.py --workdir=/tmp/attack_suite_demo \
-      --config.encoder=/tmp/b4b_demo/victim
+  --config.encoder=DIR attacks any encoder directory; random:<arch>@<size> a random-init one (:tiny).
 
-Per seed and defense (paper = noise_keying "per_query", hardened = "per_input"; same cost, same
-hash_center, identity transform so errors compare to the clean answer directly), each attack owns one
-account: a coverage-raising phase of `coverage_queries` diverse photo crops, then `max(ns)` copies of
-each of `targets` held-out crops; err(N) = RMS per dimension of (mean of the first N answers - clean
-answer). The cost is calibrated as the demo does (alpha = alpha_scale x per-dimension std of the
-server's own representations, beta = beta_fraction x their coverage).
-Defenses: paper (per-query noise), hardened (per-input keying + image-keyed noise, config.hardened),
-charged (hardened + repeat_charge: repeats charged as new buckets; skipped when repeat_charge = 0).
-The legit digits user queries through images (api.query), so the image-keyed noise applies to it.
+Victim: by default the demo's embedded victim (configs/demo.py: SimSiam resnet18_w0.25 at 16 px,
+128-d), trained by the demo's own "victim" stage into demo_workdir (default <workdir>/demo; about 3
+minutes on 2 quiet cores) or reused from there, through the same helper as the serve job
+(b4b_jax.demo.pipeline.trained_victim).
+Defenses (same cost, same hash_center, identity transform so errors compare to the clean answer
+directly): paper (the published B4B, noise_keying "per_query"), hardened (the full hardened preset,
+b4b_jax.defense.HARDENED: per-input keying, image-keyed noise, repeat_charge 1) and the ablation
+hardened_no_charge (the same fields with repeat_charge 0; no_charge_ablation=False drops it).
+Per seed and defense each attack owns one account: a coverage-raising phase of `coverage_queries`
+diverse photo crops, then `max(ns)` copies of each of `targets` held-out crops; err(N) = RMS per
+dimension of (mean of the first N answers - clean answer). The cost is calibrated as the demo does
+(alpha = alpha_scale x per-dimension std of the server's own representations, beta = beta_fraction x
+their coverage). The legit digits user queries through images (api.query), so the image-keyed noise
+applies to it.
 Expected (issue 12): paper-B4B err(1)/err(100) ~ 10 (sqrt(100)); hardened <= 1.2 for exact repeats and
 near-duplicates; canary: under the hardened defense the probe's answers only change when the sigma
-level rises; legit digits drop grows by <= 0.2 points.
-Runtime: the full config does NOT fit the issue's 20 minutes on 2 CPU cores. Measured parts, under
-load from other jobs on the shared 2-core CPU: the last full run of the error part (two defenses) took
-21 min; the coverage + canary part alone (3 seeds, three defenses) 6 min 21 s (load 6-11); the theft
-rows on the demo's victim 604 s per seed (load 4-9), so ~30 min for three seeds on top. For a run that
-fits, use --config.seeds="(0,)" and drop perturbations. :tiny is the test (tests/test_attack_suite.py:
-180 s wall at load average 2-6; 300 s at 7-10).
+level rises, and each read-out is a charged repeat; legit digits drop grows by <= 0.2 points.
+Runtime: the error part runs every seed (cheap: queries through the API); the theft rows (a trained
+copy per attack and defense, the suite's dearest part) run for theft.seeds = (0,) only. results.json
+and report.md carry the wall and CPU seconds of every phase per seed ("Where the time went"); see
+docs/defense.md for the measured total. :tiny is the test (tests/test_attack_suite.py).
 """
 import ml_collections
 
+from b4b_jax import defense
 from configs import common
+from configs import demo as demo_config
 
 
 def get_config(arg=None):
@@ -47,11 +52,15 @@ def get_config(arg=None):
                      f"got {arg!r}")
   c = ml_collections.ConfigDict()
   c.job = "attack_suite"
-  # An encoder directory (e.g. the demo's victim) or random:<arch>@<size> (offline default).
-  c.encoder = "random:resnet18_w0.125@16"
+  # "" = the demo's trained victim (configs/demo.py; trained into demo_workdir, default <workdir>/demo,
+  # or reused from an earlier demo run named there); or an encoder directory, or random:<arch>@<size>
+  # (:tiny, so the test trains no victim).
+  c.encoder = "random:resnet18_w0.125@16" if tiny else ""
+  c.demo_workdir = ""
+  c.demo = demo_config.get_config()
   c.seeds = (0,) if tiny else (0, 1, 2)
   c.coverage_queries = 128 if tiny else 3000
-  c.targets = 4 if tiny else 32
+  c.targets = 4 if tiny else 16              # x max(ns) copies each: RMS over targets x 128 dims
   c.ns = (1, 4, 16) if tiny else (1, 4, 16, 64, 100)
   c.perturbations = ("exact", "jitter") if tiny else ("exact", "jitter", "shift", "jpeg", "crop_flip")
   c.query_batch_size = 64
@@ -60,7 +69,7 @@ def get_config(arg=None):
   c.legit_limit = 128 if tiny else 0        # digits train images (0 = all); the test split is kept whole
   # Extra legit rows at a constant sigma of m x per-dimension std (the cost leaves the digits user
   # almost noise free, so these show what the hardened keying costs when there is noise).
-  c.legit_static_sigmas = (1.0,) if tiny else (0.5, 1.0, 2.0)
+  c.legit_static_sigmas = (1.0,)
   # The cost, calibrated on the server's own photo crops (as the demo).
   c.calibration = ml_collections.ConfigDict()
   # beta = the coverage of as many server images as the thief's coverage phase sends: the thief ends
@@ -73,28 +82,20 @@ def get_config(arg=None):
   c.defense.num_projections = 20
   c.defense.num_hyperplanes = 8
   c.defense.seed_offset = 0                  # defense seed = seed + seed_offset
-  # The hardened defense's fields (b4b_jax.defense.hardened); paper-B4B is the same config without them.
-  c.hardened = ml_collections.ConfigDict()
-  c.hardened.noise_keying = "per_input"
-  c.hardened.fine_code_bits = 16
-  c.hardened.fine_codes = 4
-  c.hardened.sigma_level_ratio = 2.0
-  # Image-keyed noise (hardened.image_noise): all of the noise variance a smooth secret function of a
-  # flip-invariant 4x4 thumbnail, RBF lengthscale 0.3 (tuned on the demo's trained victim: 1-pixel
-  # shifts, JPEG and crop+flip averaged 100x gain <= 1.1x; distinct photo crops' noise correlation 0.08
-  # on average, see docs/defense.md).
-  c.hardened.image_weight = 1.0
-  c.hardened.image_grid = 4
-  c.hardened.image_lengthscale = 0.3
-  c.hardened.image_features = 256
-  # A third defense "charged" = hardened + repeat_charge (repeats charged as new buckets); 0 = not run.
-  c.repeat_charge = 1.0
+  # The hardened defense: the full preset (b4b_jax.defense.HARDENED = defense_config(hardened=True):
+  # per_input keying, image-keyed noise w = 1, l = 0.3, grid 4, F = 256, repeat_charge 1); paper-B4B is
+  # the same cost without these fields. Any field can be overridden (--config.hardened.image_weight=0.5).
+  c.hardened = ml_collections.ConfigDict(dict(defense.HARDENED))
+  # An ablation row "hardened_no_charge" = the hardened fields with repeat_charge 0 (keyed noise only,
+  # repeats flagged but not charged); skipped when False or when hardened already charges nothing.
+  c.no_charge_ablation = True
   # Theft: each attack (b4b_jax/attacks/strategies/received.py ATTACKS) sends the same `images` photo
   # crops from fresh accounts to none / paper / hardened / charged; a small copy trains `steps` steps
   # on what it received (the steal job's train step) and is measured on `eval_images` held-out crops
   # and by a digits probe. `attack=NAME` in the config argument runs that attack alone.
   c.theft = ml_collections.ConfigDict()
   c.theft.enabled = True
+  c.theft.seeds = (0,)                      # theft rows for these seeds only (() = every seed)
   c.theft.attacks = tuple(only) if only else (
       "query_once", "repeat_exact", "canary", "under_knee", "augmentation_flood", "random_noise",
       "sybil_mapper", "account_rotation", "denoised")
@@ -102,12 +103,14 @@ def get_config(arg=None):
   c.theft.eval_images = 32 if tiny else 256
   c.theft.arch = "resnet18_w0.125"
   c.theft.init_seed_offset = 1000           # copy init seed = seed + this (never the random victim's)
-  c.theft.steps = 8 if tiny else 200
+  c.theft.steps = 8 if tiny else 100
   c.theft.batch_size = 16 if tiny else 64
   c.theft.loss = "mse"                      # any of attacks.losses' robust set: mse, cosine, huber, infonce
   c.theft.base_lr = 0.4
-  c.theft.copies = 4 if tiny else 16        # repeat_*, canary (after it switches)
-  c.theft.canary_switch_sigma = 0.0         # canary: switch to repeats once it reads any noise
+  c.theft.copies = 4 if tiny else 8         # repeat_*, canary (after it switches)
+  # canary: switch to repeats once it reads noise above float rounding (the same image's clean answer
+  # moves ~1e-7 between batch shapes: that is no noise; 0 made the switch depend on rounding luck).
+  c.theft.canary_switch_sigma = 1e-4
   c.theft.under_knee_budget = 16 if tiny else 128
   c.theft.selection = "coverage_aware"
   c.theft.flood_weak = 2

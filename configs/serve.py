@@ -12,11 +12,16 @@ calibrates the cost to it as the demo does. Any converted encoder directory (wei
 served with `--config.encoder_dir`; the defense then uses the block below as given (the paper's
 SimSiam cost: lam 1e-6, alpha 1, beta 80 %, P=20, K=12).
 
-Defense: the hardened B4B by default (b4b_jax/defense/hardened.py, noise_keying="per_input": the noise
-is keyed by the account, a fine code of the input and the sigma level, so repeated or near-identical
-queries cannot be averaged), on the paper's coverage-priced cost, with a per-account diag_affine
-transform against sybils. The paper's B4B is one field away: `--config.defense.noise_keying=per_query`
-(a fresh draw per query); `--config.defense.image_weight=0.5` adds the image-keyed share of the noise;
+Defense: the full hardened B4B by default (`defense_config("simsiam", hardened=True)`, the fields of
+b4b_jax.defense.HARDENED, docs/defense.md "The hardened preset"): noise keyed by the account, fine codes
+of the input and the sigma level (noise_keying="per_input"), all of its variance a smooth secret
+function of the image (image_weight 1, lengthscale 0.3: repeats, pixel jitter, 1-pixel shifts, JPEG and
+small crops/flips get the same noise, so averaging gains <= 1.2x), and repeats charged as new buckets
+(repeat_charge 1: a canary that reads its sigma pays for it in coverage); on the paper's
+coverage-priced cost, with a per-account diag_affine transform against sybils. Ablations are one field
+away: `--config.defense.repeat_charge=0` (flag repeats, never charge), `--config.defense.image_weight=0`
+(fine codes only); the paper's B4B needs the three: `--config.defense.noise_keying=per_query
+--config.defense.image_weight=0 --config.defense.repeat_charge=0` (a fresh draw per query).
 `--config.defense.transform=identity` drops the transforms, `--config.defense.enabled=False` serves
 undefended (coverage still counted). With the demo victim the cost is the demo's calibration and the
 hardening fields come from this block. `:tiny` is the variant the tests run (small batches and
@@ -42,7 +47,7 @@ def get_config(arg=None):
   c.demo_workdir = ""                # "" = <workdir>/demo
   c.demo = demo_config.get_config("tiny" if tiny else None)
   c.calibrate_defense = ml_collections.config_dict.placeholder(bool)  # None: iff serving the demo victim
-  c.defense = defense.defense_config("simsiam", transform="diag_affine", noise_keying="per_input")
+  c.defense = defense.defense_config("simsiam", hardened=True, transform="diag_affine")
   c.defense_json = ""                # a JSON file of defense fields replacing the block above (e.g. the
                                      # demo's calibrated defense, hash_center included)
   c.capacity = 64 if tiny else 1024  # account slots pre-sized (growing recompiles under traffic)

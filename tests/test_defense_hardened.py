@@ -141,6 +141,30 @@ def test_provider_stats_count_repeats_and_bucket_overlap():
   assert "repeats" not in hardened.provider_stats(paper)["thief"]
 
 
+def test_hardened_preset_is_the_full_defense():
+  from b4b_jax.defense import HARDENED  # pylint: disable=g-import-not-at-top
+  cfg = defense_config("simsiam", hardened=True, num_projections=4, num_hyperplanes=6)
+  assert {k: cfg[k] for k in HARDENED} == HARDENED
+  # every part of the hardened defense: per-input keying, all noise image-keyed, repeats charged
+  assert (cfg.noise_keying, cfg.image_weight, cfg.image_lengthscale, cfg.repeat_charge) == (
+      "per_input", 1.0, 0.3, 1.0)
+  assert set(HARDENED) == set(HARDENING_DEFAULTS)  # the preset sets every hardening field
+  assert defense_config("dino", hardened=True).alpha == defense_config("dino").alpha  # the preset's cost
+  ablation = defense_config("simsiam", hardened=True, num_projections=4, num_hyperplanes=6,
+                            repeat_charge=0.0)  # overrides apply on top
+  assert ablation.repeat_charge == 0.0 and ablation.image_weight == 1.0
+  assert defense_config("simsiam", hardened=False).to_dict() == defense_config("simsiam").to_dict()
+  # a repeat costs coverage under the preset and not under the ablation
+  reps = _reps(16)
+  sigmas = {}
+  for name, c in (("preset", cfg), ("ablation", ablation)):  # beta 80 %: below saturation
+    api = DefendedEncoder(None, c, D)
+    for _ in range(3):
+      api.query_representations("u", reps)
+    sigmas[name] = api.sigma("u")
+  assert 1e3 * sigmas["ablation"] < sigmas["preset"] < 1e6
+
+
 def test_paper_b4b_is_the_default_and_matches_the_per_query_formula():
   cfg = defense_config("simsiam", num_projections=4, num_hyperplanes=6, beta=5.0)
   assert {k: cfg[k] for k in HARDENING_DEFAULTS} == HARDENING_DEFAULTS

@@ -7,7 +7,9 @@ Why the representations are not compared bit for bit: the encoder's XLA CPU kern
 for another per-device batch shape on some CPUs. On a 2-core AMD EPYC (AVX2, no AVX-512; 2 Dec 2026) the
 last row of an 8-row batch split 4 + 4 differed from the 1-device answer in 37 of 512 values by at most
 2.5e-6 relative, already in the plain jitted encoder before the defense (traced by the serve4 work,
-docs/serving.md); on the AVX-512 Xeon of earlier sessions they were identical. The defense on top is
+docs/serving.md); on the AVX-512 Xeon of earlier sessions they were identical. The default hardened
+preset's image-keyed noise adds the same kind of difference (its descriptor's reductions round per
+batch shape, up to 5e-7). The defense on top is
 deterministic (the noise is keyed, not drawn from a device stream), so any real sharding defect (a row
 on the wrong device, another user's noise or transform, a lost charge) moves a representation by the
 noise's or the transform's scale, and the buckets, coverage and state by whole buckets.

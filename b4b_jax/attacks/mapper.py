@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 
 from b4b_jax.evaluation import least_squares
+from b4b_jax.evaluation import similarity
 
 MAPPER_KINDS = ("linear", "mlp", "lstsq")
 TRAINED_KINDS = ("linear", "mlp")
@@ -124,9 +125,7 @@ def _normalization(x_train: np.ndarray, y_train: np.ndarray) -> Dict[str, np.nda
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-  num = np.sum(a * b, axis=1)
-  den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-  return float(np.mean(num / np.maximum(den, 1e-12)))
+  return float(np.mean(similarity.cosine_similarity(a, b)))
 
 
 @functools.lru_cache(maxsize=8)

@@ -20,6 +20,7 @@ from flax import nnx
 from b4b_jax import models as models_lib
 from b4b_jax.attacks import losses as losses_lib
 from b4b_jax.attacks import train_state as ts
+from b4b_jax.evaluation import similarity
 from b4b_jax.utils import distributed
 
 
@@ -100,6 +101,6 @@ def fidelity(copy_reps, victim_reps) -> Dict[str, float]:
   a, b = np.asarray(copy_reps, np.float64), np.asarray(victim_reps, np.float64)
   if a.shape != b.shape or a.ndim != 2 or len(a) < 2:
     raise ValueError(f"fidelity needs two equal [N>=2, D] arrays, got {a.shape} and {b.shape}")
-  cos = np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+  cos = similarity.cosine_similarity(a, b)
   spread = np.sum((b - b.mean(0)) ** 2)
   return {"cosine": float(cos.mean()), "rel_mse": float(np.sum((a - b) ** 2) / max(spread, 1e-300))}

@@ -2,7 +2,7 @@
 
 See docs/defense.md for the semantics.
 """
-from b4b_jax.defense.config import TRANSFORMS, defense_config, out_dim, validate_config
+from b4b_jax.defense.config import HARDENED, TRANSFORMS, defense_config, out_dim, validate_config
 from b4b_jax.defense.cost import PRESETS, noise_std
 from b4b_jax.defense.errors import (BadInputError, CorruptCheckpointError, DefenseError,
                                     NoCheckpointError, UnknownUserError)

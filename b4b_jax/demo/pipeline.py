@@ -24,6 +24,32 @@ VICTIM_DIR = "victim_encoder"
 ATTACKS_DIR = "attacks"
 
 
+# ------------------------------------------------------------------------------------------ victim
+def trained_victim(demo_cfg, demo_workdir: str, workdir: str):
+  """(encoder_dir, calibration dict) of the demo's victim for jobs that serve or attack it (serve,
+  attack_suite): the demo's "victim" and "calibration" stages run in demo_workdir (default
+  <workdir>/demo), or are reused from an earlier run there (an earlier demo's workdir works as is)."""
+  from b4b_jax.demo.stages import StageRunner  # pylint: disable=g-import-not-at-top
+  from b4b_jax.utils import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  demo_dir = demo_workdir or os.path.join(workdir, "demo")
+  os.makedirs(demo_dir, exist_ok=True)
+  stages = StageRunner(demo_dir, ("victim", "calibration"))
+  loaded = {}
+
+  def data():  # only when a stage runs: reusing both costs no data loading
+    if not loaded:
+      loaded.update(load_data(demo_cfg))
+    return loaded
+
+  writer = metrics_lib.MetricsWriter(demo_dir)
+  stages.run("victim", lambda: train_victim(demo_cfg, data(), demo_dir, writer))
+  encoder_dir = os.path.join(demo_dir, VICTIM_DIR)
+  victim = models_lib.load_encoder(encoder_dir)
+  calib = stages.run("calibration", lambda: calibrate(demo_cfg, victim, data()))
+  writer.close()
+  return encoder_dir, calib
+
+
 # ------------------------------------------------------------------------------------------ data
 def load_data(config) -> Dict[str, np.ndarray]:
   """Every image set of the demo, uint8 at the victim's input size (deterministic, cheap to reload)."""

@@ -28,6 +28,7 @@ from b4b_jax.attacks import mapper as mapper_lib
 from b4b_jax.evaluation import api_client
 from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import linear_probe
+from b4b_jax.evaluation import similarity
 
 TRANSFORM_TITLES = {"identity": "identity", "diag_affine": "affine", "dense_affine": "dense affine",
                     "pad_shuffle": "pad+shuffle", "affine_pad_shuffle": "affine+pad+shuffle",
@@ -41,9 +42,7 @@ def cosine_distance(a, b) -> np.ndarray:
   b = np.asarray(b, np.float64)
   if a.shape != b.shape:
     raise ValueError(f"cosine distance needs equal shapes, got {a.shape} and {b.shape}")
-  num = np.sum(a * b, axis=1)
-  den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-  return 1.0 - num / np.maximum(den, 1e-300)
+  return 1.0 - similarity.cosine_similarity(a, b)
 
 
 def account_config(base_config, transform: str, noise: str):

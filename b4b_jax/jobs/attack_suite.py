@@ -1,12 +1,13 @@
 """Job "attack_suite": adaptive attacks (b4b_jax.attacks.strategies) against paper-B4B and the hardened
 defense (b4b_jax.defense.hardened), and the legit user's accuracy under each. See configs/attack_suite.py.
 
-Two parts per seed:
+Defenses: paper (the published B4B, per-query noise), hardened (config.hardened: the full hardened
+preset, b4b_jax.defense.HARDENED, repeat charge included) and, when config.no_charge_ablation, the
+ablation hardened_no_charge (the same fields with repeat_charge 0). Two parts per seed:
   the error of the thief's targets (repeat-and-average curves, the canary's sigma read-out) against
-    paper / hardened / charged;
+    each defense;
   theft (config.theft): every attack of config.theft.attacks (strategies/received.py) sends the same
-    stealing images from fresh accounts to each defense of THEFT_DEFENSES (none, paper, hardened,
-    charged); a small copy is trained on what it received (attacks/stolen_copy.py: the steal job's
+    stealing images from fresh accounts to none (no noise) and each defense; a small copy is trained on what it received (attacks/stolen_copy.py: the steal job's
     train step) and measured on held-out photo crops no attacker sent (cosine and relative MSE to the
     victim's clean representation) and by a linear probe on digits embedded by the copy; beside it
     the attack's queries, its accounts' coverage and sigma, and the legit digits user's accuracy under
@@ -16,6 +17,7 @@ Outputs in the workdir: results.json (everything, per seed), report.md (tables p
 mean and range over seeds), error_ratio_vs_n.png, utility_theft_frontier.png (legit accuracy vs the
 copies' cosine to the victim, one point per attack, per defense), metrics.jsonl (stage "attack_suite").
 """
+import contextlib
 import os
 import time
 
@@ -32,18 +34,48 @@ from b4b_jax.defense import hardened
 from b4b_jax.evaluation import embeddings
 from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import linear_probe
+from b4b_jax.evaluation import similarity
 from b4b_jax.evaluation import report as report_lib
 from b4b_jax.utils import distributed
 from b4b_jax.utils import files
 from b4b_jax.utils import metrics as metrics_lib
 
-DEFENSES = ("paper", "hardened")  # always run; "charged" (hardened + repeat_charge) when configured
+DEFENSES = ("paper", "hardened")  # always run; "hardened_no_charge" (the ablation) when configured
+NO_CHARGE = "hardened_no_charge"
 FRONTIER_PNG = "utility_theft_frontier.png"
 
 
+class Timings:
+  """Wall and process CPU seconds per named phase, summed over repeats (results["seeds"][s]["timings"]):
+  where the suite's time goes. CPU time counts every thread, so on a loaded machine it estimates the
+  quiet cost better than wall time does."""
+
+  def __init__(self):
+    self.phases = {}
+
+  @contextlib.contextmanager
+  def __call__(self, phase: str):
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+      yield
+    finally:
+      row = self.phases.setdefault(phase, {"wall_s": 0.0, "cpu_s": 0.0})
+      row["wall_s"] += time.perf_counter() - wall
+      row["cpu_s"] += time.process_time() - cpu
+      logging.info("attack_suite time: %s %.1f s wall, %.1f s CPU (phase total %.1f / %.1f)", phase,
+                   time.perf_counter() - wall, time.process_time() - cpu, row["wall_s"], row["cpu_s"])
+
+
+def theft_seeds(config) -> tuple:
+  """The seeds whose theft rows run: config.theft.seeds (the copies' training is the suite's dearest
+  part), or every seed when it is absent or empty."""
+  chosen = tuple(int(s) for s in (config.theft.get("seeds") or ()))
+  return chosen or tuple(int(s) for s in config.seeds)
+
+
 def defenses(config) -> tuple:
-  charge = float(config.get("repeat_charge", 0.0) or 0.0)
-  return DEFENSES + (("charged",) if charge > 0 else ())
+  charges = float(config.hardened.get("repeat_charge", 0.0) or 0.0) > 0
+  return DEFENSES + ((NO_CHARGE,) if charges and config.get("no_charge_ablation", False) else ())
 
 
 def validate_config(config) -> None:
@@ -62,6 +94,9 @@ def validate_config(config) -> None:
   if tc is not None and tc.enabled:
     if not tc.attacks:
       raise ValueError("theft.attacks names no attack (set theft.enabled=False to skip theft)")
+    stray = sorted(set(int(s) for s in (tc.get("seeds") or ())) - set(int(s) for s in config.seeds))
+    if stray:
+      raise ValueError(f"theft.seeds {stray} are not in seeds {tuple(config.seeds)}")
     for a in tc.attacks:
       received_lib.check_attack(a)
     if tc.selection not in strategies.SELECTIONS:
@@ -83,8 +118,20 @@ def validate_config(config) -> None:
     strategies.robust_loss(tc.loss, np.zeros((2, 2), np.float32), np.ones((2, 2), np.float32))
 
 
+def resolve_victim(config, workdir: str) -> str:
+  """The encoder spec the suite attacks: config.encoder, or ("") the demo's trained victim, trained
+  into config.demo_workdir (default <workdir>/demo) or reused from an earlier run there (the same
+  helper as the serve job's)."""
+  if config.encoder:
+    return str(config.encoder)
+  from b4b_jax.demo import pipeline  # pylint: disable=g-import-not-at-top
+  encoder_dir, _ = pipeline.trained_victim(config.demo, str(config.demo_workdir), workdir)
+  return encoder_dir
+
+
 def run(config, workdir: str) -> dict:
-  encoder = embeddings.resolve_encoder(config.encoder, workdir=workdir, seed=0)
+  spec = resolve_victim(config, workdir)
+  encoder = embeddings.resolve_encoder(spec, workdir=workdir, seed=0)
   size = int(encoder.manifest["preprocessing"]["input_size"])
   mean, std = data_lib.normalization(encoder)
 
@@ -99,7 +146,7 @@ def run(config, workdir: str) -> dict:
             for a, r in attacks.items() for n, v in r.get("error_ratio", {}).items()}
     writer.write_scalars(i, flat, stage="attack_suite")
   writer.close()
-  results = {"config": config.to_dict(), "encoder": config.encoder, "input_size": size,
+  results = {"config": config.to_dict(), "encoder": spec, "input_size": size,
              "seeds": per_seed, "summary": summarise(per_seed)}
   if distributed.is_writer():  # multi-host: every process computed the same results; one writes
     files.atomic_write_json(os.path.join(workdir, "results.json"), results)
@@ -112,6 +159,14 @@ def run(config, workdir: str) -> dict:
 
 # ------------------------------------------------------------------------------------------ one seed
 def run_seed(config, encoder, to_input, size: int, seed: int) -> dict:
+  timer = Timings()
+  with timer("seed"):
+    out = _run_seed(config, encoder, to_input, size, seed, timer)
+  out["timings"] = timer.phases
+  return out
+
+
+def _run_seed(config, encoder, to_input, size: int, seed: int, timer: Timings) -> dict:
   bs = int(config.query_batch_size)
   n_cov, n_targets = int(config.coverage_queries), int(config.targets)
   photos, _ = data_lib.load_arrays("sklearn_photos", "query", image_size=size, limit=max(n_cov, 1),
@@ -127,11 +182,12 @@ def run_seed(config, encoder, to_input, size: int, seed: int) -> dict:
   fn = encoder  # the Encoder itself: the API fuses its forward, weights as jit arguments
   clean_api = defense_lib.DefendedEncoder(fn, defense_lib.defense_config("none"), encoder.rep_dim)
   clean = strategies.QueryOnce(clean_api, ["reference"], to_input=to_input, batch_size=256)
-  clean_targets = clean.steal(targets).astype(np.float64)
-  calib = calibrate(config, clean.steal(server.astype(np.float32) / 255), seed)
-  out = {"calibration": {k: v for k, v in calib.items() if k != "center"}, "attacks": {},
-         "canary": {}, "provider": {}, "legit": {},
-         "geometry": geometry(config, clean, targets, clean_targets, calib["center"], seed)}
+  with timer("calibration+geometry"):
+    clean_targets = clean.steal(targets).astype(np.float64)
+    calib = calibrate(config, clean.steal(server.astype(np.float32) / 255), seed)
+    out = {"calibration": {k: v for k, v in calib.items() if k != "center"}, "attacks": {},
+           "canary": {}, "provider": {}, "legit": {},
+           "geometry": geometry(config, clean, targets, clean_targets, calib["center"], seed)}
 
   if config.legit:
     train_x, train_y = data_lib.load_arrays("digits", "train", image_size=size)
@@ -152,53 +208,60 @@ def run_seed(config, encoder, to_input, size: int, seed: int) -> dict:
     api = defense_lib.DefendedEncoder(fn, cfg, encoder.rep_dim, capacity=16)
     ratio = float(cfg.sigma_level_ratio)
     attacks = {}
-    baseline = strategies.QueryOnce(api, ["query_once"], to_input=to_input, batch_size=bs)
-    baseline.send(coverage_images)
-    attacks["query_once"] = _errors({1: baseline.steal(targets)}, clean_targets, api, "query_once",
-                                    ratio, name)
+    with timer("error: query_once"):
+      baseline = strategies.QueryOnce(api, ["query_once"], to_input=to_input, batch_size=bs)
+      baseline.send(coverage_images)
+      attacks["query_once"] = _errors({1: baseline.steal(targets)}, clean_targets, api, "query_once",
+                                      ratio, name)
     for p in config.perturbations:
       account = f"repeat_{p}"
       logging.info("attack_suite: seed %d, %s defense, attack %s", seed, name, account)
       strat = strategies.RepeatAverage(api, [account], copies=max(int(n) for n in config.ns),
                                        perturbation=p, seed=seed, to_input=to_input, batch_size=bs)
-      strat.send(coverage_images)
-      attacks[account] = _errors(strat.steal_curve(targets, [int(n) for n in config.ns]),
-                                 clean_targets, api, account, ratio, name)
+      with timer("error: coverage phase"):
+        strat.send(coverage_images)
+      with timer("error: repeats"):
+        attacks[account] = _errors(strat.steal_curve(targets, [int(n) for n in config.ns]),
+                                   clean_targets, api, account, ratio, name)
     out["attacks"][name] = attacks
     if config.canary:
-      out["canary"][name] = run_canary(api, coverage_images, canary_image, to_input, bs, ratio, name,
-                                       seed)
+      with timer("error: canary"):
+        out["canary"][name] = run_canary(api, coverage_images, canary_image, to_input, bs, ratio,
+                                         name, seed)
     out["provider"][name] = hardened.provider_stats(api)
     apis[name] = api
     if config.legit:
       # Through images (api.query), so the hardened mode's image-keyed noise applies as it does for
       # the thieves (the representation path would key by the fine codes alone).
-      row = legit_lib.legit_user_images(encoder, cfg, [(train_x, train_y)], [(test_x, test_y)],
-                                        probe_cfg=config.probe, query_batch_size=bs)
+      with timer("legit"):
+        row = legit_lib.legit_user_images(encoder, cfg, [(train_x, train_y)], [(test_x, test_y)],
+                                          probe_cfg=config.probe, query_batch_size=bs)
       out["legit"][name] = _legit_row(row)
       # The cost leaves this narrow user almost noise free; these rows ask what the hardened keying
       # costs a legit user when there is noise: a constant sigma near m x per-dim std, snapped to a
       # power of sigma_level_ratio so both defenses apply exactly the same sigma and only the keying
       # differs (the rounding up costs at most a factor r more, on top; see docs/defense.md).
-      for m in config.legit_static_sigmas:
+      # (Not for the no-charge ablation: under a static sigma the charge changes nothing.)
+      for m in (config.legit_static_sigmas if name != NO_CHARGE else ()):
         static = defense_config(config, calib, seed, mode=name)
         r = float(config.hardened.sigma_level_ratio)
         with static.unlocked():
           static.static_sigma = float(r ** np.round(np.log(float(m) * calib["per_dim_std"]) / np.log(r)))
         defense_lib.validate_config(static)
-        row = legit_lib.legit_user_images(encoder, static, [(train_x, train_y)], [(test_x, test_y)],
-                                          probe_cfg=config.probe, query_batch_size=bs)
+        with timer("legit: static sigma"):
+          row = legit_lib.legit_user_images(encoder, static, [(train_x, train_y)], [(test_x, test_y)],
+                                            probe_cfg=config.probe, query_batch_size=bs)
         out["legit"][f"{name} sigma={float(m):g}std"] = _legit_row(row)
-  if config.get("theft") is not None and config.theft.enabled:
+  if config.get("theft") is not None and config.theft.enabled and seed in theft_seeds(config):
     digits = (train_x, train_y, test_x, test_y) if config.legit else None
     out["theft"] = run_theft(config, encoder, to_input, size, seed, calib, clean, server, digits,
-                             apis)
+                             apis, timer)
   return out
 
 
 # ------------------------------------------------------------------------------------------ theft
 def run_theft(config, encoder, to_input, size: int, seed: int, calib: dict, clean, server,
-              digits, apis: dict) -> dict:
+              digits, apis: dict, timer: Timings) -> dict:
   """{defense: {attack: row}}: each attack's received pairs -> a trained copy -> its fidelity on held-out
   crops and its digits probe accuracy (module docstring). apis: {defense: the error part's API}, reused
   with fresh accounts (theft_<attack>) so its compiled calls serve both parts."""
@@ -239,7 +302,11 @@ def run_theft(config, encoder, to_input, size: int, seed: int, calib: dict, clea
     return {**stolen_copy.fidelity(embed(eval_uint8), victim_eval),
             "probe_top1": float(probe.test_top1_mean)}
 
-  out = {"untrained_copy": measure(template.params)}
+  with timer("theft: measure"):
+    out = {"untrained_copy": measure(template.params)}
+    # under_knee's public proxy encoder: the thief's own untrained copy (a random-init ResNet anyone
+    # can build); its k-means picks images that spread over the proxy's feature space, not pixels.
+    proxy_features = embeddings.embed_images(template, photos, batch_size=256, params=template.params)
   for defense in ("none",) + defenses(config):
     if defense == "none":
       dc = config.defense
@@ -253,16 +320,20 @@ def run_theft(config, encoder, to_input, size: int, seed: int, calib: dict, clea
     for attack in tc.attacks:
       logging.info("attack_suite theft: seed %d, %s defense, attack %s", seed, defense, attack)
       t0 = time.time()
-      got = received_lib.receive(attack, api, f"theft_{attack}", steal_images, settings,
-                                 to_input=to_input, batch_size=int(config.query_batch_size), seed=seed,
-                                 proxy_clean=proxy)
+      with timer(f"theft: receive {attack}"):
+        got = received_lib.receive(attack, api, f"theft_{attack}", steal_images, settings,
+                                   to_input=to_input, batch_size=int(config.query_batch_size),
+                                   seed=seed, proxy_clean=proxy, proxy_features=proxy_features)
       inputs = np.clip(np.round(got.inputs01 * 255), 0, 255).astype(np.uint8)
       try:
-        copy, losses = stolen_copy.train_copy(
-            inputs, got.targets, arch=str(tc.arch), preprocessing=pre, mean=mean, std=std,
-            steps=int(tc.steps), batch_size=int(tc.batch_size), loss=str(tc.loss),
-            base_lr=float(tc.base_lr), seed=init_seed)
-        measured = {**measure(copy.params), "loss_first": losses[0],
+        with timer("theft: train copy"):
+          copy, losses = stolen_copy.train_copy(
+              inputs, got.targets, arch=str(tc.arch), preprocessing=pre, mean=mean, std=std,
+              steps=int(tc.steps), batch_size=int(tc.batch_size), loss=str(tc.loss),
+              base_lr=float(tc.base_lr), seed=init_seed)
+        with timer("theft: measure"):
+          measured_copy = measure(copy.params)
+        measured = {**measured_copy, "loss_first": losses[0],
                     "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])), "diverged": False}
       except FloatingPointError as e:  # e.g. targets drowned in a charged sigma: reported, not hidden
         logging.warning("attack_suite theft: %s copy under %s diverged: %s", attack, defense, e)
@@ -288,7 +359,7 @@ def geometry(config, clean, targets, clean_targets, center, seed: int) -> dict:
   base = clean_targets - np.asarray(center)
 
   def angles(a, b):
-    cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+    cos = similarity.cosine_similarity(a, b)
     return np.arccos(np.clip(cos, -1, 1)) / np.pi
 
   out = {}
@@ -322,12 +393,12 @@ def calibrate(config, server_reps: np.ndarray, seed: int) -> dict:
 
 
 def defense_config(config, calib: dict, seed: int, *, mode: str) -> ml_collections.ConfigDict:
-  """mode: "paper" (the published B4B), "hardened" (config.hardened) or "charged" (config.hardened
-  plus repeat_charge = config.repeat_charge)."""
+  """mode: "paper" (the published B4B), "hardened" (config.hardened: the full preset by default) or
+  "hardened_no_charge" (config.hardened with repeat_charge 0: the ablation)."""
   dc = config.defense
   extra = config.hardened.to_dict() if mode != "paper" else {}
-  if mode == "charged":
-    extra["repeat_charge"] = float(config.repeat_charge)
+  if mode == NO_CHARGE:
+    extra["repeat_charge"] = 0.0
   return defense_lib.defense_config(
       "simsiam", num_projections=int(dc.num_projections), num_hyperplanes=int(dc.num_hyperplanes),
       lam=calib["lam"], alpha=calib["alpha"], beta=calib["beta"], hash_center=calib["center"],
@@ -406,24 +477,25 @@ def summarise(per_seed: dict) -> dict:
                                     for s in seeds])
     out["repeat_share"][d] = {a: stats([s["provider"][d][a].get("repeat_share", float("nan"))
                                         for s in seeds]) for a in seeds[0]["provider"].get(d, {})}
-  if seeds[0].get("theft"):
+  thefts = [s for s in seeds if s.get("theft")]  # theft runs for config.theft.seeds only
+  if thefts:
     out["theft"] = {}
-    out["untrained_copy"] = {k: stats([s["theft"]["untrained_copy"][k] for s in seeds])
+    out["untrained_copy"] = {k: stats([s["theft"]["untrained_copy"][k] for s in thefts])
                              for k in ("cosine", "rel_mse", "probe_top1")}
-    for d, attacks in seeds[0]["theft"].items():
+    for d, attacks in thefts[0]["theft"].items():
       if d == "untrained_copy":
         continue
       for a in attacks:
-        rows = [s["theft"][d][a] for s in seeds]
+        rows = [s["theft"][d][a] for s in thefts]
         out["theft"].setdefault(d, {})[a] = {
             **{k: stats([r["copy"][k] for r in rows]) for k in ("cosine", "rel_mse", "probe_top1")},
             **{k: stats([r[k] for r in rows]) for k in ("queries", "coverage_max", "sigma_max")}}
-    out["legit_top1"] = {d: stats([s["legit"][d]["test_top1_mean"] for s in seeds])
-                         for d in seeds[0]["theft"] if d in seeds[0]["legit"]}
+    out["legit_top1"] = {d: stats([s["legit"][d]["test_top1_mean"] for s in thefts])
+                         for d in thefts[0]["theft"] if d in thefts[0]["legit"]}
     out["seconds"] = {"theft": stats([sum(r["seconds"] for d, rows in s["theft"].items()
                                           if d != "untrained_copy" for r in rows.values())
-                                      for s in seeds])}
-  for d in ("hardened", "charged"):
+                                      for s in thefts])}
+  for d in ("hardened", NO_CHARGE):
     if "paper" in out["legit_drop"] and d in out["legit_drop"]:
       out["legit_drop"][f"{d}_minus_paper"] = stats(
           [s["legit"]["paper"]["test_top1_mean"] - s["legit"][d]["test_top1_mean"] for s in seeds])
@@ -483,6 +555,14 @@ def render_report(results: dict) -> str:
               report_lib.markdown_table(["perturbation", "median", "max"], rows), ""]
   if summary.get("theft"):
     lines += theft_report(results)
+  phases = sorted({p for sd in results["seeds"].values() for p in sd.get("timings", {})})
+  if phases:
+    rows = [[p] + [("{wall_s:.0f} / {cpu_s:.0f}".format(**results["seeds"][sd]["timings"][p])
+                    if p in results["seeds"][sd].get("timings", {}) else "-") for sd in seeds]
+            for p in phases]
+    lines += ["Where the time went: seconds wall / process CPU (all threads) per phase and seed "
+              "(the job's load is not recorded: compare CPU to wall).", "",
+              report_lib.markdown_table(["phase"] + [f"seed {sd}" for sd in seeds], rows), ""]
   rows = [[d, a, _fmt(v)] for d, accts in summary["repeat_share"].items() for a, v in accts.items()]
   lines += ["Provider flags (hardened only tracks repeats): share of an account's answers whose fine "
             "code it had already been answered for.", "",
@@ -538,7 +618,7 @@ def plot_frontier(results: dict, path: str) -> None:
               if d in legit and np.isfinite(attacks[a]["cosine"]["mean"])]
     if points:
       series.append({"label": d, "x": [p[0] for p in points], "y": [p[1] for p in points],
-                     "style": {"none": "o", "paper": "s", "hardened": "^", "charged": "v"}.get(d, "o")})
+                     "style": {"none": "o", "paper": "s", "hardened": "^", NO_CHARGE: "v"}.get(d, "o")})
   if series:
     report_lib.line_plot(path, series, xlabel="theft: copy's mean cosine to the victim (held-out), one "
                          "point per attack", ylabel="legit user's top-1 (%)",

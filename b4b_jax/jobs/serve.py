@@ -35,21 +35,7 @@ def demo_victim(config, workdir: str):
   """(encoder_dir, calibration dict) of the demo's victim: its stages run (or are reused) in
   config.demo_workdir (default <workdir>/demo)."""
   from b4b_jax.demo import pipeline  # pylint: disable=g-import-not-at-top
-  from b4b_jax.demo.stages import StageRunner  # pylint: disable=g-import-not-at-top
-  from b4b_jax import models  # pylint: disable=g-import-not-at-top
-  from b4b_jax.utils import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  demo_dir = config.demo_workdir or os.path.join(workdir, "demo")
-  os.makedirs(demo_dir, exist_ok=True)
-  demo_cfg = config.demo
-  stages = StageRunner(demo_dir, ("victim", "calibration"))
-  data = pipeline.load_data(demo_cfg)
-  writer = metrics_lib.MetricsWriter(demo_dir)
-  stages.run("victim", lambda: pipeline.train_victim(demo_cfg, data, demo_dir, writer))
-  encoder_dir = os.path.join(demo_dir, pipeline.VICTIM_DIR)
-  victim = models.load_encoder(encoder_dir)
-  calib = stages.run("calibration", lambda: pipeline.calibrate(demo_cfg, victim, data))
-  writer.close()
-  return encoder_dir, calib
+  return pipeline.trained_victim(config.demo, config.demo_workdir, workdir)
 
 
 def resolved_config(config, workdir: str):

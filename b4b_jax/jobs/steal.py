@@ -76,6 +76,7 @@ from b4b_jax.attacks import strategies as strategies_lib
 from b4b_jax.attacks import train_state as ts
 from b4b_jax.attacks.strategies import received as received_lib
 from b4b_jax.evaluation import embeddings
+from b4b_jax.evaluation import similarity
 from b4b_jax.utils import checkpoint as ckpt_lib
 from b4b_jax.utils import distributed
 from b4b_jax.utils import files
@@ -793,9 +794,7 @@ def _similarity(config, s: SetUp, stolen: models_lib.Encoder, state) -> Dict[str
 
 
 def _mean_cosine(a, b) -> float:
-  num = np.sum(a * b, axis=1)
-  den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-  return float(np.mean(num / np.maximum(den, 1e-12)))
+  return float(np.mean(similarity.cosine_similarity(a, b)))
 
 
 def render_report(r: Dict[str, Any]) -> str:

@@ -66,8 +66,11 @@ def check_attack(name: str) -> None:
 
 
 def receive(name: str, api, account: str, images01: np.ndarray, settings, *, to_input=None,
-            batch_size: int = 64, seed: int = 0, proxy_clean: Optional[np.ndarray] = None
-            ) -> Received:
+            batch_size: int = 64, seed: int = 0, proxy_clean: Optional[np.ndarray] = None,
+            proxy_features: Optional[np.ndarray] = None) -> Received:
+  """What attack `name` received from `api` for images01. proxy_clean: the denoiser's (clean proxy
+  answers); proxy_features: [N, F] features of images01 from a public proxy encoder, for under_knee's
+  selection (None: its pixels)."""
   check_attack(name)
   images01 = base._check_images(images01)  # pylint: disable=protected-access
   s = dict(settings)
@@ -103,12 +106,15 @@ def receive(name: str, api, account: str, images01: np.ndarray, settings, *, to_
     return Received(images01, np.concatenate(cleaned), [account],
                     f"canary-read sigma: median {float(np.median(read)):.3g}")
   if name == "under_knee":
+    if proxy_features is not None and len(proxy_features) != len(images01):
+      raise ValueError(f"proxy_features has {len(proxy_features)} rows for {len(images01)} images")
     strat = budget.UnderKnee(api, [account], budget=min(int(s["under_knee_budget"]), len(images01)),
-                             selection=str(s["selection"]), seed=seed, **kw)
+                             selection=str(s["selection"]), proxy_features=proxy_features,
+                             seed=seed, **kw)
     answers = strat.steal(images01)
+    what = "pixels" if proxy_features is None else "a public proxy encoder's features"
     return Received(images01[strat.selected], answers, [account],
-                    f"{len(strat.selected)} of {len(images01)} images ({s['selection']}, pixels as "
-                    "the proxy features)")
+                    f"{len(strat.selected)} of {len(images01)} images ({s['selection']} on {what})")
   if name == "augmentation_flood":
     strat = flood.AugmentationFlood(api, [account], weak=int(s["flood_weak"]),
                                     strong=int(s["flood_strong"]), seed=seed, **kw)
