@@ -19,7 +19,7 @@ minutes on 2 quiet cores) or reused from there, through the same helper as the s
 (b4b_jax.demo.pipeline.trained_victim).
 Defenses (same cost, same hash_center, identity transform so errors compare to the clean answer
 directly): paper (the published B4B, noise_keying "per_query"), hardened (the full hardened preset,
-b4b_jax.defense.HARDENED: per-input keying, image-keyed noise, repeat_charge 1) and the ablation
+b4b_jax.defense.HARDENED: per-input keying, image-keyed noise, repeat_charge 0.25) and the ablation
 hardened_no_charge (the same fields with repeat_charge 0; no_charge_ablation=False drops it).
 Per seed and defense each attack owns one account: a coverage-raising phase of `coverage_queries`
 diverse photo crops, then `max(ns)` copies of each of `targets` held-out crops; err(N) = RMS per
@@ -83,7 +83,7 @@ def get_config(arg=None):
   c.defense.num_hyperplanes = 8
   c.defense.seed_offset = 0                  # defense seed = seed + seed_offset
   # The hardened defense: the full preset (b4b_jax.defense.HARDENED = defense_config(hardened=True):
-  # per_input keying, image-keyed noise w = 1, l = 0.3, grid 4, F = 256, repeat_charge 1); paper-B4B is
+  # per_input keying, image-keyed noise w = 1, l = 0.3, grid 4, F = 256, repeat_charge 0.25); paper-B4B is
   # the same cost without these fields. Any field can be overridden (--config.hardened.image_weight=0.5).
   c.hardened = ml_collections.ConfigDict(dict(defense.HARDENED))
   # An ablation row "hardened_no_charge" = the hardened fields with repeat_charge 0 (keyed noise only,

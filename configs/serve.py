@@ -17,7 +17,7 @@ b4b_jax.defense.HARDENED, docs/defense.md "The hardened preset"): noise keyed by
 of the input and the sigma level (noise_keying="per_input"), all of its variance a smooth secret
 function of the image (image_weight 1, lengthscale 0.3: repeats, pixel jitter, 1-pixel shifts, JPEG and
 small crops/flips get the same noise, so averaging gains <= 1.2x), and repeats charged as new buckets
-(repeat_charge 1: a canary that reads its sigma pays for it in coverage); on the paper's
+(repeat_charge 0.25: a canary that reads its sigma pays for it in coverage); on the paper's
 coverage-priced cost, with a per-account diag_affine transform against sybils. Ablations are one field
 away: `--config.defense.repeat_charge=0` (flag repeats, never charge), `--config.defense.image_weight=0`
 (fine codes only); the paper's B4B needs the three: `--config.defense.noise_keying=per_query

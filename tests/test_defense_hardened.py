@@ -147,7 +147,7 @@ def test_hardened_preset_is_the_full_defense():
   assert {k: cfg[k] for k in HARDENED} == HARDENED
   # every part of the hardened defense: per-input keying, all noise image-keyed, repeats charged
   assert (cfg.noise_keying, cfg.image_weight, cfg.image_lengthscale, cfg.repeat_charge) == (
-      "per_input", 1.0, 0.3, 1.0)
+      "per_input", 1.0, 0.3, 0.25)
   assert set(HARDENED) == set(HARDENING_DEFAULTS)  # the preset sets every hardening field
   assert defense_config("dino", hardened=True).alpha == defense_config("dino").alpha  # the preset's cost
   ablation = defense_config("simsiam", hardened=True, num_projections=4, num_hyperplanes=6,
@@ -162,7 +162,7 @@ def test_hardened_preset_is_the_full_defense():
     for _ in range(3):
       api.query_representations("u", reps)
     sigmas[name] = api.sigma("u")
-  assert 1e3 * sigmas["ablation"] < sigmas["preset"] < 1e6
+  assert 3 * sigmas["ablation"] < sigmas["preset"] < 1e6  # charge 0.25: ~9x here (charge 1: >1e3x)
 
 
 def test_paper_b4b_is_the_default_and_matches_the_per_query_formula():

@@ -33,7 +33,7 @@ HARDENING_DEFAULTS = {"noise_keying": "per_query", "fine_code_bits": 16, "fine_c
 # for free; with it the read-out costs coverage).
 HARDENED = {"noise_keying": "per_input", "fine_code_bits": 16, "fine_codes": 4,
             "sigma_level_ratio": 2.0, "image_weight": 1.0, "image_grid": 4, "image_lengthscale": 0.3,
-            "image_features": 256, "repeat_charge": 1.0}
+            "image_features": 256, "repeat_charge": 0.25}
 MAX_FINE_CODE_BITS = 24  # the per-account set of seen codes is 2^bits bits (16 bits: 8 KiB)
 
 
@@ -46,7 +46,7 @@ def defense_config(preset: str = "simsiam", *, hardened: bool = False,
       (defense disabled: clean representations, no transform; coverage is still counted so experiments
       can plot it; the cost fields keep the SimSiam values).
     hardened: False (default) = the paper's B4B, bit for bit; True = the full hardened defense, the
-      HARDENED fields (per_input keying, image-keyed noise, repeat_charge 1) on the preset's cost.
+      HARDENED fields (per_input keying, image-keyed noise, repeat_charge 0.25) on the preset's cost.
       Overrides apply on top (e.g. `hardened=True, repeat_charge=0.0` is the no-charge ablation).
     **overrides: any field below, e.g. `transform="diag_affine"`, `static_sigma=0.1`.
 
