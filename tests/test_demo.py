@@ -14,11 +14,44 @@ from configs import demo as demo_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# A second setting that changes XLA:CPU's floating-point rounding and nothing else: LLVM fast-math changes
+# the convolution gradients' bits on a 2-core AVX-512 Xeon and on a 2-core AVX2 AMD EPYC (as one core
+# instead of two, or --xla_cpu_max_isa=SSE4_2, do on the Xeon; Eigen's thread setting and the thunk runtime
+# change nothing there). README "What varies from machine to machine".
+OTHER_ROUNDING = "--xla_cpu_enable_fast_math=true"
+
+
+def _tiny_demo_subprocess(workdir: str, xla_flags: str) -> subprocess.Popen:
+  env = dict(os.environ, XLA_FLAGS=xla_flags, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.Popen([sys.executable, "-m", "b4b_jax.main", "--config=configs/demo.py:tiny",
+                           f"--workdir={workdir}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("demo"))
-  results = run_job(demo_config.get_config("tiny"), workdir)
-  return workdir, results
+def demo_runs(tmp_path_factory):
+  """The tiny demo twice, side by side (one core each): in this process, as run_job runs it, and in a
+  child process under OTHER_ROUNDING (the same 8 virtual devices, so the data-parallel split is the
+  same). Returns {"default": (workdir, results), "other_rounding": (workdir, results.json's results)}."""
+  other = str(tmp_path_factory.mktemp("demo_other_rounding"))
+  proc = _tiny_demo_subprocess(other, f"{os.environ['XLA_FLAGS']} {OTHER_ROUNDING}")
+  try:
+    workdir = str(tmp_path_factory.mktemp("demo"))
+    results = run_job(demo_config.get_config("tiny"), workdir)
+    output, _ = proc.communicate(timeout=1800)
+  finally:  # never leave a demo running after a failure or a timeout
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 0, output[-3000:]
+  with open(os.path.join(other, "results.json")) as f:
+    other_results = json.load(f)["results"]
+  return {"default": (workdir, results), "other_rounding": (other, other_results)}
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_runs):
+  return demo_runs["default"]
 
 
 def _numbers(tree):
@@ -80,39 +113,10 @@ def test_demo_rerun_resumes_and_refuses_other_config(demo_run):
     run_job(other, workdir)
 
 
-# Two settings that change XLA:CPU's floating-point rounding and nothing else (one virtual device each, so
-# the data-parallel split is the same): LLVM fast-math changes the convolution gradients' bits on a
-# 2-core AVX-512 Xeon (as one core instead of two, or --xla_cpu_max_isa=SSE4_2, do; Eigen's thread
-# setting and the thunk runtime change nothing there). README "What varies from machine to machine".
-ROUNDING_SETTINGS = {
-    "default": "--xla_force_host_platform_device_count=1",
-    "other_rounding": "--xla_force_host_platform_device_count=1 --xla_cpu_enable_fast_math=true",
-}
-
-
-def _tiny_demo_subprocess(workdir: str, xla_flags: str) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS=xla_flags, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.Popen([sys.executable, "-m", "b4b_jax.main", "--config=configs/demo.py:tiny",
-                           f"--workdir={workdir}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-
-
-def test_tiny_demo_verdicts_do_not_depend_on_rounding(tmp_path):
-  """The tiny demo under two rounding settings (run side by side): its numbers differ, its verdicts not."""
-  procs = {name: _tiny_demo_subprocess(str(tmp_path / name), flags)
-           for name, flags in ROUNDING_SETTINGS.items()}
-  results = {}
-  try:
-    for name, proc in procs.items():
-      output, _ = proc.communicate(timeout=1800)
-      assert proc.returncode == 0, output[-3000:]
-      with open(tmp_path / name / "results.json") as f:
-        results[name] = json.load(f)["results"]
-  finally:
-    for proc in procs.values():  # never leave a demo running after a failure or a timeout
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+def test_tiny_demo_verdicts_do_not_depend_on_rounding(demo_runs):
+  """The tiny demo under two rounding settings: its numbers differ, its verdicts not."""
+  with open(os.path.join(demo_runs["default"][0], "results.json")) as f:
+    results = {"default": json.load(f)["results"], "other_rounding": demo_runs["other_rounding"][1]}
   a, b = results["default"], results["other_rounding"]
   # The settings really changed the arithmetic (else this test would prove nothing) ...
   assert a["victim"]["epoch_losses"] != b["victim"]["epoch_losses"]

@@ -109,7 +109,9 @@ def _results(und=0.8, rnd=0.6, b4b=0.6, syb=0.65, none_top1=90.0, b4b_top1=89.8,
                                       "attack_sybil": gains(und - syb)}}
   drop = none_top1 - b4b_top1
   legit = {"none": {"test_top1_mean": none_top1},
-           "b4b": {"test_top1_mean": b4b_top1, "account": {"coverage": legit_cov, "num_queries": 1000}},
+           "b4b": {"test_top1_mean": b4b_top1,
+                   "traces": {"train": {"num_queries": [400], "coverage": [legit_cov / 4]},
+                              "test": {"num_queries": [1000], "coverage": [legit_cov]}}},
            "drop_samples": list(drop + np.linspace(-0.05, 0.05, 50))}
   log = [{"account": 1, "num_queries": 500, "coverage": thief_cov / 2},
          {"account": 1, "num_queries": 1000, "coverage": thief_cov},
@@ -153,6 +155,19 @@ def test_report_claims_compares_coverage_at_the_legit_users_query_count():
   import configs.demo as demo_config
   out = report.claims(_results(legit_cov=60.0), demo_config.get_config())
   assert out[4]["verdict"] == claims.DOES_NOT_HOLD and out[4]["estimate"] == pytest.approx(-10.0)
+
+
+def test_report_claims_compares_coverage_at_the_thiefs_query_count_when_it_sent_fewer():
+  # A thief with 500 queries against a legit user's 1000: the legit account is read at <= 500 queries
+  # (its 400-query entry, legit_cov / 4), not at its 1000 (the tiny demo's 256 vs 1797 case).
+  from b4b_jax.demo import report
+  import configs.demo as demo_config
+  results = _results(legit_cov=60.0, thief_cov=40.0)
+  results["attack_b4b"]["query_log"] = [e for e in results["attack_b4b"]["query_log"]
+                                        if e["num_queries"] <= 500]
+  out = report.claims(results, demo_config.get_config())
+  assert out[4]["estimate"] == pytest.approx(40.0 / 2 - 60.0 / 4)
+  assert "legit 15.00% after 400 queries; thief 20.00% after 500 queries" in out[4]["evidence"]
 
 
 def test_report_claims_estimates_are_the_stated_differences():

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from b4b_jax.utils import distributed
+from tests.trees import assert_trees_match
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 400  # per launch; a healthy launch takes well under a minute on a quiet 2-core machine
@@ -211,19 +212,8 @@ def steal_runs(tmp_path_factory):
   return one, two
 
 
-def _assert_close_tree(got, want, path):
-  if isinstance(want, dict):
-    assert isinstance(got, dict) and set(got) == set(want), path
-    for k in want:
-      _assert_close_tree(got[k], want[k], f"{path}.{k}")
-  elif isinstance(want, list):
-    assert isinstance(got, list) and len(got) == len(want), path
-    for i, (g, w) in enumerate(zip(got, want)):
-      _assert_close_tree(g, w, f"{path}[{i}]")
-  elif isinstance(want, float):
-    np.testing.assert_allclose(got, want, rtol=1e-3 if ".mapper." in path else 1e-5, err_msg=path)
-  else:
-    assert got == want, (path, got, want)
+def _api_side_tolerance(path: str):
+  return (1e-3 if ".mapper." in path else 1e-5), 0.0
 
 
 def test_steal_two_processes_match_one(steal_runs):
@@ -237,7 +227,7 @@ def test_steal_two_processes_match_one(steal_runs):
   # devices per process (docs/serving.md), which moves sigma read-outs by ulps and a sybil's trained
   # mapper metrics a little more (rtol 1e-3 under "mapper"); a wrong row or charge moves them by far more.
   for key in ("plan", "query_log", "accounts_after_queries", "accounts", "api", "total_steps"):
-    _assert_close_tree(r2[key], r1[key], key)
+    assert_trees_match(r2[key], r1[key], key, _api_side_tolerance)
   assert r2["step"] == r2["total_steps"] == 6
   # Training. Step 1 (one all-reduced gradient over the same global batch) agrees to float rounding;
   # later steps drift apart a little (ReLU / max-pool decisions flip on last-bit differences), so the
