@@ -222,14 +222,16 @@ class DefendedEncoder:
       users = self._check_users(user, reps.shape[0])
     return self._serve(users, reps, from_images=False)
 
-  def replay(self, users_per_row: Sequence[str], buckets) -> None:
+  def replay(self, users_per_row: Sequence[str], buckets, *, pad_to: int = 0) -> None:
     """Charges a call again from its journal entry, without computing representations.
 
     users_per_row and buckets [N, P + E] int32 are one earlier call's `result.users` and `result.buckets`
     (one replay per original call: a user's rows in one call are one query batch). Registers unknown
     users as that call did and advances the same state (occupancy, counts, query and batch counters,
     which key the noise), so snapshot + replay of every later call ends bit-identical to the state
-    before a crash. Bad entries raise BadInputError with nothing changed.
+    before a crash. Bad entries raise BadInputError with nothing changed. pad_to: pad the call to at
+    least this many rows (padding rows are ignored), so a replay of many calls of different sizes
+    compiles one shape instead of one per size.
     """
     p, extra = self._settings.num_projections, hardened.seen_columns(self._settings)
     width = p + extra
@@ -253,8 +255,8 @@ class DefendedEncoder:
     new_users = self._admit(users)
     slots = np.asarray([self._slots[u] for u in users], np.int32)
     buckets = buckets.astype(np.int32)
-    if self._pad_batches:
-      size = _padded_size(n)
+    if self._pad_batches or pad_to > n:
+      size = max(_padded_size(n) if self._pad_batches else n, int(pad_to))
       slots = np.concatenate([slots, np.full((size - n,), -1, np.int32)])
       buckets = _pad_rows(buckets, size)
     try:

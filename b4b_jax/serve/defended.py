@@ -78,7 +78,9 @@ def replay_entries(served: Served, entries: Iterable, *, max_rows: int = 8192) -
   One replay call advances each user in it by one query batch (DefendedEncoder.replay), so
   consecutive entries are merged only while no user appears in two of them: the merged call then
   sets the same occupancy bits and counts (a union), adds the same query counts (a sum) and the same
-  one batch per (entry, user). A user that recurs starts a new call."""
+  one batch per (entry, user). A user that recurs starts a new call. Every call is padded to max_rows
+  (rounded up as the API pads): one compiled shape for the whole replay, where calls of their own sizes
+  compiled one program per size (2-5 s of a restart's 11 s on 2 quiet cores, benchmarks.serve_restart)."""
   api = served.api
   users: List[str] = []
   codes: List[np.ndarray] = []
@@ -88,7 +90,7 @@ def replay_entries(served: Served, entries: Iterable, *, max_rows: int = 8192) -
   def flush():
     nonlocal num_calls
     if users:
-      api.replay(users, np.concatenate(codes) if len(codes) > 1 else codes[0])
+      api.replay(users, np.concatenate(codes) if len(codes) > 1 else codes[0], pad_to=max_rows)
       num_calls += 1
     users.clear()
     codes.clear()
