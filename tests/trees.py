@@ -17,7 +17,7 @@ def exact(path: str) -> None:
 
 
 def assert_trees_match(got, want, path: str = "results", float_tolerance: Tolerance = exact) -> None:
-  """Fails naming the first path where `got` and `want` differ (keys, lengths, types or values)."""
+  """Fails naming the first path where `got` and `want` differ (keys, lengths or values)."""
   if isinstance(want, dict):
     assert isinstance(got, dict) and set(got) == set(want), (path, sorted(set(got) ^ set(want)))
     for k in want:
@@ -26,8 +26,9 @@ def assert_trees_match(got, want, path: str = "results", float_tolerance: Tolera
     assert isinstance(got, list) and len(got) == len(want), (path, got, want)
     for i, (g, w) in enumerate(zip(got, want)):
       assert_trees_match(g, w, f"{path}[{i}]", float_tolerance)
-  elif isinstance(want, float) and float_tolerance(path) is not None:
-    rtol, atol = float_tolerance(path)
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=path)
   else:
-    assert got == want, (path, got, want)
+    tolerance = float_tolerance(path) if isinstance(want, float) else None
+    if tolerance is None:
+      assert got == want, (path, got, want)
+    else:
+      np.testing.assert_allclose(got, want, rtol=tolerance[0], atol=tolerance[1], err_msg=path)

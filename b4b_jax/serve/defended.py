@@ -79,7 +79,7 @@ def replay_entries(served: Served, entries: Iterable, *, max_rows: int = 8192) -
   consecutive entries are merged only while no user appears in two of them: the merged call then
   sets the same occupancy bits and counts (a union), adds the same query counts (a sum) and the same
   one batch per (entry, user). A user that recurs starts a new call. Every call is padded to max_rows
-  (rounded up as the API pads): one compiled shape for the whole replay, where calls of their own sizes
+  rows (a call of one larger entry to its own padded size): one compiled shape for the whole replay, where calls of their own sizes
   compiled one program per size (2-5 s of a restart's 11 s on 2 quiet cores, benchmarks.serve_restart)."""
   api = served.api
   users: List[str] = []
