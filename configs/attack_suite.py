@@ -3,7 +3,7 @@ repeats and near-duplicates), canary probing, the naive thief, and the legit dig
 every attack of b4b_jax/attacks/strategies/received.py (query once, exact repeats, canary, under the
 knee, augmentation flood, random noise, sybil mapper, account rotation, learned denoiser) trains a
 small copy on what it received against none / paper / hardened / hardened_no_charge, measured by its
-fidelity to the victim on held-out crops and a digits probe, beside the legit user's accuracy
+fidelity to the victim on held-out crops (linear R^2, cosine, relative MSE) and a digits probe, beside the legit user's accuracy
 (report.md's "Theft" table, utility_theft_frontier.png).
 
   python -m b4b_jax.main --config=configs/attack_suite.py --workdir=/tmp/attack_suite
@@ -100,7 +100,10 @@ def get_config(arg=None):
       "query_once", "repeat_exact", "canary", "under_knee", "augmentation_flood", "random_noise",
       "sybil_mapper", "account_rotation", "denoised")
   c.theft.images = 64 if tiny else 1000
-  c.theft.eval_images = 32 if tiny else 256
+  # Held-out crops each copy is scored on: the linear R^2 (evaluation/fidelity.py) fits a map from the
+  # copy's 128-d features on the first half and scores the second, so the full size keeps 512 rows per
+  # half (4 per fitted dimension); cosine and rel MSE use all of them.
+  c.theft.eval_images = 64 if tiny else 1024
   c.theft.arch = "resnet18_w0.125"
   c.theft.init_seed_offset = 1000           # copy init seed = seed + this (never the random victim's)
   c.theft.steps = 8 if tiny else 100

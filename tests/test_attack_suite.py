@@ -64,7 +64,7 @@ def _check_theft(config, results, report):
     rotation = rows["account_rotation"]["accounts"]
     assert len(rotation) >= 2 and max(a["queries"] for a in rotation) <= tc.per_account
     for attack, r in rows.items():
-      assert all(np.isfinite([r["copy"]["cosine"], r["copy"]["probe_top1"]])), (d, attack)
+      assert all(np.isfinite([r["copy"]["r2"], r["copy"]["cosine"], r["copy"]["probe_top1"]])), (d, attack)
     assert (rows["query_once"]["sigma_max"] == 0) == (d == "none")
   # a copy is trained, not faked: its loss fell, and it is closer to the victim than the untrained copy
   once = theft["none"]["query_once"]["copy"]
@@ -78,6 +78,7 @@ def _check_theft(config, results, report):
   # its answers repeat while the sigma level holds (the whole tiny run), so it reads none
   assert "True" in theft["paper"]["canary"]["note"] and "False" in keyed["canary"]["note"]
   assert "| account_rotation | hardened_no_charge |" in report and "| (untrained copy) |" in report
+  assert "| copy R^2 |" in report
 
 
 def test_each_theft_attack_is_selectable():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from b4b_jax.attacks import mapper as mapper_lib
-from b4b_jax.attacks import stolen_copy
+from b4b_jax.evaluation import fidelity
 from b4b_jax.evaluation import remap
 from b4b_jax.evaluation import similarity
 
@@ -48,7 +48,7 @@ def test_keeps_float32_and_callers_agree():
   np.testing.assert_allclose(remap.cosine_distance(a, b), 1.0 - _reference(a, b), rtol=1e-12,
                              atol=1e-15)
   assert mapper_lib._cosine(a32, b32) == float(np.mean(got32))  # pylint: disable=protected-access
-  np.testing.assert_allclose(stolen_copy.fidelity(a, b)["cosine"], np.mean(_reference(a, b)),
+  np.testing.assert_allclose(fidelity.direct(a, b)["cosine"], np.mean(_reference(a, b)),
                              rtol=1e-12)
 
 

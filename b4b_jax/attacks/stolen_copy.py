@@ -4,14 +4,13 @@ Used by the attack suite (jobs/attack_suite.py) to turn every (attack, defense) 
 `train_copy` runs the steal job's own train step (attacks/train_state.make_train_step: SGD + momentum,
 cosine decay, the configured loss of attacks.losses) for a fixed number of steps over the received
 (input, answer) pairs, so every attack's copy gets the same optimiser schedule and one compilation
-serves the whole suite; `fidelity` compares the copy's outputs with the victim's clean representations
-on held-out images no attacker sent.
+serves the whole suite. How close a copy lands to the victim is evaluation/fidelity.py's job.
 
 Pairs: uint8 images [N, H, W, 3] (what was sent, in pixels) and float32 answers [N, D]. Batches are
 drawn from consecutive seeded permutations of the N pairs (with N < batch_size a batch repeats pairs),
 so the step count, not N, fixes the compute: an attack that received fewer pairs sees each more often.
 """
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import jax
 import numpy as np
@@ -20,7 +19,6 @@ from flax import nnx
 from b4b_jax import models as models_lib
 from b4b_jax.attacks import losses as losses_lib
 from b4b_jax.attacks import train_state as ts
-from b4b_jax.evaluation import similarity
 from b4b_jax.utils import distributed
 
 
@@ -93,14 +91,3 @@ def train_copy(images_uint8: np.ndarray, targets: np.ndarray, *, arch: str, prep
                   preprocessing)
   return copy, seen
 
-
-def fidelity(copy_reps, victim_reps) -> Dict[str, float]:
-  """cosine: mean cosine similarity of the copy's and the victim's representation of each image;
-  rel_mse: sum ||copy - victim||^2 / sum ||victim - mean(victim)||^2 (0 = exact; 1 = no better than
-  answering the victim's mean for every image)."""
-  a, b = np.asarray(copy_reps, np.float64), np.asarray(victim_reps, np.float64)
-  if a.shape != b.shape or a.ndim != 2 or len(a) < 2:
-    raise ValueError(f"fidelity needs two equal [N>=2, D] arrays, got {a.shape} and {b.shape}")
-  cos = similarity.cosine_similarity(a, b)
-  spread = np.sum((b - b.mean(0)) ** 2)
-  return {"cosine": float(cos.mean()), "rel_mse": float(np.sum((a - b) ** 2) / max(spread, 1e-300))}

@@ -20,6 +20,8 @@ from typing import Callable, Sequence, Tuple
 
 import numpy as np
 
+from b4b_jax.evaluation import fidelity as fidelity_lib
+
 HOLDS = "holds"
 DOES_NOT_HOLD = "does not hold"
 UNDECIDED = "undecided at this scale"
@@ -76,20 +78,6 @@ def paired_bootstrap(statistic: Callable[[np.ndarray], float], num_items: int, *
 
 
 # ------------------------------------------------------------------------------------------ statistics
-def r2_from_terms(sq_resid: np.ndarray, targets: np.ndarray, idx=None) -> float:
-  """R^2 = 1 - sum of squared residuals / total sum of squares, over the rows `idx` (default all).
-
-  sq_resid: [N] per-row squared residual |y_i - yhat_i|^2; targets: [N, D] the y_i (the total sum of
-  squares is taken around the mean of the selected rows, as a fresh held-out set would be).
-  """
-  idx = np.arange(len(sq_resid)) if idx is None else idx
-  y = targets[idx]
-  total = float(np.sum((y - y.mean(0)) ** 2))
-  if total <= 0:
-    raise ValueError("the targets have no variance: R^2 is undefined (a collapsed victim?)")
-  return 1.0 - float(np.sum(sq_resid[idx])) / total
-
-
 def fidelity_gain_samples(sq_resid_a, sq_resid_b, targets, *, num_samples: int = 1000,
                           seed: int = 0) -> np.ndarray:
   """Paired bootstrap samples of R^2(a) - R^2(b) for two copies scored on the same held-out rows."""
@@ -98,8 +86,8 @@ def fidelity_gain_samples(sq_resid_a, sq_resid_b, targets, *, num_samples: int =
   if sq_resid_a.shape != sq_resid_b.shape or sq_resid_a.shape != targets.shape[:1]:
     raise ValueError(f"residuals {sq_resid_a.shape}, {sq_resid_b.shape} and targets {targets.shape} "
                      "must describe the same rows")
-  return paired_bootstrap(lambda i: r2_from_terms(sq_resid_a, targets, i)
-                          - r2_from_terms(sq_resid_b, targets, i),
+  return paired_bootstrap(lambda i: fidelity_lib.r2_from_terms(sq_resid_a, targets, i)
+                          - fidelity_lib.r2_from_terms(sq_resid_b, targets, i),
                           len(targets), num_samples=num_samples, seed=seed)
 
 

@@ -12,7 +12,7 @@ from b4b_jax.attacks import augment
 from b4b_jax.demo import claims as claims_lib
 from b4b_jax.demo import victim as victim_lib
 from b4b_jax.evaluation import embeddings
-from b4b_jax.evaluation import least_squares
+from b4b_jax.evaluation import fidelity as fidelity_lib
 from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import linear_probe
 from b4b_jax.evaluation import remap as remap_lib
@@ -237,24 +237,6 @@ def attack_summary(results: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ probes
-def fidelity_residuals(stolen_train, victim_train, stolen_test, victim_test,
-                       ridge: float = 1e-3) -> np.ndarray:
-  """Per test row, the squared error of the victim's representation predicted linearly (ridge, fit on
-  train) from the copy's."""
-  xm, xs = stolen_train.mean(0), stolen_train.std(0) + 1e-8
-  (_, w, b), = least_squares.fit((stolen_train - xm) / xs, victim_train, [ridge * len(stolen_train)],
-                                 relative=False)
-  pred = ((stolen_test - xm) / xs) @ w + b
-  return np.sum((victim_test - pred) ** 2, axis=1)
-
-
-def fidelity(stolen_train, victim_train, stolen_test, victim_test, ridge: float = 1e-3) -> float:
-  """R^2 of the victim's representations predicted linearly from the copy's (fit on train, scored on
-  test): the fraction of the victim's representation variance the stolen copy reproduces."""
-  return claims_lib.r2_from_terms(
-      fidelity_residuals(stolen_train, victim_train, stolen_test, victim_test, ridge), victim_test)
-
-
 def victim_references(victim, data) -> dict:
   return {k: embed(victim, data[k]) for k in ("digits_train", "digits_test", "photos_test")}
 
@@ -268,10 +250,11 @@ def probe_encoder(encoder, data, probe_cfg, victim_reps) -> dict:
   photos = embed(encoder, data["photos_test"])
   half = len(photos) // 2
   v_photos = victim_reps["photos_test"]
-  resid = fidelity_residuals(photos[:half], v_photos[:half], photos[half:], v_photos[half:])
+  resid = fidelity_lib.linear_residuals(photos[:half], v_photos[:half], photos[half:], v_photos[half:])
   return {"test_top1_mean": probe.test_top1_mean, "test_top1_std": probe.test_top1_std,
-          "fidelity_r2": fidelity(tr, victim_reps["digits_train"], te, victim_reps["digits_test"]),
-          "fidelity_r2_photos": claims_lib.r2_from_terms(resid, v_photos[half:]),
+          "fidelity_r2": fidelity_lib.linear_r2(tr, victim_reps["digits_train"], te,
+                                                victim_reps["digits_test"]),
+          "fidelity_r2_photos": fidelity_lib.r2_from_terms(resid, v_photos[half:]),
           "_photo_residuals": resid}
 
 

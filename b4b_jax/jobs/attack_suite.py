@@ -8,14 +8,14 @@ ablation hardened_no_charge (the same fields with repeat_charge 0). Two parts pe
     each defense;
   theft (config.theft): every attack of config.theft.attacks (strategies/received.py) sends the same
     stealing images from fresh accounts to none (no noise) and each defense; a small copy is trained on what it received (attacks/stolen_copy.py: the steal job's
-    train step) and measured on held-out photo crops no attacker sent (cosine and relative MSE to the
-    victim's clean representation) and by a linear probe on digits embedded by the copy; beside it
+    train step) and measured on held-out photo crops no attacker sent (evaluation/fidelity.py: the
+    linear R^2, cosine and relative MSE to the victim's clean representation) and by a linear probe on digits embedded by the copy; beside it
     the attack's queries, its accounts' coverage and sigma, and the legit digits user's accuracy under
     the same defense.
 
 Outputs in the workdir: results.json (everything, per seed), report.md (tables per attack x defense,
 mean and range over seeds), error_ratio_vs_n.png, utility_theft_frontier.png (legit accuracy vs the
-copies' cosine to the victim, one point per attack, per defense), metrics.jsonl (stage "attack_suite").
+copies' linear R^2 to the victim, one point per attack, per defense), metrics.jsonl (stage "attack_suite").
 """
 import contextlib
 import os
@@ -32,6 +32,7 @@ from b4b_jax.attacks import strategies
 from b4b_jax.attacks.strategies import received as received_lib
 from b4b_jax.defense import hardened
 from b4b_jax.evaluation import embeddings
+from b4b_jax.evaluation import fidelity as fidelity_lib
 from b4b_jax.evaluation import legit as legit_lib
 from b4b_jax.evaluation import linear_probe
 from b4b_jax.evaluation import similarity
@@ -43,6 +44,7 @@ from b4b_jax.utils import metrics as metrics_lib
 DEFENSES = ("paper", "hardened")  # always run; "hardened_no_charge" (the ablation) when configured
 NO_CHARGE = "hardened_no_charge"
 FRONTIER_PNG = "utility_theft_frontier.png"
+FIDELITY_KEYS = ("r2", "cosine", "rel_mse", "probe_top1")  # a copy's scores (evaluation/fidelity.py)
 
 
 class Timings:
@@ -299,7 +301,9 @@ def run_theft(config, encoder, to_input, size: int, seed: int, calib: dict, clea
     def embed(images):
       return embeddings.embed_images(template, images, batch_size=256, params=weights)
     probe = linear_probe.run_probe(embed(train_x), train_y, embed(test_x), test_y, config.probe)
-    return {**stolen_copy.fidelity(embed(eval_uint8), victim_eval),
+    copy_eval = embed(eval_uint8)
+    return {**fidelity_lib.direct(copy_eval, victim_eval),
+            "r2": fidelity_lib.split_linear_r2(copy_eval, victim_eval),
             "probe_top1": float(probe.test_top1_mean)}
 
   with timer("theft: measure"):
@@ -337,7 +341,8 @@ def run_theft(config, encoder, to_input, size: int, seed: int, calib: dict, clea
                     "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])), "diverged": False}
       except FloatingPointError as e:  # e.g. targets drowned in a charged sigma: reported, not hidden
         logging.warning("attack_suite theft: %s copy under %s diverged: %s", attack, defense, e)
-        measured = {"cosine": float("nan"), "rel_mse": float("nan"), "probe_top1": float("nan"),
+        measured = {"cosine": float("nan"), "rel_mse": float("nan"), "r2": float("nan"),
+                    "probe_top1": float("nan"),
                     "loss_first": float("nan"), "loss_last": float("nan"), "diverged": True}
       accounts = [{"account": a, "queries": api.num_queries(a), "coverage": api.coverage(a),
                    "sigma": float(api.sigma(a))} for a in got.accounts]
@@ -481,14 +486,14 @@ def summarise(per_seed: dict) -> dict:
   if thefts:
     out["theft"] = {}
     out["untrained_copy"] = {k: stats([s["theft"]["untrained_copy"][k] for s in thefts])
-                             for k in ("cosine", "rel_mse", "probe_top1")}
+                             for k in FIDELITY_KEYS}
     for d, attacks in thefts[0]["theft"].items():
       if d == "untrained_copy":
         continue
       for a in attacks:
         rows = [s["theft"][d][a] for s in thefts]
         out["theft"].setdefault(d, {})[a] = {
-            **{k: stats([r["copy"][k] for r in rows]) for k in ("cosine", "rel_mse", "probe_top1")},
+            **{k: stats([r["copy"][k] for r in rows]) for k in FIDELITY_KEYS},
             **{k: stats([r[k] for r in rows]) for k in ("queries", "coverage_max", "sigma_max")}}
     out["legit_top1"] = {d: stats([s["legit"][d]["test_top1_mean"] for s in thefts])
                          for d in thefts[0]["theft"] if d in thefts[0]["legit"]}
@@ -576,8 +581,11 @@ def theft_report(results: dict) -> list:
   lines = [f"## Theft: a copy trained on what each attack received ({tc['arch']}, {tc['steps']} steps "
            f"x batch {tc['batch_size']}, loss {tc['loss']}; {tc['images']} stealing images per attack, "
            f"{tc['eval_images']} held-out crops)", "",
-           "Copy vs victim on held-out crops no attacker sent: mean cosine and relative MSE (sum of "
-           "squared errors / the victim's total variance; 1 = no better than its mean); probe: "
+           "Copy vs victim on held-out crops no attacker sent: R^2, the share of the victim's "
+           "representation variance a linear map of the copy's features predicts (ridge, fit on the "
+           "first half of the crops, scored on the second: centred, so a copy that learned only the "
+           "victim's mean scores ~0 where its cosine is high and its rel MSE ~1); mean cosine and "
+           "relative MSE (sum of squared errors / the victim's total variance); probe: "
            "linear probe top-1 (%) on digits embedded by the copy; legit: the digits user's top-1 (%) "
            "through that defense. Queries: all of the attack's accounts; coverage % and sigma: the "
            "largest over its accounts. Mean [min, max] over seeds; nan: the copy's training loss went "
@@ -587,13 +595,13 @@ def theft_report(results: dict) -> list:
     for d in theft:
       r = theft[d][a]
       rows.append([a, d, f"{r['queries']['mean']:.0f}", f"{r['coverage_max']['mean']:.1f}",
-                   f"{r['sigma_max']['mean']:.3g}", _fmt(r["cosine"]), _fmt(r["rel_mse"]),
+                   f"{r['sigma_max']['mean']:.3g}", _fmt(r["r2"]), _fmt(r["cosine"]), _fmt(r["rel_mse"]),
                    _fmt(r["probe_top1"]), _fmt(legit[d]) if d in legit else "-"])
   u = summary["untrained_copy"]
-  rows.append(["(untrained copy)", "-", "0", "-", "-", _fmt(u["cosine"]), _fmt(u["rel_mse"]),
+  rows.append(["(untrained copy)", "-", "0", "-", "-", _fmt(u["r2"]), _fmt(u["cosine"]), _fmt(u["rel_mse"]),
                _fmt(u["probe_top1"]), "-"])
   lines += [report_lib.markdown_table(["attack", "defense", "queries", "coverage %", "sigma",
-                                       "copy cosine", "copy rel MSE", "copy probe top-1",
+                                       "copy R^2", "copy cosine", "copy rel MSE", "copy probe top-1",
                                        "legit top-1"], rows), ""]
   first = results["seeds"][next(iter(results["seeds"]))]["theft"]
   grouped = {}
@@ -608,19 +616,20 @@ def theft_report(results: dict) -> list:
 
 
 def plot_frontier(results: dict, path: str) -> None:
-  """Per defense: the legit user's accuracy (y) against each attack's theft (x: the copy's mean cosine
-  to the victim on held-out crops; the digits probe of a copy is a weak theft measure at this scale,
-  an untrained copy already probes well), one point per attack; diverged copies (nan) are left out."""
+  """Per defense: the legit user's accuracy (y) against each attack's theft (x: the copy's linear R^2 to
+  the victim on held-out crops; cosine is flattered by the representations' shared mean, and the
+  digits probe of a copy is a weak theft measure at this scale, an untrained copy already probes
+  well), one point per attack; diverged copies (nan) are left out."""
   theft, legit = results["summary"]["theft"], results["summary"].get("legit_top1", {})
   series = []
   for d, attacks in theft.items():
-    points = [(attacks[a]["cosine"]["mean"], legit[d]["mean"]) for a in attacks
-              if d in legit and np.isfinite(attacks[a]["cosine"]["mean"])]
+    points = [(attacks[a]["r2"]["mean"], legit[d]["mean"]) for a in attacks
+              if d in legit and np.isfinite(attacks[a]["r2"]["mean"])]
     if points:
       series.append({"label": d, "x": [p[0] for p in points], "y": [p[1] for p in points],
                      "style": {"none": "o", "paper": "s", "hardened": "^", NO_CHARGE: "v"}.get(d, "o")})
   if series:
-    report_lib.line_plot(path, series, xlabel="theft: copy's mean cosine to the victim (held-out), one "
+    report_lib.line_plot(path, series, xlabel="theft: copy's linear R^2 to the victim (held-out), one "
                          "point per attack", ylabel="legit user's top-1 (%)",
                          title="Utility / theft frontier per defense")
 
