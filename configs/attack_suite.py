@@ -108,6 +108,11 @@ def get_config(arg=None):
   c.theft.init_seed_offset = 1000           # copy init seed = seed + this (never the random victim's)
   c.theft.steps = 8 if tiny else 100
   c.theft.batch_size = 16 if tiny else 64
+  # The thief trains on its answers standardised per dimension (their mean and std over what it
+  # received; attacks/stolen_copy.target_scaler) and reads its copy's outputs back through the inverse:
+  # on raw answers MSE is spent on the representations' shared mean and 100 steps learn little else
+  # (the copies' linear R^2 then sits at the untrained copy's). False: raw answers.
+  c.theft.standardize_targets = True
   c.theft.loss = "mse"                      # any of attacks.losses' robust set: mse, cosine, huber, infonce
   c.theft.base_lr = 0.4
   c.theft.copies = 4 if tiny else 8         # repeat_*, canary (after it switches)

@@ -99,6 +99,10 @@ def test_each_theft_attack_is_selectable():
   config.theft.loss = "l1"
   with pytest.raises(ValueError, match="loss"):
     attack_suite_job.validate_config(config)
+  config = attack_suite.get_config("tiny")
+  config.theft.eval_images = 3  # the linear R^2 needs >= 2 rows to fit and >= 2 to score
+  with pytest.raises(ValueError, match="eval_images"):
+    attack_suite_job.validate_config(config)
 
 
 def test_attack_suite_refuses_bad_config():

@@ -45,6 +45,21 @@ def initial_copy(arch: str, target_dim: int, *, preprocessing: dict, seed: int =
   return _encoder(*models_lib.split_model(model), model, target_dim, preprocessing)
 
 
+def target_scaler(targets: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """(mean [D], scale [D]) of the answers a thief received, per dimension: it trains its copy on
+  (targets - mean) / scale and reads the copy's outputs back as outputs * scale + mean (an affine
+  output layer it knows; nothing of the victim's beyond its answers). Why: encoder representations
+  share a large mean and vary little around it, so plain MSE is spent on the mean and the copy learns
+  little else in a short run; standardised, every dimension's variation weighs equally. A dimension
+  with no spread keeps scale 1 (nothing to learn there but its mean)."""
+  t = np.asarray(targets, np.float64)
+  if t.ndim != 2 or len(t) < 2 or not np.all(np.isfinite(t)):
+    raise ValueError(f"need finite [N >= 2, D] targets to standardise, got shape {t.shape}")
+  mean, std = t.mean(0), t.std(0)
+  scale = np.where(std > 1e-12 * max(1.0, float(np.abs(mean).max())), std, 1.0)
+  return mean.astype(np.float32), scale.astype(np.float32)
+
+
 def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
   """[steps, batch_size] row indices: consecutive seeded permutations of range(n), cut into batches."""
   if n < 1 or batch_size < 1 or steps < 1:

@@ -108,8 +108,9 @@ def validate_config(config) -> None:
     ints = {k: int(tc[k]) for k in ("images", "eval_images", "copies", "steps", "batch_size",
                                     "under_knee_budget", "noise_count", "overlap", "per_account",
                                     "proxy_images")}
-    small = [k for k, v in ints.items() if v < (2 if k in ("images", "eval_images", "overlap",
-                                                             "batch_size") else 1)]
+    # eval_images: the linear R^2 fits on one half and scores the other, >= 2 rows each.
+    small = [k for k, v in ints.items() if v < {"eval_images": 4, "images": 2, "overlap": 2,
+                                                 "batch_size": 2}.get(k, 1)]
     if small:
       raise ValueError(f"theft fields {small} are too small ({ {k: ints[k] for k in small} })")
     if ints["per_account"] <= ints["overlap"]:
@@ -297,9 +298,11 @@ def run_theft(config, encoder, to_input, size: int, seed: int, calib: dict, clea
   init_seed = seed + int(tc.init_seed_offset)
   template = stolen_copy.initial_copy(str(tc.arch), encoder.rep_dim, preprocessing=pre, seed=init_seed)
 
-  def measure(weights) -> dict:
+  def measure(weights, scaler=None) -> dict:
+    """The copy's scores; scaler: the (mean, scale) it trained its targets with, undone on its outputs."""
     def embed(images):
-      return embeddings.embed_images(template, images, batch_size=256, params=weights)
+      out = embeddings.embed_images(template, images, batch_size=256, params=weights)
+      return out if scaler is None else out * scaler[1] + scaler[0]
     probe = linear_probe.run_probe(embed(train_x), train_y, embed(test_x), test_y, config.probe)
     copy_eval = embed(eval_uint8)
     return {**fidelity_lib.direct(copy_eval, victim_eval),
@@ -330,13 +333,15 @@ def run_theft(config, encoder, to_input, size: int, seed: int, calib: dict, clea
                                    seed=seed, proxy_clean=proxy, proxy_features=proxy_features)
       inputs = np.clip(np.round(got.inputs01 * 255), 0, 255).astype(np.uint8)
       try:
+        scaler = stolen_copy.target_scaler(got.targets) if tc.standardize_targets else None
+        targets = got.targets if scaler is None else (got.targets - scaler[0]) / scaler[1]
         with timer("theft: train copy"):
           copy, losses = stolen_copy.train_copy(
-              inputs, got.targets, arch=str(tc.arch), preprocessing=pre, mean=mean, std=std,
+              inputs, targets, arch=str(tc.arch), preprocessing=pre, mean=mean, std=std,
               steps=int(tc.steps), batch_size=int(tc.batch_size), loss=str(tc.loss),
               base_lr=float(tc.base_lr), seed=init_seed)
         with timer("theft: measure"):
-          measured_copy = measure(copy.params)
+          measured_copy = measure(copy.params, scaler)
         measured = {**measured_copy, "loss_first": losses[0],
                     "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])), "diverged": False}
       except FloatingPointError as e:  # e.g. targets drowned in a charged sigma: reported, not hidden
