@@ -15,10 +15,12 @@ def test_target_scaler_standardises_and_round_trips():
   spread = [0, 1, 2, 3, 5]
   np.testing.assert_allclose(scale[spread], targets.astype(np.float64).std(0)[spread], rtol=1e-5)
   assert scale[4] == 1.0
-  z = (targets - mean) / scale
+  scaler = stolen_copy.target_scaler(targets)
+  z = scaler.apply(targets)
+  np.testing.assert_allclose(z, (targets - mean) / scale, rtol=1e-6)
   np.testing.assert_allclose(z[:, spread].mean(0), 0, atol=1e-4)
   np.testing.assert_allclose(z[:, spread].std(0), 1, rtol=1e-4)
-  np.testing.assert_allclose(z * scale + mean, targets, rtol=1e-6)  # what measure() reads back
+  np.testing.assert_allclose(scaler.undo(z), targets, rtol=1e-6)  # what measure() reads back
 
 
 @pytest.mark.parametrize("bad", [np.ones(4), np.ones((1, 3)), np.array([[1.0, np.nan], [2.0, 3.0]])])

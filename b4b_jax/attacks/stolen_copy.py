@@ -10,7 +10,7 @@ Pairs: uint8 images [N, H, W, 3] (what was sent, in pixels) and float32 answers 
 drawn from consecutive seeded permutations of the N pairs (with N < batch_size a batch repeats pairs),
 so the step count, not N, fixes the compute: an attack that received fewer pairs sees each more often.
 """
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import numpy as np
@@ -45,19 +45,32 @@ def initial_copy(arch: str, target_dim: int, *, preprocessing: dict, seed: int =
   return _encoder(*models_lib.split_model(model), model, target_dim, preprocessing)
 
 
-def target_scaler(targets: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-  """(mean [D], scale [D]) of the answers a thief received, per dimension: it trains its copy on
-  (targets - mean) / scale and reads the copy's outputs back as outputs * scale + mean (an affine
-  output layer it knows; nothing of the victim's beyond its answers). Why: encoder representations
-  share a large mean and vary little around it, so plain MSE is spent on the mean and the copy learns
-  little else in a short run; standardised, every dimension's variation weighs equally. A dimension
-  with no spread keeps scale 1 (nothing to learn there but its mean)."""
+class TargetScaler(NamedTuple):
+  """A thief's per-dimension standardisation of its answers: `apply` maps answers to the copy's
+  training targets, `undo` maps the copy's outputs back to the answers' scale."""
+  mean: np.ndarray   # [D] float32
+  scale: np.ndarray  # [D] float32
+
+  def apply(self, targets: np.ndarray) -> np.ndarray:
+    return (targets - self.mean) / self.scale
+
+  def undo(self, outputs: np.ndarray) -> np.ndarray:
+    return outputs * self.scale + self.mean
+
+
+def target_scaler(targets: np.ndarray) -> TargetScaler:
+  """The (mean [D], scale [D]) of the answers a thief received, per dimension: it trains its copy on
+  scaler.apply(targets) and reads the copy's outputs back through scaler.undo (an affine output layer
+  it knows; nothing of the victim's beyond its answers). Why: encoder representations share a large
+  mean and vary little around it, so plain MSE is spent on the mean and the copy learns little else
+  in a short run; standardised, every dimension's variation weighs equally. A dimension with no spread
+  keeps scale 1 (nothing to learn there but its mean)."""
   t = np.asarray(targets, np.float64)
   if t.ndim != 2 or len(t) < 2 or not np.all(np.isfinite(t)):
     raise ValueError(f"need finite [N >= 2, D] targets to standardise, got shape {t.shape}")
   mean, std = t.mean(0), t.std(0)
   scale = np.where(std > 1e-12 * max(1.0, float(np.abs(mean).max())), std, 1.0)
-  return mean.astype(np.float32), scale.astype(np.float32)
+  return TargetScaler(mean.astype(np.float32), scale.astype(np.float32))
 
 
 def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray:

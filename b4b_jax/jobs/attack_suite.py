@@ -299,10 +299,10 @@ def run_theft(config, encoder, to_input, size: int, seed: int, calib: dict, clea
   template = stolen_copy.initial_copy(str(tc.arch), encoder.rep_dim, preprocessing=pre, seed=init_seed)
 
   def measure(weights, scaler=None) -> dict:
-    """The copy's scores; scaler: the (mean, scale) it trained its targets with, undone on its outputs."""
+    """The copy's scores; scaler: the TargetScaler it trained its targets with, undone on its outputs."""
     def embed(images):
       out = embeddings.embed_images(template, images, batch_size=256, params=weights)
-      return out if scaler is None else out * scaler[1] + scaler[0]
+      return out if scaler is None else scaler.undo(out)
     probe = linear_probe.run_probe(embed(train_x), train_y, embed(test_x), test_y, config.probe)
     copy_eval = embed(eval_uint8)
     return {**fidelity_lib.direct(copy_eval, victim_eval),
@@ -334,7 +334,7 @@ def run_theft(config, encoder, to_input, size: int, seed: int, calib: dict, clea
       inputs = np.clip(np.round(got.inputs01 * 255), 0, 255).astype(np.uint8)
       try:
         scaler = stolen_copy.target_scaler(got.targets) if tc.standardize_targets else None
-        targets = got.targets if scaler is None else (got.targets - scaler[0]) / scaler[1]
+        targets = got.targets if scaler is None else scaler.apply(got.targets)
         with timer("theft: train copy"):
           copy, losses = stolen_copy.train_copy(
               inputs, targets, arch=str(tc.arch), preprocessing=pre, mean=mean, std=std,
