@@ -131,26 +131,77 @@ def test_coverage_matches_set_reference_over_incremental_mixed_batches(num_proje
   assert api.num_queries("ann") + api.num_queries("bob") + api.num_queries("cy") == start
 
 
-def test_one_key_and_two_key_sorts_update_occupancy_identically():
+def test_one_key_and_two_key_sorts_update_occupancy_identically():  # the hashed picking's fallback
   rng = np.random.default_rng(0)
   k, users, n = 9, 5, 300
   occupancy = jnp.asarray(rng.integers(0, 2**32, (users, 3, 16), dtype=np.uint32) & 0x01010101)
   counts = jnp.asarray(lsh.popcount(occupancy).astype(np.int32))
   user_per_row = jnp.asarray(rng.integers(-1, users + 1, n).astype(np.int32))  # incl. ignored rows
   buckets = jnp.asarray(rng.integers(0, 40, (n, 3)).astype(np.int32))  # many duplicates
-  add = jax.jit(lsh.add_buckets, static_argnums=(4, 5))  # one compilation instead of op by op
-  one = add(occupancy, counts, user_per_row, buckets, k, True)
-  two = add(occupancy, counts, user_per_row, buckets, k, False)
+  add = jax.jit(lsh.add_buckets, static_argnums=(4, 5, 6))  # one compilation instead of op by op
+  one = add(occupancy, counts, user_per_row, buckets, k, True, 0)  # hash_rounds=0: the sort alone
+  two = add(occupancy, counts, user_per_row, buckets, k, False, 0)
   for a, b in zip(one, two):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # Independent check: OR of the bits in numpy.
+  expected = _or_reference(occupancy, user_per_row, buckets)  # independent: OR of the bits in numpy
+  np.testing.assert_array_equal(np.asarray(one[0]), expected[0])
+  np.testing.assert_array_equal(np.asarray(one[1]), expected[1])
+
+
+def _or_reference(occupancy, user_per_row, buckets):
+  """numpy: every valid row's bucket bits OR-ed into its user's words, and the popcounts."""
   expected = np.asarray(occupancy).copy()
   for row, u in enumerate(np.asarray(user_per_row)):
-    if 0 <= u < users:
+    if 0 <= u < expected.shape[0]:
       for p, b in enumerate(np.asarray(buckets)[row]):
         expected[u, p, b // 32] |= np.uint32(1) << np.uint32(b % 32)
-  np.testing.assert_array_equal(np.asarray(one[0]), expected)
-  np.testing.assert_array_equal(np.asarray(one[1]), lsh.popcount(expected))
+  return expected, lsh.popcount(expected)
+
+
+@pytest.mark.parametrize("users,n,k,bucket_range", [(1, 500, 12, 4096), (300, 600, 9, 40),
+                                                    (1000, 1024, 12, 4096), (3, 64, 16, 65536)])
+def test_hashed_sorted_and_fallback_updates_equal_a_numpy_or(users, n, k, bucket_range):
+  rng = np.random.default_rng(users)
+  words = lsh.words_per_projection(k)
+  occupancy = jnp.asarray(rng.integers(0, 2**32, (users, 3, words), dtype=np.uint32) & 0x01010101)
+  counts = jnp.asarray(lsh.popcount(occupancy).astype(np.int32))
+  user_per_row = jnp.asarray(rng.integers(-1, users + 1, n).astype(np.int32))  # incl. ignored rows
+  buckets = jnp.asarray(rng.integers(0, bucket_range, (n, 3)).astype(np.int32))
+  expected = _or_reference(occupancy, user_per_row, buckets)
+  add = jax.jit(lsh.add_buckets, static_argnums=(4, 5, 6))
+  for rounds in (0, 1, 4):  # the sort alone, one hashed round (+ the sort if unsettled), the default
+    got = add(occupancy, counts, user_per_row, buckets, k, None, rounds)
+    np.testing.assert_array_equal(np.asarray(got[0]), expected[0], err_msg=f"rounds={rounds}")
+    np.testing.assert_array_equal(np.asarray(got[1]), expected[1], err_msg=f"rounds={rounds}")
+
+
+def test_hashed_picking_chooses_one_row_per_pair_and_settles_one_user_in_one_round():
+  rng = np.random.default_rng(1)
+  n, k = 1024, 12
+  pick = jax.jit(lsh.hashed_representatives, static_argnums=(3, 4))
+  buckets = rng.integers(0, 1 << k, (3, n)).astype(np.int32)
+  one_user = np.zeros((3, n), np.int32)
+  chosen, unsettled = pick(one_user, buckets, jnp.ones((3, n), bool), k, 1)
+  assert not np.any(unsettled)  # the first slot is injective on one user's buckets
+  for p in range(3):  # exactly the first row of each distinct bucket (the table keeps the least row)
+    first_rows = np.unique(buckets[p], return_index=True)[1]
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(chosen[p])), np.sort(first_rows))
+  # Many users: collisions in round 1 leave pairs unsettled; later rounds settle (almost) all; every
+  # settled pair has exactly one chosen row, unsettled and non-pending rows none.
+  users = rng.integers(0, 1024, (3, n)).astype(np.int32)
+  pending = jnp.asarray(rng.random((3, n)) < 0.9)
+  after_one = pick(users, buckets, pending, k, 1)[1]
+  chosen, unsettled = map(np.asarray, pick(users, buckets, pending, k, 4))
+  assert np.sum(after_one) > 10 and np.sum(unsettled) < np.sum(after_one)
+  for p in range(3):
+    groups = {}
+    for row in np.flatnonzero(np.asarray(pending[p])):
+      groups.setdefault((users[p, row], buckets[p, row]), []).append(row)
+    for rows in groups.values():
+      picked = int(np.sum(chosen[p, rows]))
+      assert picked == (0 if unsettled[p, rows[0]] else 1)
+      assert np.all(unsettled[p, rows] == unsettled[p, rows[0]])  # a pair settles as a whole
+    assert not np.any(chosen[p, ~np.asarray(pending[p])])
 
 
 def test_bucket_bits_are_strict_and_packed_in_hyperplane_order():

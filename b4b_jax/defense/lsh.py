@@ -6,9 +6,18 @@ bucket (2^K bits packed into uint32 words) and a count of occupied buckets; cove
 100 * mean_p(count_p) / 2^K percent.
 
 OR-ing bits into packed words: XLA scatter has no bitwise-or, but adding a *set of distinct bits that
-are not yet set* to a word equals OR-ing them. So the update sorts the batch's (user, bucket) pairs per
-projection, keeps the first of each run of equal pairs, drops those whose bit is already set in the
-stored word, and scatter-adds the remaining bits (and +1 to the user's count of that projection).
+are not yet set* to a word equals OR-ing them. So the update picks one representative row of each
+distinct (user, bucket) pair per projection, drops those whose bit is already set in the stored word,
+and scatter-adds the remaining bits (and +1 to the user's count of that projection).
+
+Picking representatives without a sort (XLA's CPU sort is a single-threaded comparison sort, and a
+sort of the P x N pairs cost ~0.09x the hashing matmul): each pending pair scatter-mins its row index
+into a table slot hashed from the pair, reads the winner back, and is settled when the winner holds
+the same pair (the winner is then the representative of all of them); pairs whose slot a different
+pair won try again with another hash. The first hash is the bucket id itself (plus hashed user bits
+above it), so one user's pairs never collide and settle in one round; the few pairs still unsettled
+after the last round send the whole call through the sort (same result, any order of representatives
+gives the same OR and the same counts).
 """
 from typing import Optional
 
@@ -69,8 +78,87 @@ def buckets_from_scores(scores: jax.Array, num_hyperplanes: int,
   return jnp.sum(bits << jnp.arange(k, dtype=jnp.int32), axis=-1)
 
 
+_HASH_ROUNDS = 4  # expected unsettled pairs after 4 rounds at 1024 users x 1024 rows: ~1e-3 per call
+_MAX_LOG_SLOTS = 16  # the table is P x 2^16 int32 at most for K <= 16 (the hardened fine codes)
+
+
+def _mix32(x):
+  """A 32-bit bijection with good avalanche (xorshift-multiply, the lowbias32 constants)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _sorted_representatives(users_pn, buckets_pn, num_buckets, single_key):
+  """bool [P, N]: the first row (in a sort by (user, bucket)) of each distinct pair per projection."""
+  num_proj, n = users_pn.shape
+  rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], (num_proj, n))
+  if single_key:
+    # One int32 key per (user, bucket): a single-key sort is ~20x faster than a two-key sort on CPU.
+    key, order = jax.lax.sort((users_pn * num_buckets + buckets_pn, rows), dimension=1, num_keys=1)
+    first = jnp.concatenate([jnp.ones((num_proj, 1), bool), key[:, 1:] != key[:, :-1]], axis=1)
+  else:
+    su, sb, order = jax.lax.sort((users_pn, buckets_pn, rows), dimension=1, num_keys=2)
+    first = jnp.concatenate(
+        [jnp.ones((num_proj, 1), bool), (su[:, 1:] != su[:, :-1]) | (sb[:, 1:] != sb[:, :-1])], axis=1)
+  proj = jnp.broadcast_to(jnp.arange(num_proj, dtype=jnp.int32)[:, None], (num_proj, n))
+  return jnp.zeros((num_proj, n), bool).at[proj, order].set(first)
+
+
+def hashed_representatives(users_pn, buckets_pn, pending, num_hyperplanes, rounds):
+  """(chosen, unsettled), bool [P, N] each: after `rounds` rounds of hashed picking (module docstring),
+  `chosen` holds exactly one row of each settled distinct (user, bucket) pair of a projection among
+  the rows `pending` [P, N] marks; `unsettled` marks the pending rows whose pair is not settled yet."""
+  num_proj, n = users_pn.shape
+  # >= 2N slots, and >= 2^K (one user settles in one round) while the table stays small.
+  log_t = max(min(num_hyperplanes, _MAX_LOG_SLOTS), (2 * n - 1).bit_length())
+  t = 1 << log_t
+  rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], (num_proj, n))
+  proj = jnp.broadcast_to(jnp.arange(num_proj, dtype=jnp.int32)[:, None], (num_proj, n))
+  u32, b32 = users_pn.astype(jnp.uint32), buckets_pn.astype(jnp.uint32)
+  user_bits = _mix32(u32 ^ jnp.uint32(0x9E3779B9)) << num_hyperplanes if log_t > num_hyperplanes else 0
+
+  def one_round(slot, chosen, pending):
+    slot = jnp.where(pending, slot.astype(jnp.int32), t)  # out of range: settled rows take no part
+    table = jnp.full((num_proj, t), n, jnp.int32).at[proj, slot].min(rows, mode="drop")
+    winner = jnp.minimum(table.at[proj, slot].get(mode="fill", fill_value=n), n - 1)
+    same = (pending & (jnp.take_along_axis(users_pn, winner, axis=1) == users_pn)
+            & (jnp.take_along_axis(buckets_pn, winner, axis=1) == buckets_pn))
+    return chosen | (same & (winner == rows)), pending & ~same
+
+  def later_round(carry):  # a fresh hash of the pair per round
+    r, chosen, left = carry
+    salt = r.astype(jnp.uint32) * jnp.uint32(0x632BE5AB)
+    chosen, left = one_round(_mix32(_mix32(u32 + salt) ^ b32) >> (32 - log_t), chosen, left)
+    return r + 1, chosen, left
+
+  chosen = jnp.zeros((num_proj, n), bool)
+  if rounds < 1:
+    return chosen, pending
+  # The first slot is injective on one user's buckets (K <= 16): a single user settles in this round.
+  chosen, pending = one_round((b32 | user_bits) & jnp.uint32(t - 1), chosen, pending)
+  _, chosen, pending = jax.lax.while_loop(lambda c: (c[0] < rounds) & jnp.any(c[2]), later_round,
+                                          (jnp.int32(1), chosen, pending))
+  return chosen, pending
+
+
+def _representatives(users_pn, buckets_pn, pending, num_hyperplanes, single_key, hash_rounds):
+  """bool [P, N]: one True among the rows of each distinct (user, bucket) pair of a projection that
+  `pending` marks (others may be True too; add_buckets masks them): hashed picking, and the sort for
+  the whole call when a pair is left unsettled (hash_rounds=0: the sort alone)."""
+  chosen, unsettled = hashed_representatives(users_pn, buckets_pn, pending, num_hyperplanes,
+                                             hash_rounds)
+  return jax.lax.cond(jnp.any(unsettled),
+                      lambda: _sorted_representatives(users_pn, buckets_pn, 1 << num_hyperplanes,
+                                                      single_key),
+                      lambda: chosen)
+
+
 def add_buckets(occupancy: jax.Array, counts: jax.Array, user_per_row: jax.Array,
-                buckets: jax.Array, num_hyperplanes: int, single_key: Optional[bool] = None):
+                buckets: jax.Array, num_hyperplanes: int, single_key: Optional[bool] = None,
+                hash_rounds: int = _HASH_ROUNDS):
   """Marks every row's buckets as occupied for its user; returns the new (occupancy, counts).
 
   Args:
@@ -79,34 +167,28 @@ def add_buckets(occupancy: jax.Array, counts: jax.Array, user_per_row: jax.Array
     user_per_row: int32 [N]; rows with a value outside [0, U) are ignored (padding, rejected rows).
     buckets: int32 [N, P] from `bucket_ids`.
     num_hyperplanes: K.
-    single_key: sort one int32 key user * 2^K + bucket (default when it cannot overflow) or the
-      (user, bucket) pair with a two-key sort (same result; for very many users at large K).
+    single_key: the fallback sort sorts one int32 key user * 2^K + bucket (default when it cannot
+      overflow) or the (user, bucket) pair with a two-key sort (same result; very many users at large K).
+    hash_rounds: rounds of hashed representative picking before the sort (0: the sort alone; the
+      result never depends on it).
   """
   num_users, num_proj, _ = occupancy.shape
   n = buckets.shape[0]
-  num_buckets = 1 << num_hyperplanes
   ignored = (user_per_row < 0) | (user_per_row >= num_users)
-  users = jnp.where(ignored, num_users, user_per_row).astype(jnp.int32)  # num_users sorts last, dropped
+  users = jnp.where(ignored, num_users, user_per_row).astype(jnp.int32)  # num_users: dropped below
   users_pn = jnp.broadcast_to(users[None, :], (num_proj, n))
   buckets_pn = buckets.T.astype(jnp.int32)
   if single_key is None:
-    single_key = (num_users + 1) * num_buckets <= np.iinfo(np.int32).max
-  if single_key:
-    # One int32 key per (user, bucket): a single-key sort is ~20x faster than a two-key sort on CPU.
-    key = jnp.sort(users_pn * num_buckets + buckets_pn, axis=1)
-    su, sb = key // num_buckets, key % num_buckets
-    first = jnp.concatenate([jnp.ones((num_proj, 1), bool), key[:, 1:] != key[:, :-1]], axis=1)
-  else:
-    su, sb = jax.lax.sort((users_pn, buckets_pn), dimension=1, num_keys=2)
-    first = jnp.concatenate(
-        [jnp.ones((num_proj, 1), bool), (su[:, 1:] != su[:, :-1]) | (sb[:, 1:] != sb[:, :-1])], axis=1)
-  word = sb >> 5
-  bit = jnp.left_shift(jnp.uint32(1), (sb & 31).astype(jnp.uint32))
+    single_key = (num_users + 1) * (1 << num_hyperplanes) <= np.iinfo(np.int32).max
+  writing = users_pn < num_users
+  first = _representatives(users_pn, buckets_pn, writing, num_hyperplanes, single_key, hash_rounds)
+  word = buckets_pn >> 5
+  bit = jnp.left_shift(jnp.uint32(1), (buckets_pn & 31).astype(jnp.uint32))
   proj = jnp.broadcast_to(jnp.arange(num_proj, dtype=jnp.int32)[:, None], (num_proj, n))
-  old = occupancy.at[su, proj, word].get(mode="fill", fill_value=0)
-  new = first & (su < num_users) & ((old & bit) == 0)
-  occupancy = occupancy.at[su, proj, word].add(jnp.where(new, bit, jnp.uint32(0)), mode="drop")
-  counts = counts.at[su, proj].add(new.astype(counts.dtype), mode="drop")
+  old = occupancy.at[users_pn, proj, word].get(mode="fill", fill_value=0)
+  new = first & writing & ((old & bit) == 0)
+  occupancy = occupancy.at[users_pn, proj, word].add(jnp.where(new, bit, jnp.uint32(0)), mode="drop")
+  counts = counts.at[users_pn, proj].add(new.astype(counts.dtype), mode="drop")
   return occupancy, counts
 
 
