@@ -7,7 +7,9 @@ Each case times, interleaved (one call each in turn, median), the forward alone 
 (grad w.r.t. input and kernel of sum(conv(x, w)^2)) of a bias-free 3x3 stride-1 convolution in NHWC
 (ours, jax.lax.conv_general_dilated under jit) and NCHW (torch.nn.functional.conv2d, oneDNN). The
 backward's ratio is what benchmarks/steal_step.py's ResNets inherit on CPU; nothing in our model code
-sits between the step and these kernels (no layout transposes: NHWC end to end).
+sits between the step and these kernels (no layout transposes: NHWC end to end). The last column is
+the same gradient through `b4b_jax.models.layers.conv`, which the ResNets use: lax's forward and input
+gradient, the kernel gradient as one matmul per tap (XLA's kernel-gradient convolution is the slow part).
 """
 import argparse
 import os
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from b4b_jax.models import layers
 from benchmarks import common
 
 CASES = {  # name: (batch, size, channels in, channels out)
@@ -35,10 +38,15 @@ def _ours(batch, size, cin, cout):
     return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
+  def model_conv(x, w):  # what the ResNets run: lax's forward, the kernel gradient as per-tap matmuls
+    return layers.conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
   fwd = jax.jit(conv)
   bwd = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
+  model_bwd = jax.jit(jax.grad(lambda x, w: jnp.sum(model_conv(x, w) ** 2), argnums=(0, 1)))
   flops = common.compiled_flops(bwd.lower(x, w))
-  return (lambda: fwd(x, w).block_until_ready()), (lambda: jax.block_until_ready(bwd(x, w))), flops
+  return ((lambda: fwd(x, w).block_until_ready()), (lambda: jax.block_until_ready(bwd(x, w))),
+          (lambda: jax.block_until_ready(model_bwd(x, w))), flops)
 
 
 def _torch(batch, size, cin, cout):
@@ -69,9 +77,10 @@ def main(argv=None):
   print(f"one 3x3 conv, forward and forward+backward, {common.device_kind()}, load {load}")
   rows = []
   for name in args.cases.split(","):
-    ours_f, ours_b, flops = _ours(*CASES[name])
+    ours_f, ours_b, model_b, flops = _ours(*CASES[name])
     ref_f, ref_b = _torch(*CASES[name])
-    fns = {"ours_fwd": ours_f, "torch_fwd": ref_f, "ours_bwd": ours_b, "torch_bwd": ref_b}
+    fns = {"ours_fwd": ours_f, "torch_fwd": ref_f, "ours_bwd": ours_b, "torch_bwd": ref_b,
+           "model_bwd": model_b}
     for fn in fns.values():
       fn()
     times = {k: [] for k in fns}
@@ -83,10 +92,14 @@ def main(argv=None):
     t = {k: float(np.median(v)) for k, v in times.items()}
     print(f"  {name:18s} forward ours {1e3 * t['ours_fwd']:7.2f} ms torch {1e3 * t['torch_fwd']:7.2f} ms"
           f" ({t['torch_fwd'] / t['ours_fwd']:.2f}x) | fwd+bwd ours {1e3 * t['ours_bwd']:7.2f} ms torch "
-          f"{1e3 * t['torch_bwd']:7.2f} ms ({t['torch_bwd'] / t['ours_bwd']:.2f}x)")
+          f"{1e3 * t['torch_bwd']:7.2f} ms ({t['torch_bwd'] / t['ours_bwd']:.2f}x) | fwd+bwd layers.conv "
+          f"{1e3 * t['model_bwd']:7.2f} ms ({t['torch_bwd'] / t['model_bwd']:.2f}x)")
     rows.append(common.Row(f"conv_repro: {name} fwd+bwd", f"{1e3 * t['ours_bwd']:.2f} ms",
                            f"torch {1e3 * t['torch_bwd']:.2f} ms", t["torch_bwd"] / t["ours_bwd"],
                            common.flops_share(flops, t["ours_bwd"])))
+    rows.append(common.Row(f"conv_repro: {name} fwd+bwd, layers.conv", f"{1e3 * t['model_bwd']:.2f} ms",
+                           f"torch {1e3 * t['torch_bwd']:.2f} ms", t["torch_bwd"] / t["model_bwd"],
+                           common.flops_share(flops, t["model_bwd"])))
     if args.profile:
       with jax.profiler.trace(args.profile):
         for _ in range(3):

@@ -3,7 +3,18 @@
 `BatchNorm` differs from `nnx.BatchNorm` in what torch does differently: running statistics are updated
 with momentum 0.1 in torch's convention (new = 0.9 * old + 0.1 * batch) and the running variance uses the
 unbiased batch variance (n / (n - 1)), while normalisation in training uses the biased one.
+
+`conv` is `jax.lax.conv_general_dilated` for the convolutions the ResNets use (NHWC, HWIO, no
+dilation, no groups) with a cheaper kernel gradient: XLA's CPU runtime computes that gradient as a
+convolution whose "kernel" is the whole activation map, single-threaded in Eigen, 13x slower than the
+forward at 3x3 64 channels 32 px batch 64 (benchmarks/conv_repro.py). Here it is one matmul per kernel
+tap (the input's shifted window against the output gradient, both flattened over batch and space),
+which XLA runs on its multi-threaded dot. The forward and the input gradient are lax's own (XLA
+already turns 1x1 convolutions into dots; computing them as dots here measured the same).
 """
+import functools
+from typing import Sequence, Tuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,3 +68,67 @@ class BatchNorm(nnx.Module):
     # Mixed precision: fold the normalisation into one scale and shift in float32, apply in x's dtype.
     shift = self.bias[...] - mean * inv
     return x * inv.astype(x.dtype) + shift.astype(x.dtype)
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
+         dimension_numbers=None, feature_group_count: int = 1, precision=None, **kwargs):
+  """jax.lax.conv_general_dilated's signature (nnx.Conv's `conv_general_dilated`); on CPU, the kernel
+  gradient by per-tap matmuls (module docstring) for 2-D NHWC/HWIO convolutions without dilation or
+  groups; everything else (and every convolution on GPU/TPU) passed to lax unchanged."""
+  # CPU only: GPU/TPU convolution libraries compute the kernel gradient well, and XLA there fuses and
+  # lays out convolutions better than a loop of per-tap matmuls.
+  plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and not isinstance(padding, str)
+           and feature_group_count == 1
+           and all(v is None for v in kwargs.values())  # nnx.Conv passes out_sharding=None
+           and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+           and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+           == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+  if not plain:
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision,
+                                        **{k: v for k, v in kwargs.items() if v is not None})
+  strides = tuple(int(s) for s in window_strides)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _conv_nhwc(lhs, rhs, strides, padding, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_nhwc(x, w, strides: Tuple[int, int], padding, precision):
+  return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
+                                      precision=precision)
+
+
+def _conv_nhwc_fwd(x, w, strides, padding, precision):
+  return _conv_nhwc(x, w, strides, padding, precision), (x, w)
+
+
+def _conv_nhwc_bwd(strides, padding, precision, residuals, g):
+  x, w = residuals
+  _, input_vjp = jax.vjp(lambda x_: jax.lax.conv_general_dilated(
+      x_, w, strides, padding, dimension_numbers=_NHWC, precision=precision), x)
+  return input_vjp(g)[0], kernel_gradient(x, g, w.shape, strides, padding, precision).astype(w.dtype)
+
+
+_conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
+def kernel_gradient(x, g, kernel_shape, strides, padding, precision=None):
+  """d sum(conv(x, w) * g) / dw [kh, kw, cin, cout] for an NHWC/HWIO convolution of x [N, H, W, cin]
+  with output gradient g [N, OH, OW, cout]: per tap (i, j), the input window the tap saw (strided)
+  against g, contracted over batch and space; accumulated in float32."""
+  kh, kw, cin, cout = kernel_shape
+  (top, bottom), (left, right) = padding
+  sh, sw = strides
+  _, oh, ow, _ = g.shape
+  xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  g2 = g.reshape(-1, cout)
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      window = xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :].reshape(-1, cin)
+      taps.append(jax.lax.dot_general(window, g2, (((0,), (0,)), ((), ())), precision=precision,
+                                      preferred_element_type=jnp.float32))
+  return jnp.stack(taps).reshape(kh, kw, cin, cout)

@@ -1,0 +1,82 @@
+"""layers.conv: lax's convolution with the kernel gradient as per-tap matmuls (the ResNets' conv)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from b4b_jax import models
+from b4b_jax.models import layers
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _grads(conv_fn, x, w, stride, padding, **kw):
+  def loss(x, w):  # a non-linear loss, so the output gradient is not a constant
+    return jnp.sum(jnp.sin(conv_fn(x, w, (stride, stride), padding, dimension_numbers=_NHWC, **kw)))
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+
+
+@pytest.mark.parametrize("kernel,stride,pad,size", [(3, 1, 1, 9), (3, 2, 1, 9), (1, 1, 0, 8),
+                                                    (1, 2, 0, 8), (7, 2, 3, 15), (3, 2, 0, 10)])
+def test_forward_and_both_gradients_equal_lax(kernel, stride, pad, size):
+  rng = np.random.default_rng(kernel * 10 + stride)
+  x = jnp.asarray(rng.normal(size=(3, size, size, 4)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 4, 5)).astype(np.float32))
+  padding = ((pad, pad), (pad, pad))
+  ref = jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=_NHWC)
+  ours = layers.conv(x, w, (stride, stride), padding, dimension_numbers=_NHWC)
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))  # the forward is lax's own
+  for got, want in zip(_grads(layers.conv, x, w, stride, padding),
+                       _grads(jax.lax.conv_general_dilated, x, w, stride, padding)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5,
+                               atol=2e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_the_kernel_gradient_matches_a_numpy_loop_and_bfloat16_tracks_float32():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
+  g = rng.normal(size=(2, 3, 3, 2)).astype(np.float32)  # 3x3 kernel, stride 2, padding 1 -> 3x3 out
+  expected = np.zeros((3, 3, 3, 2), np.float64)
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  for i in range(3):
+    for j in range(3):
+      for oh in range(3):
+        for ow in range(3):
+          expected[i, j] += xp[:, 2 * oh + i, 2 * ow + j, :].T @ g[:, oh, ow, :]
+  got = layers.kernel_gradient(jnp.asarray(x), jnp.asarray(g), (3, 3, 3, 2), (2, 2), ((1, 1), (1, 1)))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+  w = rng.normal(size=(3, 3, 3, 2)).astype(np.float32)
+  f32 = _grads(layers.conv, jnp.asarray(x), jnp.asarray(w), 2, ((1, 1), (1, 1)))
+  bf16 = _grads(layers.conv, jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), 2,
+                ((1, 1), (1, 1)))
+  for lo, hi in zip(bf16, f32):
+    assert lo.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(lo, np.float32), np.asarray(hi), rtol=0.05,
+                               atol=0.05 * float(jnp.max(jnp.abs(hi))))
+
+
+@pytest.mark.parametrize("kw", [dict(padding="SAME"), dict(rhs_dilation=(2, 2)),
+                                dict(feature_group_count=2)])
+def test_other_convolutions_are_lax_unchanged(kw):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 9, 9, 4)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(3, 3, 4 // kw.get("feature_group_count", 1), 6)).astype(np.float32))
+  kw = dict(kw)
+  padding = kw.pop("padding", ((1, 1), (1, 1)))
+  ref = jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_NHWC, **kw)
+  ours = layers.conv(x, w, (1, 1), padding, dimension_numbers=_NHWC, **kw)
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: jnp.sum(layers.conv(
+      x, w, (1, 1), padding, dimension_numbers=_NHWC, **kw))))(w))
+  assert "custom_vjp" not in jaxpr
+
+
+def test_resnet_convolutions_take_the_matmul_kernel_gradient():
+  # nnx.Conv passes extra keywords (out_sharding=None); a wiring slip would silently fall back to lax.
+  model = models.create_resnet("resnet18", rngs=nnx.Rngs(0), small_input=True)
+  graphdef, params, stats = models.split_model(model)
+  x = jnp.ones((2, 8, 8, 3))
+  jaxpr = str(jax.make_jaxpr(jax.grad(
+      lambda p: jnp.sum(nnx.merge(graphdef, p, stats)(x, train=False))))(params))
+  assert jaxpr.count("custom_vjp_call") >= 20  # every conv of resnet18 (20 incl. shortcuts)
