@@ -168,17 +168,8 @@ def seen_codes(params, reps: jax.Array) -> jax.Array:
   codes = fine_codes(params, reps).astype(jnp.uint32)
   h = jnp.zeros(codes.shape[:1], jnp.uint32)
   for t in range(s.fine_codes):  # a keyless mix: the codes themselves are secret (secret hyperplanes)
-    h = _mix32(h ^ (codes[:, t] + jnp.uint32((0x9E3779B9 * (t + 1)) & 0xFFFFFFFF)))
+    h = lsh.mix32(h ^ (codes[:, t] + jnp.uint32((0x9E3779B9 * (t + 1)) & 0xFFFFFFFF)))
   return (h >> jnp.uint32(32 - s.fine_code_bits)).astype(jnp.int32)[:, None]
-
-
-def _mix32(x):
-  """A 32-bit bijection with good avalanche (xorshift-multiply, the lowbias32 constants)."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x7FEB352D)
-  x = x ^ (x >> 15)
-  x = x * jnp.uint32(0x846CA68B)
-  return x ^ (x >> 16)
 
 
 def mark_seen(settings, state, users_w: jax.Array, codes: jax.Array):

@@ -82,8 +82,9 @@ _HASH_ROUNDS = 4  # expected unsettled pairs after 4 rounds at 1024 users x 1024
 _MAX_LOG_SLOTS = 16  # the table is P x 2^16 int32 at most for K <= 16 (the hardened fine codes)
 
 
-def _mix32(x):
-  """A 32-bit bijection with good avalanche (xorshift-multiply, the lowbias32 constants)."""
+def mix32(x):
+  """A 32-bit bijection with good avalanche (xorshift-multiply, the lowbias32 constants); uint32 in,
+  uint32 out. Also hashes the hardened mode's fine codes (hardened.py)."""
   x = x ^ (x >> 16)
   x = x * jnp.uint32(0x7FEB352D)
   x = x ^ (x >> 15)
@@ -118,7 +119,7 @@ def hashed_representatives(users_pn, buckets_pn, pending, num_hyperplanes, round
   rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], (num_proj, n))
   proj = jnp.broadcast_to(jnp.arange(num_proj, dtype=jnp.int32)[:, None], (num_proj, n))
   u32, b32 = users_pn.astype(jnp.uint32), buckets_pn.astype(jnp.uint32)
-  user_bits = _mix32(u32 ^ jnp.uint32(0x9E3779B9)) << num_hyperplanes if log_t > num_hyperplanes else 0
+  user_bits = mix32(u32 ^ jnp.uint32(0x9E3779B9)) << num_hyperplanes if log_t > num_hyperplanes else 0
 
   def one_round(slot, chosen, pending):
     slot = jnp.where(pending, slot.astype(jnp.int32), t)  # out of range: settled rows take no part
@@ -131,7 +132,7 @@ def hashed_representatives(users_pn, buckets_pn, pending, num_hyperplanes, round
   def later_round(carry):  # a fresh hash of the pair per round
     r, chosen, left = carry
     salt = r.astype(jnp.uint32) * jnp.uint32(0x632BE5AB)
-    chosen, left = one_round(_mix32(_mix32(u32 + salt) ^ b32) >> (32 - log_t), chosen, left)
+    chosen, left = one_round(mix32(mix32(u32 + salt) ^ b32) >> (32 - log_t), chosen, left)
     return r + 1, chosen, left
 
   chosen = jnp.zeros((num_proj, n), bool)
