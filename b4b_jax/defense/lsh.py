@@ -78,7 +78,10 @@ def buckets_from_scores(scores: jax.Array, num_hyperplanes: int,
   return jnp.sum(bits << jnp.arange(k, dtype=jnp.int32), axis=-1)
 
 
-_HASH_ROUNDS = 4  # expected unsettled pairs after 4 rounds at 1024 users x 1024 rows: ~1e-3 per call
+# Rounds before the sort. Measured at 1024 users x 1024 rows, K=12, P=20 (20 calls): unsettled pairs
+# per projection ~118 after round 1, ~1.7 after round 2, none after round 3 (expected ~0.007 per call);
+# the 4th round makes the sort fallback practically unreachable there.
+_HASH_ROUNDS = 4
 _MAX_LOG_SLOTS = 16  # the table is P x 2^16 int32 at most for K <= 16 (the hardened fine codes)
 
 
