@@ -10,3 +10,7 @@ Subpackages, each with one job:
   utils       metrics/progress/checkpoint/workdir/distributed helpers shared by all jobs
 """
 __version__ = "0.1.0"
+
+from b4b_jax import xla_flags as _xla_flags
+
+_xla_flags.apply()  # before JAX starts its backend: multi-threaded CPU convolutions (xla_flags.py)

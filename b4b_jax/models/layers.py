@@ -5,12 +5,16 @@ with momentum 0.1 in torch's convention (new = 0.9 * old + 0.1 * batch) and the 
 unbiased batch variance (n / (n - 1)), while normalisation in training uses the biased one.
 
 `conv` is `jax.lax.conv_general_dilated` for the convolutions the ResNets use (NHWC, HWIO, no
-dilation, no groups) with a cheaper kernel gradient: XLA's CPU runtime computes that gradient as a
-convolution whose "kernel" is the whole activation map, single-threaded in Eigen, 13x slower than the
-forward at 3x3 64 channels 32 px batch 64 (benchmarks/conv_repro.py). Here it is one matmul per kernel
-tap (the input's shifted window against the output gradient, both flattened over batch and space),
-which XLA runs on its multi-threaded dot. The forward and the input gradient are lax's own (XLA
-already turns 1x1 convolutions into dots; computing them as dots here measured the same).
+dilation, no groups) with a cheaper kernel gradient for 1x1 kernels on CPU: one matmul of the (strided)
+input against the output gradient, both flattened over batch and space. XLA computes that gradient as a
+convolution whose "kernel" is the whole activation map, which needs the input transposed to channels-
+first; inside a training step that transpose is a copy of every block's input, fused with the
+recomputed BatchNorm and ReLU before it. Measured on the 2-core CPU with Eigen's convolutions
+(b4b_jax/xla_flags.py), ResNet-50 at 224 px batch 16: the kernel gradients of its 1x1 convolutions
+take 8-82 ms each as convolutions and 8-38 ms as matmuls, and the whole stealing step went from 8.3-9.5 s
+to 6.0-6.8 s. Larger kernels keep lax's gradient: there Eigen's convolution beats the per-tap matmuls
+(`kernel_gradient`, e.g. 44 vs 144 ms at 3x3 64 channels 56 px batch 16). The forward and the input
+gradient are lax's own everywhere.
 """
 import functools
 from typing import Sequence, Tuple
@@ -76,16 +80,17 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 def conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
          dimension_numbers=None, feature_group_count: int = 1, precision=None, **kwargs):
   """jax.lax.conv_general_dilated's signature (nnx.Conv's `conv_general_dilated`); on CPU, the kernel
-  gradient by per-tap matmuls (module docstring) for 2-D NHWC/HWIO convolutions without dilation or
+  gradient as a matmul (module docstring) for 1x1 2-D NHWC/HWIO convolutions without dilation or
   groups; everything else (and every convolution on GPU/TPU) passed to lax unchanged."""
   # CPU only: GPU/TPU convolution libraries compute the kernel gradient well, and XLA there fuses and
-  # lays out convolutions better than a loop of per-tap matmuls.
+  # lays out convolutions better than a matmul over a transposed activation map.
   plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and not isinstance(padding, str)
            and feature_group_count == 1
            and all(v is None for v in kwargs.values())  # nnx.Conv passes out_sharding=None
            and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
            and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-           == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+           == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+           and tuple(rhs.shape[:2]) == (1, 1))  # HWIO: a 1x1 kernel
   if not plain:
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision,
