@@ -54,24 +54,64 @@ class BatchNorm(nnx.Module):
       if count < 2:
         raise ValueError(f"BatchNorm in training needs more than 1 value per channel, got input "
                          f"shape {x.shape}")
-      # Statistics in float32 even for bfloat16 activations (mixed precision): a bf16 sum over a
-      # batch of 256 x 56 x 56 values would lose the mean; the running averages stay float32.
-      x32 = x.astype(jnp.float32)
-      mean = jnp.mean(x32, axis=axes)
-      # Two-pass variance: E[(x - mean)^2] is accurate where E[x^2] - mean^2 cancels.
-      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
       unbiased = var * (count / (count - 1))
       m = self.momentum
       self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
       self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
-    else:
-      mean, var = self.mean[...], self.var[...]
-    inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
-    if x.dtype == jnp.float32:
-      return (x - mean) * inv + self.bias[...]
-    # Mixed precision: fold the normalisation into one scale and shift in float32, apply in x's dtype.
-    shift = self.bias[...] - mean * inv
-    return x * inv.astype(x.dtype) + shift.astype(x.dtype)
+      return y
+    return _normalise(x, self.mean[...], self.var[...], self.scale[...], self.bias[...], self.epsilon)
+
+
+def _normalise(x, mean, var, scale, bias, epsilon):
+  inv = jax.lax.rsqrt(var + epsilon) * scale
+  if x.dtype == jnp.float32:
+    return (x - mean) * inv + bias
+  # Mixed precision: fold the normalisation into one scale and shift in float32, apply in x's dtype.
+  shift = bias - mean * inv
+  return x * inv.astype(x.dtype) + shift.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon):
+  """Training-mode batch norm over every axis but the last: (y, batch mean, biased batch variance).
+
+  Statistics in float32 even for bfloat16 activations (mixed precision): a bf16 sum over a batch of
+  256 x 56 x 56 values would lose the mean. Two-pass variance, E[(x - mean)^2], which stays accurate
+  where E[x^2] - mean^2 cancels. The backward is the closed form (one pass for the two sums, one for
+  dx) rather than autodiff through the two passes: 28 -> 10 ms at 64 x 32 x 32 x 64 on the 2-core CPU,
+  where the ResNets' stealing step runs 20-53 of them (tests check it against autodiff).
+  """
+  return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=axes)
+  var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  return (_normalise(x, mean, var, scale, bias, epsilon), mean, var), (x, mean, rstd, scale)
+
+
+def _batch_norm_train_bwd(epsilon, residuals, cotangents):
+  del epsilon
+  x, mean, rstd, scale = residuals
+  g, g_mean, g_var = cotangents
+  axes = tuple(range(x.ndim - 1))
+  n = x.size // x.shape[-1]
+  centred = x.astype(jnp.float32) - mean
+  xhat = centred * rstd
+  g32 = g.astype(jnp.float32)
+  g_bias = jnp.sum(g32, axis=axes)
+  g_scale = jnp.sum(g32 * xhat, axis=axes)
+  # d/dx of (xhat * scale + bias) with mean and variance depending on x; then the two statistics'
+  # own cotangents (zero when, as here, they only feed the stop-gradient running averages).
+  dx = (scale * rstd) * (g32 - (g_bias + xhat * g_scale) / n) + (g_mean + 2.0 * g_var * centred) / n
+  return dx.astype(x.dtype), g_scale.astype(scale.dtype), g_bias.astype(scale.dtype)
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
