@@ -1,15 +1,17 @@
-r"""Minimal repro of the CPU stealing-step gap: one conv layer's forward + backward, XLA vs PyTorch.
+r"""One conv layer's forward + backward on CPU, XLA vs PyTorch: where the stealing step's time goes.
 
-  python -m benchmarks.conv_repro                 # ResNet shapes: 3x3 64->64 at 32px b64, 56px b16
+  python -m benchmarks.conv_repro                 # ResNet shapes: 3x3 64->64 at 32px b64, 56px b16, ...
   python -m benchmarks.conv_repro --profile=DIR   # also a jax.profiler trace of ours in DIR
+  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_convolution python -m benchmarks.conv_repro
+                                                  # XLA's default YNNPACK convolutions, single-threaded
 
 Each case times, interleaved (one call each in turn, median), the forward alone and forward+backward
-(grad w.r.t. input and kernel of sum(conv(x, w)^2)) of a bias-free 3x3 stride-1 convolution in NHWC
-(ours, jax.lax.conv_general_dilated under jit) and NCHW (torch.nn.functional.conv2d, oneDNN). The
-backward's ratio is what benchmarks/steal_step.py's ResNets inherit on CPU; nothing in our model code
-sits between the step and these kernels (no layout transposes: NHWC end to end). The last column is
-the same gradient through `b4b_jax.models.layers.conv`, which the ResNets use: lax's forward and input
-gradient, the kernel gradient as one matmul per tap (XLA's kernel-gradient convolution is the slow part).
+(grad w.r.t. input and kernel of sum(conv(x, w)^2)) of a bias-free stride-1 convolution in NHWC
+(ours, jax.lax.conv_general_dilated under jit, on the Eigen kernels b4b_jax/xla_flags.py selects) and
+NCHW (torch.nn.functional.conv2d, oneDNN). The backward's ratio is what benchmarks/steal_step.py's
+ResNets inherit on CPU. The last column is the same gradient through `b4b_jax.models.layers.conv`,
+which the ResNets use: lax's own for 3x3 kernels, the kernel gradient as a matmul for 1x1 ones (in a
+whole step that also saves XLA's transposed copy of the input, which a single layer does not show).
 """
 import argparse
 import os
@@ -22,24 +24,25 @@ import numpy as np
 from b4b_jax.models import layers
 from benchmarks import common
 
-CASES = {  # name: (batch, size, channels in, channels out)
-    "3x3_64_32px_b64": (64, 32, 64, 64),
-    "3x3_64_56px_b16": (16, 56, 64, 64),
-    "3x3_256_14px_b16": (16, 14, 256, 256),
+CASES = {  # name: (batch, size, channels in, channels out, kernel size)
+    "3x3_64_32px_b64": (64, 32, 64, 64, 3),
+    "3x3_64_56px_b16": (16, 56, 64, 64, 3),
+    "3x3_256_14px_b16": (16, 14, 256, 256, 3),
+    "1x1_256_56px_b16": (16, 56, 256, 64, 1),
 }
 
 
-def _ours(batch, size, cin, cout):
+def _ours(batch, size, cin, cout, k):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, size, size, cin)).astype(np.float32))
-  w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)).astype(np.float32) * 0.05)
+  w = jnp.asarray(rng.normal(size=(k, k, cin, cout)).astype(np.float32) * 0.05)
+  pad = ((k // 2, k // 2), (k // 2, k // 2))
 
   def conv(x, w):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-  def model_conv(x, w):  # what the ResNets run: lax's forward, the kernel gradient as per-tap matmuls
-    return layers.conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  def model_conv(x, w):  # what the ResNets run
+    return layers.conv(x, w, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
   fwd = jax.jit(conv)
   bwd = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
@@ -49,13 +52,13 @@ def _ours(batch, size, cin, cout):
           (lambda: jax.block_until_ready(model_bwd(x, w))), flops)
 
 
-def _torch(batch, size, cin, cout):
+def _torch(batch, size, cin, cout, k):
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
   rng = np.random.default_rng(0)
   x = torch.tensor(rng.normal(size=(batch, cin, size, size)).astype(np.float32), requires_grad=True)
-  w = torch.tensor(rng.normal(size=(cout, cin, 3, 3)).astype(np.float32) * 0.05, requires_grad=True)
-  conv = lambda: torch.nn.functional.conv2d(x, w, padding=1)  # noqa: E731
+  w = torch.tensor(rng.normal(size=(cout, cin, k, k)).astype(np.float32) * 0.05, requires_grad=True)
+  conv = lambda: torch.nn.functional.conv2d(x, w, padding=k // 2)  # noqa: E731
 
   def fwd():
     with torch.no_grad():
@@ -74,7 +77,8 @@ def main(argv=None):
   parser.add_argument("--profile", default=None, help="write a jax.profiler trace of ours here")
   args = parser.parse_args(argv)
   load = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
-  print(f"one 3x3 conv, forward and forward+backward, {common.device_kind()}, load {load}")
+  print(f"one conv layer, forward and forward+backward, {common.device_kind()}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, load {load}")
   rows = []
   for name in args.cases.split(","):
     ours_f, ours_b, model_b, flops = _ours(*CASES[name])

@@ -152,10 +152,10 @@ def main(argv=None):
     print(f"{name:<14} {batch:>5} {size:>4} {ours:>12.3f} {ref:>13.3f} {ours / ref:>6.2f} {device:>9} "
           f"{compile_s:>13.1f}  {fl}")
   if jax.default_backend() == "cpu" and not args.tiny:
-    print("On CPU the gap is XLA's convolution kernels: its conv forward and input gradient run "
-          "single-threaded (Eigen), and its kernel gradient so slowly that the ResNets compute that one "
-          "as per-tap matmuls (models/layers.conv); python -m benchmarks.conv_repro times one conv "
-          "layer's forward+backward, XLA's, ours and PyTorch's.")
+    print("On CPU, convolutions are most of the step: XLA runs them on Eigen's multi-threaded kernels "
+          "(b4b_jax/xla_flags.py; YNNPACK's default ones are single-threaded), the 1x1 kernels' weight "
+          "gradient as a matmul (models/layers.conv), BatchNorm with its closed-form backward; "
+          "python -m benchmarks.conv_repro times single conv layers, XLA's, ours and PyTorch's.")
   return [common.Row(f"steal_step: {name} b{batch} {size}px {args.compute_dtype}", f"{ours:.3f} step/s",
                      f"torch({device}) {ref:.3f} step/s", ours / ref, fl)
           for name, batch, size, ours, ref, device, compile_s, fl in rows]
