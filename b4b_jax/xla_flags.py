@@ -6,7 +6,10 @@ computes convolutions with its multi-threaded Eigen kernels instead of handing e
 Measured on the 2-core CPU with jax 0.10.2 (benchmarks/conv_repro.py): YNNPACK's convolutions run on one thread (process CPU / wall = 1.00) and Eigen's on
 all cores (1.98), so the 3x3 64-channel ResNet convolution's forward takes 39 ms instead of 91 ms and
 its input gradient 82 ms instead of 179 ms; YNNPACK keeps the elementwise and dot fusions it does well.
-The flag touches only the CPU backend; GPU and TPU compile as before.
+The flag touches only the CPU backend; GPU and TPU compile as before. Open: the ViT-S/16 forward
+measured 0.88-0.98x PyTorch with this flag and 1.09-1.10x with YNNPACK's fusions off entirely
+(`--xla_cpu_experimental_ynn_fusion_type=`), which in turn cost the ResNet-50 stealing step a third;
+which other default fusion type the ViT pays for is not yet isolated (benchmarks/encoders.py).
 
 The user's own setting wins: nothing is appended when `XLA_FLAGS` already names the flag (pass
 `--xla_cpu_experimental_ynn_fusion_type=individual_convolution` to get YNNPACK's convolutions back).
