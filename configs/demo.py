@@ -102,9 +102,11 @@ def get_config(arg=None):
   c.claims = ml_collections.ConfigDict()
   c.claims.confidence = 0.95
   c.claims.bootstrap_samples = 200 if tiny else 1000
-  # Tiny: its copies (2 epochs on 256 queries) moved the fidelity gains by up to 0.18 R^2 between default
-  # and fast-math rounding (tests/test_demo.py's pair), so its margin is 0.2. Full: 0.02, not yet measured.
-  c.claims.fidelity_margin = 0.2 if tiny else 0.02   # R^2
+  # Tiny: its copies (2 epochs on 256 queries) are near-random networks, so rounding alone moves their
+  # fidelity statistics: up to 0.18 R^2 between default and fast-math rounding (tests/test_demo.py's pair)
+  # before 012a7e1, 0.37 R^2 (the B4B copy's loss, interval midpoints 0.045 vs -0.32) with Eigen's
+  # convolutions; its margin is 0.5, so at tiny scale those claims stay undecided. Full: 0.02.
+  c.claims.fidelity_margin = 0.5 if tiny else 0.02   # R^2
   c.claims.accuracy_margin = 0.25        # top-1 points
   c.claims.coverage_margin = 5.0         # coverage points
 
