@@ -2,7 +2,7 @@ r"""One conv layer's forward + backward on CPU, XLA vs PyTorch: where the steali
 
   python -m benchmarks.conv_repro                 # ResNet shapes: 3x3 64->64 at 32px b64, 56px b16, ...
   python -m benchmarks.conv_repro --profile=DIR   # also a jax.profiler trace of ours in DIR
-  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_convolution python -m benchmarks.conv_repro
+  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+individual_convolution python -m benchmarks.conv_repro
                                                   # XLA's default YNNPACK convolutions, single-threaded
 
 Each case times, interleaved (one call each in turn, median), the forward alone and forward+backward

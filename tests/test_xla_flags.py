@@ -40,7 +40,7 @@ def test_import_appends_the_flag_and_xla_compiles_convolutions_outside_ynnpack()
 
 
 def test_the_users_own_setting_wins():
-  mine = "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"
+  mine = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"  # the default list again
   out = _probe(mine)
   assert out.returncode == 0, out.stderr
   assert f"FLAGS {mine}\n" in out.stdout
