@@ -177,3 +177,59 @@ def kernel_gradient(x, g, kernel_shape, strides, padding, precision=None):
       taps.append(jax.lax.dot_general(window, g2, (((0,), (0,)), ((), ())), precision=precision,
                                       preferred_element_type=jnp.float32))
   return jnp.stack(taps).reshape(kh, kw, cin, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x, window: int, stride: int, padding: int):
+  """torch.nn.MaxPool2d(window, stride, padding) on NHWC: padding counts as -inf.
+
+  The forward is lax.reduce_window. The backward is computed here rather than by autodiff, whose
+  select_and_scatter XLA's CPU backend runs as a scalar loop: ResNet-50's stem pool (3x3 stride 2,
+  16 x 112 x 112 x 64) took 486 ms to differentiate against PyTorch's 151 ms for forward and backward,
+  about a third of the stealing step's gap to PyTorch. Here each of the window's taps is a strided
+  view of the padded input; the gradient goes to the first tap (in row-major order) that equals the
+  window's max, as select_and_scatter's `ge` and torch do, and the taps' gradients are put back in
+  place by interior padding and summed: elementwise work that XLA fuses and vectorises.
+  """
+  return _max_pool_fwd(x, window, stride, padding)[0]
+
+
+def _pooled_taps(x_padded, window, stride, out_h, out_w):
+  """The window's taps as strided views of the padded input, each [N, out_h, out_w, C], row-major."""
+  n, _, _, c = x_padded.shape
+  return [jax.lax.slice(x_padded, (0, i, j, 0),
+                        (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
+                        (1, stride, stride, 1))
+          for i in range(window) for j in range(window)]
+
+
+def _max_pool_fwd(x, window, stride, padding):
+  pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  y = jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, window, window, 1),
+                            (1, stride, stride, 1), pads)
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, stride, padding, residuals, g):
+  x, y = residuals
+  _, out_h, out_w, _ = y.shape
+  x_padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+                     constant_values=-jnp.inf)
+  padded_h, padded_w = x_padded.shape[1:3]
+  taken = jnp.zeros(y.shape, bool)
+  grad_padded = jnp.zeros(x_padded.shape, g.dtype)
+  zero = jnp.zeros((), g.dtype)
+  for k, tap in enumerate(_pooled_taps(x_padded, window, stride, out_h, out_w)):
+    i, j = divmod(k, window)
+    chosen = (tap == y) & ~taken
+    taken = taken | chosen
+    # Back to the tap's input positions: stride - 1 zeros between values, offset (i, j).
+    grad_padded = grad_padded + jax.lax.pad(
+        jnp.where(chosen, g, zero), zero,
+        ((0, 0, 0), (i, padded_h - i - stride * (out_h - 1) - 1, stride - 1),
+         (j, padded_w - j - stride * (out_w - 1) - 1, stride - 1), (0, 0, 0)))
+  h, w = x.shape[1:3]
+  return (grad_padded[:, padding:padding + h, padding:padding + w],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

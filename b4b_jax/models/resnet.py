@@ -101,9 +101,8 @@ def _apply_shortcut(downsample, x, train):
 
 
 def max_pool_3x3_s2(x):
-  """torch MaxPool2d(3, stride=2, padding=1): padding counts as -inf."""
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                               ((0, 0), (1, 1), (1, 1), (0, 0)))
+  """torch MaxPool2d(3, stride=2, padding=1): padding counts as -inf (layers.max_pool)."""
+  return layers.max_pool(x, 3, 2, 1)
 
 
 class ResNet(nnx.Module):
