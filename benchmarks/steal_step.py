@@ -5,6 +5,7 @@ r"""Stealing training-step speed: our jitted step vs the equivalent PyTorch step
   python benchmarks/steal_step.py --tiny          # seconds: a smoke check of the script itself
   python -m benchmarks.steal_step --settings resnet50_b256   # GPU/TPU size (benchmarks/device.sh)
   python -m benchmarks.steal_step --compute-dtype bfloat16    # our bf16 mixed-precision step
+  B4B_HOST_MEMORY=keep python -m benchmarks.steal_step      # XLA's step buffers kept mapped (host_memory.py)
 
 One step = normalise uint8 images, forward in train mode (BatchNorm batch statistics), InfoNCE (tau 0.25)
 against the API's responses, backward, SGD momentum 0.9 (cosine schedule in ours, constant lr in torch:
@@ -131,7 +132,8 @@ def main(argv=None):
   settings = TINY if args.tiny else {k: SETTINGS[k] for k in args.settings.split(",")}
   load = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
   print(f"jax {jax.__version__} {common.device_kind()} devices={jax.device_count()} (ours on 1 device, "
-        f"{args.compute_dtype}) XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} load {load}")
+        f"{args.compute_dtype}) XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} "
+        f"B4B_HOST_MEMORY={os.environ.get('B4B_HOST_MEMORY', '') or 'default'} load {load}")
   rows = []
   for name, (arch, torch_arch, batch, size, small, dim) in settings.items():
     steps = args.steps or (3 if args.tiny else (20 if size <= 32 else 5))
