@@ -16,7 +16,7 @@ Per row, in order:
      first batch is noise free). static_sigma replaces the cost by a constant.
   3. noise: i.i.d. N(0, sigma^2) per element, key = fold(noise stream, user id, the user's batch
      counter, the row's rank among the user's rows in this call): fresh for every query ever made.
-     The values come from noise.standard_normal (a keyed counter hash + a tabulated inverse CDF,
+     The values come from noise.standard_normal (a keyed counter hash + a polynomial inverse CDF,
      fused with the add; ~5x cheaper than jax.random.normal per row on a CPU).
      With noise_keying="per_input" hardened.py keys it by (user, input code, sigma level) instead.
   4. the user's transform (transforms.py).
