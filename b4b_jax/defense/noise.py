@@ -101,7 +101,7 @@ def normal_from_words(h: jax.Array) -> jax.Array:
 
 
 def _packed(h: jax.Array) -> jax.Array:
-  """uint32: the float32 bits of t = (h >> 1 + 1/2) / 2^31, the two-sided tail mass in (0, 1), with h's
+  """uint32: the float32 bits of t = (h >> 1 + 1/2) / 2^31, the two-sided tail mass in (0, 1], with h's
   bit 0 (the value's sign) in bit 31 (t > 0, so its own sign bit is free). Vectorised arithmetic done in
   the hash's loop, so the transform's loop needs fewer ops."""
   t = ((h >> 1).astype(jnp.float32) + 0.5) * np.float32(2.0**-31)
