@@ -1,13 +1,14 @@
-"""The one XLA flag b4b_jax sets for itself, before JAX starts its backend.
+"""The two XLA flags b4b_jax sets for itself, before JAX starts its backend.
 
-`apply()` runs when `b4b_jax` is imported. It appends
-`--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` to `XLA_FLAGS`, so XLA's CPU runtime
+`apply()` runs when `b4b_jax` is imported and appends them to `XLA_FLAGS`. Both are for the CPU backend;
+GPU and TPU compile as before.
+
+1. `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`, so XLA's CPU runtime
 computes convolutions with its multi-threaded Eigen kernels instead of handing each one to YNNPACK.
 Measured on the 2-core CPU with jax 0.10.2 (benchmarks/conv_repro.py): YNNPACK's convolutions run on
 one thread (process CPU / wall = 1.00) and Eigen's on all cores (1.98), so the 3x3 64-channel ResNet
 convolution's forward takes 39 ms instead of 91 ms and its input gradient 82 ms instead of 179 ms;
-YNNPACK keeps the elementwise, reduce and dot fusions. The flag touches only the CPU backend; GPU and
-TPU compile as before.
+YNNPACK keeps the elementwise, reduce and dot fusions.
 
 Why only convolutions (YNNPACK's default fusion types are individual_convolution, individual_dot, dot,
 eltwise and reduce; measured on the same CPU, nothing else running): taking YNNPACK's dots away too
@@ -20,32 +21,72 @@ around them. The ViT-S/16 forward (batch 32) does not measurably care: its media
 with both (two runs each), a spread that run-to-run noise covers; against PyTorch the same forward
 measured 0.90-1.06x in three runs of benchmarks/encoders.py (PyTorch's own rate moved 10.1-12.3 img/s).
 
-The user's own setting wins: nothing is appended when `XLA_FLAGS` already names the flag (pass
+2. `--xla_backend_extra_options=-force-vector-interleave=4`: LLVM's loop vectorizer interleaves every
+   vectorised loop it emits 4 times (four independent 8-lane iterations per trip). Its cost model left the
+   defense noise's inverse-CDF loop (defense/noise.py: ~100 instructions per 8 values, a chain of two
+   polynomials and a square root) at one iteration per trip, so the loop ran at the latency of that chain
+   (the reorder buffer holds about two iterations); the hash loop beside it is the same kind. Measured on
+   the 2-core CPU, nothing else running, flag off / on alternately, two runs each: the [1024, 2048] noise
+   draw 0.37-0.39x -> 0.29-0.34x the hashing matmul, full defense serving (1 / 64 / 1024 users per batch)
+   1.50-1.52 / 1.62 / 1.65-1.69x -> 1.38-1.41 / 1.53-1.55 / 1.57-1.59x the matmul floor, the served
+   (hardened) default 2.88-3.26x -> 2.55-3.00x; ResNet-50 and ViT-S/16 forwards (benchmarks/encoders.py)
+   and the stealing steps unchanged within their noise. It changes no value: interleaving repeats the
+   same per-lane instructions, and XLA's floating-point reductions are not reassociated by LLVM (checked
+   bit for bit: the noise, a ViT forward, three ResNet-18 stealing steps, float sums). LLVM options are
+   process-wide, which is why this is a flag and not an option of one jitted function. XLA's GPU
+   backend hands the same options to its LLVM (unmeasured there), so this flag is appended only where
+   JAX can use nothing but the CPU: JAX_PLATFORMS names only cpu, or it is unset and no accelerator
+   plugin (jax_plugins, libtpu) is installed.
+
+The user's own setting wins: nothing is appended for a flag that `XLA_FLAGS` already names (pass
 `--xla_cpu_experimental_ynn_fusion_type=+individual_convolution` to get XLA's default back; a list without
-a sign replaces the default list: `=individual_convolution` leaves YNNPACK the convolutions only).
-XLA reads `XLA_FLAGS` once, when the first backend starts; a program that ran JAX computations before
-importing b4b_jax keeps the default, and `apply()` warns that its CPU convolutions run single-threaded.
+a sign replaces the default list: `=individual_convolution` leaves YNNPACK the convolutions only;
+`--xla_backend_extra_options=-force-vector-interleave=1` or any other backend options of your own drop
+the interleaving). XLA reads `XLA_FLAGS` once, when the first backend starts; a program that ran JAX
+computations before importing b4b_jax keeps the defaults, and `apply()` warns that its CPU convolutions
+run single-threaded.
 """
+import importlib.metadata
+import importlib.util
 import os
 import warnings
 
-FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-_NAME = FLAG.split("=", 1)[0]
+FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+         "--xla_backend_extra_options=-force-vector-interleave=4")
+CPU_ONLY = frozenset(FLAGS[1:])  # appended only when cpu_only()
+
+
+def cpu_only() -> bool:
+  """True when JAX in this process can run on the CPU only (JAX_PLATFORMS, installed plugins)."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return {p.strip() for p in platforms.split(",")} <= {"cpu"}
+  if importlib.util.find_spec("libtpu") is not None or importlib.util.find_spec("jax_plugins"):
+    return False
+  return not list(importlib.metadata.entry_points(group="jax_plugins"))
+
+
+def _name(flag: str) -> str:
+  return flag.split("=", 1)[0]
 
 
 def apply() -> bool:
-  """Appends FLAG to XLA_FLAGS unless the user named it; True when it was appended."""
+  """Appends each of FLAGS (those in CPU_ONLY only when cpu_only()) to XLA_FLAGS unless the user named
+  that flag; True when any was appended."""
   current = os.environ.get("XLA_FLAGS", "")
-  if _NAME in current:
+  wanted = FLAGS if cpu_only() else tuple(f for f in FLAGS if f not in CPU_ONLY)
+  missing = [flag for flag in wanted if _name(flag) not in current]
+  if not missing:
     return False
-  os.environ["XLA_FLAGS"] = f"{current} {FLAG}".strip()
+  os.environ["XLA_FLAGS"] = " ".join([current] + missing).strip()
   try:
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
     started = xla_bridge.backends_are_initialized()
   except (ImportError, AttributeError):  # another JAX version: nothing to check against
     started = False
   if started:
-    warnings.warn(f"JAX started its backend before b4b_jax was imported, so {FLAG} (multi-threaded CPU "
-                  "convolutions) does not apply; import b4b_jax first or export it in XLA_FLAGS",
+    warnings.warn(f"JAX started its backend before b4b_jax was imported, so {' '.join(missing)} "
+                  "(multi-threaded CPU convolutions, interleaved vector loops) does not apply; import "
+                  "b4b_jax first or export it in XLA_FLAGS",
                   RuntimeWarning, stacklevel=3)
   return True

@@ -1,4 +1,5 @@
-"""xla_flags: importing b4b_jax gives XLA's CPU runtime multi-threaded (Eigen) convolutions."""
+"""xla_flags: importing b4b_jax gives XLA's CPU runtime multi-threaded (Eigen) convolutions and
+interleaved vector loops (the defense noise's inverse CDF four 8-lane iterations per trip)."""
 import os
 import subprocess
 import sys
@@ -22,28 +23,52 @@ print("YNN_CONV", "ynn_fusion" in hlo)
 """
 
 
-def _probe(xla_flags_env, **env):
+# The noise's inverse-CDF kernel, compiled with XLA's dumps on: how many vector square roots its
+# optimised LLVM IR calls (one per 8-lane iteration in the loop body; 4 when interleaved 4 times).
+_NOISE_PROBE = """
+import glob, os, re
+import b4b_jax, jax, jax.numpy as jnp
+from b4b_jax.defense import noise
+print("FLAGS", os.environ["XLA_FLAGS"])
+jax.jit(noise._normal_from_packed)(jnp.ones((64, 2048), jnp.uint32)).block_until_ready()
+ir = "".join(open(p).read() for p in glob.glob(os.environ["DUMP"] + "/*normal_from_packed*with-opt.ll"))
+print("SQRT_CALLS", len(re.findall(r"call <\\d+ x float> @llvm\\.sqrt\\.v\\d+f32\\(", ir)))
+"""
+
+
+def _probe(xla_flags_env, script=_PROBE, **env):
   full = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   full.update(env, JAX_PLATFORMS="cpu")
   if xla_flags_env is not None:
     full["XLA_FLAGS"] = xla_flags_env
-  out = subprocess.run([sys.executable, "-c", _PROBE], env=full, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, "-c", script], env=full, capture_output=True, text=True,
                        timeout=120, check=False)
   return out
 
 
-def test_import_appends_the_flag_and_xla_compiles_convolutions_outside_ynnpack():
+def test_import_appends_the_flags_and_xla_compiles_convolutions_outside_ynnpack():
   out = _probe("--xla_force_host_platform_device_count=2", PROBE_STRICT="1")
   assert out.returncode == 0, out.stderr
-  assert f"FLAGS --xla_force_host_platform_device_count=2 {xla_flags.FLAG}" in out.stdout
+  assert f"FLAGS --xla_force_host_platform_device_count=2 {' '.join(xla_flags.FLAGS)}\n" in out.stdout
   assert "YNN_CONV False" in out.stdout
+
+
+def test_the_noise_loop_is_interleaved_unless_the_user_sets_backend_options(tmp_path):
+  out = _probe(f"--xla_dump_to={tmp_path / 'ours'}", _NOISE_PROBE, DUMP=str(tmp_path / "ours"))
+  assert out.returncode == 0, out.stderr
+  assert "SQRT_CALLS 4\n" in out.stdout, out.stdout
+  mine = "--xla_backend_extra_options=-force-vector-interleave=1"
+  out = _probe(f"--xla_dump_to={tmp_path / 'mine'} {mine}", _NOISE_PROBE, DUMP=str(tmp_path / "mine"))
+  assert out.returncode == 0, out.stderr
+  assert "force-vector-interleave=4" not in out.stdout
+  assert "SQRT_CALLS 1\n" in out.stdout, out.stdout  # the control: LLVM's own choice is one per trip
 
 
 def test_the_users_own_setting_wins():
   mine = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"  # the default list again
   out = _probe(mine)
   assert out.returncode == 0, out.stderr
-  assert f"FLAGS {mine}\n" in out.stdout
+  assert f"FLAGS {mine} {xla_flags.FLAGS[1]}\n" in out.stdout  # only the other flag appended
   assert "YNN_CONV True" in out.stdout  # the control: the probe can see YNNPACK's convolutions
 
 
@@ -56,12 +81,30 @@ def test_a_backend_started_before_the_import_is_named_in_a_warning():
 
 def test_apply_is_idempotent(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # this process's backend may have started already
     assert xla_flags.apply() is True
     once = os.environ["XLA_FLAGS"]
     assert xla_flags.apply() is False
-  assert os.environ["XLA_FLAGS"] == once and once.count(xla_flags.FLAG) == 1
+  assert os.environ["XLA_FLAGS"] == once
+  assert all(once.count(flag) == 1 for flag in xla_flags.FLAGS)
+
+
+@pytest.mark.parametrize("platforms,cpu_only", [("cpu", True), ("cuda", False), ("cpu,tpu", False),
+                                                (" cpu ", True)])
+def test_the_interleaving_flag_is_left_out_where_an_accelerator_may_compile(monkeypatch, platforms,
+                                                                            cpu_only):
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("JAX_PLATFORMS", platforms)
+  assert xla_flags.cpu_only() is cpu_only
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    assert xla_flags.apply() is True
+  appended = os.environ["XLA_FLAGS"].split()
+  assert appended == (list(xla_flags.FLAGS) if cpu_only
+                      else [f for f in xla_flags.FLAGS if f not in xla_flags.CPU_ONLY])
+  assert xla_flags.CPU_ONLY and xla_flags.CPU_ONLY < set(xla_flags.FLAGS)
 
 
 if __name__ == "__main__":
