@@ -231,6 +231,18 @@ def test_step_ignores_padding_rows_and_counts_a_users_rows_as_one_batch():
   assert bool(info["all_finite"])
 
 
+@pytest.mark.parametrize("num_users", [1, 5, 1024, 3_000_000])  # 3e6 x 1000 rows overflows one key
+def test_rows_by_user_is_a_stable_sort_by_slot(num_users):
+  from b4b_jax.defense import step as step_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(num_users)
+  users = rng.integers(0, min(num_users, 7) + 1, 1000).astype(np.int32)  # slot num_users: no user
+  users[rng.random(1000) < 0.2] = num_users
+  order, sorted_users = jax.jit(step_lib._rows_by_user, static_argnums=1)(jnp.asarray(users), num_users)
+  expected = np.argsort(users, kind="stable")
+  np.testing.assert_array_equal(np.asarray(order), expected)
+  np.testing.assert_array_equal(np.asarray(sorted_users), users[expected])
+
+
 def test_step_finite_check_from_the_hashing_scores_is_exact():
   """The step reads finiteness off the hashing scores and checks reps itself only when a score is not
   finite: a NaN or inf in a counted row rejects the call (state bit-identical), one in a padding row

@@ -32,6 +32,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from b4b_jax.defense import cost
 from b4b_jax.defense import hardened
@@ -58,8 +59,7 @@ def charge(state: DefenseState, users_w: jax.Array, codes: jax.Array, settings):
   occupancy, counts = lsh.add_buckets(state.occupancy, state.counts, users_w, buckets,
                                       settings.num_hyperplanes)
   # Rank of each row among its user's rows in this call (stable: row order), and the batch counters.
-  order = jnp.argsort(users_w, stable=True)
-  sorted_users = users_w[order]
+  order, sorted_users = _rows_by_user(users_w, state.occupancy.shape[0])
   first = jnp.concatenate([jnp.ones((1,), bool), sorted_users[1:] != sorted_users[:-1]])
   positions = jnp.arange(n, dtype=jnp.int32)
   rank = jnp.zeros((n,), jnp.int32).at[order].set(
@@ -72,6 +72,20 @@ def charge(state: DefenseState, users_w: jax.Array, codes: jax.Array, settings):
   if hardened.seen_columns(settings):
     state = hardened.mark_seen(settings, state, users_w, codes[:, p:])
   return state, rank
+
+
+def _rows_by_user(users_w: jax.Array, num_users: int):
+  """(order, users_w[order]): the rows stably sorted by slot; users_w int32 [N] in [0, num_users].
+
+  One int32 key slot * N + row sorted alone where it cannot overflow: a single-operand sort took 46 us
+  at N = 1024 on the 2-core CPU against argsort's 170 us (a key sorted with an index operand), the same
+  order; argsort otherwise."""
+  n = users_w.shape[0]
+  if (num_users + 1) * n - 1 <= np.iinfo(np.int32).max:
+    key = jax.lax.sort(users_w * n + jnp.arange(n, dtype=jnp.int32))
+    return key % n, key // n
+  order = jnp.argsort(users_w, stable=True)
+  return order, users_w[order]
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
