@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 from b4b_jax import host_memory as _host_memory
 from b4b_jax import xla_flags as _xla_flags
 
-# Both before JAX starts its backend: multi-threaded CPU convolutions and interleaved vector loops
-# (xla_flags.py), and, when B4B_HOST_MEMORY=keep asks for it, XLA's per-step buffers kept mapped
-# (host_memory.py).
+# Both before JAX starts its backend: multi-threaded CPU convolutions (xla_flags.py; a server adds
+# its serving flags in b4b_jax.main), and, when B4B_HOST_MEMORY=keep asks for it, XLA's per-step
+# buffers kept mapped (host_memory.py).
 _xla_flags.apply()
 if _host_memory.requested():
   _host_memory.apply()

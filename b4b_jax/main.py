@@ -25,6 +25,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from b4b_jax import xla_flags
 from b4b_jax.jobs.runner import run_job  # re-exported: tests and scripts call b4b_jax.main.run_job
 from b4b_jax.utils import distributed
 from b4b_jax.utils import files
@@ -59,6 +60,8 @@ class _QuietLibraries:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value.get("job") == "serve":  # before JAX starts: a server compiles once (xla_flags.py)
+    xla_flags.apply(serving=True)
   _hide_gpus_from_tensorflow()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
@@ -67,6 +70,7 @@ def main(argv):
     raise SystemExit(f"error: {e}") from None
   workdir = os.path.abspath(_WORKDIR.value)
   logging.info("job %s -> workdir %s", _CONFIG.value.get("job"), workdir)
+  logging.info("XLA_FLAGS: %s", os.environ.get("XLA_FLAGS", ""))
   try:
     run_job(_CONFIG.value, workdir)
   except files.PathError as e:  # a path the user gave is unusable: one line, not a traceback

@@ -1,7 +1,8 @@
-"""The two XLA flags b4b_jax sets for itself, before JAX starts its backend.
+"""The XLA flags b4b_jax sets for itself, before JAX starts its backend.
 
-`apply()` runs when `b4b_jax` is imported and appends them to `XLA_FLAGS`. Both are for the CPU backend;
-GPU and TPU compile as before.
+`apply()` runs when `b4b_jax` is imported and appends FLAGS to `XLA_FLAGS`; the served API's process
+(and benchmarks/defense.py, which measures it) calls `apply(serving=True)`, which also appends
+SERVING_FLAGS. All are for the CPU backend; GPU and TPU compile as before.
 
 1. `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`, so XLA's CPU runtime
 computes convolutions with its multi-threaded Eigen kernels instead of handing each one to YNNPACK.
@@ -21,7 +22,7 @@ around them. The ViT-S/16 forward (batch 32) does not measurably care: its media
 with both (two runs each), a spread that run-to-run noise covers; against PyTorch the same forward
 measured 0.90-1.06x in three runs of benchmarks/encoders.py (PyTorch's own rate moved 10.1-12.3 img/s).
 
-2. `--xla_backend_extra_options=-force-vector-interleave=4`: LLVM's loop vectorizer interleaves every
+2. Serving only: `--xla_backend_extra_options=-force-vector-interleave=4`: LLVM's loop vectorizer interleaves every
    vectorised loop it emits 4 times (four independent 8-lane iterations per trip). Its cost model left the
    defense noise's inverse-CDF loop (defense/noise.py: ~100 instructions per 8 values, a chain of two
    polynomials and a square root) at one iteration per trip, so the loop ran at the latency of that chain
@@ -33,10 +34,16 @@ measured 0.90-1.06x in three runs of benchmarks/encoders.py (PyTorch's own rate 
    and the stealing steps unchanged within their noise. It changes no value: interleaving repeats the
    same per-lane instructions, and XLA's floating-point reductions are not reassociated by LLVM (checked
    bit for bit: the noise, a ViT forward, three ResNet-18 stealing steps, float sums). LLVM options are
-   process-wide, which is why this is a flag and not an option of one jitted function. XLA's GPU
-   backend hands the same options to its LLVM (unmeasured there), so this flag is appended only where
-   JAX can use nothing but the CPU: JAX_PLATFORMS names only cpu, or it is unset and no accelerator
-   plugin (jax_plugins, libtpu) is installed.
+   process-wide, which is why this is a flag and not an option of one jitted function.
+   Why only where the API is served: it costs compile time where LLVM unrolls short loops, e.g.
+   jax.random.normal of shape (2048, 10) compiled in 3.67 s instead of 0.73 s ((20, 7): 0.89 s vs 0.35 s;
+   (1024, 2048): no change), and the linear probe's first epoch (compiles included) took 18.0-20.6 s
+   instead of 13.6-14.3 s; a server compiles once and then serves. Research jobs that defend in
+   process (the demo, the stealing runs) spend a negligible share of their time in the defense. A
+   provider embedding DefendedEncoder in its own server calls `apply(serving=True)` before JAX starts.
+   XLA's GPU backend hands the same options to its LLVM (unmeasured there), so this flag is appended
+   only where JAX can use nothing but the CPU: JAX_PLATFORMS names only cpu, or it is unset and no
+   accelerator plugin (jax_plugins, libtpu) is installed.
 
 The user's own setting wins: nothing is appended for a flag that `XLA_FLAGS` already names (pass
 `--xla_cpu_experimental_ynn_fusion_type=+individual_convolution` to get XLA's default back; a list without
@@ -51,9 +58,8 @@ import importlib.util
 import os
 import warnings
 
-FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
-         "--xla_backend_extra_options=-force-vector-interleave=4")
-CPU_ONLY = frozenset(FLAGS[1:])  # appended only when cpu_only()
+FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+SERVING_FLAGS = ("--xla_backend_extra_options=-force-vector-interleave=4",)  # only when cpu_only()
 
 
 def cpu_only() -> bool:
@@ -70,11 +76,11 @@ def _name(flag: str) -> str:
   return flag.split("=", 1)[0]
 
 
-def apply() -> bool:
-  """Appends each of FLAGS (those in CPU_ONLY only when cpu_only()) to XLA_FLAGS unless the user named
-  that flag; True when any was appended."""
+def apply(serving: bool = False) -> bool:
+  """Appends each of FLAGS, and with `serving` each of SERVING_FLAGS where cpu_only(), to XLA_FLAGS
+  unless the user named that flag; True when any was appended."""
   current = os.environ.get("XLA_FLAGS", "")
-  wanted = FLAGS if cpu_only() else tuple(f for f in FLAGS if f not in CPU_ONLY)
+  wanted = FLAGS + (SERVING_FLAGS if serving and cpu_only() else ())
   missing = [flag for flag in wanted if _name(flag) not in current]
   if not missing:
     return False
@@ -85,8 +91,8 @@ def apply() -> bool:
   except (ImportError, AttributeError):  # another JAX version: nothing to check against
     started = False
   if started:
-    warnings.warn(f"JAX started its backend before b4b_jax was imported, so {' '.join(missing)} "
-                  "(multi-threaded CPU convolutions, interleaved vector loops) does not apply; import "
-                  "b4b_jax first or export it in XLA_FLAGS",
+    warnings.warn(f"JAX started its backend before b4b_jax set {' '.join(missing)} (multi-threaded CPU "
+                  "convolutions, interleaved vector loops), so it does not apply; import b4b_jax first (a "
+                  "server: also call xla_flags.apply(serving=True) first) or export it in XLA_FLAGS",
                   RuntimeWarning, stacklevel=3)
   return True

@@ -6,6 +6,9 @@ r"""Defense speed: our jitted step vs the original coverage algorithm, the matmu
   python -m benchmarks.defense --encoders=resnet50,vit_small --encoder-batch=256   # section (e)
   python -m benchmarks.defense --profile          # also (f): where each step's time goes, per XLA op
 
+As a script it sets b4b_jax.xla_flags.SERVING_FLAGS first (on CPU-only hosts), as the served API's
+process does, and says so in its first line.
+
 Measures, on the same random representations:
   (a) coverage-update throughput of our jitted step (defense disabled: hash + occupancy update +
       coverage, nothing else) vs a faithful numpy / Python-set port of the original `get_buckets`
@@ -34,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from b4b_jax import xla_flags
 from b4b_jax.defense import config as config_lib
 from b4b_jax.defense import keys as keys_lib
 from b4b_jax.defense import noise as noise_lib
@@ -159,8 +163,10 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
     log(line)
 
   rng = np.random.default_rng(seed)
+  serving_flags = all(f in os.environ.get("XLA_FLAGS", "") for f in xla_flags.SERVING_FLAGS)
   say(f"defense benchmark on {jax.devices()[0].platform} ({jax.device_count()} device(s)): D={rep_dim}"
-      f" P={num_projections} K={num_hyperplanes}, load {os.getloadavg()[0]:.2f}")
+      f" P={num_projections} K={num_hyperplanes}, serving XLA flags {'on' if serving_flags else 'off'},"
+      f" load {os.getloadavg()[0]:.2f}")
   results: Dict = {"rep_dim": rep_dim, "num_projections": num_projections,
                    "num_hyperplanes": num_hyperplanes, "batch_size": batch_size,
                    "num_reps": num_reps, "platform": jax.devices()[0].platform}
@@ -450,4 +456,6 @@ def rows(results: Dict) -> list:
 
 
 if __name__ == "__main__":
+  # Timed as the served API's process compiles the step: with xla_flags.SERVING_FLAGS (CPU-only hosts).
+  xla_flags.apply(serving=True)
   main()

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from b4b_jax import xla_flags
 from b4b_jax.serve import client as client_lib
 from b4b_jax.serve import store as store_lib
 from b4b_jax.serve import testing
@@ -49,6 +50,13 @@ def server(tmp_path_factory):
     token = f.read().strip()
   yield proc, keys, token
   assert proc.stop() == 0, proc.log_tail()
+
+
+def test_the_server_process_compiles_with_the_serving_xla_flags(server):
+  proc = server[0]
+  with open(proc.log_path, errors="replace") as f:
+    line = next(l for l in f if "XLA_FLAGS:" in l)
+  assert all(flag in line for flag in xla_flags.FLAGS + xla_flags.SERVING_FLAGS), line
 
 
 def _png(array):

@@ -1,5 +1,6 @@
-"""xla_flags: importing b4b_jax gives XLA's CPU runtime multi-threaded (Eigen) convolutions and
-interleaved vector loops (the defense noise's inverse CDF four 8-lane iterations per trip)."""
+"""xla_flags: importing b4b_jax gives XLA's CPU runtime multi-threaded (Eigen) convolutions; a serving
+process also gets interleaved vector loops (the defense noise's inverse CDF, four 8-lane iterations
+per trip)."""
 import os
 import subprocess
 import sys
@@ -28,7 +29,10 @@ print("YNN_CONV", "ynn_fusion" in hlo)
 _NOISE_PROBE = """
 import glob, os, re
 import b4b_jax, jax, jax.numpy as jnp
+from b4b_jax import xla_flags
 from b4b_jax.defense import noise
+if os.environ.get("PROBE_SERVING"):
+  xla_flags.apply(serving=True)
 print("FLAGS", os.environ["XLA_FLAGS"])
 jax.jit(noise._normal_from_packed)(jnp.ones((64, 2048), jnp.uint32)).block_until_ready()
 ir = "".join(open(p).read() for p in glob.glob(os.environ["DUMP"] + "/*normal_from_packed*with-opt.ll"))
@@ -50,25 +54,31 @@ def test_import_appends_the_flags_and_xla_compiles_convolutions_outside_ynnpack(
   out = _probe("--xla_force_host_platform_device_count=2", PROBE_STRICT="1")
   assert out.returncode == 0, out.stderr
   assert f"FLAGS --xla_force_host_platform_device_count=2 {' '.join(xla_flags.FLAGS)}\n" in out.stdout
+  assert not set(xla_flags.SERVING_FLAGS) & set(xla_flags.FLAGS)
   assert "YNN_CONV False" in out.stdout
 
 
-def test_the_noise_loop_is_interleaved_unless_the_user_sets_backend_options(tmp_path):
-  out = _probe(f"--xla_dump_to={tmp_path / 'ours'}", _NOISE_PROBE, DUMP=str(tmp_path / "ours"))
-  assert out.returncode == 0, out.stderr
-  assert "SQRT_CALLS 4\n" in out.stdout, out.stdout
+def test_a_serving_process_interleaves_the_noise_loop_unless_the_user_sets_backend_options(tmp_path):
+  def sqrt_calls(name, xla_flags_env="", **env):
+    dump = tmp_path / name
+    out = _probe(f"--xla_dump_to={dump} {xla_flags_env}".strip(), _NOISE_PROBE, DUMP=str(dump), **env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+  out = sqrt_calls("serving", PROBE_SERVING="1")
+  assert all(flag in out for flag in xla_flags.SERVING_FLAGS) and "SQRT_CALLS 4\n" in out, out
+  out = sqrt_calls("import_only")  # importing b4b_jax alone leaves LLVM's own choice: one per trip
+  assert not any(flag in out for flag in xla_flags.SERVING_FLAGS) and "SQRT_CALLS 1\n" in out, out
   mine = "--xla_backend_extra_options=-force-vector-interleave=1"
-  out = _probe(f"--xla_dump_to={tmp_path / 'mine'} {mine}", _NOISE_PROBE, DUMP=str(tmp_path / "mine"))
-  assert out.returncode == 0, out.stderr
-  assert "force-vector-interleave=4" not in out.stdout
-  assert "SQRT_CALLS 1\n" in out.stdout, out.stdout  # the control: LLVM's own choice is one per trip
+  out = sqrt_calls("mine", mine, PROBE_SERVING="1")
+  assert "force-vector-interleave=4" not in out and "SQRT_CALLS 1\n" in out, out
 
 
 def test_the_users_own_setting_wins():
   mine = "--xla_cpu_experimental_ynn_fusion_type=+individual_convolution"  # the default list again
   out = _probe(mine)
   assert out.returncode == 0, out.stderr
-  assert f"FLAGS {mine} {xla_flags.FLAGS[1]}\n" in out.stdout  # only the other flag appended
+  assert f"FLAGS {mine}\n" in out.stdout
   assert "YNN_CONV True" in out.stdout  # the control: the probe can see YNNPACK's convolutions
 
 
@@ -87,24 +97,26 @@ def test_apply_is_idempotent(monkeypatch):
     assert xla_flags.apply() is True
     once = os.environ["XLA_FLAGS"]
     assert xla_flags.apply() is False
-  assert os.environ["XLA_FLAGS"] == once
-  assert all(once.count(flag) == 1 for flag in xla_flags.FLAGS)
+    assert os.environ["XLA_FLAGS"] == once
+    assert xla_flags.apply(serving=True) is True
+    twice = os.environ["XLA_FLAGS"]
+    assert xla_flags.apply(serving=True) is False and xla_flags.apply() is False
+  assert os.environ["XLA_FLAGS"] == twice
+  assert all(twice.count(flag) == 1 for flag in xla_flags.FLAGS + xla_flags.SERVING_FLAGS)
 
 
 @pytest.mark.parametrize("platforms,cpu_only", [("cpu", True), ("cuda", False), ("cpu,tpu", False),
                                                 (" cpu ", True)])
-def test_the_interleaving_flag_is_left_out_where_an_accelerator_may_compile(monkeypatch, platforms,
-                                                                            cpu_only):
+def test_the_serving_flags_are_left_out_where_an_accelerator_may_compile(monkeypatch, platforms,
+                                                                         cpu_only):
   monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setenv("JAX_PLATFORMS", platforms)
   assert xla_flags.cpu_only() is cpu_only
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    assert xla_flags.apply() is True
-  appended = os.environ["XLA_FLAGS"].split()
-  assert appended == (list(xla_flags.FLAGS) if cpu_only
-                      else [f for f in xla_flags.FLAGS if f not in xla_flags.CPU_ONLY])
-  assert xla_flags.CPU_ONLY and xla_flags.CPU_ONLY < set(xla_flags.FLAGS)
+    assert xla_flags.apply(serving=True) is True
+  expected = xla_flags.FLAGS + (xla_flags.SERVING_FLAGS if cpu_only else ())
+  assert os.environ["XLA_FLAGS"].split() == list(expected)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ separate pass before XLA's erf_inv; on a CPU that cost 3.6-5x the hashing matmul
     the words materialised first (a conditional that is always taken: XLA cannot fuse across it); the
     hash's loop also computes t and moves the sign bit into one word (_packed), so the transform's loop
     reads one word per value. Both loops are long dependent chains per 8 values; they run four
-    8-lane iterations per trip only because b4b_jax passes LLVM -force-vector-interleave=4
-    (xla_flags.py; the transform 1.38 -> 1.11 ms, the hash 0.72 -> 0.60 ms at [1024, 2048]).
+    8-lane iterations per trip only where LLVM gets -force-vector-interleave=4 (the served API's
+    process, xla_flags.SERVING_FLAGS; the transform 1.38 -> 1.11 ms, the hash 0.72 -> 0.60 ms at
+    [1024, 2048]).
   The distribution is checked, not assumed: tests/test_defense_noise.py runs moments, a Kolmogorov-Smirnov
   test against N(0, 1), tail frequencies, and correlations across columns, rows, users and queries, with
   thresholds that a broken generator fails, and compares the transform with scipy's ndtri.
