@@ -8,7 +8,9 @@ rather than a config field; the same settings as glibc's own variables are
 `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=18446744073709551615`.
 
 Why: XLA's CPU runtime mallocs each execution's temporary buffer afresh (the ResNet-18 stealing step's
-is 516 MB, ResNet-50's about 2.2 GB) on one of its worker threads, and Eigen's convolutions malloc their
+was 516 MB, ResNet-50's about 2.2 GB; since the training steps compile in XLA's memory-optimised op
+order, xla_flags.training_options, 217 MB and 820 MB, and the figures below are from before) on one of
+its worker threads, and Eigen's convolutions malloc their
 packing buffers (151 MB) there too. A worker thread allocates from its own glibc arena, and an arena
 other than the main one cannot hold a chunk over 64 MiB, so glibc maps each of them with mmap whatever
 M_MMAP_MAX says, and unmaps it on free. The next step then faults every page in again, zero-filled by

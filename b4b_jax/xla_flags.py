@@ -2,7 +2,8 @@
 
 `apply()` runs when `b4b_jax` is imported and appends FLAGS to `XLA_FLAGS`; the served API's process
 (and benchmarks/defense.py, which measures it) calls `apply(serving=True)`, which also appends
-SERVING_FLAGS. All are for the CPU backend; GPU and TPU compile as before.
+SERVING_FLAGS. All are for the CPU backend; GPU and TPU compile as before. `training_options()` gives the
+compiler options that the training steps (attacks/train_state.py, demo/victim.py) pass to their jit.
 
 1. `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`, so XLA's CPU runtime
 computes convolutions with its multi-threaded Eigen kernels instead of handing each one to YNNPACK.
@@ -22,7 +23,25 @@ around them. The ViT-S/16 forward (batch 32) does not measurably care: its media
 with both (two runs each), a spread that run-to-run noise covers; against PyTorch the same forward
 measured 0.90-1.06x in three runs of benchmarks/encoders.py (PyTorch's own rate moved 10.1-12.3 img/s).
 
-2. Serving only: `--xla_backend_extra_options=-force-vector-interleave=4`: LLVM's loop vectorizer interleaves every
+2. Training steps only, as a per-jit compiler option (`training_options()`):
+   `xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`: XLA orders the step's ops to keep the
+   fewest bytes live, instead of exposing the most independent ops at once (its CPU default). Every
+   execution mallocs a temporary buffer of the program's peak live bytes, and one over glibc's largest
+   mmap threshold (32 MiB) is mapped afresh and faulted in page by page on every call
+   (b4b_jax/host_memory.py). The stealing step's buffer (benchmarks/steal_step.py settings, jax 0.10.2):
+   ResNet-18 b64 32 px 516 -> 217 MB, ResNet-50 b16 224 px 2,186 -> 820 MB. Measured on the 2-core CPU,
+   nothing else running, default malloc, XLA's order / this one alternately, two runs each: the
+   ResNet-50 step 0.062, 0.070 -> 0.177, 0.188 step/s (0.27-0.29x -> 0.70-0.75x PyTorch); the ResNet-18
+   step 0.413, 0.523 -> 0.454, 0.550 step/s (that setting's run-to-run spread covers it); as committed,
+   two more runs: ResNet-50 0.179, 0.166 step/s (0.79x, 0.76x), ResNet-18 0.78x, 0.90x. No value
+   changes: the same ops on the same data in another order (checked bit for bit: three ResNet-18 and
+   three ResNet-50 steps, every parameter, statistic and momentum). Not a process-wide flag: forwards
+   have small temporaries and gain nothing (ResNet-50 / ViT-S/16 batch 32, benchmarks/encoders.py, two
+   runs each: 16.2, 16.3 / 13.4, 13.2 img/s in XLA's order, 16.0, 15.8 / 13.0, 12.6 in this one).
+   The user's own `--xla_cpu_scheduler_type` (or XLA's older
+   `--xla_cpu_enable_concurrency_optimized_scheduler`) in XLA_FLAGS wins: `training_options()` is {}.
+
+3. Serving only: `--xla_backend_extra_options=-force-vector-interleave=4`: LLVM's loop vectorizer interleaves every
    vectorised loop it emits 4 times (four independent 8-lane iterations per trip). Its cost model left the
    defense noise's inverse-CDF loop (defense/noise.py: ~100 instructions per 8 values, a chain of two
    polynomials and a square root) at one iteration per trip, so the loop ran at the latency of that chain
@@ -74,6 +93,20 @@ def cpu_only() -> bool:
 
 def _name(flag: str) -> str:
   return flag.split("=", 1)[0]
+
+
+# What training_options() gives (2. above), and the user's flags that choose the same thing.
+TRAINING_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+_SCHEDULER_FLAGS = ("--xla_cpu_scheduler_type", "--xla_cpu_enable_concurrency_optimized_scheduler")
+
+
+def training_options(platform: str) -> dict:
+  """`compiler_options` for the jit of a training step whose arrays live on `platform`: TRAINING_OPTIONS
+  on "cpu" unless the user's XLA_FLAGS choose the op order themselves; {} otherwise."""
+  current = os.environ.get("XLA_FLAGS", "")
+  if platform != "cpu" or any(flag in current for flag in _SCHEDULER_FLAGS):
+    return {}
+  return dict(TRAINING_OPTIONS)
 
 
 def apply(serving: bool = False) -> bool:

@@ -41,7 +41,8 @@ TINY = {"resnet18": ("resnet18", "resnet18", 8, 16, True, 512)}
 
 
 def build_jax(arch, batch, size, small, dim, compute_dtype="float32"):
-  """Returns (run_one_step, compile_seconds, flops per step); run_one_step() blocks until done."""
+  """Returns (run_one_step, compile_seconds, flops per step, XLA's temporary buffer in MB); run_one_step()
+  blocks until done."""
   model = models.create_resnet(arch, rngs=nnx.Rngs(0), small_input=small)
   graphdef, params, batch_stats = models.split_model(model)
   mesh = distributed.data_mesh(1)
@@ -61,12 +62,15 @@ def build_jax(arch, batch, size, small, dim, compute_dtype="float32"):
     box["state"], metrics = step(box["state"], images, targets, key)
     jax.block_until_ready(metrics)
 
-  flops = common.compiled_flops(step.lower(state, images, targets, key))
+  lowered = step.lower(state, images, targets, key)
+  flops = common.compiled_flops(lowered)
   t0 = time.perf_counter()
   run_one()
   compile_s = time.perf_counter() - t0
   run_one()  # one more warm step
-  return run_one, compile_s, flops
+  memory = lowered.compile().memory_analysis()  # after the timed first step, so compile_s stays one compile
+  temp_mb = memory.temp_size_in_bytes / 1e6 if memory is not None else float("nan")
+  return run_one, compile_s, flops, temp_mb
 
 
 def build_torch(arch, batch, size, small, dim):
@@ -137,7 +141,7 @@ def main(argv=None):
   rows = []
   for name, (arch, torch_arch, batch, size, small, dim) in settings.items():
     steps = args.steps or (3 if args.tiny else (20 if size <= 32 else 5))
-    ours_step, compile_s, flops = build_jax(arch, batch, size, small, dim, args.compute_dtype)
+    ours_step, compile_s, flops, temp_mb = build_jax(arch, batch, size, small, dim, args.compute_dtype)
     ref_step, device = build_torch(torch_arch, batch, size, small, dim)
     # Interleaved, one step each in turn, median step time: on a shared machine both see the same load.
     ours_t, ref_t = [], []
@@ -146,21 +150,23 @@ def main(argv=None):
       ref_t.append(_timed(ref_step))
     ours, ref = 1.0 / float(np.median(ours_t)), 1.0 / float(np.median(ref_t))
     dtype = "bf16" if args.compute_dtype == "bfloat16" else "f32"
-    rows.append((name, batch, size, ours, ref, device, compile_s,
+    rows.append((name, batch, size, ours, ref, device, compile_s, temp_mb,
                  common.flops_share(flops, 1.0 / ours, dtype)))
   print(f"{'setting':<14} {'batch':>5} {'size':>4} {'ours step/s':>12} {'torch step/s':>13} "
-        f"{'ratio':>6} {'torch dev':>9} {'our compile s':>13}  achieved")
-  for name, batch, size, ours, ref, device, compile_s, fl in rows:
+        f"{'ratio':>6} {'torch dev':>9} {'our compile s':>13} {'our temp MB':>11}  achieved")
+  for name, batch, size, ours, ref, device, compile_s, temp_mb, fl in rows:
     print(f"{name:<14} {batch:>5} {size:>4} {ours:>12.3f} {ref:>13.3f} {ours / ref:>6.2f} {device:>9} "
-          f"{compile_s:>13.1f}  {fl}")
+          f"{compile_s:>13.1f} {temp_mb:>11,.0f}  {fl}")
   if jax.default_backend() == "cpu" and not args.tiny:
     print("On CPU, convolutions are most of the step: XLA runs them on Eigen's multi-threaded kernels "
           "(b4b_jax/xla_flags.py; YNNPACK's default ones are single-threaded), the 1x1 kernels' weight "
-          "gradient as a matmul (models/layers.conv), BatchNorm with its closed-form backward; "
+          "gradient as a matmul (models/layers.conv), BatchNorm with its closed-form backward, in "
+          "XLA's memory-optimised op order (xla_flags.training_options: 'our temp MB' is the buffer "
+          "each step mallocs and, unless B4B_HOST_MEMORY=keep, faults in afresh); "
           "python -m benchmarks.conv_repro times single conv layers, XLA's, ours and PyTorch's.")
   return [common.Row(f"steal_step: {name} b{batch} {size}px {args.compute_dtype}", f"{ours:.3f} step/s",
                      f"torch({device}) {ref:.3f} step/s", ours / ref, fl)
-          for name, batch, size, ours, ref, device, compile_s, fl in rows]
+          for name, batch, size, ours, ref, device, compile_s, _, fl in rows]
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from b4b_jax import xla_flags
 from b4b_jax.attacks import augment as augment_lib
 from b4b_jax.attacks import losses
 from b4b_jax.data import preprocess
@@ -123,5 +124,8 @@ def make_train_step(graphdef, cfg: StepConfig, mesh: jax.sharding.Mesh):
                "grad_norm": optax.tree.norm(grads)}
     return new_state, metrics
 
+  # On CPU the memory-optimised op order: a 2.7x smaller temporary buffer, faulted in afresh each step
+  # (xla_flags.py, 2.).
   return jax.jit(step, in_shardings=(repl, data, data, repl), out_shardings=(repl, repl),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,),
+                 compiler_options=xla_flags.training_options(mesh.devices.flat[0].platform) or None)

@@ -7,6 +7,7 @@ every other part uses; only the backbone is kept as the victim encoder (its pool
 representations, as for the released SimSiam), saved with `b4b_jax.models.save_encoder` so every later
 stage loads it exactly as it would a converted checkpoint.
 """
+import functools
 import math
 from typing import Callable
 
@@ -17,6 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from b4b_jax import xla_flags
 from b4b_jax.models import layers
 from b4b_jax.models.functional import apply_model, split_model
 from b4b_jax.models.resnet import create_resnet
@@ -99,7 +101,7 @@ def train_simsiam_victim(images: np.ndarray, config: ml_collections.ConfigDict, 
                    optax.sgd(lr, momentum=config.momentum))
   opt_state = tx.init(params)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=xla_flags.training_options(jax.default_backend()) or None)
   def train_step(params, batch_stats, opt_state, key, uint8_batch):
     x01 = uint8_batch.astype(jnp.float32) / 255.0
     k1, k2 = jax.random.split(key)
