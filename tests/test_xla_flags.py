@@ -119,10 +119,6 @@ def test_the_serving_flags_are_left_out_where_an_accelerator_may_compile(monkeyp
   assert os.environ["XLA_FLAGS"].split() == list(expected)
 
 
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))
-
-
 @pytest.mark.parametrize("platform,user_flags,expected", [
     ("cpu", "", xla_flags.TRAINING_OPTIONS),
     ("cpu", "--xla_force_host_platform_device_count=8", xla_flags.TRAINING_OPTIONS),
@@ -136,3 +132,7 @@ def test_training_options_on_cpu_only_and_never_over_the_users_choice(monkeypatc
   monkeypatch.setenv("XLA_FLAGS", user_flags)
   assert xla_flags.training_options(platform) == expected
   assert xla_flags.TRAINING_OPTIONS == {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__]))
