@@ -128,4 +128,4 @@ def make_train_step(graphdef, cfg: StepConfig, mesh: jax.sharding.Mesh):
   # (xla_flags.py, 2.).
   return jax.jit(step, in_shardings=(repl, data, data, repl), out_shardings=(repl, repl),
                  donate_argnums=(0,),
-                 compiler_options=xla_flags.training_options(mesh.devices.flat[0].platform) or None)
+                 compiler_options=xla_flags.training_options(mesh.devices.flat[0].platform))

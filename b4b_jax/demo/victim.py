@@ -101,7 +101,7 @@ def train_simsiam_victim(images: np.ndarray, config: ml_collections.ConfigDict, 
                    optax.sgd(lr, momentum=config.momentum))
   opt_state = tx.init(params)
 
-  @functools.partial(jax.jit, compiler_options=xla_flags.training_options(jax.default_backend()) or None)
+  @functools.partial(jax.jit, compiler_options=xla_flags.training_options(jax.default_backend()))
   def train_step(params, batch_stats, opt_state, key, uint8_batch):
     x01 = uint8_batch.astype(jnp.float32) / 255.0
     k1, k2 = jax.random.split(key)
