@@ -40,4 +40,9 @@ def test_encoder_overhead_section_times_forward_and_defended_forward():
   results = defense_benchmark.run(**settings, log=seen.append)
   row = results["encoders"]["resnet18_w0.25"]
   assert row["rep_dim"] == 128 and row["forward_ms"] > 0 and row["defended_ms"] > 0
+  # The overhead is the step timed alone over the forward; the fused call's difference is the check.
+  assert row["defense_ms"] > 0
+  assert row["overhead_share"] == pytest.approx(row["defense_ms"] / row["forward_ms"])
+  assert row["fused_difference"] == pytest.approx((row["defended_ms"] - row["forward_ms"]) / row["forward_ms"])
   assert any(line.startswith("(e) defense overhead") for line in seen)
+  assert any("defense step alone" in line and "check, jitted together" in line for line in seen)
