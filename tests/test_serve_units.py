@@ -9,6 +9,8 @@ import shutil
 import sqlite3
 import struct
 import subprocess
+import sys
+import threading
 import zlib
 
 import numpy as np
@@ -89,6 +91,39 @@ def test_images_refuse_bad_files_with_a_status_and_a_message_naming_the_problem(
       (npy(testing.random_images(9, 16)), 413, "too_many_images"),
       (npy(u8[:0]), 422, "no_images"), (npy(u8)[:-5], 400, "truncated_npy")]:
     _refused(lambda b=body: images.decode_npy(b, GEOMETRY, LIMITS), status, code)
+
+
+
+def test_npy_bodies_decode_correctly_from_many_threads_at_once():
+  # The server decodes bodies in a thread pool. numpy's npy header parse runs `ast.literal_eval`, whose
+  # AST conversion is not thread-safe on CPython 3.11 (gh-106905): unserialised, a tiny switch interval
+  # makes ~0.4 % of these parses fail with "AST constructor recursion depth mismatch" (refused as
+  # malformed_npy; CI met it once under load).
+  u8 = testing.random_images(2, 16)
+  body, failures, wrong = images.encode_npy(u8), [], []
+
+  def decode_many():
+    for _ in range(1500):
+      try:
+        out = images.decode_npy(body, GEOMETRY, LIMITS)
+      except Exception as e:  # noqa: BLE001 (collected, asserted below)
+        failures.append(repr(e))
+        continue
+      if not np.array_equal(out, u8):
+        wrong.append(out.shape)
+
+  interval = sys.getswitchinterval()
+  sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows, to make the race likely
+  try:
+    threads = [threading.Thread(target=decode_many) for _ in range(8)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    sys.setswitchinterval(interval)
+  assert not failures, (len(failures), failures[:3])
+  assert not wrong
 
 
 # ----------------------------------------------------------------------------------------- store

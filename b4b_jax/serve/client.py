@@ -17,12 +17,13 @@
 Errors: a refused request raises ServedError (a ValueError) with `.status`, `.code` and the server's
 message; 429 and 503 are retried `retries` times after the server's Retry-After (capped).
 """
-import io
 import time
 from typing import Dict, Optional, Sequence
 
 import httpx
 import numpy as np
+
+from b4b_jax.serve import images as images_lib
 
 NPY = "application/x-npy"
 
@@ -43,12 +44,6 @@ def _raise_for(response: httpx.Response) -> None:
   except Exception:  # pylint: disable=broad-except
     code, message = "http_error", response.text[:500]
   raise ServedError(response.status_code, code, message)
-
-
-def _npy(array: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-  return buf.getvalue()
 
 
 class _Http:
@@ -90,15 +85,15 @@ class Client(_Http):
     """One request (at most the server's max_rows_per_request rows)."""
     images = np.asarray(images)
     if as_png:
-      from b4b_jax.serve.images import encode_png  # pylint: disable=g-import-not-at-top
-      files = [("image", (f"{i}.png", encode_png(im), "image/png")) for i, im in enumerate(images)]
+      files = [("image", (f"{i}.png", images_lib.encode_png(im), "image/png"))
+               for i, im in enumerate(images)]
       r = self.request("POST", "/v1/embeddings", files=files, headers={"Accept": NPY})
     else:
       if images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 pixels [N, H, W, 3], got {images.dtype}")
-      r = self.request("POST", "/v1/embeddings", content=_npy(images),
+      r = self.request("POST", "/v1/embeddings", content=images_lib.encode_npy(images),
                        headers={"Content-Type": NPY, "Accept": NPY})
-    return np.load(io.BytesIO(r.content), allow_pickle=False)
+    return images_lib.load_npy(r.content)
 
   def embed(self, images: np.ndarray, *, as_png: bool = False) -> np.ndarray:
     images = np.asarray(images)

@@ -13,6 +13,7 @@ Accepted bodies of `POST /v1/embeddings` (the app hands the raw parts here):
 Normalisation (mean/std) is not done here: the defended encoder takes uint8 images and normalises inside.
 """
 import io
+import threading
 import warnings
 from typing import Dict, List, Sequence
 
@@ -25,6 +26,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 _RGB_CONVERTIBLE = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "La", "RGBa"}
 _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# numpy parses an npy header with `ast.literal_eval`, and CPython 3.11's AST conversion keeps its recursion
+# depth in interpreter-wide state: two request threads parsing at once can interleave and fail with
+# "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905), which a good body would
+# then be refused for. One parse at a time; a header is at most a few hundred bytes (microseconds).
+_NPY_HEADER_LOCK = threading.Lock()
 
 
 class Limits:
@@ -145,10 +151,11 @@ def decode_npy(body: bytes, geometry: Geometry, limits: Limits) -> np.ndarray:
   f = io.BytesIO(body)
   try:
     version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-      shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-      shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    with _NPY_HEADER_LOCK:
+      if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+      else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
   except Exception as e:  # bad magic, bad header dict, unsupported version
     raise errors.bad_request("malformed_npy", f"the body is not a valid npy file: {e}") from e
   s = geometry.input_size
@@ -175,6 +182,13 @@ def decode_npy(body: bytes, geometry: Geometry, limits: Limits) -> np.ndarray:
                              f"bytes, the body holds {len(data)}")
   out = np.frombuffer(data, np.uint8).reshape(shape, order="F" if fortran else "C")
   return np.ascontiguousarray(out)
+
+
+def load_npy(body: bytes) -> np.ndarray:
+  """npy bytes -> the array (the client's decoder), parsed under the header lock: clients call it from
+  threads too."""
+  with _NPY_HEADER_LOCK:
+    return np.load(io.BytesIO(body), allow_pickle=False)
 
 
 def encode_npy(array: np.ndarray) -> bytes:
