@@ -175,6 +175,24 @@ def test_hashed_sorted_and_fallback_updates_equal_a_numpy_or(users, n, k, bucket
     np.testing.assert_array_equal(np.asarray(got[1]), expected[1], err_msg=f"rounds={rounds}")
 
 
+def test_flat_and_per_axis_state_indexing_update_occupancy_identically(monkeypatch):
+  # add_buckets indexes the state flat (one int32 per update) and per axis only where a flat index
+  # could overflow int32 (from 838,860 users at K=12, P=20): the same update either way.
+  rng = np.random.default_rng(3)
+  users, n, k = 40, 256, 9
+  occupancy = jnp.asarray(rng.integers(0, 2**32, (users, 3, 16), dtype=np.uint32) & 0x01010101)
+  counts = jnp.asarray(lsh.popcount(occupancy).astype(np.int32))
+  user_per_row = jnp.asarray(rng.integers(-1, users + 1, n).astype(np.int32))
+  buckets = jnp.asarray(rng.integers(0, 1 << k, (n, 3)).astype(np.int32))
+  flat = lsh.add_buckets(occupancy, counts, user_per_row, buckets, k)
+  monkeypatch.setattr(lsh, "_MAX_FLAT_INDEX", 0)
+  per_axis = lsh.add_buckets(occupancy, counts, user_per_row, buckets, k)
+  expected = _or_reference(occupancy, user_per_row, buckets)
+  for got in (flat, per_axis):
+    np.testing.assert_array_equal(np.asarray(got[0]), expected[0])
+    np.testing.assert_array_equal(np.asarray(got[1]), expected[1])
+
+
 def test_hashed_picking_chooses_one_row_per_pair_and_settles_one_user_in_one_round():
   rng = np.random.default_rng(1)
   n, k = 1024, 12

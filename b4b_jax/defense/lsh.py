@@ -83,6 +83,8 @@ def buckets_from_scores(scores: jax.Array, num_hyperplanes: int,
 # the 4th round makes the sort fallback practically unreachable there.
 _HASH_ROUNDS = 4
 _MAX_LOG_SLOTS = 16  # the table is P x 2^16 int32 at most for K <= 16 (the hardened fine codes)
+# add_buckets indexes the state flat while every (user, projection, word) fits in one int32 index.
+_MAX_FLAT_INDEX = int(np.iinfo(np.int32).max)
 
 
 def mix32(x):
@@ -124,12 +126,19 @@ def hashed_representatives(users_pn, buckets_pn, pending, num_hyperplanes, round
   u32, b32 = users_pn.astype(jnp.uint32), buckets_pn.astype(jnp.uint32)
   user_bits = mix32(u32 ^ jnp.uint32(0x9E3779B9)) << num_hyperplanes if log_t > num_hyperplanes else 0
 
+  # Tables, users and buckets are indexed flat (projection-major), so every scatter and gather takes
+  # one int32 index computed inside its own fusion: with [P, N, 2] index arrays XLA built each index
+  # array in a fusion of its own first (more ops per round, and the rounds run 3-4 times with many
+  # users). A settled row's index is P * t, past the table's end: dropped by the scatter, `n` (no
+  # winner) from the gather.
+  users_flat, buckets_flat = users_pn.reshape(-1), buckets_pn.reshape(-1)
+
   def one_round(slot, chosen, pending):
-    slot = jnp.where(pending, slot.astype(jnp.int32), t)  # out of range: settled rows take no part
-    table = jnp.full((num_proj, t), n, jnp.int32).at[proj, slot].min(rows, mode="drop")
-    winner = jnp.minimum(table.at[proj, slot].get(mode="fill", fill_value=n), n - 1)
-    same = (pending & (jnp.take_along_axis(users_pn, winner, axis=1) == users_pn)
-            & (jnp.take_along_axis(buckets_pn, winner, axis=1) == buckets_pn))
+    index = jnp.where(pending, proj * t + slot.astype(jnp.int32), num_proj * t)
+    table = jnp.full((num_proj * t,), n, jnp.int32).at[index].min(rows, mode="drop")
+    winner = jnp.minimum(table.at[index].get(mode="fill", fill_value=n), n - 1)
+    winner_flat = proj * n + winner
+    same = pending & (users_flat[winner_flat] == users_pn) & (buckets_flat[winner_flat] == buckets_pn)
     return chosen | (same & (winner == rows)), pending & ~same
 
   def later_round(carry):  # a fresh hash of the pair per round
@@ -189,6 +198,19 @@ def add_buckets(occupancy: jax.Array, counts: jax.Array, user_per_row: jax.Array
   word = buckets_pn >> 5
   bit = jnp.left_shift(jnp.uint32(1), (buckets_pn & 31).astype(jnp.uint32))
   proj = jnp.broadcast_to(jnp.arange(num_proj, dtype=jnp.int32)[:, None], (num_proj, n))
+  words = occupancy.shape[2]
+  if (num_users + 1) * num_proj * words - 1 <= _MAX_FLAT_INDEX:
+    # Flat indices (one int32 per update, see hashed_representatives); an ignored row's user index
+    # num_users puts it past the end: read as 0, dropped by the scatters.
+    pair = users_pn * num_proj + proj
+    at_word, at_count = pair * words + word, pair
+    flat_occupancy, flat_counts = occupancy.reshape(-1), counts.reshape(-1)
+    old = flat_occupancy.at[at_word].get(mode="fill", fill_value=0)
+    new = first & writing & ((old & bit) == 0)
+    occupancy = flat_occupancy.at[at_word].add(jnp.where(new, bit, jnp.uint32(0)),
+                                               mode="drop").reshape(occupancy.shape)
+    counts = flat_counts.at[at_count].add(new.astype(counts.dtype), mode="drop").reshape(counts.shape)
+    return occupancy, counts
   old = occupancy.at[users_pn, proj, word].get(mode="fill", fill_value=0)
   new = first & writing & ((old & bit) == 0)
   occupancy = occupancy.at[users_pn, proj, word].add(jnp.where(new, bit, jnp.uint32(0)), mode="drop")
