@@ -93,7 +93,6 @@ def test_images_refuse_bad_files_with_a_status_and_a_message_naming_the_problem(
     _refused(lambda b=body: images.decode_npy(b, GEOMETRY, LIMITS), status, code)
 
 
-
 def test_npy_bodies_decode_correctly_from_many_threads_at_once():
   # The server decodes bodies in a thread pool. numpy's npy header parse runs `ast.literal_eval`, whose
   # AST conversion is not thread-safe on CPython 3.11 (gh-106905): unserialised, a tiny switch interval

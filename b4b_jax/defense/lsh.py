@@ -203,20 +203,16 @@ def add_buckets(occupancy: jax.Array, counts: jax.Array, user_per_row: jax.Array
     # Flat indices (one int32 per update, see hashed_representatives); an ignored row's user index
     # num_users puts it past the end: read as 0, dropped by the scatters.
     pair = users_pn * num_proj + proj
-    at_word, at_count = pair * words + word, pair
-    flat_occupancy, flat_counts = occupancy.reshape(-1), counts.reshape(-1)
-    old = flat_occupancy.at[at_word].get(mode="fill", fill_value=0)
-    new = first & writing & ((old & bit) == 0)
-    occupancy = flat_occupancy.at[at_word].add(jnp.where(new, bit, jnp.uint32(0)),
-                                               mode="drop").reshape(occupancy.shape)
-    counts = flat_counts.at[at_count].add(new.astype(counts.dtype), mode="drop").reshape(counts.shape)
-    return occupancy, counts
-  old = occupancy.at[users_pn, proj, word].get(mode="fill", fill_value=0)
+    occupancy_view, at_word = occupancy.reshape(-1), pair * words + word
+    counts_view, at_count = counts.reshape(-1), pair
+  else:  # per axis: the same updates where a flat index could overflow int32
+    occupancy_view, at_word = occupancy, (users_pn, proj, word)
+    counts_view, at_count = counts, (users_pn, proj)
+  old = occupancy_view.at[at_word].get(mode="fill", fill_value=0)
   new = first & writing & ((old & bit) == 0)
-  occupancy = occupancy.at[users_pn, proj, word].add(jnp.where(new, bit, jnp.uint32(0)), mode="drop")
-  counts = counts.at[users_pn, proj].add(new.astype(counts.dtype), mode="drop")
-  return occupancy, counts
-
+  new_occupancy = occupancy_view.at[at_word].add(jnp.where(new, bit, jnp.uint32(0)), mode="drop")
+  new_counts = counts_view.at[at_count].add(new.astype(counts.dtype), mode="drop")
+  return new_occupancy.reshape(occupancy.shape), new_counts.reshape(counts.shape)
 
 def coverage_percent(counts: jax.Array, num_hyperplanes: int) -> jax.Array:
   """Coverage in percent from int [..., P] occupied-bucket counts: 100 * mean_p(count_p) / 2^K."""
