@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import threading
+import warnings
 import zlib
 
 import numpy as np
@@ -123,6 +124,67 @@ def test_npy_bodies_decode_correctly_from_many_threads_at_once():
     sys.setswitchinterval(interval)
   assert not failures, (len(failures), failures[:3])
   assert not wrong
+
+
+def _header_claiming(width, height):
+  """A valid small PNG whose IHDR claims width x height pixels (CRC fixed), its data truncated."""
+  data = bytearray(_png(np.zeros((4, 4), np.uint8)))
+  data[16:24] = struct.pack(">II", width, height)
+  data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+  return bytes(data)
+
+
+def test_bomb_guard_is_the_configured_limit_and_touches_no_process_wide_warning_state():
+  # PIL's own check (Image.MAX_IMAGE_PIXELS, 89.5 M) warns between 1x and 2x its limit. The guard is
+  # limits.max_image_pixels alone: a 100 M-pixel header is refused by it (413) without a warning
+  # issued or recorded, and a provider whose limit is above PIL's gets its own limit, not PIL's.
+  assert Image.MAX_IMAGE_PIXELS < 100_000_000 <= 2 * Image.MAX_IMAGE_PIXELS
+  header = _header_claiming(10_000, 10_000)
+  filters = list(warnings.filters)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    _refused(lambda: images.decode_image(header, GEOMETRY, LIMITS, 0), 413, "image_too_many_pixels")
+    roomy = images.Limits(max_request_bytes=2**20, max_rows_per_request=8,
+                          max_image_pixels=200_000_000, max_image_bytes=2**19)
+    # Within the provider's limit: decoding is attempted and the truncated data is what is refused.
+    _refused(lambda: images.decode_image(header, GEOMETRY, roomy, 0), 422, "corrupt_image")
+  assert not caught, [str(w.message) for w in caught]
+  assert warnings.filters == filters
+
+
+def test_images_decode_from_many_threads_without_changing_the_warning_filters():
+  # warnings.catch_warnings() swaps the interpreter-wide filter list; request threads entering and
+  # leaving it out of order leave a filter of one of them installed for the whole process. Decoding
+  # must not depend on (or change) that list, whatever the interleaving.
+  good, bomb = _png(testing.random_images(1, 16)[0]), _header_claiming(10_000, 10_000)
+  expected, filters, failures = images.decode_image(good, GEOMETRY, LIMITS, 0), list(warnings.filters), []
+
+  def decode_many():
+    for _ in range(300):
+      try:
+        if not np.array_equal(images.decode_image(good, GEOMETRY, LIMITS, 0), expected):
+          failures.append("different pixels")
+        images.decode_image(bomb, GEOMETRY, LIMITS, 1)
+        failures.append("bomb accepted")
+      except errors.RequestError as e:
+        if e.code != "image_too_many_pixels":
+          failures.append(e.code)
+
+  interval = sys.getswitchinterval()
+  sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows, to make the race likely
+  try:
+    threads = [threading.Thread(target=decode_many) for _ in range(8)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    sys.setswitchinterval(interval)
+    changed = warnings.filters != filters
+    warnings.filters[:] = filters  # leave the process as it was for the other tests, whatever happened
+    warnings._filters_mutated()  # pylint: disable=protected-access  (what catch_warnings calls on exit)
+  assert not failures, failures[:3]
+  assert not changed, "decoding from threads changed the process's warning filters"
 
 
 # ----------------------------------------------------------------------------------------- store

@@ -3,8 +3,9 @@
 Accepted bodies of `POST /v1/embeddings` (the app hands the raw parts here):
   * PNG or JPEG files (multipart form fields, base64 strings in JSON, or one raw image body). Each is
     checked before decoding: the format from its magic bytes, the pixel count from the header only
-    (`Image.open` is lazy; decompression bombs are refused before any pixel is inflated), 8-bit depth
-    (16-bit PNGs are refused, not silently truncated), and the colour mode (L, P, RGB, RGBA, LA, PA and
+    (the format's PIL class parses the header lazily; decompression bombs are refused before any pixel
+    is inflated, by limits.max_image_pixels alone, and no process-wide warning state is touched), 8-bit
+    depth (16-bit PNGs are refused, not silently truncated), and the colour mode (L, P, RGB, RGBA, LA, PA and
     1-bit convert to RGB explicitly, alpha dropped; CMYK and other modes are refused). Decoded images go
     through the encoder manifest's geometry: the shorter side resized to `resize` (or to `input_size`
     when the manifest has none) with PIL's antialiased filter, then a centre crop of `input_size`.
@@ -14,11 +15,12 @@ Normalisation (mean/std) is not done here: the defended encoder takes uint8 imag
 """
 import io
 import threading
-import warnings
 from typing import Dict, List, Sequence
 
 import numpy as np
 from PIL import Image
+from PIL import JpegImagePlugin
+from PIL import PngImagePlugin
 
 from b4b_jax.serve import errors
 
@@ -26,6 +28,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 _RGB_CONVERTIBLE = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "La", "RGBa"}
 _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# The format's own PIL class, not Image.open: Image.open also applies PIL's process-wide bomb check
+# (Image.MAX_IMAGE_PIXELS), which *warns* between 89 M and 179 M pixels. Turning that warning into an
+# error needs warnings.catch_warnings(), which swaps the interpreter-wide filter list and is not
+# thread-safe: request threads entering and leaving it out of order left another thread's "error"
+# filter installed for good (a provider's whole process then had PIL's warning raised as an error), and
+# each distinct warning text that does get through adds an entry to PIL's warning registry, without bound
+# under a flood of forged headers. Here the header is parsed by the class alone, and
+# limits.max_image_pixels (checked from that header, before any pixel is inflated) is the one bomb guard,
+# whatever Image.MAX_IMAGE_PIXELS says. JpegImageFile reads an MPO (multi-picture JPEG) as its first picture.
+_OPENERS = {"PNG": PngImagePlugin.PngImageFile, "JPEG": JpegImagePlugin.JpegImageFile}
 # numpy parses an npy header with `ast.literal_eval`, and CPython 3.11's AST conversion keeps its recursion
 # depth in interpreter-wide state: two request threads parsing at once can interleave and fail with
 # "SystemError: AST constructor recursion depth mismatch" (CPython gh-106905), which a good body would
@@ -100,25 +112,21 @@ def decode_image(data: bytes, geometry: Geometry, limits: Limits, index: int) ->
     raise errors.unprocessable("unsupported_image_format", f"{what} is neither PNG nor JPEG (first "
                                f"bytes {data[:8]!r})")
   try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("error", Image.DecompressionBombWarning)
-      image = Image.open(io.BytesIO(data), formats=[fmt])
-      w, h = image.size  # header only: nothing inflated yet
-      if w < 1 or h < 1 or w * h > limits.max_image_pixels:
-        raise errors.too_large("image_too_many_pixels", f"{what} is {w}x{h} = {w * h} pixels; the "
-                               f"limit is {limits.max_image_pixels} pixels (decompression bomb guard)")
-      mode = image.mode
-      if mode == "CMYK":
-        raise errors.unprocessable("unsupported_color_mode", f"{what} is a CMYK {fmt}; send RGB or "
-                                   "grayscale")
-      if mode not in _RGB_CONVERTIBLE:
-        raise errors.unprocessable("unsupported_color_mode", f"{what} has colour mode {mode!r} "
-                                   "(16-bit or float?); send 8-bit RGB, RGBA, grayscale or palette")
-      image.load()
+    image = _OPENERS[fmt](io.BytesIO(data))
+    w, h = image.size  # header only: nothing inflated yet
+    if w < 1 or h < 1 or w * h > limits.max_image_pixels:
+      raise errors.too_large("image_too_many_pixels", f"{what} is {w}x{h} = {w * h} pixels; the "
+                             f"limit is {limits.max_image_pixels} pixels (decompression bomb guard)")
+    mode = image.mode
+    if mode == "CMYK":
+      raise errors.unprocessable("unsupported_color_mode", f"{what} is a CMYK {fmt}; send RGB or "
+                                 "grayscale")
+    if mode not in _RGB_CONVERTIBLE:
+      raise errors.unprocessable("unsupported_color_mode", f"{what} has colour mode {mode!r} "
+                                 "(16-bit or float?); send 8-bit RGB, RGBA, grayscale or palette")
+    image.load()
   except errors.RequestError:
     raise
-  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-    raise errors.too_large("image_too_many_pixels", f"{what}: decompression bomb refused ({e})") from e
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error... for bad files
     raise errors.unprocessable("corrupt_image", f"{what} is a truncated or corrupt {fmt}: {e}") from e
   if image.mode != "RGB":
