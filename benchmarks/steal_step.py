@@ -162,13 +162,14 @@ def main(argv=None):
   if jax.default_backend() == "cpu" and not args.tiny:
     print("On CPU, convolutions are most of the step: XLA runs them on Eigen's multi-threaded kernels "
           "(b4b_jax/xla_flags.py; YNNPACK's default ones are single-threaded), the 1x1 kernels' weight "
-          "gradient as a matmul (models/layers.conv), BatchNorm with its closed-form backward, in "
+          "gradient as a matmul and larger kernels' input stored for theirs (models/layers.conv), "
+          "BatchNorm with its closed-form backward, in "
           "XLA's memory-optimised op order (xla_flags.training_options: 'our temp MB' is the buffer "
           "each step mallocs and, unless B4B_HOST_MEMORY=keep, faults in afresh); "
           "python -m benchmarks.conv_repro times single conv layers, XLA's, ours and PyTorch's. "
           "Our convolutions are the faster ones; what the step loses to PyTorch's is elementwise "
           "work (XLA's fusion recomputes each stage's BatchNorm/ReLU/residual chain where it is "
-          "used, and transposes activations for the kernel gradients; docs/models.md, 'Where the "
+          "used, and transposes activations for the 3x3 kernel gradients; docs/models.md, 'Where the "
           "rest of the stealing step goes') and, by default, the faults.")
   return [common.Row(f"steal_step: {name} b{batch} {size}px {args.compute_dtype}", f"{ours:.3f} step/s",
                      f"torch({device}) {ref:.3f} step/s", ours / ref, fl)

@@ -5,16 +5,25 @@ with momentum 0.1 in torch's convention (new = 0.9 * old + 0.1 * batch) and the 
 unbiased batch variance (n / (n - 1)), while normalisation in training uses the biased one.
 
 `conv` is `jax.lax.conv_general_dilated` for the convolutions the ResNets use (NHWC, HWIO, no
-dilation, no groups) with a cheaper kernel gradient for 1x1 kernels on CPU: one matmul of the (strided)
-input against the output gradient, both flattened over batch and space. XLA computes that gradient as a
-convolution whose "kernel" is the whole activation map, which needs the input transposed to channels-
-first; inside a training step that transpose is a copy of every block's input, fused with the
-recomputed BatchNorm and ReLU before it. Measured on the 2-core CPU with Eigen's convolutions
-(b4b_jax/xla_flags.py), ResNet-50 at 224 px batch 16: the kernel gradients of its 1x1 convolutions
-take 8-82 ms each as convolutions and 8-38 ms as matmuls, and the whole stealing step went from 8.3-9.5 s
-to 6.0-6.8 s. Larger kernels keep lax's gradient: there Eigen's convolution beats the per-tap matmuls
-(`kernel_gradient`, e.g. 44 vs 144 ms at 3x3 64 channels 56 px batch 16). The forward and the input
-gradient are lax's own everywhere.
+dilation, no groups) with a custom gradient on CPU, because of how XLA computes a kernel gradient there:
+as a convolution whose "kernel" is the whole activation map, which needs the input transposed to
+channels-first, and XLA's fusion puts the recomputation of the BatchNorm/ReLU/residual chain that
+produced the input inside that transposing loop (one loop re-deriving a block's input from three
+convolution outputs, element by element in transposed order, unvectorised).
+  * 1x1 kernels: the kernel gradient is one matmul of the (strided) input against the output gradient,
+    both flattened over batch and space: no transpose at all. Measured on the 2-core CPU with Eigen's
+    convolutions (b4b_jax/xla_flags.py), ResNet-50 at 224 px batch 16: 8-82 ms each as convolutions,
+    8-38 ms as matmuls; the whole stealing step 8.3-9.5 s -> 6.0-6.8 s.
+  * larger kernels keep lax's kernel gradient (Eigen's convolution beats per-tap matmuls,
+    `kernel_gradient`: 44 vs 144 ms at 3x3 64 channels 56 px batch 16), but the forward keeps the
+    convolution's input as one buffer (`_kept`), so the gradient's transpose copies a stored tensor
+    instead of recomputing its producers. In the ResNet-18 stealing step (b64, 32 px) those
+    transposing fusions took 343 ms of the 560 ms of ops the trace times one by one (the convolutions
+    run asynchronously, outside it); kept, the step's median went 1.822 -> 1.680 s and 1.845 ->
+    1.668 s in two interleaved A/B runs in one process (its buffer 217 -> 356 MB; ResNet-50, whose 3x3
+    inputs come from one BatchNorm: no change).
+The forward and the input gradient are lax's own everywhere; so is every value but the 1x1 kernel
+gradients (the same sums in another order): keeping an input changes nothing but where it is stored.
 """
 import functools
 from typing import Sequence, Tuple
@@ -119,9 +128,10 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 def conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
          dimension_numbers=None, feature_group_count: int = 1, precision=None, **kwargs):
-  """jax.lax.conv_general_dilated's signature (nnx.Conv's `conv_general_dilated`); on CPU, the kernel
-  gradient as a matmul (module docstring) for 1x1 2-D NHWC/HWIO convolutions without dilation or
-  groups; everything else (and every convolution on GPU/TPU) passed to lax unchanged."""
+  """jax.lax.conv_general_dilated's signature (nnx.Conv's `conv_general_dilated`); on CPU, 2-D
+  NHWC/HWIO convolutions without dilation or groups take the custom gradient of the module docstring
+  (1x1: the kernel gradient as a matmul; larger: the input kept for lax's kernel gradient); everything
+  else (and every convolution on GPU/TPU) passed to lax unchanged."""
   # CPU only: GPU/TPU convolution libraries compute the kernel gradient well, and XLA there fuses and
   # lays out convolutions better than a matmul over a transposed activation map.
   plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and not isinstance(padding, str)
@@ -129,8 +139,7 @@ def conv(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rh
            and all(v is None for v in kwargs.values())  # nnx.Conv passes out_sharding=None
            and all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
            and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-           == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-           and tuple(rhs.shape[:2]) == (1, 1))  # HWIO: a 1x1 kernel
+           == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
   if not plain:
     return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision,
@@ -146,14 +155,33 @@ def _conv_nhwc(x, w, strides: Tuple[int, int], padding, precision):
                                       precision=precision)
 
 
+def _is_1x1(w) -> bool:
+  return tuple(w.shape[:2]) == (1, 1)  # HWIO
+
+
+def _kept(x, w):
+  """x itself, as a value XLA stores once instead of recomputing it in each consumer: the output of a
+  conditional, which XLA cannot fuse across, whose predicate it cannot fold (0 * w[0] + 1 != 0 holds
+  for every float, NaN and inf included, but XLA does not assume 0 * w = 0). XLA's optimisation
+  barrier is gone before fusion on CPU (session 15: the fusions came out the same), and dividing by a
+  run-time 1.0 was rewritten into a multiplication by its reciprocal, which fusion duplicates again."""
+  always = (w.reshape(-1)[0] * 0 + 1) != 0
+  return jax.lax.cond(always, lambda v: v, jnp.zeros_like, x)
+
+
 def _conv_nhwc_fwd(x, w, strides, padding, precision):
+  if not _is_1x1(w):
+    x = _kept(x, w)  # the input the kernel gradient's transpose reads (module docstring)
   return _conv_nhwc(x, w, strides, padding, precision), (x, w)
 
 
 def _conv_nhwc_bwd(strides, padding, precision, residuals, g):
   x, w = residuals
-  _, input_vjp = jax.vjp(lambda x_: jax.lax.conv_general_dilated(
-      x_, w, strides, padding, dimension_numbers=_NHWC, precision=precision), x)
+  lax_conv = lambda x_, w_: jax.lax.conv_general_dilated(  # noqa: E731
+      x_, w_, strides, padding, dimension_numbers=_NHWC, precision=precision)
+  if not _is_1x1(w):
+    return jax.vjp(lax_conv, x, w)[1](g)
+  _, input_vjp = jax.vjp(lambda x_: lax_conv(x_, w), x)
   return input_vjp(g)[0], kernel_gradient(x, g, w.shape, strides, padding, precision).astype(w.dtype)
 
 
