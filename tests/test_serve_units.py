@@ -94,6 +94,21 @@ def test_images_refuse_bad_files_with_a_status_and_a_message_naming_the_problem(
     _refused(lambda b=body: images.decode_npy(b, GEOMETRY, LIMITS), status, code)
 
 
+def _in_threads_switching_often(fn, num_threads=8):
+  """Runs fn in num_threads threads at once, CPython switching between them as often as it allows (so
+  that a race, if there is one, is likely to show); returns when all are done."""
+  interval = sys.getswitchinterval()
+  sys.setswitchinterval(1e-6)
+  try:
+    threads = [threading.Thread(target=fn) for _ in range(num_threads)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    sys.setswitchinterval(interval)
+
+
 def test_npy_bodies_decode_correctly_from_many_threads_at_once():
   # The server decodes bodies in a thread pool. numpy's npy header parse runs `ast.literal_eval`, whose
   # AST conversion is not thread-safe on CPython 3.11 (gh-106905): unserialised, a tiny switch interval
@@ -112,16 +127,7 @@ def test_npy_bodies_decode_correctly_from_many_threads_at_once():
       if not np.array_equal(out, u8):
         wrong.append(out.shape)
 
-  interval = sys.getswitchinterval()
-  sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows, to make the race likely
-  try:
-    threads = [threading.Thread(target=decode_many) for _ in range(8)]
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join()
-  finally:
-    sys.setswitchinterval(interval)
+  _in_threads_switching_often(decode_many)
   assert not failures, (len(failures), failures[:3])
   assert not wrong
 
@@ -170,16 +176,9 @@ def test_images_decode_from_many_threads_without_changing_the_warning_filters():
         if e.code != "image_too_many_pixels":
           failures.append(e.code)
 
-  interval = sys.getswitchinterval()
-  sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows, to make the race likely
   try:
-    threads = [threading.Thread(target=decode_many) for _ in range(8)]
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join()
+    _in_threads_switching_often(decode_many)
   finally:
-    sys.setswitchinterval(interval)
     changed = warnings.filters != filters
     warnings.filters[:] = filters  # leave the process as it was for the other tests, whatever happened
     warnings._filters_mutated()  # pylint: disable=protected-access  (what catch_warnings calls on exit)
