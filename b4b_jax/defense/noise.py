@@ -31,6 +31,12 @@ separate pass before XLA's erf_inv; on a CPU that cost 3.6-5x the hashing matmul
     mode's sum of 4 draws 10.5 -> 9.2 ms least, 17.3 -> 12.3 ms median; values moved by <= 3.9e-6.
     (Session 6 tried a degree-12 Horner version of this: 2.4e-6 from the quantile, and Horner's chain
     of dependent FMAs ran at its latency: 1.15-1.3x slower than Estrin here.)
+    Session 17 tried Box-Muller (one log, sqrt and polynomial cosine per pair of values) in a scratch
+    copy: slower, because a pair's radius must reach two output columns, and XLA's loop emitter either
+    recomputes it per column or needs it broadcast ([N, 2, D/2]: 2.1x this generator's time at
+    [1024, 2048]) or concatenated (the words alone 2.2 ms against 0.6). Nor is the degree worth
+    cutting: 18 -> 12 (too inaccurate) saves 0.16 of the transform's 1.08 ms; the rest is the words'
+    traffic and the log.
   * speed on a CPU: XLA would fuse the hash into the transform's loop, which then ran slower than with
     the words materialised first (a conditional that is always taken: XLA cannot fuse across it); the
     hash's loop also computes t and moves the sign bit into one word (_packed), so the transform's loop
