@@ -57,11 +57,11 @@ def test_images_decode_convert_modes_and_follow_the_manifest_geometry():
   np.testing.assert_array_equal(images.decode_npy(images.encode_npy(exact), GEOMETRY, LIMITS), exact)
 
 
-def _huge_header_png():
-  """A valid small PNG whose IHDR claims 60000 x 60000 pixels (CRC fixed): a decompression bomb's
-  header, refused before any pixel is inflated."""
+def _header_claiming(width, height):
+  """A valid small PNG whose IHDR claims width x height pixels (CRC fixed), its data truncated: a
+  decompression bomb's header, refused before any pixel is inflated when it claims too many."""
   data = bytearray(_png(np.zeros((4, 4), np.uint8)))
-  data[16:24] = struct.pack(">II", 60000, 60000)
+  data[16:24] = struct.pack(">II", width, height)
   data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
   return bytes(data)
 
@@ -72,7 +72,7 @@ def test_images_refuse_bad_files_with_a_status_and_a_message_naming_the_problem(
       (b"", 422, "empty_image"), (b"GIF89a....", 422, "unsupported_image_format"),
       (good[:len(good) // 2], 422, "corrupt_image"),
       (good[:40] + bytes(100) + good[140:], 422, "corrupt_image"),
-      (_huge_header_png(), 413, "image_too_many_pixels"),
+      (_header_claiming(60000, 60000), 413, "image_too_many_pixels"),
       (_png(np.zeros((1024, 1024), np.uint8)), 413, "image_too_many_pixels"),  # a real 1 Mpx bomb
       (_png(np.zeros((16, 16), np.uint16)), 422, "unsupported_bit_depth"),  # PIL writes 16-bit
   ]
@@ -130,14 +130,6 @@ def test_npy_bodies_decode_correctly_from_many_threads_at_once():
   _in_threads_switching_often(decode_many)
   assert not failures, (len(failures), failures[:3])
   assert not wrong
-
-
-def _header_claiming(width, height):
-  """A valid small PNG whose IHDR claims width x height pixels (CRC fixed), its data truncated."""
-  data = bytearray(_png(np.zeros((4, 4), np.uint8)))
-  data[16:24] = struct.pack(">II", width, height)
-  data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
-  return bytes(data)
 
 
 def test_bomb_guard_is_the_configured_limit_and_touches_no_process_wide_warning_state():

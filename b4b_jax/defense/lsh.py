@@ -214,6 +214,7 @@ def add_buckets(occupancy: jax.Array, counts: jax.Array, user_per_row: jax.Array
   new_counts = counts_view.at[at_count].add(new.astype(counts.dtype), mode="drop")
   return new_occupancy.reshape(occupancy.shape), new_counts.reshape(counts.shape)
 
+
 def coverage_percent(counts: jax.Array, num_hyperplanes: int) -> jax.Array:
   """Coverage in percent from int [..., P] occupied-bucket counts: 100 * mean_p(count_p) / 2^K."""
   num_proj = counts.shape[-1]

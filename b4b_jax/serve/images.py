@@ -5,10 +5,11 @@ Accepted bodies of `POST /v1/embeddings` (the app hands the raw parts here):
     checked before decoding: the format from its magic bytes, the pixel count from the header only
     (the format's PIL class parses the header lazily; decompression bombs are refused before any pixel
     is inflated, by limits.max_image_pixels alone, and no process-wide warning state is touched), 8-bit
-    depth (16-bit PNGs are refused, not silently truncated), and the colour mode (L, P, RGB, RGBA, LA, PA and
-    1-bit convert to RGB explicitly, alpha dropped; CMYK and other modes are refused). Decoded images go
-    through the encoder manifest's geometry: the shorter side resized to `resize` (or to `input_size`
-    when the manifest has none) with PIL's antialiased filter, then a centre crop of `input_size`.
+    depth (16-bit PNGs are refused, not silently truncated), and the colour mode (L, P, RGB, RGBA, LA,
+    PA and 1-bit convert to RGB explicitly, alpha dropped; CMYK and other modes are refused). Decoded
+    images go through the encoder manifest's geometry: the shorter side resized to `resize` (or to
+    `input_size` when the manifest has none) with PIL's antialiased filter, then a centre crop of
+    `input_size`.
   * A uint8 npy array [N, S, S, 3] (or [S, S, 3]) already at the input size, for bulk: its header is read
     and checked (dtype, rank, channels, size, row count, byte count) before the data is touched.
 Normalisation (mean/std) is not done here: the defended encoder takes uint8 images and normalises inside.
@@ -33,10 +34,11 @@ _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.B
 # error needs warnings.catch_warnings(), which swaps the interpreter-wide filter list and is not
 # thread-safe: request threads entering and leaving it out of order left another thread's "error"
 # filter installed for good (a provider's whole process then had PIL's warning raised as an error), and
-# each distinct warning text that does get through adds an entry to PIL's warning registry, without bound
-# under a flood of forged headers. Here the header is parsed by the class alone, and
-# limits.max_image_pixels (checked from that header, before any pixel is inflated) is the one bomb guard,
-# whatever Image.MAX_IMAGE_PIXELS says. JpegImageFile reads an MPO (multi-picture JPEG) as its first picture.
+# each distinct warning text that does get through adds an entry to PIL's warning registry, without
+# bound under a flood of forged headers. Here the header is parsed by the class alone, and
+# limits.max_image_pixels (checked from that header, before any pixel is inflated) is the one bomb
+# guard, whatever Image.MAX_IMAGE_PIXELS says. JpegImageFile reads an MPO (multi-picture JPEG) as its
+# first picture.
 _OPENERS = {"PNG": PngImagePlugin.PngImageFile, "JPEG": JpegImagePlugin.JpegImageFile}
 # numpy parses an npy header with `ast.literal_eval`, and CPython 3.11's AST conversion keeps its recursion
 # depth in interpreter-wide state: two request threads parsing at once can interleave and fail with
