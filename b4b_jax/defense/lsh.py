@@ -195,19 +195,26 @@ def add_buckets(occupancy: jax.Array, counts: jax.Array, user_per_row: jax.Array
     single_key = (num_users + 1) * (1 << num_hyperplanes) <= np.iinfo(np.int32).max
   writing = users_pn < num_users
   first = _representatives(users_pn, buckets_pn, writing, num_hyperplanes, single_key, hash_rounds)
-  word = buckets_pn >> 5
-  bit = jnp.left_shift(jnp.uint32(1), (buckets_pn & 31).astype(jnp.uint32))
-  proj = jnp.broadcast_to(jnp.arange(num_proj, dtype=jnp.int32)[:, None], (num_proj, n))
+  # The state is read and written row by row ([N, P] order: a row's P words lie in its user's few KB),
+  # not projection by projection: with many users the [P, N] order jumped between users' regions at
+  # every access, and the word gather and scatter-add missed the TLB (1024 users mixed in 1024 rows,
+  # 10 MB of state: the gather 0.051x -> 0.03x the hashing matmul, the step 3-7 % faster).
+  first, writing = first.T, writing.T
+  users_np = jnp.broadcast_to(users[:, None], (n, num_proj))
+  buckets_np = buckets.astype(jnp.int32)
+  word = buckets_np >> 5
+  bit = jnp.left_shift(jnp.uint32(1), (buckets_np & 31).astype(jnp.uint32))
+  proj = jnp.broadcast_to(jnp.arange(num_proj, dtype=jnp.int32)[None, :], (n, num_proj))
   words = occupancy.shape[2]
   if (num_users + 1) * num_proj * words - 1 <= _MAX_FLAT_INDEX:
     # Flat indices (one int32 per update, see hashed_representatives); an ignored row's user index
     # num_users puts it past the end: read as 0, dropped by the scatters.
-    pair = users_pn * num_proj + proj
+    pair = users_np * num_proj + proj
     occupancy_view, at_word = occupancy.reshape(-1), pair * words + word
     counts_view, at_count = counts.reshape(-1), pair
   else:  # per axis: the same updates where a flat index could overflow int32
-    occupancy_view, at_word = occupancy, (users_pn, proj, word)
-    counts_view, at_count = counts, (users_pn, proj)
+    occupancy_view, at_word = occupancy, (users_np, proj, word)
+    counts_view, at_count = counts, (users_np, proj)
   old = occupancy_view.at[at_word].get(mode="fill", fill_value=0)
   new = first & writing & ((old & bit) == 0)
   new_occupancy = occupancy_view.at[at_word].add(jnp.where(new, bit, jnp.uint32(0)), mode="drop")
