@@ -1,4 +1,6 @@
 """Cost function, config validation and LSH coverage against plain numpy references."""
+import functools
+
 import numpy as np
 import pytest
 
@@ -193,10 +195,12 @@ def test_flat_and_per_axis_state_indexing_update_occupancy_identically(monkeypat
     np.testing.assert_array_equal(np.asarray(got[1]), expected[1])
 
 
-def test_hashed_picking_chooses_one_row_per_pair_and_settles_one_user_in_one_round():
+@pytest.mark.parametrize("single_key", [False, True])  # the pair compared as two gathers or one key
+def test_hashed_picking_chooses_one_row_per_pair_and_settles_one_user_in_one_round(single_key):
   rng = np.random.default_rng(1)
   n, k = 1024, 12
-  pick = jax.jit(lsh.hashed_representatives, static_argnums=(3, 4))
+  pick = jax.jit(functools.partial(lsh.hashed_representatives, single_key=single_key),
+                 static_argnums=(3, 4))
   buckets = rng.integers(0, 1 << k, (3, n)).astype(np.int32)
   one_user = np.zeros((3, n), np.int32)
   chosen, unsettled = pick(one_user, buckets, jnp.ones((3, n), bool), k, 1)

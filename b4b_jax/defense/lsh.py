@@ -113,10 +113,12 @@ def _sorted_representatives(users_pn, buckets_pn, num_buckets, single_key):
   return jnp.zeros((num_proj, n), bool).at[proj, order].set(first)
 
 
-def hashed_representatives(users_pn, buckets_pn, pending, num_hyperplanes, rounds):
+def hashed_representatives(users_pn, buckets_pn, pending, num_hyperplanes, rounds, single_key=False):
   """(chosen, unsettled), bool [P, N] each: after `rounds` rounds of hashed picking (module docstring),
   `chosen` holds exactly one row of each settled distinct (user, bucket) pair of a projection among
-  the rows `pending` [P, N] marks; `unsettled` marks the pending rows whose pair is not settled yet."""
+  the rows `pending` [P, N] marks; `unsettled` marks the pending rows whose pair is not settled yet.
+  single_key: every user * 2^K + bucket fits in int32, so a row compares its pair with the winner's as
+  one gathered key instead of two (one gather fewer per round)."""
   num_proj, n = users_pn.shape
   # >= 2N slots, and >= 2^K (one user settles in one round) while the table stays small.
   log_t = max(min(num_hyperplanes, _MAX_LOG_SLOTS), (2 * n - 1).bit_length())
@@ -131,14 +133,20 @@ def hashed_representatives(users_pn, buckets_pn, pending, num_hyperplanes, round
   # array in a fusion of its own first (more ops per round, and the rounds run 3-4 times with many
   # users). A settled row's index is P * t, past the table's end: dropped by the scatter, `n` (no
   # winner) from the gather.
-  users_flat, buckets_flat = users_pn.reshape(-1), buckets_pn.reshape(-1)
+  if single_key:
+    pairs = (users_pn * (1 << num_hyperplanes) + buckets_pn,)
+  else:
+    pairs = (users_pn, buckets_pn)
+  pairs_flat = tuple(a.reshape(-1) for a in pairs)
 
   def one_round(slot, chosen, pending):
     index = jnp.where(pending, proj * t + slot.astype(jnp.int32), num_proj * t)
     table = jnp.full((num_proj * t,), n, jnp.int32).at[index].min(rows, mode="drop")
     winner = jnp.minimum(table.at[index].get(mode="fill", fill_value=n), n - 1)
     winner_flat = proj * n + winner
-    same = pending & (users_flat[winner_flat] == users_pn) & (buckets_flat[winner_flat] == buckets_pn)
+    same = pending
+    for mine, flat in zip(pairs, pairs_flat):
+      same = same & (flat[winner_flat] == mine)
     return chosen | (same & (winner == rows)), pending & ~same
 
   def later_round(carry):  # a fresh hash of the pair per round
@@ -162,7 +170,7 @@ def _representatives(users_pn, buckets_pn, pending, num_hyperplanes, single_key,
   `pending` marks (others may be True too; add_buckets masks them): hashed picking, and the sort for
   the whole call when a pair is left unsettled (hash_rounds=0: the sort alone)."""
   chosen, unsettled = hashed_representatives(users_pn, buckets_pn, pending, num_hyperplanes,
-                                             hash_rounds)
+                                             hash_rounds, single_key)
   return jax.lax.cond(jnp.any(unsettled),
                       lambda: _sorted_representatives(users_pn, buckets_pn, 1 << num_hyperplanes,
                                                       single_key),
@@ -180,8 +188,9 @@ def add_buckets(occupancy: jax.Array, counts: jax.Array, user_per_row: jax.Array
     user_per_row: int32 [N]; rows with a value outside [0, U) are ignored (padding, rejected rows).
     buckets: int32 [N, P] from `bucket_ids`.
     num_hyperplanes: K.
-    single_key: the fallback sort sorts one int32 key user * 2^K + bucket (default when it cannot
-      overflow) or the (user, bucket) pair with a two-key sort (same result; very many users at large K).
+    single_key: the hashed picking compares, and the fallback sort sorts, one int32 key
+      user * 2^K + bucket (default when it cannot overflow) or the (user, bucket) pair (two gathers per
+      round, a two-key sort; same result; very many users at large K).
     hash_rounds: rounds of hashed representative picking before the sort (0: the sort alone; the
       result never depends on it).
   """
