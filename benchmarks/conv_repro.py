@@ -1,6 +1,6 @@
 r"""One conv layer's forward + backward on CPU, XLA vs PyTorch: where the stealing step's time goes.
 
-  python -m benchmarks.conv_repro                 # ResNet shapes: 3x3 64->64 at 32px b64, 56px b16, ...
+  python -m benchmarks.conv_repro                 # the ResNets' shapes: ResNet-18's 3x3 layers, ResNet-50's ...
   python -m benchmarks.conv_repro --profile=DIR   # also a jax.profiler trace of ours in DIR
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+individual_convolution python -m benchmarks.conv_repro
                                                   # XLA's default YNNPACK convolutions, single-threaded
@@ -25,7 +25,12 @@ from b4b_jax.models import layers
 from benchmarks import common
 
 CASES = {  # name: (batch, size, channels in, channels out, kernel size)
+    # ResNet-18's 3x3 layers in benchmarks/steal_step.py (32 px, batch 64), stage by stage
     "3x3_64_32px_b64": (64, 32, 64, 64, 3),
+    "3x3_128_16px_b64": (64, 16, 128, 128, 3),
+    "3x3_256_8px_b64": (64, 8, 256, 256, 3),
+    "3x3_512_4px_b64": (64, 4, 512, 512, 3),
+    # ResNet-50's (224 px, batch 16): a 3x3 of layer1 and of layer3, layer1's 1x1 reduction
     "3x3_64_56px_b16": (16, 56, 64, 64, 3),
     "3x3_256_14px_b16": (16, 14, 256, 256, 3),
     "1x1_256_56px_b16": (16, 56, 256, 64, 1),
