@@ -14,7 +14,7 @@ import resource
 import b4b_jax, jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.sin(x)[::-1] * jnp.cos(x) + x[::-1])
 x = jnp.ones((32 * 1024 * 1024,), jnp.float32)
-for _ in range(30):  # the one heap settles after ~20 calls (host_memory.py: fragmentation)
+for _ in range(30):  # the one heap grows over ~10 calls, rarely later (host_memory.py: fragmentation)
   f(x).block_until_ready()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(6):
