@@ -24,9 +24,10 @@ Transparent huge pages for glibc's mmaps (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)
 Why it is not the default: memory. Freed buffers stay in one heap and XLA's aligned allocations
 fragment it (small allocations land between the big ones), so the resident size settles at about twice
 the default: the same 10 ResNet-50 steps peaked at 7.96 GB against 3.96 GB; a jitted call with three
-128 MiB buffers grew to 1.49 GB over its first ~10 calls (default 0.47 GB), and in two of three
-later runs (session 19) by another 128-384 MiB at calls 37-62, each step of growth faulting a buffer in
-again (tests/test_host_memory.py measures calls 31-36 and can catch one). Worth it
+128 MiB buffers grew to 1.49 GB over its first ~10 calls (default 0.47 GB), and then, in about half
+of the runs, by another 128 MiB now and then, each step of growth faulting a buffer in again during a
+few consecutive calls; three runs of 400 calls settled at 1.88-2.00 GB after 12-13 such calls, the last
+at call 134 (session 20; tests/test_host_memory.py therefore asserts the median call). Worth it
 for a CPU training run with memory to spare, not for a library import in someone else's process.
 
 The user's own malloc settings win: nothing is changed when the environment already sets

@@ -1,5 +1,7 @@
 """host_memory: with B4B_HOST_MEMORY=keep, XLA's per-execution CPU buffers stay mapped between calls."""
+import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -8,18 +10,21 @@ import pytest
 from b4b_jax import host_memory
 
 # A jitted call whose temporaries and output (128 MiB each) are far over glibc's 64 MiB arena heaps, so
-# without the settings every call maps them afresh and faults their pages in again.
+# without the settings every call maps one afresh and faults its pages in again. The probe prints the
+# minor faults of each of calls 20-39.
 _PROBE = """
 import resource
 import b4b_jax, jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.sin(x)[::-1] * jnp.cos(x) + x[::-1])
 x = jnp.ones((32 * 1024 * 1024,), jnp.float32)
-for _ in range(30):  # the one heap grows over ~10 calls, rarely later (host_memory.py: fragmentation)
+for _ in range(20):  # keep's one heap grows over the first ~10 calls
   f(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(6):
+faults = []
+for _ in range(20):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x).block_until_ready()
-print("FAULTS_PER_CALL", (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 6)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print("FAULTS", faults)
 """
 _PAGES_PER_BUFFER = 128 * 1024 * 1024 // 4096
 
@@ -31,16 +36,19 @@ def _faults_per_call(**env):
   out = subprocess.run([sys.executable, "-c", _PROBE], env=full, capture_output=True, text=True,
                        timeout=300, check=False)
   assert out.returncode == 0, out.stderr
-  return int(out.stdout.split("FAULTS_PER_CALL")[1])
+  return json.loads(out.stdout.split("FAULTS")[1])
 
 
 def test_keep_keeps_buffers_mapped_default_does_not_and_the_users_own_setting_wins():
   kept = _faults_per_call(B4B_HOST_MEMORY="keep")
   default = _faults_per_call()  # the control: glibc's own behaviour, a buffer faulted in per call
   users = _faults_per_call(B4B_HOST_MEMORY="keep", MALLOC_ARENA_MAX="8")
-  assert default > _PAGES_PER_BUFFER // 2, default
-  assert users > _PAGES_PER_BUFFER // 2, users
-  assert kept < _PAGES_PER_BUFFER // 50, (kept, default)
+  assert min(default) > _PAGES_PER_BUFFER // 2, default
+  assert min(users) > _PAGES_PER_BUFFER // 2, users
+  # The median, not every call: keep's heap still grows now and then after call 20 (fragmentation,
+  # host_memory.py), each time faulting one buffer in during a few consecutive calls. In 30 runs of
+  # this probe the most such calls among calls 20-39 was 6 of 20; the median fails at 10.
+  assert statistics.median(kept) < _PAGES_PER_BUFFER // 50, (kept, default)
 
 
 def test_an_unknown_value_is_an_error_naming_the_variable(monkeypatch):
