@@ -16,7 +16,7 @@ from b4b_jax import xla_flags as _xla_flags
 
 # Both before JAX starts its backend: multi-threaded CPU convolutions (xla_flags.py; a server adds
 # its serving flags in b4b_jax.main), and, when B4B_HOST_MEMORY=keep asks for it, XLA's per-step
-# buffers kept mapped (host_memory.py).
+# buffers kept mapped (host_memory.py; b4b_jax.main does that for its jobs unless told not to).
 _xla_flags.apply()
 if _host_memory.requested():
   _host_memory.apply()

@@ -1,76 +1,109 @@
-"""Opt-in glibc malloc settings that keep XLA's CPU buffers mapped between steps (B4B_HOST_MEMORY=keep).
+"""Settings that keep XLA's CPU buffers mapped between steps (B4B_HOST_MEMORY=keep).
 
-With `B4B_HOST_MEMORY=keep` in the environment, importing `b4b_jax` calls `apply()` (Linux with glibc
-only): mallopt makes the whole process allocate from one arena (M_ARENA_MAX = 1) that grows with brk and
-is never handed back to the kernel (M_MMAP_MAX = 0, M_TRIM_THRESHOLD = -1: no trimming). It must run
-before JAX's CPU client starts its threads, which is why it is an environment variable read at import
-rather than a config field; the same settings as glibc's own variables are
-`MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=18446744073709551615`.
+`apply()` (Linux with glibc only; "Who applies it" below) does two things. JAX's CPU client runs
+single-device computations inline on the calling thread instead of dispatching them to a worker
+(`jax_cpu_enable_async_dispatch=False`), so XLA mallocs an execution's temporaries and outputs from
+the calling thread's arena, glibc's main one. And mallopt makes the main arena grow with brk for
+every size (M_MMAP_MAX = 0) and never hand its top back to the kernel (M_TRIM_THRESHOLD = -1). A
+freed step buffer then stays mapped and the next step reuses its pages. The dispatch setting must be
+made before JAX's CPU client starts, which is why this is an environment variable read at import (or
+the command line's choice, made before its job runs) rather than a config field; when the client
+already exists, `apply()` warns and changes nothing.
 
 Why: XLA's CPU runtime mallocs each execution's temporary buffer afresh (the ResNet-18 stealing step's
-was 516 MB, ResNet-50's about 2.2 GB; since the training steps compile in XLA's memory-optimised op
-order, xla_flags.training_options, 217 MB and 820 MB, and the figures below are from before) on one of
-its worker threads, and Eigen's convolutions malloc their
-packing buffers (151 MB) there too. A worker thread allocates from its own glibc arena, and an arena
-other than the main one cannot hold a chunk over 64 MiB, so glibc maps each of them with mmap whatever
-M_MMAP_MAX says, and unmaps it on free. The next step then faults every page in again, zero-filled by
-the kernel. Counted with getrusage on the 2-core CPU, ResNet-50 at 224 px batch 16, one stealing step:
-548,000 minor page faults and 1.7 s of system time per step (3-6 s while PyTorch steps between ours,
-as in benchmarks/steal_step.py), against PyTorch's 0-100,000 faults and 0.3 s. With these settings:
-0-83 faults and 0.02-0.2 s of system time per step; median of 10 steps 3.90 s against 4.94 s.
-Transparent huge pages for glibc's mmaps (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) cut the faults to
-3,000 but not the system time (6-12 s per step: zeroing and unmapping 2 MiB pages).
+is 356 MB, ResNet-50's 946 MB; before the memory-optimised op order, xla_flags.training_options,
+516 MB and 2.2 GB). With async dispatch it does so on a worker thread, which allocates from its own
+glibc arena, and an arena other than the main one cannot hold a chunk over 64 MiB: glibc maps each
+with mmap whatever M_MMAP_MAX says and unmaps it on free, so every step faults every page in again,
+zero-filled by the kernel (548,000 minor faults and 1.7 s of system time per ResNet-50 step at 2.2 GB;
+97,000 faults per ResNet-18 step and 245,000 per ResNet-50 step now). In the main arena the mmap
+threshold is a setting, and M_MMAP_MAX = 0 turns it off.
+Session 20, one process per setting, quiet (median step; faults per step; resident MB after the step):
+ResNet-18 b64 32 px default 1.662 s, 97,084, 1,639; inline dispatch alone 1.679 s, 97,101 (the main
+arena still maps chunks over 32 MiB); both 1.439 s, 304, 2,047. ResNet-50 b16 224 px default
+3.703 s, 245,542, 2,793; both 3.498 s, 243-391, 2,864.
 
-Why it is not the default: memory. Freed buffers stay in one heap and XLA's aligned allocations
-fragment it (small allocations land between the big ones), so the resident size settles at about twice
-the default: the same 10 ResNet-50 steps peaked at 7.96 GB against 3.96 GB; a jitted call with three
-128 MiB buffers grew to 1.49 GB over its first ~10 calls (default 0.47 GB), and then, in about half
-of the runs, by another 128 MiB now and then, each step of growth faulting a buffer in again during a
-few consecutive calls; three runs of 400 calls settled at 1.88-2.00 GB after 12-13 such calls, the last
-at call 134 (session 20; tests/test_host_memory.py therefore asserts the median call). Worth it
-for a CPU training run with memory to spare, not for a library import in someone else's process.
+Until session 20 `keep` put the whole process on the main arena instead (M_ARENA_MAX = 1, async
+dispatch on). That removed the faults as well (ResNet-50 3.413 s, 0 faults) but served every thread's
+malloc from one arena and fragmented it: small allocations from other threads landed between the big
+buffers, so the heap grew (ResNet-50 3,495 MB; a jitted call with three 128 MiB buffers settled at
+1.9-2.0 GB after up to 134 calls; now 0.47-0.85 GB, grown for the last time by call 14 in 70 runs,
+since only the calling thread allocates there).
 
-The user's own malloc settings win: nothing is changed when the environment already sets
-MALLOC_ARENA_MAX, MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or a glibc.malloc
-tunable in GLIBC_TUNABLES.
+Who applies it: `python -m b4b_jax.main` for every job but the server (b4b_jax/main.py; a server's
+request threads keep async dispatch), unless B4B_HOST_MEMORY=default; a plain `import b4b_jax` only
+with B4B_HOST_MEMORY=keep. Both settings are the whole process's, not a library's to change in
+someone else's process: the main arena never shrinks, so memory the calling thread frees (numpy's and
+XLA's alike) stays resident up to its peak, and JAX no longer overlaps the caller's Python with the
+computation. Computations over several devices are dispatched asynchronously whatever the setting
+(JAX's documented behaviour), so they keep faulting. On GPU and TPU hosts only the host-side
+allocations change.
+
+The user's own settings win: nothing is changed when the environment already sets
+MALLOC_ARENA_MAX, MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_, a glibc.malloc
+tunable in GLIBC_TUNABLES, or JAX_CPU_ENABLE_ASYNC_DISPATCH.
 """
 import ctypes
 import os
 import platform
 import sys
+import warnings
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
 # M_TRIM_THRESHOLD -1: never trim (mallopt(3)); a finite one would hand back the top of the heap
-# whenever a freed buffer larger than it sits there: ResNet-50's 2.2 GB step buffer exceeds the
-# largest finite value mallopt takes (2 GiB - 1), and its step then faulted 533,000 pages again.
-SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
-USER_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+# whenever a freed buffer larger than it sits there, which is where a step's buffer sits, and the
+# largest finite value mallopt takes (2 GiB - 1) is below a paper-scale step's buffer.
+SETTINGS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+DISPATCH_VARIABLE = "JAX_CPU_ENABLE_ASYNC_DISPATCH"
+USER_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
+                  "MALLOC_MMAP_THRESHOLD_", DISPATCH_VARIABLE)
 ENV = "B4B_HOST_MEMORY"
+_applied = False  # set by apply(); the settings cannot be undone within a process
 
 
 def requested() -> bool:
   """True when the environment asks for the settings (B4B_HOST_MEMORY=keep); other values are errors."""
   value = os.environ.get(ENV, "")
   if value not in ("", "keep", "default"):
-    raise ValueError(f"{ENV}={value!r}: expected 'keep' (one heap, buffers kept mapped) or 'default'")
+    raise ValueError(f"{ENV}={value!r}: expected 'keep' (step buffers kept mapped) or 'default'")
   return value == "keep"
 
 
 def users_own_settings() -> bool:
-  """True when the environment already tunes glibc's malloc."""
+  """True when the environment already tunes glibc's malloc or JAX's CPU dispatch."""
   return (any(v in os.environ for v in USER_VARIABLES)
           or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""))
 
 
 def apply() -> bool:
-  """Sets SETTINGS with mallopt on Linux/glibc unless the user tuned malloc; True when they were set."""
+  """Turns async CPU dispatch off and sets SETTINGS (Linux/glibc); True when both were set.
+
+  Changes nothing when the user tuned either, or when JAX's backends already exist (with a warning).
+  """
   if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or users_own_settings():
+    return False
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top  # no public query exists
+  if xla_bridge.backends_are_initialized():
+    warnings.warn(f"{ENV}=keep: JAX's backends started before b4b_jax was imported, so its CPU client "
+                  "keeps async dispatch; nothing was changed (import b4b_jax first)", stacklevel=2)
     return False
   try:
     mallopt = ctypes.CDLL(None).mallopt
   except (OSError, AttributeError):
     return False
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  return all(mallopt(param, value) == 1 for param, value in SETTINGS)
+  if not all(mallopt(param, value) == 1 for param, value in SETTINGS):
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  global _applied
+  _applied = True
+  return True
+
+
+def describe() -> str:
+  """One line for a run's log: whether this process keeps XLA's CPU step buffers mapped."""
+  if _applied:
+    return "kept mapped (inline CPU dispatch, main arena without mmap or trimming; B4B_HOST_MEMORY)"
+  return "unchanged (glibc's and JAX's own settings: each CPU step's buffers are mapped afresh)"
