@@ -105,5 +105,6 @@ def apply() -> bool:
 def describe() -> str:
   """One line for a run's log: whether this process keeps XLA's CPU step buffers mapped."""
   if _applied:
-    return "kept mapped (inline CPU dispatch, main arena without mmap or trimming; B4B_HOST_MEMORY)"
+    return ("kept mapped (inline CPU dispatch, main arena without mmap or trimming; "
+            f"{ENV}=default leaves both as they are)")
   return "unchanged (glibc's and JAX's own settings: each CPU step's buffers are mapped afresh)"
