@@ -29,12 +29,17 @@ print("FAULTS", faults)
 _PAGES_PER_BUFFER = 128 * 1024 * 1024 // 4096
 
 
-def _run_probe(prelude="", **env):
+def _clean_env(**env):
+  """This environment without any malloc, dispatch or B4B_HOST_MEMORY setting, plus env, on CPU."""
   full = {k: v for k, v in os.environ.items()
           if k not in host_memory.USER_VARIABLES + ("GLIBC_TUNABLES", host_memory.ENV)}
   full.update(env, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _PROBE.replace("PRELUDE", prelude)], env=full,
-                       capture_output=True, text=True, timeout=300, check=False)
+  return full
+
+
+def _run_probe(prelude="", **env):
+  out = subprocess.run([sys.executable, "-c", _PROBE.replace("PRELUDE", prelude)],
+                       env=_clean_env(**env), capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stderr
   return json.loads(out.stdout.split("FAULTS")[1]), out.stderr
 
@@ -66,13 +71,10 @@ def test_the_command_line_keeps_buffers_mapped_for_every_job_but_a_server(tmp_pa
                                                                          expected):
   not_a_dir = tmp_path / "file"
   not_a_dir.write_text("x")  # an unusable workdir: the run logs its settings, then stops with an error
-  full = {k: v for k, v in os.environ.items()
-          if k not in host_memory.USER_VARIABLES + ("GLIBC_TUNABLES", host_memory.ENV)}
-  full.update(env, JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, "-m", "b4b_jax.main", f"--config={root}/configs/{config}",
-                        f"--workdir={not_a_dir}"], cwd=root, env=full, capture_output=True, text=True,
-                       timeout=300, check=False)
+                        f"--workdir={not_a_dir}"], cwd=root, env=_clean_env(**env), capture_output=True,
+                       text=True, timeout=300, check=False)
   assert out.returncode == 1 and "error:" in out.stderr, out.stderr[-2000:]
   assert expected in out.stderr, out.stderr[-2000:]
 
