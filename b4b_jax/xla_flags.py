@@ -64,6 +64,32 @@ measured 0.90-1.06x in three runs of benchmarks/encoders.py (PyTorch's own rate 
    only where JAX can use nothing but the CPU: JAX_PLATFORMS names only cpu, or it is unset and no
    accelerator plugin (jax_plugins, libtpu) is installed.
 
+4. Serving only, as 3.: `--xla_cpu_prefer_vector_width=512`: XLA's CPU compiler tells LLVM to prefer
+   256-bit vectors (its default, because early AVX-512 CPUs slowed their clocks for 512-bit code), so
+   on a CPU with AVX-512 the defense's elementwise loops (the noise's hash and inverse CDF) ran at half the
+   width that the hashing matmul beside them uses (YNNPACK chooses its kernels at run time).
+   On a CPU without AVX-512 the flag changes nothing: LLVM never emits vectors wider than the target's
+   registers (checked in tests/test_xla_flags.py, which reads the lanes from the compiled IR). Measured
+   on a 2-core AMD EPYC with AVX-512 (Zen 5, family 26; session 21, nothing else running; the earlier
+   figures in this file are from a 2-core Zen 3 without it), benchmarks/defense.py, flag off / on
+   alternately, three runs each: the [1024, 2048] noise draw 0.52-0.61x -> 0.29-0.33x the hashing
+   matmul; full defense serving (1 / 64 / 1024 users per batch) 1.59-1.68 / 1.71-1.88 / 1.74-1.88x ->
+   1.42-1.52 / 1.47-1.64 / 1.42-1.64x the matmul floor; the served (hardened) default 3.49-3.57 /
+   3.68-4.06 / 3.88-4.03x -> 2.58-3.12 / 2.76-3.16 / 2.73-3.29x. Interleaving 2 or 1 instead of 4 at
+   this width measured the same within the runs' spread, so 3. stays as it is. It changes no served
+   value: every served output was checked bit for bit with and without the serving flags (the noise,
+   the plain and the hardened defense over three calls of 5 users; tests/test_xla_flags.py checks a
+   digest of the noise and of a hardened DefendedEncoder's answers), and a ResNet-50 forward too.
+   Why only where the API is served: a ViT forward's and a training step's reductions (LayerNorm,
+   BatchNorm statistics) are vectorised differently, so their values move by float32 rounding (ViT-S/16
+   forward: max 3.6e-6 absolute), and research runs keep their printed figures; the speed they would
+   gain is small or none (same runs, benchmarks/encoders.py: ViT-S/16 31.2-32.3 -> 36.0-36.3 img/s,
+   ResNet-50 unchanged; benchmarks/steal_step.py: ResNet-18 1.31-1.45 vs 1.34 step/s, ResNet-50
+   0.53-0.56 vs 0.55-0.57). A served ViT encoder (the encoder is jitted with the defense) therefore
+   answers with forwards that differ from a research process's by that rounding, far below any noise
+   the defense adds. Not measured on Intel CPUs, where 512-bit code may lower the clock on older
+   generations; `--xla_cpu_prefer_vector_width=256` in XLA_FLAGS keeps XLA's default.
+
 The user's own setting wins: nothing is appended for a flag that `XLA_FLAGS` already names (pass
 `--xla_cpu_experimental_ynn_fusion_type=+individual_convolution` to get XLA's default back; a list without
 a sign replaces the default list: `=individual_convolution` leaves YNNPACK the convolutions only;
@@ -78,7 +104,8 @@ import os
 import warnings
 
 FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
-SERVING_FLAGS = ("--xla_backend_extra_options=-force-vector-interleave=4",)  # only when cpu_only()
+SERVING_FLAGS = ("--xla_backend_extra_options=-force-vector-interleave=4",  # only when cpu_only()
+                 "--xla_cpu_prefer_vector_width=512")
 
 
 def cpu_only() -> bool:
@@ -125,7 +152,8 @@ def apply(serving: bool = False) -> bool:
     started = False
   if started:
     warnings.warn(f"JAX started its backend before b4b_jax set {' '.join(missing)} (multi-threaded CPU "
-                  "convolutions, interleaved vector loops), so it does not apply; import b4b_jax first (a "
-                  "server: also call xla_flags.apply(serving=True) first) or export it in XLA_FLAGS",
+                  "convolutions, interleaved and 512-bit vector loops), so it does not apply; import "
+                  "b4b_jax first (a server: also call xla_flags.apply(serving=True) first) or export it "
+                  "in XLA_FLAGS",
                   RuntimeWarning, stacklevel=3)
   return True

@@ -1,6 +1,7 @@
 """xla_flags: importing b4b_jax gives XLA's CPU runtime multi-threaded (Eigen) convolutions; a serving
-process also gets interleaved vector loops (the defense noise's inverse CDF, four 8-lane iterations
-per trip)."""
+process also gets interleaved vector loops (the defense noise's inverse CDF, four iterations per trip)
+as wide as the CPU's registers (16 lanes with AVX-512), and answers exactly what any other process
+computes."""
 import os
 import subprocess
 import sys
@@ -25,7 +26,8 @@ print("YNN_CONV", "ynn_fusion" in hlo)
 
 
 # The noise's inverse-CDF kernel, compiled with XLA's dumps on: how many vector square roots its
-# optimised LLVM IR calls (one per 8-lane iteration in the loop body; 4 when interleaved 4 times).
+# optimised LLVM IR calls (one per iteration in the loop body; 4 when interleaved 4 times) and how many
+# lanes each has (8 at XLA's default 256-bit width; 16 at 512 bits, on a CPU with AVX-512).
 _NOISE_PROBE = """
 import glob, os, re
 import b4b_jax, jax, jax.numpy as jnp
@@ -36,8 +38,43 @@ if os.environ.get("PROBE_SERVING"):
 print("FLAGS", os.environ["XLA_FLAGS"])
 jax.jit(noise._normal_from_packed)(jnp.ones((64, 2048), jnp.uint32)).block_until_ready()
 ir = "".join(open(p).read() for p in glob.glob(os.environ["DUMP"] + "/*normal_from_packed*with-opt.ll"))
-print("SQRT_CALLS", len(re.findall(r"call <\\d+ x float> @llvm\\.sqrt\\.v\\d+f32\\(", ir)))
+lanes = re.findall(r"call <(\\d+) x float> @llvm\\.sqrt\\.v\\d+f32\\(", ir)
+print("SQRT_CALLS", len(lanes))
+print("LANES", ",".join(sorted(set(lanes))))
 """
+
+# What the served API answers, as a digest: the noise and three calls of the served default (hardened,
+# diag_affine transforms) for 5 accounts mixed in one batch.
+_SERVED_PROBE = """
+import hashlib, os
+import numpy as np
+import b4b_jax, jax
+from b4b_jax import defense, xla_flags
+from b4b_jax.defense import keys, noise
+if os.environ.get("PROBE_SERVING"):
+  xla_flags.apply(serving=True)
+print("FLAGS", os.environ["XLA_FLAGS"])
+digest = hashlib.sha256()
+row_keys = keys.fold_in_rows(jax.random.key_data(jax.random.key(3)), np.arange(256, dtype=np.uint32))
+digest.update(np.asarray(noise.standard_normal(row_keys, 512)).tobytes())
+api = defense.DefendedEncoder(None, defense.defense_config("simsiam", hardened=True,
+                                                           transform="diag_affine"), 512)
+reps = np.random.default_rng(0).normal(size=(64, 512)).astype(np.float32)
+users = [f"user{i % 5}" for i in range(64)]
+for call in range(3):
+  result = api.query_representations(users, reps + call)
+  for array in (result.reps, result.sigma, result.coverage, result.buckets):
+    digest.update(np.ascontiguousarray(array).tobytes())
+print("DIGEST", digest.hexdigest())
+"""
+
+
+def _avx512() -> bool:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return " avx512f" in f.read()
+  except OSError:
+    return False
 
 
 def _probe(xla_flags_env, script=_PROBE, **env):
@@ -65,13 +102,29 @@ def test_a_serving_process_interleaves_the_noise_loop_unless_the_user_sets_backe
     assert out.returncode == 0, out.stderr
     return out.stdout
 
+  wide = "LANES 16\n" if _avx512() else "LANES 8\n"  # without AVX-512 the width flag changes nothing
   out = sqrt_calls("serving", PROBE_SERVING="1")
   assert all(flag in out for flag in xla_flags.SERVING_FLAGS) and "SQRT_CALLS 4\n" in out, out
+  assert wide in out, out
   out = sqrt_calls("import_only")  # importing b4b_jax alone leaves LLVM's own choice: one per trip
   assert not any(flag in out for flag in xla_flags.SERVING_FLAGS) and "SQRT_CALLS 1\n" in out, out
+  assert "LANES 8\n" in out, out
   mine = "--xla_backend_extra_options=-force-vector-interleave=1"
   out = sqrt_calls("mine", mine, PROBE_SERVING="1")
-  assert "force-vector-interleave=4" not in out and "SQRT_CALLS 1\n" in out, out
+  assert "force-vector-interleave=4" not in out and "SQRT_CALLS 1\n" in out and wide in out, out
+  mine = "--xla_cpu_prefer_vector_width=256"  # XLA's default width, kept: interleaved, 8 lanes
+  out = sqrt_calls("mine_width", mine, PROBE_SERVING="1")
+  assert "prefer_vector_width=512" not in out and "SQRT_CALLS 4\n" in out and "LANES 8\n" in out, out
+
+
+def test_the_serving_flags_change_no_value_the_api_answers():
+  digests = []
+  for serving in ("1", ""):
+    out = _probe("", _SERVED_PROBE, PROBE_SERVING=serving)
+    assert out.returncode == 0, out.stderr
+    assert all((flag in out.stdout) == bool(serving) for flag in xla_flags.SERVING_FLAGS), out.stdout
+    digests.append(next(line for line in out.stdout.splitlines() if line.startswith("DIGEST ")))
+  assert digests[0] == digests[1]
 
 
 def test_the_users_own_setting_wins():
