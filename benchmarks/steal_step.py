@@ -6,11 +6,16 @@ r"""Stealing training-step speed: our jitted step vs the equivalent PyTorch step
   python -m benchmarks.steal_step --settings resnet50_b256   # GPU/TPU size (benchmarks/device.sh)
   python -m benchmarks.steal_step --compute-dtype bfloat16    # our bf16 mixed-precision step
   B4B_HOST_MEMORY=keep python -m benchmarks.steal_step      # XLA's step buffers kept mapped (host_memory.py)
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.steal_step --devices 2
+                                                  # a CPU host split into 2 XLA devices, the batch across them
 
 One step = normalise uint8 images, forward in train mode (BatchNorm batch statistics), InfoNCE (tau 0.25)
 against the API's responses, backward, SGD momentum 0.9 (cosine schedule in ours, constant lr in torch:
 the schedule costs nothing measurable). Ours: b4b_jax.attacks.train_state.make_train_step on a 1-device
-"data" mesh (the per-device figure; more devices split the batch). Reference: torchvision's ResNet (fc =
+"data" mesh (the per-device figure; more devices split the batch), or with --devices N on N devices
+(on a CPU host: N XLA devices that XLA_FLAGS=--xla_force_host_platform_device_count=N makes of it, each
+running its share of the batch, BatchNorm statistics over the whole batch; docs/models.md has what that
+measured). Reference: torchvision's ResNet (fc =
 Identity; for 32x32 inputs the same CIFAR stem as ours: 3x3 stride-1 conv, no max-pool) with the
 original code's InfoNCE, on the same device kind when PyTorch can use it (else CPU).
 Steps of the two run interleaved (one each in turn) and the median step time is reported, so both see
@@ -40,12 +45,13 @@ SETTINGS = {
 TINY = {"resnet18": ("resnet18", "resnet18", 8, 16, True, 512)}
 
 
-def build_jax(arch, batch, size, small, dim, compute_dtype="float32"):
+def build_jax(arch, batch, size, small, dim, compute_dtype="float32", num_devices=1):
   """Returns (run_one_step, compile_seconds, flops per step, XLA's temporary buffer in MB); run_one_step()
   blocks until done."""
   model = models.create_resnet(arch, rngs=nnx.Rngs(0), small_input=small)
   graphdef, params, batch_stats = models.split_model(model)
-  mesh = distributed.data_mesh(1)
+  mesh = distributed.data_mesh(num_devices)
+  distributed.check_global_batch(batch, mesh)
   cfg = ts.StepConfig(learning_rate=0.1 * batch / 256, total_steps=10_000, input_size=size,
                       compute_dtype=compute_dtype)
   state = distributed.replicate(jax.tree.map(np.asarray, ts.init_state(params, batch_stats, cfg)), mesh)
@@ -134,16 +140,20 @@ def main(argv=None):
   parser.add_argument("--tiny", action="store_true")
   parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
                       help="our step's compute dtype (params and optimiser state stay float32)")
+  parser.add_argument("--devices", type=int, default=1,
+                      help="devices of our step's data mesh (on CPU: split the host with XLA_FLAGS="
+                           "--xla_force_host_platform_device_count=N first)")
   args = parser.parse_args(argv)
   settings = TINY if args.tiny else {k: SETTINGS[k] for k in args.settings.split(",")}
   load = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
-  print(f"jax {jax.__version__} {common.device_kind()} devices={jax.device_count()} (ours on 1 device, "
-        f"{args.compute_dtype}) XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} "
+  print(f"jax {jax.__version__} {common.device_kind()} devices={jax.device_count()} "
+        f"(ours on {args.devices} device(s), {args.compute_dtype}) XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} "
         f"B4B_HOST_MEMORY={os.environ.get('B4B_HOST_MEMORY', '') or 'default'} load {load}")
   rows = []
   for name, (arch, torch_arch, batch, size, small, dim) in settings.items():
     steps = args.steps or (3 if args.tiny else (20 if size <= 32 else 5))
-    ours_step, compile_s, flops, temp_mb = build_jax(arch, batch, size, small, dim, args.compute_dtype)
+    ours_step, compile_s, flops, temp_mb = build_jax(arch, batch, size, small, dim, args.compute_dtype,
+                                                      args.devices)
     ref_step, device = build_torch(torch_arch, batch, size, small, dim)
     # Interleaved, one step each in turn, median step time: on a shared machine both see the same load.
     ours_t, ref_t = [], []
@@ -167,11 +177,14 @@ def main(argv=None):
           "XLA's memory-optimised op order (xla_flags.training_options: 'our temp MB' is the buffer "
           "each step mallocs and, unless B4B_HOST_MEMORY=keep, faults in afresh); "
           "python -m benchmarks.conv_repro times single conv layers, XLA's, ours and PyTorch's. "
-          "Single 3x3 layers run at PyTorch's speed there (0.9-1.2x forward+backward at the ResNets' "
-          "shapes) and 1x1 ones about twice as fast; what the step loses to PyTorch's is elementwise "
-          "work (XLA's fusion recomputes each stage's BatchNorm/ReLU/residual chain where it is "
-          "used, and transposes activations for the 3x3 kernel gradients; docs/models.md, 'Where the "
-          "rest of the stealing step goes') and, by default, the faults.")
+          "On a Zen 3 CPU (AVX2) single 3x3 layers ran at PyTorch's speed there (0.9-1.2x "
+          "forward+backward at the ResNets' shapes) and 1x1 ones about twice as fast; what the step "
+          "lost to PyTorch's was elementwise work (XLA's fusion recomputes each stage's "
+          "BatchNorm/ReLU/residual chain where it is used, and transposes activations for the 3x3 "
+          "kernel gradients; docs/models.md, 'Where the rest of the stealing step goes') and, by "
+          "default, the faults. On a Zen 5 CPU (AVX-512) the 3x3 layers ran at 0.73-0.91x: there the "
+          "gap is Eigen's 3x3 kernels against PyTorch's oneDNN ones (docs/models.md, 'On a CPU with "
+          "AVX-512'; --devices 2 with the host split in two XLA devices gave ResNet-18 0.88-0.90x).")
   return [common.Row(f"steal_step: {name} b{batch} {size}px {args.compute_dtype}", f"{ours:.3f} step/s",
                      f"torch({device}) {ref:.3f} step/s", ours / ref, fl)
           for name, batch, size, ours, ref, device, compile_s, _, fl in rows]

@@ -1,7 +1,10 @@
-"""benchmarks/device.sh --smoke: every benchmark runs at tiny sizes and the summary table is printed."""
+"""benchmarks/device.sh --smoke: every benchmark runs at tiny sizes and the summary table is printed;
+steal_step.py on a data mesh of several devices."""
 import os
 import subprocess
 import sys
+
+import pytest
 
 from benchmarks import common
 
@@ -32,3 +35,16 @@ def test_peak_table_and_flops_share(monkeypatch):
   Dev.platform, Dev.device_kind = "cpu", "cpu"
   assert common.peak_flops() is None and "peak n/a" in common.flops_share(1e9, 1.0)
   assert common.flops_share(None, 1.0) == "FLOP/s n/a"
+
+
+def test_steal_step_benchmark_splits_its_batch_over_the_devices_asked_for(capsys):
+  from benchmarks import steal_step  # pylint: disable=g-import-not-at-top
+  rows = steal_step.main(["--tiny", "--devices", "2"])
+  out = capsys.readouterr().out
+  assert "(ours on 2 device(s), float32)" in out, out
+  (row,) = rows
+  assert row.benchmark.startswith("steal_step: resnet18 b8 16px") and row.ratio > 0
+  with pytest.raises(ValueError, match="does not divide by the 3 devices"):
+    steal_step.main(["--tiny", "--devices", "3"])  # the tiny batch is 8
+  with pytest.raises(ValueError, match="num_devices=9 but 8 device"):
+    steal_step.main(["--tiny", "--devices", "9"])
