@@ -15,9 +15,9 @@ the schedule costs nothing measurable). Ours: b4b_jax.attacks.train_state.make_t
 "data" mesh (the per-device figure; more devices split the batch), or with --devices N on N devices
 (on a CPU host: N XLA devices that XLA_FLAGS=--xla_force_host_platform_device_count=N makes of it, each
 running its share of the batch, BatchNorm statistics over the whole batch; docs/models.md has what that
-measured). Reference: torchvision's ResNet (fc =
-Identity; for 32x32 inputs the same CIFAR stem as ours: 3x3 stride-1 conv, no max-pool) with the
-original code's InfoNCE, on the same device kind when PyTorch can use it (else CPU).
+measured). Reference: torchvision's ResNet (fc = Identity; for 32x32 inputs the same CIFAR stem as
+ours: 3x3 stride-1 conv, no max-pool) with the original code's InfoNCE, on the same device kind when
+PyTorch can use it (else CPU).
 Steps of the two run interleaved (one each in turn) and the median step time is reported, so both see
 the same load on a shared machine. Prints steps/s for both, the ratio (ours / torch; target >= 1.0) and
 our compile time separately, and our achieved FLOP/s as a share of the device's peak. Never asserts a
@@ -147,7 +147,8 @@ def main(argv=None):
   settings = TINY if args.tiny else {k: SETTINGS[k] for k in args.settings.split(",")}
   load = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
   print(f"jax {jax.__version__} {common.device_kind()} devices={jax.device_count()} "
-        f"(ours on {args.devices} device(s), {args.compute_dtype}) XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} "
+        f"(ours on {args.devices} device(s), {args.compute_dtype}) "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} "
         f"B4B_HOST_MEMORY={os.environ.get('B4B_HOST_MEMORY', '') or 'default'} load {load}")
   rows = []
   for name, (arch, torch_arch, batch, size, small, dim) in settings.items():
