@@ -7,7 +7,8 @@ the table, and every CPU, prints "n/a".
 """
 import dataclasses
 import math
-from typing import List, Optional
+import time
+from typing import Callable, Dict, List, Optional
 
 # The peak table lives in the package (the runs' expected-cost estimate uses it too).
 from b4b_jax.utils.cost_estimate import PEAK_TFLOPS  # noqa: E402,F401  pylint: disable=unused-import
@@ -55,6 +56,38 @@ def load_average() -> str:
       return f.read().split()[0]
   except OSError:
     return "?"
+
+
+# Long enough for PyTorch's OpenMP workers to stop spinning after a parallel region (~4 ms measured on
+# the 2-core Zen 5; see timed_in_turns), where a benchmark cannot run an untimed call instead.
+SETTLE_PAUSE_S = 0.02
+
+
+def timed_in_turns(fns: Dict[str, Callable[[], object]], turns: int,
+                   calls_per_turn: int = 1) -> Dict[str, List[float]]:
+  """Seconds of each timed call of each fn (a blocking callable): `turns` rounds, each running every fn
+  in order, first one untimed call, then `calls_per_turn` timed calls.
+
+  Why turns, and why the untimed call: taking turns lets both sides of a comparison see the same load
+  on a shared machine, but a call timed right after the *other* framework's call pays for that
+  framework's idle threads. PyTorch's OpenMP workers spin for a few milliseconds after each parallel
+  region before they sleep, on the cores the next call needs: on the 2-core AMD EPYC Zen 5 (session 23,
+  quiet, medians of 20) a 3x3 convolution (128 channels, 16 px, batch 64) under jit took 9.6 ms after
+  our own call and 13.5 ms right after a PyTorch convolution, while PyTorch's took 9.2-9.3 ms after
+  either. One call per turn, as every benchmark here took them until then, charged that to ours. The
+  untimed call absorbs it, so each timed call follows a call of its own kind, as in a loop that calls
+  one function over and over; a pause instead of the call leaves 0.3-0.4 ms of the threads' wake-up on
+  either side.
+  """
+  times = {name: [] for name in fns}
+  for _ in range(turns):
+    for name, fn in fns.items():
+      fn()
+      for _ in range(calls_per_turn):
+        start = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - start)
+  return times
 
 
 @dataclasses.dataclass

@@ -5,13 +5,17 @@ r"""One conv layer's forward + backward on CPU, XLA vs PyTorch: where the steali
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+individual_convolution python -m benchmarks.conv_repro
                                                   # XLA's default YNNPACK convolutions, single-threaded
 
-Each case times, interleaved (one call each in turn, median), the forward alone and forward+backward
-(grad w.r.t. input and kernel of sum(conv(x, w)^2)) of a bias-free stride-1 convolution in NHWC
-(ours, jax.lax.conv_general_dilated under jit, on the Eigen kernels b4b_jax/xla_flags.py selects) and
-NCHW (torch.nn.functional.conv2d, oneDNN). The backward's ratio is what benchmarks/steal_step.py's
-ResNets inherit on CPU. The last column is the same gradient through `b4b_jax.models.layers.conv`,
-which the ResNets use: lax's own for 3x3 kernels, the kernel gradient as a matmul for 1x1 ones (in a
-whole step that also saves XLA's transposed copy of the input, which a single layer does not show).
+Each case times, taking turns (common.timed_in_turns: each function runs one untimed call, then a
+timed one, in turn with the others; median), the forward alone and forward+backward (grad w.r.t.
+input and kernel of sum(conv(x, w)^2)) of a bias-free stride-1 convolution in NHWC (ours,
+jax.lax.conv_general_dilated under jit, on the Eigen kernels b4b_jax/xla_flags.py selects) and NCHW
+(torch.nn.functional.conv2d, oneDNN). The backward's ratio is what benchmarks/steal_step.py's ResNets
+inherit on CPU. The last column is the same gradient through `b4b_jax.models.layers.conv`, which the
+ResNets use: lax's own for 3x3 kernels, the kernel gradient as a matmul for 1x1 ones (in a whole step
+that also saves XLA's transposed copy of the input, which a single layer does not show). A second line
+per case times the backward's two convolutions apart, given the output's gradient: the input
+gradient (ours: jax.vjp of layers.conv w.r.t. x; PyTorch: torch.nn.grad.conv2d_input) and the kernel
+gradient (w.r.t. w; torch.nn.grad.conv2d_weight), which shows which of the three kernels falls behind.
 """
 import argparse
 import os
@@ -52,9 +56,14 @@ def _ours(batch, size, cin, cout, k):
   fwd = jax.jit(conv)
   bwd = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
   model_bwd = jax.jit(jax.grad(lambda x, w: jnp.sum(model_conv(x, w) ** 2), argnums=(0, 1)))
+  dy = jnp.asarray(rng.normal(size=(batch, size, size, cout)).astype(np.float32))
+  input_grad = jax.jit(lambda x, w, dy: jax.vjp(lambda x: model_conv(x, w), x)[1](dy)[0])
+  kernel_grad = jax.jit(lambda x, w, dy: jax.vjp(lambda w: model_conv(x, w), w)[1](dy)[0])
   flops = common.compiled_flops(bwd.lower(x, w))
-  return ((lambda: fwd(x, w).block_until_ready()), (lambda: jax.block_until_ready(bwd(x, w))),
-          (lambda: jax.block_until_ready(model_bwd(x, w))), flops)
+  return {"fwd": lambda: fwd(x, w).block_until_ready(), "bwd": lambda: jax.block_until_ready(bwd(x, w)),
+          "model_bwd": lambda: jax.block_until_ready(model_bwd(x, w)),
+          "input_grad": lambda: input_grad(x, w, dy).block_until_ready(),
+          "kernel_grad": lambda: kernel_grad(x, w, dy).block_until_ready()}, flops
 
 
 def _torch(batch, size, cin, cout, k):
@@ -63,6 +72,7 @@ def _torch(batch, size, cin, cout, k):
   rng = np.random.default_rng(0)
   x = torch.tensor(rng.normal(size=(batch, cin, size, size)).astype(np.float32), requires_grad=True)
   w = torch.tensor(rng.normal(size=(cout, cin, k, k)).astype(np.float32) * 0.05, requires_grad=True)
+  dy = torch.tensor(rng.normal(size=(batch, cout, size, size)).astype(np.float32))
   conv = lambda: torch.nn.functional.conv2d(x, w, padding=k // 2)  # noqa: E731
 
   def fwd():
@@ -72,47 +82,58 @@ def _torch(batch, size, cin, cout, k):
   def bwd():
     torch.autograd.grad((conv() ** 2).sum(), (x, w))
 
-  return fwd, bwd
+  def input_grad():
+    with torch.no_grad():
+      torch.nn.grad.conv2d_input(x.shape, w, dy, padding=k // 2)
+
+  def kernel_grad():
+    with torch.no_grad():
+      torch.nn.grad.conv2d_weight(x, w.shape, dy, padding=k // 2)
+
+  return {"fwd": fwd, "bwd": bwd, "input_grad": input_grad, "kernel_grad": kernel_grad}
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--iters", type=int, default=10, help="turns (timed calls of each function)")
   parser.add_argument("--cases", default=",".join(CASES))
   parser.add_argument("--profile", default=None, help="write a jax.profiler trace of ours here")
   args = parser.parse_args(argv)
   load = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
   print(f"one conv layer, forward and forward+backward, {common.device_kind()}, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, load {load}")
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"B4B_HOST_MEMORY={os.environ.get('B4B_HOST_MEMORY', '') or 'default'}, load {load}")
   rows = []
   for name in args.cases.split(","):
-    ours_f, ours_b, model_b, flops = _ours(*CASES[name])
-    ref_f, ref_b = _torch(*CASES[name])
-    fns = {"ours_fwd": ours_f, "torch_fwd": ref_f, "ours_bwd": ours_b, "torch_bwd": ref_b,
-           "model_bwd": model_b}
-    for fn in fns.values():
-      fn()
-    times = {k: [] for k in fns}
-    for _ in range(args.iters):
-      for k, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()
-        times[k].append(time.perf_counter() - t0)
-    t = {k: float(np.median(v)) for k, v in times.items()}
+    ours, flops = _ours(*CASES[name])
+    ref = _torch(*CASES[name])
+    fns = {"ours_fwd": ours["fwd"], "torch_fwd": ref["fwd"], "ours_bwd": ours["bwd"],
+           "torch_bwd": ref["bwd"], "model_bwd": ours["model_bwd"],
+           "ours_input_grad": ours["input_grad"], "torch_input_grad": ref["input_grad"],
+           "ours_kernel_grad": ours["kernel_grad"], "torch_kernel_grad": ref["kernel_grad"]}
+    t = {k: float(np.median(v)) for k, v in common.timed_in_turns(fns, args.iters).items()}
     print(f"  {name:18s} forward ours {1e3 * t['ours_fwd']:7.2f} ms torch {1e3 * t['torch_fwd']:7.2f} ms"
           f" ({t['torch_fwd'] / t['ours_fwd']:.2f}x) | fwd+bwd ours {1e3 * t['ours_bwd']:7.2f} ms torch "
           f"{1e3 * t['torch_bwd']:7.2f} ms ({t['torch_bwd'] / t['ours_bwd']:.2f}x) | fwd+bwd layers.conv "
           f"{1e3 * t['model_bwd']:7.2f} ms ({t['torch_bwd'] / t['model_bwd']:.2f}x)")
+    print(f"  {'':18s} input gradient ours {1e3 * t['ours_input_grad']:7.2f} ms torch "
+          f"{1e3 * t['torch_input_grad']:7.2f} ms ({t['torch_input_grad'] / t['ours_input_grad']:.2f}x) | "
+          f"kernel gradient ours {1e3 * t['ours_kernel_grad']:7.2f} ms torch "
+          f"{1e3 * t['torch_kernel_grad']:7.2f} ms ({t['torch_kernel_grad'] / t['ours_kernel_grad']:.2f}x)")
     rows.append(common.Row(f"conv_repro: {name} fwd+bwd", f"{1e3 * t['ours_bwd']:.2f} ms",
                            f"torch {1e3 * t['torch_bwd']:.2f} ms", t["torch_bwd"] / t["ours_bwd"],
                            common.flops_share(flops, t["ours_bwd"])))
     rows.append(common.Row(f"conv_repro: {name} fwd+bwd, layers.conv", f"{1e3 * t['model_bwd']:.2f} ms",
                            f"torch {1e3 * t['torch_bwd']:.2f} ms", t["torch_bwd"] / t["model_bwd"],
                            common.flops_share(flops, t["model_bwd"])))
+    for part in ("input_grad", "kernel_grad"):
+      rows.append(common.Row(f"conv_repro: {name} {part.replace('_', ' ')}",
+                             f"{1e3 * t['ours_' + part]:.2f} ms", f"torch {1e3 * t['torch_' + part]:.2f} ms",
+                             t["torch_" + part] / t["ours_" + part]))
     if args.profile:
       with jax.profiler.trace(args.profile):
         for _ in range(3):
-          ours_b()
+          ours["bwd"]()
   return rows
 
 

@@ -7,7 +7,8 @@
 Both sides get the same (converted) random weights and the same images; the script prints images/s of
 each, the ratio Flax/PyTorch (target >= 1.0), the XLA compile time, the max relative difference of the
 outputs as a sanity check, and our achieved FLOP/s as a share of the device's peak (benchmarks/common.py).
-Timed forwards of the two alternate (one each in turn), so both see the same load on a shared machine.
+Timed forwards of the two take turns (common.timed_in_turns: an untimed forward, then a timed one), so
+both see the same load on a shared machine and neither is timed on the other's idle threads.
 PyTorch runs on CUDA when JAX runs on a GPU and torch sees one, else on the CPU with every core.
 """
 import argparse
@@ -51,20 +52,6 @@ def _flax_forward(name, state_dict):
   return forward, params, stats
 
 
-def _interleaved(fns, iters):
-  """Median seconds per call of each fn, calls alternating (one each in turn) after one warm-up."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  for fn in fns.values():
-    fn()
-  times = {name: [] for name in fns}
-  for _ in range(iters):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", default="resnet50,vit_small", help="resnet50 and/or vit_small")
@@ -103,8 +90,9 @@ def main(argv=None):
         torch.cuda.synchronize()
       return out
 
-    t = _interleaved({"flax": lambda: compiled(params, stats, xj).block_until_ready(),
-                      "torch": torch_call}, iters)
+    times = common.timed_in_turns({"flax": lambda: compiled(params, stats, xj).block_until_ready(),
+                                   "torch": torch_call}, iters)
+    t = {side: float(np.median(seconds)) for side, seconds in times.items()}
     ref = torch_call().cpu().numpy()
     ours = np.asarray(compiled(params, stats, xj))
     rel = np.abs(ours - ref).max() / np.abs(ref).max()

@@ -5,7 +5,10 @@ r"""Linear-probe speed: our jitted probe (whole epoch in one lax.scan) vs the or
 
 The reference is the original embedding probe (nn.Linear, Adam, cross-entropy, batch 64, shuffled
 each epoch) as a plain PyTorch loop on the same data and machine. Epochs interleave (one of
-ours, then one of PyTorch, through the probe's on_epoch hook) so both see the same load; prints median
+ours, then one of PyTorch, through the probe's on_epoch hook) so both see the same load, with a pause
+of common.SETTLE_PAUSE_S around each PyTorch epoch so that our next epoch does not run on PyTorch's
+spinning OpenMP threads (common.timed_in_turns says why; the hook cannot run an untimed epoch of ours
+instead); prints median
 seconds per epoch with the range, our first epoch (compile, normalisation, transfer) and test scoring
 apart (the earlier version divided those by the epoch count, which is what made ours look 0.47x),
 the ratio, and the closed-form ridge probe's time. PyTorch runs on
@@ -77,9 +80,11 @@ def measure(x, y, xt, yt, epochs, device="cpu"):
       ours_t.append(now - clock["last"])
     else:
       clock["first"] = now - clock["start"]
+    time.sleep(common.SETTLE_PAUSE_S)
     t0 = time.perf_counter()
     ref_epoch()
     ref_t.append(time.perf_counter() - t0)
+    time.sleep(common.SETTLE_PAUSE_S)
     clock["last"] = time.perf_counter()
 
   clock["start"] = time.perf_counter()

@@ -18,8 +18,9 @@ running its share of the batch, BatchNorm statistics over the whole batch; docs/
 measured). Reference: torchvision's ResNet (fc = Identity; for 32x32 inputs the same CIFAR stem as
 ours: 3x3 stride-1 conv, no max-pool) with the original code's InfoNCE, on the same device kind when
 PyTorch can use it (else CPU).
-Steps of the two run interleaved (one each in turn) and the median step time is reported, so both see
-the same load on a shared machine. Prints steps/s for both, the ratio (ours / torch; target >= 1.0) and
+Steps of the two take turns (common.timed_in_turns: one untimed step, then two timed ones) and the
+median step time is reported, so both see the same load on a shared machine and neither is timed on
+the other's idle threads. Prints steps/s for both, the ratio (ours / torch; target >= 1.0) and
 our compile time separately, and our achieved FLOP/s as a share of the device's peak. Never asserts a
 time.
 """
@@ -127,15 +128,9 @@ def build_torch(arch, batch, size, small, dim):
   return run_one, device
 
 
-def _timed(fn) -> float:
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=None, help="timed steps per setting")
+  parser.add_argument("--steps", type=int, default=None, help="timed steps per setting (rounded up to even)")
   parser.add_argument("--settings", default="resnet18,resnet50", help=f"of {sorted(SETTINGS)}")
   parser.add_argument("--tiny", action="store_true")
   parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
@@ -156,11 +151,10 @@ def main(argv=None):
     ours_step, compile_s, flops, temp_mb = build_jax(arch, batch, size, small, dim, args.compute_dtype,
                                                       args.devices)
     ref_step, device = build_torch(torch_arch, batch, size, small, dim)
-    # Interleaved, one step each in turn, median step time: on a shared machine both see the same load.
-    ours_t, ref_t = [], []
-    for _ in range(steps):
-      ours_t.append(_timed(ours_step))
-      ref_t.append(_timed(ref_step))
+    # In turns, median step time: on a shared machine both see the same load.
+    times = common.timed_in_turns({"ours": ours_step, "ref": ref_step}, turns=max(1, (steps + 1) // 2),
+                                  calls_per_turn=2)
+    ours_t, ref_t = times["ours"], times["ref"]
     ours, ref = 1.0 / float(np.median(ours_t)), 1.0 / float(np.median(ref_t))
     dtype = "bf16" if args.compute_dtype == "bfloat16" else "f32"
     rows.append((name, batch, size, ours, ref, device, compile_s, temp_mb,
@@ -179,13 +173,17 @@ def main(argv=None):
           "each step mallocs and, unless B4B_HOST_MEMORY=keep, faults in afresh); "
           "python -m benchmarks.conv_repro times single conv layers, XLA's, ours and PyTorch's. "
           "On a Zen 3 CPU (AVX2) single 3x3 layers ran at PyTorch's speed there (0.9-1.2x "
-          "forward+backward at the ResNets' shapes) and 1x1 ones about twice as fast; what the step "
+          "forward+backward at the ResNets' shapes, timed one call each in turn) and 1x1 ones about "
+          "twice as fast; what the step "
           "lost to PyTorch's was elementwise work (XLA's fusion recomputes each stage's "
           "BatchNorm/ReLU/residual chain where it is used, and transposes activations for the 3x3 "
           "kernel gradients; docs/models.md, 'Where the rest of the stealing step goes') and, by "
-          "default, the faults. On a Zen 5 CPU (AVX-512) the 3x3 layers ran at 0.73-0.91x: there the "
-          "gap is Eigen's 3x3 kernels against PyTorch's oneDNN ones (docs/models.md, 'On a CPU with "
-          "AVX-512'; --devices 2 with the host split in two XLA devices gave ResNet-18 0.88-0.90x).")
+          "default, the faults. On a Zen 5 CPU (AVX-512) the gap is Eigen's 3x3 kernels against "
+          "PyTorch's oneDNN ones: timed in turns with B4B_HOST_MEMORY=keep, the 3x3 layers ran at "
+          "0.81-0.99x forward+backward, the forward at 0.76-0.91x, the input gradient at 0.60-0.95x and "
+          "the 64-channel layers' kernel gradient, furthest behind, at 0.49-0.50x (docs/models.md, 'On a "
+          "CPU with AVX-512'; --devices 2 with the host split in two XLA devices gave ResNet-18 "
+          "0.88-0.90x).")
   return [common.Row(f"steal_step: {name} b{batch} {size}px {args.compute_dtype}", f"{ours:.3f} step/s",
                      f"torch({device}) {ref:.3f} step/s", ours / ref, fl)
           for name, batch, size, ours, ref, device, compile_s, _, fl in rows]
