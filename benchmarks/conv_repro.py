@@ -19,7 +19,6 @@ gradient (w.r.t. w; torch.nn.grad.conv2d_weight), which shows which of the three
 """
 import argparse
 import os
-import time
 
 import jax
 import jax.numpy as jnp
