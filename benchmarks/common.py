@@ -7,6 +7,7 @@ the table, and every CPU, prints "n/a".
 """
 import dataclasses
 import math
+import os
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -88,6 +89,12 @@ def timed_in_turns(fns: Dict[str, Callable[[], object]], turns: int,
         fn()
         times[name].append(time.perf_counter() - start)
   return times
+
+
+def host_memory_setting() -> str:
+  """B4B_HOST_MEMORY as the benchmarks print it ("default" when unset; b4b_jax/host_memory.py): it moves
+  both sides' figures on CPU, since the malloc settings are the whole process's."""
+  return os.environ.get("B4B_HOST_MEMORY", "") or "default"
 
 
 @dataclasses.dataclass

@@ -98,10 +98,10 @@ def main(argv=None):
   parser.add_argument("--cases", default=",".join(CASES))
   parser.add_argument("--profile", default=None, help="write a jax.profiler trace of ours here")
   args = parser.parse_args(argv)
-  load = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
+  load = common.load_average()
   print(f"one conv layer, forward and forward+backward, {common.device_kind()}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-        f"B4B_HOST_MEMORY={os.environ.get('B4B_HOST_MEMORY', '') or 'default'}, load {load}")
+        f"B4B_HOST_MEMORY={common.host_memory_setting()}, load {load}")
   rows = []
   for name in args.cases.split(","):
     ours, flops = _ours(*CASES[name])

@@ -11,7 +11,6 @@ ratio is then against a CPU, said in each row). A benchmark that fails prints it
 still run; the exit status is 1 if any failed. FLOP/s shares use benchmarks/common.PEAK_TFLOPS.
 """
 import argparse
-import os
 import sys
 import time
 import traceback
@@ -61,7 +60,7 @@ def main(argv=None) -> int:
       traceback.print_exc()
       failed.append(name)
     print(f"### {name}: {time.perf_counter() - t0:.0f} s", flush=True)
-  load = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
+  load = common.load_average()
   common.print_table(rows, f"{'smoke' if args.smoke else 'device'} benchmarks, "
                            f"{time.perf_counter() - start:.0f} s, load {load}")
   if failed:

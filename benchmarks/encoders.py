@@ -69,7 +69,7 @@ def main(argv=None):
   print(f"CPU cores {os.cpu_count()}, jax {jax.__version__} ({common.device_kind()}, "
         f"{jax.device_count()} device(s)), torch {torch.__version__} on {device} "
         f"({torch.get_num_threads()} threads); batch {batch}, {size}x{size}, float32, {iters} timed "
-        f"iterations; load {open('/proc/loadavg').read().split()[0] if os.path.exists('/proc/loadavg') else '?'}")
+        f"iterations; load {common.load_average()}")
   x = np.random.RandomState(0).randn(batch, 3, size, size).astype(np.float32)
   x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
   rows = []

@@ -15,7 +15,6 @@ the ratio, and the closed-form ridge probe's time. PyTorch runs on
 CUDA when JAX runs on a GPU and torch sees one. Never asserts.
 """
 import argparse
-import os
 import time
 
 import numpy as np
@@ -106,12 +105,12 @@ def main(argv=None):
   device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
   n, d, classes, epochs = (2000, 128, 10, 3) if args.tiny else (50000, 2048, 10, args.epochs)
   x, y, xt, yt = _data(n, d, classes)
-  load = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
+  load = common.load_average()
   m = measure(x, y, xt, yt, epochs, device)
   t0 = time.perf_counter()
   ridge = linear_probe.ridge_probe(x, y, xt, yt, seeds=(0,))
   ridge_s = time.perf_counter() - t0
-  load_end = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
+  load_end = common.load_average()
   print(f"linear probe, {n} x {d} embeddings, {classes} classes, Adam batch 64, {epochs} epochs "
         f"({common.device_kind()}, torch on {device}, load {load} -> {load_end}); epochs interleaved:")
   print(f"  ours (jitted epoch scan): {m['ours']:.3f} s/epoch (median; range {m['ours_range'][0]:.3f}-"

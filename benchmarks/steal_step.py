@@ -140,11 +140,11 @@ def main(argv=None):
                            "--xla_force_host_platform_device_count=N first)")
   args = parser.parse_args(argv)
   settings = TINY if args.tiny else {k: SETTINGS[k] for k in args.settings.split(",")}
-  load = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
+  load = common.load_average()
   print(f"jax {jax.__version__} {common.device_kind()} devices={jax.device_count()} "
         f"(ours on {args.devices} device(s), {args.compute_dtype}) "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} "
-        f"B4B_HOST_MEMORY={os.environ.get('B4B_HOST_MEMORY', '') or 'default'} load {load}")
+        f"B4B_HOST_MEMORY={common.host_memory_setting()} load {load}")
   rows = []
   for name, (arch, torch_arch, batch, size, small, dim) in settings.items():
     steps = args.steps or (3 if args.tiny else (20 if size <= 32 else 5))
