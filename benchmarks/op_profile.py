@@ -1,6 +1,8 @@
 """Where a jitted call's time goes: per-HLO-op times from a jax.profiler trace, against a reference call.
 
   profile(call, module, reference, reference_module, runs) -> Profile
+  profile(call, module, runs=runs) -> Profile        # no reference: shares are of the call's own wall
+  by_kind(profile) -> [(kind, seconds, ops)]         # leaf ops summed by kind (name without ".N")
 
 `call` and `reference` are zero-argument callables that run one jitted computation each (XLA module
 names `module` and `reference_module`, e.g. "jit_defense_step"); they are traced alternately `runs`
@@ -20,7 +22,7 @@ import gzip
 import json
 import re
 import tempfile
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import jax
 
@@ -54,18 +56,20 @@ def _runs_of(events, module: str) -> Dict[str, Dict[str, object]]:
   return runs
 
 
-def profile(call: Callable[[], object], module: str, reference: Callable[[], object],
-            reference_module: str, runs: int = 10, hlo_text: str = "") -> Profile:
+def profile(call: Callable[[], object], module: str, reference: Optional[Callable[[], object]] = None,
+            reference_module: str = "", runs: int = 10, hlo_text: str = "") -> Profile:
   """Traces `call` and `reference` alternately `runs` times (both warmed up first). hlo_text: the
-  compiled module's text (`jitted.lower(...).compile().as_text()`), for op names and containers."""
-  jax.block_until_ready(call())
-  jax.block_until_ready(reference())
+  compiled module's text (`jitted.lower(...).compile().as_text()`), for op names and containers.
+  Without a reference, only `call` is traced and its own least wall is the reference."""
+  calls = [call] if reference is None else [call, reference]
+  for fn in calls:
+    jax.block_until_ready(fn())
   with tempfile.TemporaryDirectory() as logdir:
     jax.profiler.start_trace(logdir, create_perfetto_trace=True)
     try:
       for _ in range(runs):
-        jax.block_until_ready(call())
-        jax.block_until_ready(reference())
+        for fn in calls:
+          jax.block_until_ready(fn())
     finally:
       jax.profiler.stop_trace()
     paths = glob.glob(f"{logdir}/**/*.trace.json.gz", recursive=True)
@@ -73,7 +77,8 @@ def profile(call: Callable[[], object], module: str, reference: Callable[[], obj
       raise RuntimeError("jax.profiler wrote no perfetto trace")
     with gzip.open(paths[0]) as f:
       events = json.load(f)["traceEvents"]
-  mine, ref = _runs_of(events, module), _runs_of(events, reference_module)
+  mine = _runs_of(events, module)
+  ref = mine if reference is None else _runs_of(events, reference_module)
   if not mine or not ref:
     raise RuntimeError(f"no op events of {module!r} / {reference_module!r} in the trace (modules seen: "
                        f"{sorted({(e.get('args') or {}).get('hlo_module') for e in events} - {None})})")
@@ -86,6 +91,19 @@ def profile(call: Callable[[], object], module: str, reference: Callable[[], obj
   return Profile(wall=min(r["end"] - r["start"] for r in mine.values()),
                  reference_wall=min(r["end"] - r["start"] for r in ref.values()), ops=ops,
                  containers=frozenset(_CONTAINER.findall(hlo_text)))
+
+
+def by_kind(p: Profile) -> List[Tuple[str, float, int]]:
+  """Leaf ops summed by kind, the op's name without its ".N" suffix (XLA names each fusion after its
+  root ops: "transpose_copy_fusion.61" is of kind "transpose_copy_fusion"): (kind, seconds, number of
+  ops), the largest first."""
+  seconds, counts = collections.Counter(), collections.Counter()
+  for op, sec, _ in p.ops:
+    if op not in p.containers:
+      kind = re.sub(r"\.\d+$", "", op)
+      seconds[kind] += sec
+      counts[kind] += 1
+  return [(kind, sec, counts[kind]) for kind, sec in seconds.most_common()]
 
 
 def lines(p: Profile, top: int = 12, indent: str = "      ") -> List[str]:

@@ -6,6 +6,7 @@ r"""Stealing training-step speed: our jitted step vs the equivalent PyTorch step
   python -m benchmarks.steal_step --settings resnet50_b256   # GPU/TPU size (benchmarks/device.sh)
   python -m benchmarks.steal_step --compute-dtype bfloat16    # our bf16 mixed-precision step
   B4B_HOST_MEMORY=keep python -m benchmarks.steal_step      # XLA's step buffers kept mapped (host_memory.py)
+  python -m benchmarks.steal_step --profile       # also where our step's time goes, per XLA op
   XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.steal_step --devices 2
                                                   # a CPU host split into 2 XLA devices, the batch across them
 
@@ -22,10 +23,14 @@ Steps of the two take turns (common.timed_in_turns: one untimed step, then two t
 median step time is reported, so both see the same load on a shared machine and neither is timed on
 the other's idle threads. Prints steps/s for both, the ratio (ours / torch; target >= 1.0) and
 our compile time separately, and our achieved FLOP/s as a share of the device's peak. Never asserts a
-time.
+time. --profile then traces our step alone (jax.profiler, benchmarks/op_profile.py) and prints the
+least time of each XLA op over the traced steps, summed by kind and the largest ones, against the
+step's wall time; on CPU, XLA runs most convolutions on Eigen's threads without a per-op trace event,
+so they are the part of the wall the ops do not add up to (the output counts the convolutions timed).
 """
 import argparse
 import os
+import re
 import time
 
 import jax
@@ -47,8 +52,8 @@ TINY = {"resnet18": ("resnet18", "resnet18", 8, 16, True, 512)}
 
 
 def build_jax(arch, batch, size, small, dim, compute_dtype="float32", num_devices=1):
-  """Returns (run_one_step, compile_seconds, flops per step, XLA's temporary buffer in MB); run_one_step()
-  blocks until done."""
+  """Returns (run_one_step, compile_seconds, flops per step, XLA's temporary buffer in MB, the compiled
+  module's HLO text); run_one_step() blocks until done."""
   model = models.create_resnet(arch, rngs=nnx.Rngs(0), small_input=small)
   graphdef, params, batch_stats = models.split_model(model)
   mesh = distributed.data_mesh(num_devices)
@@ -79,7 +84,7 @@ def build_jax(arch, batch, size, small, dim, compute_dtype="float32", num_device
 
   run_one()
   run_one()  # two warm steps
-  return run_one, compile_s, flops, temp_mb
+  return run_one, compile_s, flops, temp_mb, compiled.as_text()
 
 
 def build_torch(arch, batch, size, small, dim):
@@ -128,6 +133,25 @@ def build_torch(arch, batch, size, small, dim):
   return run_one, device
 
 
+def step_profile(run_one, hlo: str, runs: int, kinds: int = 8, top: int = 10):
+  """Printable lines: our step traced `runs` times alone, each XLA op's least time over them, summed by
+  kind and the largest ops, as shares of the step's least traced wall time."""
+  from benchmarks import op_profile  # pylint: disable=g-import-not-at-top  (jax.profiler: only here)
+  module = re.search(r"^HloModule (\S+?),", hlo, re.M).group(1)
+  p = op_profile.profile(run_one, module, runs=runs, hlo_text=hlo)
+  convolutions = set(re.findall(r"^\s*(?:ROOT )?%(\S+) = \S+ convolution\(", hlo, re.M))
+  timed = sum(op in convolutions for op, _, _ in p.ops)
+  leaf = p.leaf_seconds()
+  out = [f"  wall {1e3 * p.wall:.1f} ms (least of {runs} traced steps); the ops timed one by one sum to "
+         f"{1e3 * leaf:.1f} ms ({100 * leaf / p.wall:.0f}%), {timed} of the {len(convolutions)} "
+         f"convolutions among them; the rest, {1e3 * max(p.wall - leaf, 0.0):.1f} ms, is ops without a "
+         f"trace event of their own (on CPU: Eigen's convolutions) and gaps"]
+  out.append("  by kind: " + ", ".join(f"{kind} {1e3 * sec:.1f} ms ({n})"
+                                       for kind, sec, n in op_profile.by_kind(p)[:kinds]))
+  out.extend(op_profile.lines(p, top=top, indent="  ")[1:])  # shares of the step's wall
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=None, help="timed steps per setting (rounded up to even)")
@@ -138,6 +162,8 @@ def main(argv=None):
   parser.add_argument("--devices", type=int, default=1,
                       help="devices of our step's data mesh (on CPU: split the host with XLA_FLAGS="
                            "--xla_force_host_platform_device_count=N first)")
+  parser.add_argument("--profile", action="store_true",
+                      help="also trace our step and print where its time goes, per XLA op")
   args = parser.parse_args(argv)
   settings = TINY if args.tiny else {k: SETTINGS[k] for k in args.settings.split(",")}
   load = common.load_average()
@@ -145,11 +171,11 @@ def main(argv=None):
         f"(ours on {args.devices} device(s), {args.compute_dtype}) "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} "
         f"B4B_HOST_MEMORY={common.host_memory_setting()} load {load}")
-  rows = []
+  rows, profiles = [], []
   for name, (arch, torch_arch, batch, size, small, dim) in settings.items():
     steps = args.steps or (3 if args.tiny else (20 if size <= 32 else 5))
-    ours_step, compile_s, flops, temp_mb = build_jax(arch, batch, size, small, dim, args.compute_dtype,
-                                                      args.devices)
+    ours_step, compile_s, flops, temp_mb, hlo = build_jax(arch, batch, size, small, dim,
+                                                           args.compute_dtype, args.devices)
     ref_step, device = build_torch(torch_arch, batch, size, small, dim)
     # In turns, median step time: on a shared machine both see the same load.
     times = common.timed_in_turns({"ours": ours_step, "ref": ref_step}, turns=max(1, (steps + 1) // 2),
@@ -159,6 +185,8 @@ def main(argv=None):
     dtype = "bf16" if args.compute_dtype == "bfloat16" else "f32"
     rows.append((name, batch, size, ours, ref, device, compile_s, temp_mb,
                  common.flops_share(flops, 1.0 / ours, dtype)))
+    if args.profile:  # after the timing, so tracing never overlaps it
+      profiles.append((name, step_profile(ours_step, hlo, runs=max(2, steps // 2))))
   print(f"{'setting':<14} {'batch':>5} {'size':>4} {'ours step/s':>12} {'torch step/s':>13} "
         f"{'ratio':>6} {'torch dev':>9} {'our compile s':>13} {'our temp MB':>11}  achieved")
   for name, batch, size, ours, ref, device, compile_s, temp_mb, fl in rows:
@@ -184,6 +212,10 @@ def main(argv=None):
           "the 64-channel layers' kernel gradient, furthest behind, at 0.49-0.50x (docs/models.md, 'On a "
           "CPU with AVX-512'; --devices 2 with the host split in two XLA devices gave ResNet-18 "
           "0.88-0.90x).")
+  for name, lines in profiles:
+    print(f"where our {name} step's time goes (--profile):")
+    for line in lines:
+      print(line)
   return [common.Row(f"steal_step: {name} b{batch} {size}px {args.compute_dtype}", f"{ours:.3f} step/s",
                      f"torch({device}) {ref:.3f} step/s", ours / ref, fl)
           for name, batch, size, ours, ref, device, compile_s, _, fl in rows]

@@ -1,4 +1,6 @@
 """benchmarks/op_profile.py: per-XLA-op times of a jitted call from a jax.profiler trace."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,3 +29,31 @@ def test_profile_names_each_op_and_separates_loops_from_their_ops():
   assert any("sin" in op_name or "dot" in op_name for _, _, op_name in p.ops)
   lines = op_profile.lines(p)
   assert lines[0].lstrip().startswith("wall") and any("loop/conditional" in line for line in lines)
+
+
+def test_a_call_alone_is_its_own_reference_and_ops_sum_by_kind():
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((64, 64)), jnp.float32)
+
+  def profiled_alone(a):  # XLA module "jit_profiled_alone"
+    return jnp.tanh(a @ a) @ a + jnp.sin(a)
+
+  call = jax.jit(profiled_alone)
+  p = op_profile.profile(lambda: call(x), "jit_profiled_alone", runs=3,
+                         hlo_text=call.lower(x).compile().as_text())
+  assert p.wall > 0 and p.reference_wall == p.wall
+  kinds = op_profile.by_kind(p)
+  # Every leaf op is in exactly one kind, named without its ".N" suffix, the largest kind first.
+  assert sum(n for _, _, n in kinds) == len(p.ops) - len(p.containers)
+  np.testing.assert_allclose(sum(sec for _, sec, _ in kinds), p.leaf_seconds(), rtol=1e-9)
+  assert all(not re.search(r"\.\d+$", kind) for kind, _, _ in kinds)
+  assert [sec for _, sec, _ in kinds] == sorted((sec for _, sec, _ in kinds), reverse=True)
+
+
+def test_the_steal_step_benchmark_prints_where_its_step_goes(capsys):
+  from benchmarks import steal_step  # pylint: disable=g-import-not-at-top
+  steal_step.main(["--tiny", "--profile", "--steps", "2"])
+  out = capsys.readouterr().out
+  section = out.split("where our resnet18 step's time goes (--profile):\n", 1)[1].splitlines()
+  assert section[0].lstrip().startswith("wall ") and "convolutions among them" in section[0]
+  assert section[1].lstrip().startswith("by kind: ") and " ms (" in section[1]
+  assert any(line.strip().endswith("other ops)") for line in section)
