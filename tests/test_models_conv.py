@@ -104,9 +104,61 @@ def test_resnet_convolutions_take_the_custom_gradient():
   kernels = [k for k in jax.tree.leaves(params) if k.ndim == 4]
   ones = sum(k.shape[:2] == (1, 1) for k in kernels)
   assert ones == 36 and len(kernels) == 53  # 2 per bottleneck x 16 + 4 shortcuts; + 16 3x3 + the stem
-  x = jnp.ones((2, 32, 32, 3))
-  jaxpr = str(jax.make_jaxpr(jax.grad(
-      lambda p: jnp.sum(nnx.merge(graphdef, p, stats)(x, train=False))))(params))
+
+  def grad_jaxpr(size):
+    x = jnp.ones((2, size, size, 3))
+    return str(jax.make_jaxpr(jax.grad(
+        lambda p: jnp.sum(nnx.merge(graphdef, p, stats)(x, train=False))))(params))
+
+  jaxpr = grad_jaxpr(96)  # layer4's maps are 3x3: no map is smaller than its kernel
   assert jaxpr.count("custom_vjp_call") == len(kernels)
   assert jaxpr.count("dot_general") == ones  # each 1x1 kernel gradient is one matmul (nothing else is)
   assert jaxpr.count("cond[") == len(kernels) - ones  # each larger kernel's input kept (layers._kept)
+  # At 32 px layer3's maps are 2x2 and layer4's 1x1: their 3x3 convolutions (6 + 3, and each stage's
+  # first one reads the larger map but writes the smaller) are matmuls of their patches instead.
+  jaxpr = grad_jaxpr(32)
+  assert jaxpr.count("custom_vjp_call") == len(kernels) - 9
+  assert jaxpr.count("cond[") == len(kernels) - ones - 9
+
+
+@pytest.mark.parametrize("size,kernel,stride,pad", [(2, 3, 1, 1), (1, 3, 1, 1), (4, 3, 2, 1), (3, 3, 2, 1),
+                                                    (2, 3, 2, 1), (3, 5, 1, 2), (6, 7, 2, 3)])
+def test_maps_smaller_than_the_kernel_are_a_matmul_with_lax_values(size, kernel, stride, pad):
+  # XLA's CPU convolution of a map smaller than its kernel (ResNet layer4 at 16 px: 2x2) took 10-130x
+  # the time of the same sums as a matmul; the value and both gradients must stay lax's.
+  rng = np.random.default_rng(size * 100 + kernel * 10 + stride)
+  x = jnp.asarray(rng.normal(size=(3, size, size + 1, 4)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 4, 5)).astype(np.float32))
+  padding = ((pad, pad), (pad, pad))
+  assert layers._map_smaller_than_kernel(x.shape, w.shape, (stride, stride), padding)
+  ref = jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=_NHWC)
+  ours = layers.conv(x, w, (stride, stride), padding, dimension_numbers=_NHWC)
+  scale = float(jnp.max(jnp.abs(ref)))
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5 * scale)
+  for got, want in zip(_grads(layers.conv, x, w, stride, padding),
+                       _grads(jax.lax.conv_general_dilated, x, w, stride, padding)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-5 * float(jnp.max(jnp.abs(want))))
+  def loss(x, w):
+    return jnp.sum(jnp.sin(layers.conv(x, w, (stride, stride), padding, dimension_numbers=_NHWC)))
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+  assert " convolution(" not in compiled  # neither the forward nor either gradient is a convolution
+
+
+def test_the_matmul_path_is_for_small_maps_only_and_keeps_bfloat16():
+  # ResNet-18 at 32 px (layer4 4x4) and ResNet-50 at 224 px (7x7) keep the convolution everywhere.
+  for x_shape, w_shape, stride in [((64, 4, 4, 512), (3, 3, 512, 512), 1), ((64, 8, 8, 256), (3, 3, 256, 512), 2),
+                                   ((16, 7, 7, 512), (3, 3, 512, 512), 1), ((16, 3, 3, 8), (3, 3, 8, 8), 1),
+                                   ((16, 1, 1, 8), (1, 1, 8, 8), 1)]:
+    assert not layers._map_smaller_than_kernel(x_shape, w_shape, (stride, stride), ((1, 1), (1, 1)))
+  # An empty output is lax's to reject, as before.
+  assert not layers._map_smaller_than_kernel((1, 1, 1, 2), (3, 3, 2, 2), (1, 1), ((0, 0), (0, 0)))
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(2, 2, 2, 8)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 8, 4)).astype(np.float32)
+  f32 = layers.conv(jnp.asarray(x), jnp.asarray(w), (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+  bf16 = layers.conv(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), (1, 1), ((1, 1), (1, 1)),
+                     dimension_numbers=_NHWC)
+  assert bf16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(bf16, np.float32), np.asarray(f32), rtol=0.05,
+                             atol=0.05 * float(jnp.max(jnp.abs(f32))))
