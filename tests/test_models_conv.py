@@ -151,6 +151,8 @@ def test_the_matmul_path_is_for_small_maps_only_and_keeps_bfloat16():
                                    ((16, 7, 7, 512), (3, 3, 512, 512), 1), ((16, 3, 3, 8), (3, 3, 8, 8), 1),
                                    ((16, 1, 1, 8), (1, 1, 8, 8), 1)]:
     assert not layers._map_smaller_than_kernel(x_shape, w_shape, (stride, stride), ((1, 1), (1, 1)))
+  # A long thin map would need a large tap selection (2 x 400 -> 2 x 400 under 3x3: 5.8 M entries).
+  assert not layers._map_smaller_than_kernel((2, 2, 400, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1)))
   # An empty output is lax's to reject, as before.
   assert not layers._map_smaller_than_kernel((1, 1, 1, 2), (3, 3, 2, 2), (1, 1), ((0, 0), (0, 0)))
   rng = np.random.default_rng(5)

@@ -27,14 +27,15 @@ gradients (the same sums in another order): keeping an input changes nothing but
 
 One exception on CPU: a convolution whose input or output map is shorter than its kernel along a side
 (a ResNet's layer4 at 16 px input has 2x2 maps under 3x3 kernels; at 32 px with the ImageNet stem,
-layer3 2x2 and layer4 1x1) is `conv_as_matmul`, its patches against the flattened kernel, with
-autodiff's gradients. XLA's CPU convolutions (Eigen's and YNNPACK's alike) fall off their fast path
-there: on the 2-core Zen 5, 3x3 512 -> 512 at batch 64 took 354 ms forward and 696 ms forward+backward
-on 2x2 maps against 2.8 and 8.9 ms as a matmul (on 3x3 maps: 5.6 ms forward by lax), 11.6 / 26.2 ms
-against 0.9 / 2.6 on 1x1 maps, and a stride-2 4x4 -> 2x2 layer's gradient 154 ms against 4.6. The
-tiny configs' ResNet-18 step (batch 8, 16 px) went from 3.0 to 24.8 steps/s, the demo's stolen
-ResNet-18/4 step (batch 64, 16 px) from 44 to 17 ms. Values move by float32 rounding (the same sums in
-another order). Maps at least the kernel's size on every side keep the convolution.
+layer3 2x2 and layer4 1x1) is `conv_as_matmul`, two matmuls with autodiff's gradients. XLA's CPU
+convolutions (Eigen's and YNNPACK's alike) fall off their fast path there: on the 2-core Zen 5, 3x3
+512 -> 512 at batch 64 took 335 ms forward and 682 ms forward+backward on 2x2 maps against 2.8 and
+10.8 ms as matmuls (on 3x3 maps: 5.4 ms forward by lax), 12.3 / 25.6 ms against 1.0 / 4.6 on 1x1
+maps, and a stride-2 4x4 -> 2x2 layer's gradient 137 ms against 5.4. The tiny ResNet-18 benchmark
+step (batch 8, 16 px) went from 328 to 59-60 ms, the demo's stolen resnet18_w0.25 step (batch 64,
+16 px) from 47 to 18-19 ms, compile times unchanged. Values move by float32 rounding (the same sums
+in another order). Maps at least the kernel's size on every side keep the convolution
+(docs/models.md, "Maps smaller than the kernel").
 """
 import functools
 from typing import Sequence, Tuple
@@ -168,35 +169,67 @@ def _output_size(size: int, kernel: int, stride: int, pad: Tuple[int, int]) -> i
 
 
 def _map_smaller_than_kernel(x_shape, w_shape, strides, padding) -> bool:
-  """Whether the input's or the output's map is shorter than the kernel along a spatial axis (and the
-  output is not empty): XLA's CPU convolutions of such maps, and the input gradients of convolutions
-  with such outputs, run 10-130x slower than the same sums as a matmul (module docstring)."""
+  """Whether the input's or the output's map is shorter than the kernel along a spatial axis: XLA's CPU
+  convolutions of such maps, and the input gradients of convolutions with such outputs, run 10-130x
+  slower than the same sums as matmuls (module docstring). Only maps whose tap selection
+  (`_tap_selection`) stays small; an empty output is lax's to reject."""
+  sizes = []
   for axis in range(2):
     size, kernel = x_shape[1 + axis], w_shape[axis]
     out = _output_size(size, kernel, strides[axis], padding[axis])
     if out < 1:
-      return False  # lax's own error
-    if min(size, out) < kernel:
-      return True
-  return False
+      return False
+    sizes.append((size, out, kernel))
+  (h, oh, kh), (w, ow, kw) = sizes
+  small = min(h, oh) < kh or min(w, ow) < kw
+  return small and h * w * oh * ow * kh * kw <= _MAX_SELECTION
+
+
+# Entries of the tap selection matrix at most (256 KB in float32): every square map smaller than a 3x3 or
+# 7x7 kernel is far below it (2x2 -> 2x2 under 3x3: 144; 4x4 -> 2x2: 576); a long thin map is not.
+_MAX_SELECTION = 65536
+
+
+@functools.lru_cache(maxsize=None)
+def _tap_selection(h, w, kh, kw, strides, padding) -> np.ndarray:
+  """float32 [h * w, oh * ow * kh * kw], 1 where input position (r, c) is tap (i, j) of output position
+  (a, b) (r = a * stride - top + i; padding positions select nothing), else 0."""
+  (top, _), (left, _) = padding
+  oh, ow = _output_size(h, kh, strides[0], padding[0]), _output_size(w, kw, strides[1], padding[1])
+  selection = np.zeros((h, w, oh, ow, kh, kw), np.float32)
+  for a in range(oh):
+    for b in range(ow):
+      for i in range(kh):
+        for j in range(kw):
+          r, c = a * strides[0] - top + i, b * strides[1] - left + j
+          if 0 <= r < h and 0 <= c < w:
+            selection[r, c, a, b, i, j] = 1.0
+  return selection.reshape(h * w, oh * ow * kh * kw)
 
 
 def conv_as_matmul(x, w, strides, padding, precision=None):
-  """The NHWC/HWIO convolution as one matmul: each output position's input window (the kernel's taps
-  as strided views of the padded input, concatenated over channels, "im2col") against the flattened
-  kernel, accumulated in float32. Its gradients are autodiff's (slices, pads, two matmuls). For small
-  maps only: the windows are kh * kw copies of the input."""
+  """The NHWC/HWIO convolution as two matmuls: the input's taps of every output position selected by a
+  0/1 matrix (`_tap_selection`; a copy, exact), then contracted with the kernel over taps and channels,
+  accumulated in float32. Autodiff's gradients are matmuls too. For small maps only (the selection has
+  h * w * oh * ow * kh * kw entries). Why a selection matmul rather than the taps as strided slices
+  concatenated ("im2col", the same values): compiling the slices' concatenation and its gradient made a
+  ResNet-18's forward compile in 450 ms instead of 230 (the convolution's, and this one's), which
+  outweighs the speed-up in short runs; the matmuls run as fast. A non-finite input value reaches
+  every output position of its image through the zeros (0 * inf = NaN), where a convolution confines it
+  to its window."""
   kh, kw, cin, cout = w.shape
-  sh, sw = strides
-  zero = jnp.zeros((), x.dtype)
-  xp = jax.lax.pad(x, zero, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
-  n, hp, wp, _ = xp.shape
-  oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-  taps = [jax.lax.slice(xp, (0, i, j, 0), (n, i + sh * (oh - 1) + 1, j + sw * (ow - 1) + 1, cin),
-                        (1, sh, sw, 1))
-          for i in range(kh) for j in range(kw)]  # row-major taps: the order of w's [kh, kw] axes
-  patches = jnp.concatenate(taps, axis=-1).reshape(n * oh * ow, kh * kw * cin)
-  out = jax.lax.dot_general(patches, w.reshape(kh * kw * cin, cout), (((1,), (0,)), ((), ())),
+  n, h, wd, _ = x.shape
+  strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
+  oh, ow = _output_size(h, kh, strides[0], padding[0]), _output_size(wd, kw, strides[1], padding[1])
+  selection = jnp.asarray(_tap_selection(h, wd, kh, kw, strides, padding), x.dtype)
+  # [n, cin, oh * ow * kh * kw]: each output position's taps (zero where they fall on the padding).
+  patches = jax.lax.dot_general(x.reshape(n, h * wd, cin), selection, (((1,), (0,)), ((), ())),
+                                precision=jax.lax.Precision.HIGHEST)
+  patches = patches.reshape(n, cin, oh * ow, kh * kw)
+  # Contracted in the kernel's own order (taps, then channels): XLA then moves the patches rather than
+  # the kernel. Of the orders tried this one ran fastest (the demo's stolen resnet18_w0.25 step 18.2 ms,
+  # the patches as [oh * ow, kh * kw, n, cin] 25.0, the contraction as (channels, taps) 18.6).
+  out = jax.lax.dot_general(patches, w.reshape(kh * kw, cin, cout), (((3, 1), (0, 1)), ((), ())),
                             precision=precision, preferred_element_type=jnp.float32)
   return out.astype(jnp.result_type(x, w)).reshape(n, oh, ow, cout)
 
