@@ -25,8 +25,9 @@ the other's idle threads. Prints steps/s for both, the ratio (ours / torch; targ
 our compile time separately, and our achieved FLOP/s as a share of the device's peak. Never asserts a
 time. --profile then traces our step alone (jax.profiler, benchmarks/op_profile.py) and prints the
 least time of each XLA op over the traced steps, summed by kind and the largest ones, against the
-step's wall time; on CPU, XLA runs most convolutions on Eigen's threads without a per-op trace event,
-so they are the part of the wall the ops do not add up to (the output counts the convolutions timed).
+step's wall time; on CPU, XLA hands large convolutions to Eigen's threads, and their trace events time
+only the launch, so they are most of the wall the events do not add up to (the output gives the
+convolutions' own events apart).
 """
 import argparse
 import os
@@ -140,12 +141,13 @@ def step_profile(run_one, hlo: str, runs: int, kinds: int = 8, top: int = 10):
   module = re.search(r"^HloModule (\S+?),", hlo, re.M).group(1)
   p = op_profile.profile(run_one, module, runs=runs, hlo_text=hlo)
   convolutions = set(re.findall(r"^\s*(?:ROOT )?%(\S+) = \S+ convolution\(", hlo, re.M))
-  timed = sum(op in convolutions for op, _, _ in p.ops)
+  conv_seconds = sum(sec for op, sec, _ in p.ops if op in convolutions)
   leaf = p.leaf_seconds()
-  out = [f"  wall {1e3 * p.wall:.1f} ms (least of {runs} traced steps); the ops timed one by one sum to "
-         f"{1e3 * leaf:.1f} ms ({100 * leaf / p.wall:.0f}%), {timed} of the {len(convolutions)} "
-         f"convolutions among them; the rest, {1e3 * max(p.wall - leaf, 0.0):.1f} ms, is ops without a "
-         f"trace event of their own (on CPU: Eigen's convolutions) and gaps"]
+  out = [f"  wall {1e3 * p.wall:.1f} ms (least of {runs} traced steps); the ops' trace events sum to "
+         f"{1e3 * leaf:.1f} ms ({100 * leaf / p.wall:.0f}%), the {len(convolutions)} convolutions' to "
+         f"{1e3 * conv_seconds:.1f} ms; the rest, {1e3 * max(p.wall - leaf, 0.0):.1f} ms, is work no "
+         f"event times (on CPU: a large convolution's event times its launch, and Eigen's threads do "
+         f"the work after it) and gaps"]
   out.append("  by kind: " + ", ".join(f"{kind} {1e3 * sec:.1f} ms ({n})"
                                        for kind, sec, n in op_profile.by_kind(p)[:kinds]))
   out.extend(op_profile.lines(p, top=top, indent="  ")[1:])  # shares of the step's wall

@@ -54,6 +54,6 @@ def test_the_steal_step_benchmark_prints_where_its_step_goes(capsys):
   steal_step.main(["--tiny", "--profile", "--steps", "2"])
   out = capsys.readouterr().out
   section = out.split("where our resnet18 step's time goes (--profile):\n", 1)[1].splitlines()
-  assert section[0].lstrip().startswith("wall ") and "convolutions among them" in section[0]
+  assert section[0].lstrip().startswith("wall ") and "convolutions' to " in section[0]
   assert section[1].lstrip().startswith("by kind: ") and " ms (" in section[1]
   assert any(line.strip().endswith("other ops)") for line in section)
