@@ -54,7 +54,7 @@ TINY = {"resnet18": ("resnet18", "resnet18", 8, 16, True, 512)}
 
 def build_jax(arch, batch, size, small, dim, compute_dtype="float32", num_devices=1):
   """Returns (run_one_step, compile_seconds, flops per step, XLA's temporary buffer in MB, the compiled
-  module's HLO text); run_one_step() blocks until done."""
+  step, whose as_text() --profile reads); run_one_step() blocks until done."""
   model = models.create_resnet(arch, rngs=nnx.Rngs(0), small_input=small)
   graphdef, params, batch_stats = models.split_model(model)
   mesh = distributed.data_mesh(num_devices)
@@ -85,7 +85,7 @@ def build_jax(arch, batch, size, small, dim, compute_dtype="float32", num_device
 
   run_one()
   run_one()  # two warm steps
-  return run_one, compile_s, flops, temp_mb, compiled.as_text()
+  return run_one, compile_s, flops, temp_mb, compiled
 
 
 def build_torch(arch, batch, size, small, dim):
@@ -176,8 +176,8 @@ def main(argv=None):
   rows, profiles = [], []
   for name, (arch, torch_arch, batch, size, small, dim) in settings.items():
     steps = args.steps or (3 if args.tiny else (20 if size <= 32 else 5))
-    ours_step, compile_s, flops, temp_mb, hlo = build_jax(arch, batch, size, small, dim,
-                                                           args.compute_dtype, args.devices)
+    ours_step, compile_s, flops, temp_mb, compiled = build_jax(arch, batch, size, small, dim,
+                                                                args.compute_dtype, args.devices)
     ref_step, device = build_torch(torch_arch, batch, size, small, dim)
     # In turns, median step time: on a shared machine both see the same load.
     times = common.timed_in_turns({"ours": ours_step, "ref": ref_step}, turns=max(1, (steps + 1) // 2),
@@ -188,7 +188,7 @@ def main(argv=None):
     rows.append((name, batch, size, ours, ref, device, compile_s, temp_mb,
                  common.flops_share(flops, 1.0 / ours, dtype)))
     if args.profile:  # after the timing, so tracing never overlaps it
-      profiles.append((name, step_profile(ours_step, hlo, runs=max(2, steps // 2))))
+      profiles.append((name, step_profile(ours_step, compiled.as_text(), runs=max(2, steps // 2))))
   print(f"{'setting':<14} {'batch':>5} {'size':>4} {'ours step/s':>12} {'torch step/s':>13} "
         f"{'ratio':>6} {'torch dev':>9} {'our compile s':>13} {'our temp MB':>11}  achieved")
   for name, batch, size, ours, ref, device, compile_s, temp_mb, fl in rows:
