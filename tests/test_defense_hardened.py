@@ -308,8 +308,35 @@ def test_image_keyed_noise_holds_for_near_duplicates_and_stays_independent_elsew
   assert abs(off.mean()) < 0.05 and np.mean(off > 0.5) < 0.02, (off.mean(), np.mean(off > 0.5))
 
 
-def test_image_keyed_mixed_batches_equal_per_user_calls_and_replay_is_unchanged(tmp_path):
-  cfg = _cfg(image_weight=0.7)
+@pytest.mark.parametrize("n", [5, 41])  # fewer rows than one matmul's; groups over several matmuls
+def test_keyed_weight_sum_equals_one_draw_per_row(n):
+  """The grouped loop (one W per account and level, applied a few rows at a time) against the plain
+  per-row formula: each row's own W drawn from its own key, the product in float64 numpy."""
+  rng = np.random.default_rng(n)
+  f, dim = 6, 5
+  accounts = rng.integers(0, 2**32, size=(3, 2), dtype=np.uint64).astype(np.uint32)
+  which = rng.integers(0, 3, size=n)
+  uids = accounts[which]
+  level = rng.integers(-2, 0, size=n).astype(np.int32)
+  level[n // 2] = hardened._NO_NOISE_LEVEL  # sigma 0 (padding, rejected rows): no draw, zeros
+  feats = rng.normal(size=(n, f)).astype(np.float32)
+  stream = keys_lib.stream_key(3, "image_noise")
+  got = np.asarray(hardened.keyed_weight_sum(stream, jax.numpy.asarray(uids), jax.numpy.asarray(level),
+                                             jax.numpy.asarray(feats), dim))
+  assert len({(*uids[i], level[i]) for i in range(n)}) < n  # some rows share their W
+  for i in range(n):
+    if level[i] == hardened._NO_NOISE_LEVEL:
+      np.testing.assert_array_equal(got[i], 0.0)
+      continue
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(stream, uids[i, 0]), uids[i, 1]),
+                             level[i])
+    weights = np.asarray(noise_lib.standard_normal(key[None], f * dim), np.float64).reshape(f, dim)
+    np.testing.assert_allclose(got[i], feats[i].astype(np.float64) @ weights, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight", [0.7, 1.0])  # 1.0: the served default (no fine-code draws at all)
+def test_image_keyed_mixed_batches_equal_per_user_calls_and_replay_is_unchanged(tmp_path, weight):
+  cfg = _cfg(image_weight=weight)
   x = _images(24, seed=3)
   users = ["alice", "bob", "carol"] * 8
   mixed_api = DefendedEncoder(_encoder, cfg, D, capacity=4)
