@@ -15,9 +15,10 @@ Measures, on the same random representations:
       coverage loop, and checks both reach the same coverage;
   (b) the matmul floor: only x @ R_p for all projections (exact hashing cannot be cheaper);
   (c) serving throughput of the full defense (coverage + cost + noise + transform), of the coverage
-      update alone, and of the served API's default (configs/serve.py: hardened per-input noise, a
-      diag_affine transform per account, tables cached as DefendedEncoder does), with 1, 64, ... users
-      mixed in every batch, each against the floor at that batch;
+      update alone, and of the served API's default (configs/serve.py: the hardened preset, its noise
+      all image-keyed, on image queries whose descriptors are computed beforehand; a diag_affine
+      transform per account, tables cached as DefendedEncoder does), with 1, 64, ... users mixed in
+      every batch, each against the floor at that batch;
   (d) bytes of defense state per user;
   (e) optionally, the defense's overhead on an encoder's forward (random weights, 64 users mixed per
       batch): the full defense step timed alone on that encoder's representations of the batch, as a
@@ -42,6 +43,7 @@ import numpy as np
 
 from b4b_jax import xla_flags
 from b4b_jax.defense import config as config_lib
+from b4b_jax.defense import hardened
 from b4b_jax.defense import keys as keys_lib
 from b4b_jax.defense import noise as noise_lib
 from b4b_jax.defense import state as state_lib
@@ -121,27 +123,38 @@ def _floor_fn(params) -> Callable:
   return jax.jit(hashing_floor)
 
 
-def _stepper(params, capacity, users, batches, cached_table: bool = False):
+def _stepper(params, capacity, users, batches, cached_table: bool = False, descriptors=None):
   """A callable running the jitted step over `batches` (state carried and donated, as in serving).
   cached_table: pass the users' transform table built once, as DefendedEncoder serves (without it the
-  step derives every slot's transform on each call)."""
+  step derives every slot's transform on each call). descriptors: the queried images'
+  hardened.image_descriptor [N, G*G] (image queries), or None (representation queries)."""
   holder = [_registered_state(params, capacity)]
   table = (jax.block_until_ready(transforms.make_table(params.settings, params.transform_key,
                                                        holder[0].uids)) if cached_table else None)
 
   def run_batches():
     for batch in batches:
-      holder[0], out, _ = step_lib.defense_step(params, holder[0], users, batch, table)
+      holder[0], out, _ = step_lib.defense_step(params, holder[0], users, batch, table, None,
+                                                descriptors)
     return out
 
   return run_batches, holder
 
 
-def _step_hlo(params, holder, users, batch, cached_table: bool = False) -> str:
+def _step_hlo(params, holder, users, batch, cached_table: bool = False, descriptors=None) -> str:
   """The compiled text of the step _stepper runs (op names for section (f)); compiles, runs nothing."""
   table = (transforms.make_table(params.settings, params.transform_key, holder[0].uids)
            if cached_table else None)
-  return step_lib.defense_step.lower(params, holder[0], users, batch, table).compile().as_text()
+  return step_lib.defense_step.lower(params, holder[0], users, batch, table, None,
+                                     descriptors).compile().as_text()
+
+
+def _image_descriptors(rng, n: int, grid: int) -> jax.Array:
+  """The hardened mode's descriptors [n, grid*grid] of n random 32x32 photos-like images (smooth
+  random content: each image its own descriptor, as distinct photos)."""
+  coarse = rng.uniform(0, 255, size=(n, 4, 4, 3)).astype(np.float32)
+  images = jax.image.resize(coarse, (n, 32, 32, 3), "linear")
+  return jax.block_until_ready(hardened.image_descriptor(images, grid))
 
 
 def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int = 12,
@@ -176,10 +189,11 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
   common = dict(num_projections=num_projections, num_hyperplanes=num_hyperplanes, seed=seed)
   count_params = state_lib.make_params(config_lib.defense_config("none", **common), rep_dim)
   serve_params = state_lib.make_params(config_lib.defense_config("simsiam", **common), rep_dim)
-  # The served API's default (configs/serve.py): hardened per-input noise (fine_codes = 4 draws per
-  # value) and a per-account diag_affine transform.
+  # The served API's default (configs/serve.py): the hardened preset (noise keyed per account, input
+  # and sigma level, all of its variance image-keyed: a [256, D] Gaussian matrix per account and level
+  # applied to each image's features) and a per-account diag_affine transform.
   hardened_params = state_lib.make_params(config_lib.defense_config(
-      "simsiam", transform="diag_affine", noise_keying="per_input", **common), rep_dim)
+      "simsiam", hardened=True, transform="diag_affine", **common), rep_dim)
 
   # (a) coverage update: ours vs the original algorithm, one user, num_reps in batches.
   num_batches = max(1, num_reps // batch_size)
@@ -228,6 +242,9 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
   n = serving_batch_size
   capacity = max(users_mixed)
   serve_batch = [jax.device_put(rng.standard_normal((n, rep_dim)).astype(np.float32))]
+  # Its own generator, so that the other sections' inputs stay what they were before this was added.
+  descriptors = _image_descriptors(np.random.default_rng(seed + 1), n,
+                                   hardened_params.settings.image_grid)
   row_keys = jax.random.split(jax.random.key(seed), n)
   # Our generator (defense/noise.py) and, for reference, jax.random.normal (threefry) as drawn before.
   noise = jax.jit(lambda k: noise_lib.standard_normal(k, rep_dim))
@@ -247,7 +264,8 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
     users = jax.device_put(rng.permutation(np.arange(n) % num_users).astype(np.int32))
     coverage_only, _ = _stepper(count_params, capacity, users, serve_batch)
     full, _ = _stepper(serve_params, capacity, users, serve_batch)
-    hardened_fn, _ = _stepper(hardened_params, capacity, users, serve_batch, cached_table=True)
+    hardened_fn, _ = _stepper(hardened_params, capacity, users, serve_batch, cached_table=True,
+                              descriptors=descriptors)
     # The floor is timed again inside these trials, interleaved with the steps: a ratio of two figures
     # taken seconds apart moved by ~0.1x on a quiet machine (the floor itself varies by ~5 %).
     t = _best_seconds({"floor": lambda: floor(serve_batch[0], count_params.projection),
@@ -261,14 +279,14 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
     say(f"    {num_users:5d} users/batch: coverage update {row['coverage_only']['reps_per_s']:10,.0f}"
         f" reps/s ({row['coverage_only']['over_floor']:.2f}x floor); full defense "
         f"{row['full_defense']['reps_per_s']:10,.0f} reps/s ({row['full_defense']['over_floor']:.2f}x"
-        f" floor, {row['full_defense']['over_floor_plus_noise']:.2f}x floor + noise); hardened "
-        f"(served default) {row['hardened_service']['reps_per_s']:10,.0f} reps/s "
+        f" floor, {row['full_defense']['over_floor_plus_noise']:.2f}x floor + noise); served default "
+        f"(hardened, image queries) {row['hardened_service']['reps_per_s']:10,.0f} reps/s "
         f"({row['hardened_service']['over_floor']:.2f}x floor); load {os.getloadavg()[0]:.2f}")
 
   on_section("serving", results["serving"])
   if profile:
-    _profile_section(say, results, rng, n, capacity, users_mixed, floor, serve_batch, count_params,
-                     serve_params, hardened_params, repeats, on_section)
+    _profile_section(say, results, rng, n, capacity, users_mixed, floor, serve_batch, descriptors,
+                     count_params, serve_params, hardened_params, repeats, on_section)
 
   # (d) state per user.
   per_user = state_lib.state_bytes_per_user(count_params)
@@ -293,8 +311,8 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
   return results
 
 
-def _profile_section(say, results, rng, n, capacity, users_mixed, floor, serve_batch, count_params,
-                     serve_params, hardened_params, repeats, on_section):
+def _profile_section(say, results, rng, n, capacity, users_mixed, floor, serve_batch, descriptors,
+                     count_params, serve_params, hardened_params, repeats, on_section):
   """(f): per-op least times of each serving step of (c) vs the floor, at the fewest and the most
   users mixed per batch."""
   from benchmarks import op_profile  # pylint: disable=g-import-not-at-top
@@ -303,11 +321,12 @@ def _profile_section(say, results, rng, n, capacity, users_mixed, floor, serve_b
       f"(x @ R_p, batch {n}) traced alternately; load {os.getloadavg()[0]:.2f}")
   for num_users in sorted({min(users_mixed), max(users_mixed)}):
     users = jax.device_put(rng.permutation(np.arange(n) % num_users).astype(np.int32))
-    for name, params, cached in (("coverage_only", count_params, False),
-                                 ("full_defense", serve_params, False),
-                                 ("hardened_service", hardened_params, True)):
-      step, holder = _stepper(params, capacity, users, serve_batch, cached_table=cached)
-      hlo = _step_hlo(params, holder, users, serve_batch[0], cached)
+    for name, params, cached, images in (("coverage_only", count_params, False, None),
+                                         ("full_defense", serve_params, False, None),
+                                         ("hardened_service", hardened_params, True, descriptors)):
+      step, holder = _stepper(params, capacity, users, serve_batch, cached_table=cached,
+                              descriptors=images)
+      hlo = _step_hlo(params, holder, users, serve_batch[0], cached, images)
       p = op_profile.profile(step, "jit_defense_step",
                              lambda: floor(serve_batch[0], count_params.projection),
                              "jit_hashing_floor", runs=2 * repeats, hlo_text=hlo)
