@@ -176,6 +176,32 @@ def test_every_request_format_gives_the_same_representations(server):
   assert as_form["journal_seq"] > as_json["journal_seq"]
 
 
+def test_the_load_benchmarks_raw_client_gets_the_answers_httpx_gets(server):
+  """benchmarks/serve_load.py's client: requests encoded beforehand, sent on one keep-alive connection."""
+  import asyncio
+  from benchmarks import serve_load
+  proc, keys, _ = server
+  host = proc.url.split("//", 1)[1]
+  images = testing.random_images(2, 16, seed=12)
+  form = {"files": [("image", (f"{i}.png", _png(im), "image/png")) for i, im in enumerate(images)]}
+  npy = {"content": _npy(images), "headers": {"Content-Type": "application/x-npy"}}
+
+  async def exchanges():
+    connection = [None, None, *host.rsplit(":", 1)]
+    connection[3] = int(connection[3])
+    out = [await serve_load._exchange(connection, serve_load._request_bytes(host, key, body))
+           for key, body in ((keys["alice"], form), (keys["alice"], npy), ("not-a-key", npy))]
+    connection[1].close()
+    return out
+
+  (s1, b1), (s2, b2), (s3, _) = asyncio.run(exchanges())
+  assert (s1, s2, s3) == (200, 200, 401)
+  expected = httpx.post(proc.url + "/v1/embeddings", files=form["files"],
+                        headers={"Authorization": f"Bearer {keys['alice']}"}).json()["embeddings"]
+  for body in (b1, b2):
+    np.testing.assert_allclose(np.load(io.BytesIO(body)), np.asarray(expected), atol=1e-3)
+
+
 def test_admin_endpoints_cli_client_and_metrics(server):
   proc, _, token = server
   admin = client_lib.AdminClient(proc.url, token)
