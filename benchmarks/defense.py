@@ -25,6 +25,7 @@ Measures, on the same random representations:
       share of the forward's time; and, as a check, the encoder alone vs encoder + defense jitted
       together (as DefendedEncoder serves). The check's difference is two long timings subtracted:
       on a shared CPU the forward's run-to-run spread (a few %) is larger than the defense itself;
+      and the served default's step alone (as in (c), on the batch's images' descriptors);
   (f) optionally, per XLA op (fusion, sort, scatter, loop), the least time of each serving step of (c)
       over traced runs, as a share of the floor's time traced alternately (benchmarks/op_profile.py).
 Timings are best-of interleaved trials (load from other processes hits all alike). Nothing here
@@ -305,7 +306,8 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
       say(f"    {name:10s} forward {row['forward_ms']:8.1f} ms, defense step alone "
           f"{row['defense_ms']:7.2f} ms: the defense adds {100 * row['overhead_share']:.2g}% "
           f"(D={row['rep_dim']}); check, jitted together: {row['defended_ms']:8.1f} ms "
-          f"({100 * row['fused_difference']:+.1f}%)")
+          f"({100 * row['fused_difference']:+.1f}%); the served default (hardened, image queries) "
+          f"{row['served_default_ms']:7.2f} ms: {100 * row['served_default_share']:.2g}%")
     on_section("encoders", results["encoders"])
   results["lines"] = lines
   return results
@@ -352,7 +354,12 @@ def _encoder_overhead(name, batch, size, seed, repeats, trials, common) -> Dict:
   graphdef, params, stats = models.split_model(model)
   apply = lambda p, s, x: models.apply_model(graphdef, p, s, x, train=False)[0]  # noqa: E731
   defense_params = state_lib.make_params(config_lib.defense_config("simsiam", **common), rep_dim)
+  served_params = state_lib.make_params(config_lib.defense_config(
+      "simsiam", hardened=True, transform="diag_affine", **common), rep_dim)
   holder = [_registered_state(defense_params, 64)]
+  served_holder = [_registered_state(served_params, 64)]
+  table = transforms.make_table(served_params.settings, served_params.transform_key,
+                                served_holder[0].uids)
   users = jnp.asarray(np.arange(batch) % 64, jnp.int32)
   images = jax.device_put(np.random.default_rng(seed).standard_normal(
       (batch, size, size, 3)).astype(np.float32))
@@ -361,6 +368,7 @@ def _encoder_overhead(name, batch, size, seed, repeats, trials, common) -> Dict:
                      donate_argnums=(1,))
   defense_only = jax.jit(step_lib.defense_step_impl, donate_argnums=(1,))
   reps = jax.block_until_ready(forward(params, stats, images))
+  descriptors = jax.block_until_ready(hardened.image_descriptor(images, served_params.settings.image_grid))
 
   def run_defended():
     holder[0], out, _ = defended(defense_params, holder[0], users, params, stats, images)
@@ -370,14 +378,20 @@ def _encoder_overhead(name, batch, size, seed, repeats, trials, common) -> Dict:
     holder[0], out, _ = defense_only(defense_params, holder[0], users, reps)
     return out
 
+  def run_served_only():  # the served default on the same rows, as image queries
+    served_holder[0], out, _ = defense_only(served_params, served_holder[0], users, reps, table, None,
+                                            descriptors)
+    return out
+
   # Forwards take seconds at batch 256 on a CPU: the check gets three interleaved trials of one call.
   t = _best_seconds({"forward": lambda: forward(params, stats, images), "defended": run_defended},
                     1, min(trials, 3))
   # The step alone is milliseconds: enough calls that its figure is not the timer's.
-  t.update(_best_seconds({"defense": run_defense_only}, 20 * repeats, trials))
+  t.update(_best_seconds({"defense": run_defense_only, "served": run_served_only}, 20 * repeats, trials))
   return {"rep_dim": rep_dim, "batch": batch, "forward_ms": 1e3 * t["forward"],
           "defense_ms": 1e3 * t["defense"], "defended_ms": 1e3 * t["defended"],
           "overhead_share": t["defense"] / t["forward"],
+          "served_default_ms": 1e3 * t["served"], "served_default_share": t["served"] / t["forward"],
           "fused_difference": (t["defended"] - t["forward"]) / t["forward"]}
 
 
