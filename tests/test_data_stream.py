@@ -93,6 +93,25 @@ def test_augmented_views_are_deterministic_per_seed_epoch_index(tree):
   np.testing.assert_array_equal(e1, data_lib.apply_transform(base, rrc, seed=0, ids=idx, epoch=1))
 
 
+def test_in_memory_views_equal_the_streamed_ones_and_trace_once():
+  """views() of an in-memory pool maps the per-image function over the rows in one call; view_batches
+  streams it through tf.data: the same pixels, and neither traces it again for new rows or epochs."""
+  images = np.random.default_rng(1).integers(0, 256, (40, 20, 18, 3), np.uint8)
+  pool = stream.Pool("arrays", "train", np.zeros(40, np.int32), images=images)
+  for spec in ({"mode": "random_resized_crop", "size": 16, "flip": True}, None):
+    for epoch, idx in ((1, np.arange(9)), (2, np.random.default_rng(2).permutation(40)[:13])):
+      got = stream.views(pool, idx, spec, seed=5, epoch=epoch)
+      streamed = np.concatenate(list(stream.view_batches(pool, idx, spec, seed=5, epoch=epoch,
+                                                          batch_size=4)))
+      np.testing.assert_array_equal(got, streamed)
+      np.testing.assert_array_equal(got, data_lib.apply_transform(images[idx], spec, seed=5, ids=idx,
+                                                                  epoch=epoch) if spec else images[idx])
+    fn = stream._view_function(pool, data_lib.make_transform(spec), 5)
+    assert fn.experimental_get_tracing_count() == 1
+  with pytest.raises(IndexError, match="out of range"):
+    stream.views(pool, np.array([3, 40]), None, seed=5, epoch=0)
+
+
 def test_host_shares_are_disjoint_and_cover(tree):
   pool = stream.open_pool(_cfg(tree), seed=0)
   rrc = {"mode": "random_resized_crop", "size": 16, "flip": True}
