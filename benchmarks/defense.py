@@ -368,7 +368,8 @@ def _encoder_overhead(name, batch, size, seed, repeats, trials, common) -> Dict:
                      donate_argnums=(1,))
   defense_only = jax.jit(step_lib.defense_step_impl, donate_argnums=(1,))
   reps = jax.block_until_ready(forward(params, stats, images))
-  descriptors = jax.block_until_ready(hardened.image_descriptor(images, served_params.settings.image_grid))
+  descriptors = jax.block_until_ready(hardened.image_descriptor(images,
+                                                                served_params.settings.image_grid))
 
   def run_defended():
     holder[0], out, _ = defended(defense_params, holder[0], users, params, stats, images)
@@ -387,7 +388,8 @@ def _encoder_overhead(name, batch, size, seed, repeats, trials, common) -> Dict:
   t = _best_seconds({"forward": lambda: forward(params, stats, images), "defended": run_defended},
                     1, min(trials, 3))
   # The step alone is milliseconds: enough calls that its figure is not the timer's.
-  t.update(_best_seconds({"defense": run_defense_only, "served": run_served_only}, 20 * repeats, trials))
+  t.update(_best_seconds({"defense": run_defense_only, "served": run_served_only}, 20 * repeats,
+                         trials))
   return {"rep_dim": rep_dim, "batch": batch, "forward_ms": 1e3 * t["forward"],
           "defense_ms": 1e3 * t["defense"], "defended_ms": 1e3 * t["defended"],
           "overhead_share": t["defense"] / t["forward"],

@@ -106,8 +106,9 @@ def test_in_memory_views_equal_the_streamed_ones_and_trace_once():
       np.testing.assert_array_equal(got, streamed)
       np.testing.assert_array_equal(got, data_lib.apply_transform(images[idx], spec, seed=5, ids=idx,
                                                                   epoch=epoch) if spec else images[idx])
-    fn = stream._view_function(pool, data_lib.make_transform(spec), 5)
-    assert fn.experimental_get_tracing_count() == 1
+    entry = stream._view_function(pool, data_lib.make_transform(spec), 5)
+    assert entry["fn"].experimental_get_tracing_count() == 1
+    assert entry["batch"].experimental_get_tracing_count() == 1
   with pytest.raises(IndexError, match="out of range"):
     stream.views(pool, np.array([3, 40]), None, seed=5, epoch=0)
 

@@ -177,7 +177,7 @@ def test_every_request_format_gives_the_same_representations(server):
 
 
 def test_the_load_benchmarks_raw_client_gets_the_answers_httpx_gets(server):
-  """benchmarks/serve_load.py's client: requests encoded beforehand, sent on one keep-alive connection."""
+  """benchmarks/serve_load.py's client: requests encoded beforehand, one keep-alive connection."""
   import asyncio
   from benchmarks import serve_load
   proc, keys, _ = server

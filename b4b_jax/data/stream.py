@@ -182,21 +182,22 @@ def _cached_check(paths: np.ndarray, cache: Optional[str]) -> Tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------------
 # Views: pipelines over a sequence of pool indices
 # ---------------------------------------------------------------------------------------------------
-# view functions traced so far: (id(pool), view transform, seed) -> (pool, tf.function); the pool is held
-# so that its id is not reused while its entry lives. Least recently used first; a few pools at most.
+# View functions traced so far: (id(pool), view transform, seed) -> {"pool", "fn", "batch"}; the pool is
+# held so that its id is not reused while its entry lives. Least recently used first; a few at most.
 _VIEW_FUNCTIONS: "collections.OrderedDict" = collections.OrderedDict()
 _MAX_VIEW_FUNCTIONS = 8
 
 
 def _view_function(pool: Pool, transform: Optional[preprocess.Transform], seed: int):
-  """The view of one pool image as a tf.function of (index, path or image, epoch), traced once per pool, view
-  transform and seed. Every view_dataset used to trace its map functions afresh (autograph over the
-  transform: ~0.1 s a dataset on the 2-core CPU), and the steal job builds one per query batch and per
-  epoch: 5 of the 7.4 s query phase of a demo attack."""
+  """The cache entry of (pool, view transform, seed): "fn", the view of one pool image as a tf.function
+  of (index, path or image, epoch), traced once; "batch", _in_memory_views' function, once made. Every
+  view_dataset used to trace its map functions afresh (autograph over the transform: ~0.1 s a dataset
+  on the 2-core CPU), and the steal job builds one per query batch and per epoch: 5 of the 7.4 s
+  query phase of a demo attack."""
   key = (id(pool), transform, int(seed))
   if key in _VIEW_FUNCTIONS:
     _VIEW_FUNCTIONS.move_to_end(key)
-    return _VIEW_FUNCTIONS[key][1]
+    return _VIEW_FUNCTIONS[key]
 
   def view(i, image, epoch):
     if transform is None:
@@ -215,27 +216,30 @@ def _view_function(pool: Pool, transform: Optional[preprocess.Transform], seed: 
     @tf.function(input_signature=[scalar, tf.TensorSpec(pool.images.shape[1:], tf.uint8), scalar])
     def fn(i, image, epoch):
       return view(i, image, epoch)
-  _VIEW_FUNCTIONS[key] = (pool, fn)
+  _VIEW_FUNCTIONS[key] = {"pool": pool, "fn": fn, "batch": None}
   while len(_VIEW_FUNCTIONS) > _MAX_VIEW_FUNCTIONS:
     _VIEW_FUNCTIONS.popitem(last=False)
-  return fn
+  return _VIEW_FUNCTIONS[key]
 
 
-def _in_memory_views(pool: Pool, indices: np.ndarray, transform, seed: int, epoch: int) -> np.ndarray:
+def _in_memory_views(pool: Pool, indices: np.ndarray, transform, seed: int, epoch: int
+                     ) -> np.ndarray:
   """views() of an in-memory pool: the same per-image function as view_dataset, mapped over the rows
   in one traced call. Creating a tf.data iterator costs 40-60 ms on the 2-core CPU (its functions are
   instantiated and optimised anew each time), all of the work of a 64-image query batch; this takes
   ~8 ms. The pixels are view_dataset's (tests/test_data_stream.py)."""
-  fn = _view_function(pool, transform, seed)
-  if not hasattr(fn, "b4b_batch"):
+  entry = _view_function(pool, transform, seed)
+  if entry["batch"] is None:
+    fn = entry["fn"]
+
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int64),
                                   tf.TensorSpec([None, *pool.images.shape[1:]], tf.uint8),
                                   tf.TensorSpec([], tf.int64)])
     def batch(ids, images, epoch_):
       return tf.map_fn(lambda row: fn(row[0], row[1], epoch_), (ids, images),
                        fn_output_signature=tf.uint8, parallel_iterations=16)
-    fn.b4b_batch = batch
-  return fn.b4b_batch(indices, pool.images[indices], np.int64(epoch)).numpy()
+    entry["batch"] = batch
+  return entry["batch"](indices, pool.images[indices], np.int64(epoch)).numpy()
 
 
 def view_dataset(pool: Pool, indices, transform, *, seed: int, epoch: int,
@@ -244,13 +248,13 @@ def view_dataset(pool: Pool, indices, transform, *, seed: int, epoch: int,
   indices = np.asarray(indices, np.int64).reshape(-1)
   if len(indices) and (indices.min() < 0 or indices.max() >= len(pool)):
     raise IndexError(f"pool indices out of range [0, {len(pool)}): {indices.min()}..{indices.max()}")
-  fn = _view_function(pool, preprocess.make_transform(transform), seed)
+  fn = _view_function(pool, preprocess.make_transform(transform), seed)["fn"]
   epochs = np.full(indices.shape, int(epoch), np.int64)  # an element field: map takes fn as it is
   if pool.streams_from_disk:
     ds = tf.data.Dataset.from_tensor_slices((indices, pool.paths[indices], epochs))
   else:
-    # In-memory pools are small (bundled sets, CIFAR-size TFDS splits): the rows are sliced here, which
-    # took 62 -> ms a 64-image batch against a numpy_function gather per image.
+    # In-memory pools are small (bundled sets, CIFAR-size TFDS splits): the rows are sliced here (a
+    # numpy_function call per image cost ~10 ms more a 64-image batch).
     ds = tf.data.Dataset.from_tensor_slices((indices, pool.images[indices], epochs))
   ds = ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if batch_size is not None:
@@ -277,7 +281,8 @@ def views(pool: Pool, indices, transform, *, seed: int, epoch: int, batch_size: 
   indices = np.asarray(indices, np.int64).reshape(-1)
   if not pool.streams_from_disk and len(indices):
     if indices.min() < 0 or indices.max() >= len(pool):
-      raise IndexError(f"pool indices out of range [0, {len(pool)}): {indices.min()}..{indices.max()}")
+      raise IndexError(f"pool indices out of range [0, {len(pool)}): "
+                       f"{indices.min()}..{indices.max()}")
     return _in_memory_views(pool, indices, preprocess.make_transform(transform), seed, epoch)
   batches = list(view_batches(pool, indices, transform, seed=seed, epoch=epoch, batch_size=batch_size))
   if batches:

@@ -123,7 +123,8 @@ def keyed_weight_sum(stream, uids: jax.Array, level: jax.Array, feats: jax.Array
                                         num_keys=3)
   first = jnp.concatenate([jnp.ones((1,), bool),
                            (uid0[1:] != uid0[:-1]) | (uid1[1:] != uid1[:-1]) | (lvl[1:] != lvl[:-1])])
-  starts = jnp.nonzero(first, size=n + 1, fill_value=n)[0].astype(jnp.int32)  # group g: [starts[g], starts[g+1])
+  # Group g is sorted rows [starts[g], starts[g + 1]).
+  starts = jnp.nonzero(first, size=n + 1, fill_value=n)[0].astype(jnp.int32)
   sorted_feats = feats.astype(jnp.float32)[order]
 
   def apply_group(g, out):
