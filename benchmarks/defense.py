@@ -150,6 +150,14 @@ def _step_hlo(params, holder, users, batch, cached_table: bool = False, descript
                                      descriptors).compile().as_text()
 
 
+def _served_default_params(common: Dict, rep_dim: int):
+  """The served API's default (configs/serve.py): the hardened preset (noise keyed per account, input
+  and sigma level, all of its variance image-keyed: a [256, D] Gaussian matrix per account and level
+  applied to each image's features) and a per-account diag_affine transform."""
+  return state_lib.make_params(config_lib.defense_config(
+      "simsiam", hardened=True, transform="diag_affine", **common), rep_dim)
+
+
 def _image_descriptors(rng, n: int, grid: int) -> jax.Array:
   """The hardened mode's descriptors [n, grid*grid] of n random 32x32 photos-like images (smooth
   random content: each image its own descriptor, as distinct photos)."""
@@ -190,11 +198,7 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
   common = dict(num_projections=num_projections, num_hyperplanes=num_hyperplanes, seed=seed)
   count_params = state_lib.make_params(config_lib.defense_config("none", **common), rep_dim)
   serve_params = state_lib.make_params(config_lib.defense_config("simsiam", **common), rep_dim)
-  # The served API's default (configs/serve.py): the hardened preset (noise keyed per account, input
-  # and sigma level, all of its variance image-keyed: a [256, D] Gaussian matrix per account and level
-  # applied to each image's features) and a per-account diag_affine transform.
-  hardened_params = state_lib.make_params(config_lib.defense_config(
-      "simsiam", hardened=True, transform="diag_affine", **common), rep_dim)
+  hardened_params = _served_default_params(common, rep_dim)
 
   # (a) coverage update: ours vs the original algorithm, one user, num_reps in batches.
   num_batches = max(1, num_reps // batch_size)
@@ -354,8 +358,7 @@ def _encoder_overhead(name, batch, size, seed, repeats, trials, common) -> Dict:
   graphdef, params, stats = models.split_model(model)
   apply = lambda p, s, x: models.apply_model(graphdef, p, s, x, train=False)[0]  # noqa: E731
   defense_params = state_lib.make_params(config_lib.defense_config("simsiam", **common), rep_dim)
-  served_params = state_lib.make_params(config_lib.defense_config(
-      "simsiam", hardened=True, transform="diag_affine", **common), rep_dim)
+  served_params = _served_default_params(common, rep_dim)
   holder = [_registered_state(defense_params, 64)]
   served_holder = [_registered_state(served_params, 64)]
   table = transforms.make_table(served_params.settings, served_params.transform_key,

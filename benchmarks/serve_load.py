@@ -73,26 +73,39 @@ def _request_bytes(host: str, key: str, body: dict) -> bytes:
   return head.encode() + content
 
 
-async def _exchange(connection, request: bytes):
-  """Sends one request on an open keep-alive connection [reader, writer] (opened or reopened as
-  needed) and returns (status, body). Responses must carry Content-Length (the service's do)."""
-  import asyncio as aio  # pylint: disable=g-import-not-at-top
-  if connection[1] is None:
-    connection[0], connection[1] = await aio.open_connection(connection[2], connection[3])
-  connection[1].write(request)
-  await connection[1].drain()
-  head = await connection[0].readuntil(b"\r\n\r\n")
-  lines = head.decode("latin-1").split("\r\n")
-  status = int(lines[0].split()[1])
-  headers = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
-  headers = {k.strip().lower(): v.strip() for k, v in headers.items()}
-  if "content-length" not in headers:
-    raise ValueError(f"response without Content-Length: {lines[0]} {sorted(headers)}")
-  body = await connection[0].readexactly(int(headers["content-length"]))
-  if headers.get("connection", "").lower() == "close":
-    connection[1].close()
-    connection[0] = connection[1] = None
-  return status, body
+class _Connection:
+  """One keep-alive HTTP/1.1 connection to host:port, opened on first use and again after a close.
+  Responses must carry Content-Length (the service's do); each exchange is bounded by `timeout`
+  seconds (httpx's bound before these clients), so a stuck server cannot hang the benchmark."""
+
+  def __init__(self, host: str, port: int, timeout: float = 120.0):
+    self.host, self.port, self.timeout = host, port, timeout
+    self.reader = self.writer = None
+
+  async def exchange(self, request: bytes):
+    """Sends one encoded request; returns (status, body)."""
+    return await asyncio.wait_for(self._exchange(request), self.timeout)
+
+  async def _exchange(self, request: bytes):
+    if self.writer is None:
+      self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+    self.writer.write(request)
+    await self.writer.drain()
+    head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    status = int(head[0].split()[1])
+    headers = {k.strip().lower(): v.strip()
+               for k, v in (line.split(":", 1) for line in head[1:] if ":" in line)}
+    if "content-length" not in headers:
+      raise ValueError(f"response without Content-Length: {head[0]} {sorted(headers)}")
+    body = await self.reader.readexactly(int(headers["content-length"]))
+    if headers.get("connection", "").lower() == "close":
+      self.close()
+    return status, body
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+    self.reader = self.writer = None
 
 
 async def _run_load(url, keys, bodies, clients, duration):
@@ -107,25 +120,22 @@ async def _run_load(url, keys, bodies, clients, duration):
   t_end = time.perf_counter() + duration
 
   async def worker():
-    connection = [None, None, host, int(port)]
+    connection = _Connection(host, int(port))
     while next_index[0] < len(bodies) and time.perf_counter() < t_end:
       i = next_index[0]
       next_index[0] += 1
       t0 = time.perf_counter()
       try:
-        status, content = await _exchange(connection, requests[i])
+        status, content = await connection.exchange(requests[i])
         if status == 200:
           np.load(io.BytesIO(content))
       except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
         status = type(e).__name__
         print(f"[serve_load] request {i} ({bodies[i][0]}, {len(bodies[i][1])} images) failed after "
               f"{time.perf_counter() - t0:.2f} s: {type(e).__name__}: {e}")
-        if connection[1] is not None:
-          connection[1].close()
-        connection[0] = connection[1] = None
+        connection.close()
       results[i] = (status, time.perf_counter() - t0)
-    if connection[1] is not None:
-      connection[1].close()
+    connection.close()
 
   t0, cpu0 = time.perf_counter(), time.process_time()
   await asyncio.gather(*[worker() for _ in range(clients)])

@@ -187,11 +187,11 @@ def test_the_load_benchmarks_raw_client_gets_the_answers_httpx_gets(server):
   npy = {"content": _npy(images), "headers": {"Content-Type": "application/x-npy"}}
 
   async def exchanges():
-    connection = [None, None, *host.rsplit(":", 1)]
-    connection[3] = int(connection[3])
-    out = [await serve_load._exchange(connection, serve_load._request_bytes(host, key, body))
+    name, port = host.rsplit(":", 1)
+    connection = serve_load._Connection(name, int(port), timeout=60.0)
+    out = [await connection.exchange(serve_load._request_bytes(host, key, body))
            for key, body in ((keys["alice"], form), (keys["alice"], npy), ("not-a-key", npy))]
-    connection[1].close()
+    connection.close()
     return out
 
   (s1, b1), (s2, b2), (s3, _) = asyncio.run(exchanges())

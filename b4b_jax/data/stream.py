@@ -242,12 +242,18 @@ def _in_memory_views(pool: Pool, indices: np.ndarray, transform, seed: int, epoc
   return entry["batch"](indices, pool.images[indices], np.int64(epoch)).numpy()
 
 
-def view_dataset(pool: Pool, indices, transform, *, seed: int, epoch: int,
-                 batch_size: Optional[int] = None) -> tf.data.Dataset:
-  """uint8 views of pool[indices] (batched when batch_size is given; the last batch may be short)."""
+def _checked_indices(pool: Pool, indices) -> np.ndarray:
+  """int64 [n] indices into the pool; an IndexError names any out of range."""
   indices = np.asarray(indices, np.int64).reshape(-1)
   if len(indices) and (indices.min() < 0 or indices.max() >= len(pool)):
     raise IndexError(f"pool indices out of range [0, {len(pool)}): {indices.min()}..{indices.max()}")
+  return indices
+
+
+def view_dataset(pool: Pool, indices, transform, *, seed: int, epoch: int,
+                 batch_size: Optional[int] = None) -> tf.data.Dataset:
+  """uint8 views of pool[indices] (batched when batch_size is given; the last batch may be short)."""
+  indices = _checked_indices(pool, indices)
   fn = _view_function(pool, preprocess.make_transform(transform), seed)["fn"]
   epochs = np.full(indices.shape, int(epoch), np.int64)  # an element field: map takes fn as it is
   if pool.streams_from_disk:
@@ -278,11 +284,8 @@ def view_batches(pool: Pool, indices, transform, *, seed: int, epoch: int, batch
 def views(pool: Pool, indices, transform, *, seed: int, epoch: int, batch_size: int = 256
           ) -> np.ndarray:
   """All views of pool[indices] as one array (for a batch or a small set)."""
-  indices = np.asarray(indices, np.int64).reshape(-1)
+  indices = _checked_indices(pool, indices)
   if not pool.streams_from_disk and len(indices):
-    if indices.min() < 0 or indices.max() >= len(pool):
-      raise IndexError(f"pool indices out of range [0, {len(pool)}): "
-                       f"{indices.min()}..{indices.max()}")
     return _in_memory_views(pool, indices, preprocess.make_transform(transform), seed, epoch)
   batches = list(view_batches(pool, indices, transform, seed=seed, epoch=epoch, batch_size=batch_size))
   if batches:
