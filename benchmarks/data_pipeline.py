@@ -8,7 +8,7 @@ ways: data.apply_transform over in-memory arrays (stateless TF ops, parallel tf.
 per-image function, mapped over each batch of 256 in one traced call).
 Reference: torchvision.transforms on PIL images in one Python process, the per-worker work of the
 original code's DataLoader (it scales with workers the same way tf.data scales with cores).
-Prints images/s for both and their ratio.
+Prints images/s of each and their ratios to the reference.
 """
 import os
 import sys
