@@ -229,14 +229,20 @@ def test_steal_two_processes_match_one(steal_runs):
   for key in ("plan", "query_log", "accounts_after_queries", "accounts", "api", "total_steps"):
     assert_trees_match(r2[key], r1[key], key, _api_side_tolerance)
   assert r2["step"] == r2["total_steps"] == 6
-  # Training. Step 1 (one all-reduced gradient over the same global batch) agrees to float rounding;
-  # later steps drift apart a little (ReLU / max-pool decisions flip on last-bit differences), so the
-  # final weights are compared with the distance training moved them: a process that trained on its
-  # own rows only, or fed the wrong rows, is as far off as the update itself.
+  # Training. Step 1 (one all-reduced forward and gradient over the same global batch): its loss and
+  # cosine agree to float rounding (1e-5; a process that used only its own rows is off by far more).
+  # Its gradient norm gets 1e-3: this tiny network's early layers carry many ReLU decisions within
+  # rounding of zero, so any change of device layout flips some. Measured on the Zen 5 EPYC (6 Dec
+  # 2026) with session 26's resize: 1, 2 and 4 devices in one process 5.774547 / 5.774550 / 5.774462,
+  # 2 x 2 devices in two processes 5.777227 (8e-5 relative, while the loss agreed to 1.6e-7), layer1's
+  # gradients up to 1.5 % apart. Later steps drift apart a little more, so the final weights are
+  # compared with the distance training moved them: a process that trained on its own rows only, or
+  # fed the wrong rows, is as far off as the update itself.
   first = [{k: v for k, v in r.items() if k in ("loss", "grad_norm", "cosine_to_target")}
            for r in (_steal_record(one, 1), _steal_record(two, 1))]
   for k, v in first[0].items():
-    assert abs(first[1][k] - v) <= 1e-5 * max(1.0, abs(v)), (k, first)
+    rtol = 1e-3 if k == "grad_norm" else 1e-5
+    assert abs(first[1][k] - v) <= rtol * max(1.0, abs(v)), (k, first)
   np.testing.assert_allclose(r2["epoch_losses"], r1["epoch_losses"], rtol=2e-3)
   for k, v in r1["similarity_final"].items():
     assert abs(r2["similarity_final"][k] - v) < 1e-2, (k, v, r2["similarity_final"][k])
