@@ -134,3 +134,30 @@ def test_bad_embeddings_raise(separable):
     lp.train_linear_probe(x, y[:-1], xt, yt)
   with pytest.raises(ValueError, match=r"shape \[N, D\]"):
     lp.train_linear_probe(x[:, :, None], y, xt, yt)
+
+
+@pytest.mark.parametrize("rows,dims", [(12, 40), (39, 40), (60, 40)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relative", [True, False])
+def test_least_squares_fit_matches_a_direct_ridge_solve_with_fewer_or_more_rows_than_dims(
+    rows, dims, dtype, relative):
+  # Fewer rows than dims take the N x N (row Gram) route, the others the D x D one; both must be the
+  # direct solve of (Xc^T Xc + alpha s I) w = Xc^T Tc, b = mean t - mean x w, in float64.
+  rng = np.random.default_rng(rows)
+  x = (rng.normal(size=(rows, dims)) * rng.uniform(0.1, 10, dims) + 3.0).astype(dtype)
+  t = rng.normal(size=(rows, 3)) + x[:, :3].astype(np.float64)
+  alphas = [1e-3, 0.5, 20.0]
+  x64 = x.astype(np.float64)
+  xc, tc = x64 - x64.mean(0), t - t.mean(0)
+  gram = xc.T @ xc
+  scale = np.linalg.eigvalsh(gram).clip(0).mean() if relative else 1.0
+  fits = list(least_squares.fit(x, t, alphas, relative=relative))
+  assert [a for a, _, _ in fits] == alphas
+  tol = 1e-9 if dtype == np.float64 else 1e-4
+  for alpha, w, b in fits:
+    ref_w = np.linalg.solve(gram + alpha * scale * np.eye(dims), xc.T @ tc)
+    ref_b = t.mean(0) - x64.mean(0) @ ref_w
+    assert w.shape == (dims, 3) and b.shape == (3,)
+    np.testing.assert_allclose(w, ref_w, rtol=tol, atol=tol * np.abs(ref_w).max())
+    np.testing.assert_allclose(x64 @ w + b, x64 @ ref_w + ref_b, rtol=tol,
+                               atol=tol * np.abs(t).max())
