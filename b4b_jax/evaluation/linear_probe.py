@@ -352,7 +352,8 @@ def ridge_probe(train_x, train_y, test_x, test_y, *, num_classes: Optional[int] 
   """Closed-form ridge probe; strength chosen on each seed's validation split, refit on all of train.
 
   One pass over the data: the moments of all of train are computed once; each seed's train part is
-  all-of-train minus its (small) validation part.
+  all-of-train minus its (small) validation part. The refits on all of train (every strength, from one
+  eigendecomposition) are shared by the seeds.
   """
   if not alphas or any(not a > 0 for a in alphas):
     raise ValueError(f"ridge alphas must be a non-empty list of positive numbers, got {alphas}")
@@ -367,6 +368,7 @@ def ridge_probe(train_x, train_y, test_x, test_y, *, num_classes: Optional[int] 
   onehot = np.eye(num_classes)[train_y]
   alphas = sorted(alphas, reverse=True)  # ties go to the strongest regularisation
   everything = least_squares.moments(xc, onehot)
+  refits = [(w, b) for _, w, b in least_squares.solve(everything, alphas)]
 
   results, classifiers = [], []
   for seed in seeds:
@@ -377,7 +379,7 @@ def ridge_probe(train_x, train_y, test_x, test_y, *, num_classes: Optional[int] 
     for _, w, b in least_squares.solve(subset, alphas):
       val_curve.append(100.0 * float(np.mean(np.argmax(xv @ w + b, 1) == train_y[va])))
     best = int(np.argmax(val_curve))
-    (_, w, b), = least_squares.solve(everything, [alphas[best]])
+    w, b = refits[best]
     classifier = LinearClassifier(normalizer, w.astype(np.float32), (b - offset @ w).astype(np.float32))
     classifiers.append(classifier)
     test_top1 = classifier.top1(test_x, test_y) if test_x is not None else float("nan")
