@@ -63,13 +63,22 @@ def solve(m: Moments, alphas: Sequence[float], *,
   mean_x, mean_t = m.sx / m.n, m.st / m.n
   gram = m.sxx - m.n * np.outer(mean_x, mean_x)
   cross = m.sxt - m.n * np.outer(mean_x, mean_t)
+  for alpha, w in _spectral_fits(gram, cross, len(gram), alphas, relative):
+    yield alpha, w, mean_t - mean_x @ w
+
+
+def _spectral_fits(gram: np.ndarray, cross: np.ndarray, num_dims: int, alphas: Sequence[float],
+                   relative: bool, rows=None) -> Iterator[Tuple[float, np.ndarray]]:
+  """(alpha, w) for every alpha from one eigendecomposition of `gram`: w = (gram + alpha s I)^-1 cross,
+  then rows^T w when `rows` is given (the row-Gram route of `fit`). s: the mean of gram's (clamped)
+  eigenvalues over num_dims dimensions (relative) or 1."""
   evals, evecs = np.linalg.eigh(gram)
   evals = np.maximum(evals, 0.0)
   proj = evecs.T @ cross
-  scale = max(float(evals.mean()), 1e-300) if relative else 1.0
+  scale = max(float(evals.sum()) / num_dims, 1e-300) if relative else 1.0
   for alpha in alphas:
     w = evecs @ (proj / (evals + alpha * scale)[:, None])
-    yield alpha, w, mean_t - mean_x @ w
+    yield alpha, (w if rows is None else rows.T @ w)
 
 
 def fit(x: np.ndarray, t: np.ndarray, alphas: Sequence[float], *,
@@ -92,11 +101,6 @@ def _fit_from_row_gram(x: np.ndarray, t: np.ndarray, alphas: Sequence[float],
   """`fit` for N < D rows, float64: one eigendecomposition of the N x N Gram of the centred rows."""
   mean_x, mean_t = x.mean(0), t.mean(0)
   xc = x - mean_x
-  evals, evecs = np.linalg.eigh(xc @ xc.T)
-  evals = np.maximum(evals, 0.0)
-  proj = evecs.T @ (t - mean_t)
-  # The D x D Gram's mean eigenvalue: the same nonzero eigenvalues, D - N more zeros.
-  scale = max(float(evals.sum()) / x.shape[1], 1e-300) if relative else 1.0
-  for alpha in alphas:
-    w = xc.T @ (evecs @ (proj / (evals + alpha * scale)[:, None]))
+  # s over all D dimensions: the D x D Gram has the same nonzero eigenvalues and D - N more zeros.
+  for alpha, w in _spectral_fits(xc @ xc.T, t - mean_t, x.shape[1], alphas, relative, rows=xc):
     yield alpha, w, mean_t - mean_x @ w
