@@ -13,6 +13,7 @@ directory is only replaced with overwrite=True.
 """
 import copy
 import hashlib
+import json
 import os
 import shutil
 from typing import Any, Callable, Dict, Optional, Tuple, Union
@@ -261,6 +262,10 @@ class Encoder:
 
     self.apply_fn = apply_fn
     self._jitted = jax.jit(apply_fn)
+    # What apply_fn computes is fixed by these alone (the weights are its argument): encoders with equal
+    # keys have interchangeable apply_fns, so callers may share one compiled program between them.
+    self.program_key = (graphdef, json.dumps(manifest["representation"], sort_keys=True),
+                        self.compute_dtype.name, precision)
 
   def __call__(self, images) -> jax.Array:
     if images.ndim != 4 or images.shape[-1] != 3:
