@@ -308,16 +308,18 @@ def test_image_keyed_noise_holds_for_near_duplicates_and_stays_independent_elsew
   assert abs(off.mean()) < 0.05 and np.mean(off > 0.5) < 0.02, (off.mean(), np.mean(off > 0.5))
 
 
-@pytest.mark.parametrize("n", [5, 41])  # fewer rows than one matmul's; groups over several matmuls
-def test_keyed_weight_sum_equals_one_draw_per_row(n):
+# Fewer rows than one matmul's; groups over several small matmuls; groups of ~75 rows: one big matmul
+# (hardened._ROWS_PER_BIG_DOT) and small ones for the rest, the last reaching back into the big one's.
+@pytest.mark.parametrize("n,num_accounts,num_levels", [(5, 3, 2), (41, 3, 2), (150, 2, 1)])
+def test_keyed_weight_sum_equals_one_draw_per_row(n, num_accounts, num_levels):
   """The grouped loop (one W per account and level, applied a few rows at a time) against the plain
   per-row formula: each row's own W drawn from its own key, the product in float64 numpy."""
   rng = np.random.default_rng(n)
   f, dim = 6, 5
-  accounts = rng.integers(0, 2**32, size=(3, 2), dtype=np.uint64).astype(np.uint32)
-  which = rng.integers(0, 3, size=n)
+  accounts = rng.integers(0, 2**32, size=(num_accounts, 2), dtype=np.uint64).astype(np.uint32)
+  which = rng.integers(0, num_accounts, size=n)
   uids = accounts[which]
-  level = rng.integers(-2, 0, size=n).astype(np.int32)
+  level = rng.integers(-num_levels, 0, size=n).astype(np.int32)
   level[n // 2] = hardened._NO_NOISE_LEVEL  # sigma 0 (padding, rejected rows): no draw, zeros
   feats = rng.normal(size=(n, f)).astype(np.float32)
   stream = keys_lib.stream_key(3, "image_noise")

@@ -102,9 +102,12 @@ def image_noise(params, uids: jax.Array, level: jax.Array, descriptors: jax.Arra
   return keyed_weight_sum(keys_lib.stream_key(s.seed, "image_noise"), uids, level, feats, dim)
 
 
-# Rows per matmul when applying one W to its rows: [8, F] x [F, dim]. A group of one row wastes 7 rows'
-# multiply-adds (~30 us at F = 256, dim = 2048), a group of 512 rows takes 64 of them (~2 ms).
+# Rows per matmul when applying one W to its rows: [8, F] x [F, dim], a group of one row wasting 7 rows'
+# multiply-adds (~30 us at F = 256, dim = 2048); while 64 rows of a group remain, [64, F] x [F, dim]:
+# one account's 1024 rows in 128 matmuls of 8 took 1.5x the hashing matmul, in 16 of 64 (and the
+# last 8-row ones) the served default's step ran ~10 % faster (docs/defense.md).
 _ROWS_PER_DOT = 8
+_ROWS_PER_BIG_DOT = 64
 
 
 def keyed_weight_sum(stream, uids: jax.Array, level: jax.Array, feats: jax.Array,
@@ -123,7 +126,7 @@ def keyed_weight_sum(stream, uids: jax.Array, level: jax.Array, feats: jax.Array
   n, f = feats.shape
   if n == 0:
     return jnp.zeros((0, dim), jnp.float32)
-  c = min(_ROWS_PER_DOT, n)
+  c, big = min(_ROWS_PER_DOT, n), min(_ROWS_PER_BIG_DOT, n)
   position = jnp.arange(n, dtype=jnp.int32)
   uid0, uid1, lvl, order = jax.lax.sort((uids[:, 0], uids[:, 1], level.astype(jnp.int32), position),
                                         num_keys=3)
@@ -140,15 +143,22 @@ def keyed_weight_sum(stream, uids: jax.Array, level: jax.Array, feats: jax.Array
       key = keys_lib.fold_in_rows(stream, uid0[start][None], uid1[start][None], lvl[start][None])
       weights = noise_lib.standard_normal(key, f * dim).reshape(f, dim)
 
-      def apply_rows(i, out):
-        lo = jnp.minimum(start + i * c, n - c)  # the last chunk may reach back into rows already done
-        z = jnp.dot(jax.lax.dynamic_slice_in_dim(sorted_feats, lo, c), weights, precision=_HIGHEST)
-        at = lo + jnp.arange(c, dtype=jnp.int32)
-        keep = jax.lax.dynamic_slice_in_dim(out, lo, c)
-        return jax.lax.dynamic_update_slice_in_dim(
-            out, jnp.where(((at >= start) & (at < end))[:, None], z, keep), lo, 0)
+      def apply_chunks(out, lo_row, hi_row, size):  # rows [lo_row, hi_row), `size` rows per matmul
+        def apply_rows(i, out):
+          lo = jnp.minimum(lo_row + i * size, n - size)  # the last may reach back into rows done
+          z = jnp.dot(jax.lax.dynamic_slice_in_dim(sorted_feats, lo, size), weights,
+                      precision=_HIGHEST)
+          at = lo + jnp.arange(size, dtype=jnp.int32)
+          keep = jax.lax.dynamic_slice_in_dim(out, lo, size)
+          return jax.lax.dynamic_update_slice_in_dim(
+              out, jnp.where(((at >= lo_row) & (at < hi_row))[:, None], z, keep), lo, 0)
 
-      return jax.lax.fori_loop(0, (end - start + c - 1) // c, apply_rows, out)
+        return jax.lax.fori_loop(0, (hi_row - lo_row + size - 1) // size, apply_rows, out)
+
+      # A large group in big matmuls, its last rows (and a small group) in small ones; which a row
+      # gets depends on its group alone, so a mixed batch still equals per-user calls.
+      big_end = start + (end - start) // big * big
+      return apply_chunks(apply_chunks(out, start, big_end, big), big_end, end, c)
 
     return jax.lax.cond(lvl[start] != _NO_NOISE_LEVEL, draw_and_apply, lambda out: out, out)
 
