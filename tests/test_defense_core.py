@@ -150,6 +150,36 @@ def test_one_key_and_two_key_sorts_update_occupancy_identically():  # the hashed
   np.testing.assert_array_equal(np.asarray(one[1]), expected[1])
 
 
+@pytest.mark.parametrize("run", [1, 2, 4, 5, 16, 17, 40])
+def test_runs_of_rows_by_user_update_occupancy_as_the_hashed_picking(run):
+  """add_buckets finds a user's repeated buckets by comparing each row with the ones before it (rows
+  sorted by user) when no user has more than 1, 4 or 16 rows in the call, else by the hashed picking.
+  One user has `run` rows (the longest run), the first and the last of them with the same bucket, so a
+  branch too short for the run, or comparing too few rows back, adds that bit twice; the others have a
+  row each; ignored rows (more than any run) must not matter. Against an OR of the bits in numpy, and
+  against the hashed picking alone (max_runs=())."""
+  rng = np.random.default_rng(run)
+  k, capacity, others = 6, 40, 20
+  users = np.concatenate([np.zeros(run, np.int32), 1 + np.arange(others, dtype=np.int32),
+                          np.full(30, capacity, np.int32), [-1]])
+  buckets = rng.integers(0, 64, (len(users), 3)).astype(np.int32)
+  buckets[:run] = np.stack([rng.permutation(64)[:run] for _ in range(3)], axis=1)  # distinct ...
+  perm = rng.permutation(len(users))
+  users, buckets = users[perm], buckets[perm]
+  mine = np.flatnonzero(users == 0)
+  buckets[mine[-1], 1] = buckets[mine[0], 1]  # ... but for the first and the last row in projection 1
+  buckets = jnp.asarray(buckets)
+  occupancy = jnp.asarray(rng.integers(0, 2**32, (capacity, 3, 2), dtype=np.uint32) & 0x01010101)
+  counts = jnp.asarray(lsh.popcount(occupancy).astype(np.int32))
+  add = jax.jit(lsh.add_buckets, static_argnums=(4, 5, 6, 7))
+  ours = add(occupancy, counts, jnp.asarray(users), buckets, k, True, 4, (1, 4, 16))
+  hashed = add(occupancy, counts, jnp.asarray(users), buckets, k, True, 4, ())
+  expected = _or_reference(occupancy, users, buckets)
+  for a, b, e in zip(ours, hashed, expected):
+    np.testing.assert_array_equal(np.asarray(a), e)
+    np.testing.assert_array_equal(np.asarray(b), e)
+
+
 def _or_reference(occupancy, user_per_row, buckets):
   """numpy: every valid row's bucket bits OR-ed into its user's words, and the popcounts."""
   expected = np.asarray(occupancy).copy()
@@ -255,11 +285,11 @@ def test_step_ignores_padding_rows_and_counts_a_users_rows_as_one_batch():
 
 @pytest.mark.parametrize("num_users", [1, 5, 1024, 3_000_000])  # 3e6 x 1000 rows overflows one key
 def test_rows_by_user_is_a_stable_sort_by_slot(num_users):
-  from b4b_jax.defense import step as step_lib  # pylint: disable=g-import-not-at-top
+  from b4b_jax.defense import lsh  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(num_users)
   users = rng.integers(0, min(num_users, 7) + 1, 1000).astype(np.int32)  # slot num_users: no user
   users[rng.random(1000) < 0.2] = num_users
-  order, sorted_users = jax.jit(step_lib._rows_by_user, static_argnums=1)(jnp.asarray(users), num_users)
+  order, sorted_users = jax.jit(lsh.rows_by_user, static_argnums=1)(jnp.asarray(users), num_users)
   expected = np.argsort(users, kind="stable")
   np.testing.assert_array_equal(np.asarray(order), expected)
   np.testing.assert_array_equal(np.asarray(sorted_users), users[expected])

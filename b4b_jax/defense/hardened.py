@@ -244,12 +244,13 @@ def seen_codes(params, reps: jax.Array) -> jax.Array:
   return (h >> jnp.uint32(32 - s.fine_code_bits)).astype(jnp.int32)[:, None]
 
 
-def mark_seen(settings, state, users_w: jax.Array, codes: jax.Array):
+def mark_seen(settings, state, users_w: jax.Array, codes: jax.Array, rows_by_user_order=None):
   """State with every written row's seen code(s) [N, seen_columns] marked as seen by its user (rows
   with users_w outside [0, U) are not written); repeats are num_queries - fine_counts. The live step
-  and journal replay both call this (through step.charge), so they write bit-identical state."""
+  and journal replay both call this (through step.charge), so they write bit-identical state.
+  rows_by_user_order: lsh.rows_by_user(users_w, U), when the caller has it."""
   occupancy, counts = lsh.add_buckets(state.fine_occupancy, state.fine_counts, users_w, codes,
-                                      settings.fine_code_bits)
+                                      settings.fine_code_bits, rows_by_user_order=rows_by_user_order)
   return state.replace(fine_occupancy=occupancy, fine_counts=counts)
 
 

@@ -10,9 +10,15 @@ are not yet set* to a word equals OR-ing them. So the update picks one represent
 distinct (user, bucket) pair per projection, drops those whose bit is already set in the stored word,
 and scatter-adds the remaining bits (and +1 to the user's count of that projection).
 
-Picking representatives without a sort (XLA's CPU sort is a single-threaded comparison sort, and a
-sort of the P x N pairs cost ~0.09x the hashing matmul): each pending pair scatter-mins its row index
-into a table slot hashed from the pair, reads the winner back, and is settled when the winner holds
+The rows are first sorted by user (one single-operand sort of N keys, shared with the step's noise
+ranks), so a user's rows are one run and its state is read and written in one place. When no user has
+more than 16 rows in the call, a row repeats a pair exactly when one of the 15 rows before it in that
+order (fewer for shorter runs: 0 or 3, one compiled branch each) is the same user with the same bucket:
+comparisons, no table (with 64 or 1024 users per call the step ran 0.05-0.18x the hashing matmul
+faster than with the picking below alone; tested against it). Otherwise, hashed picking, which needs
+no sort of the P x N pairs (XLA's CPU sort is a single-threaded comparison sort, and that sort cost
+~0.09x the hashing matmul): each pending pair scatter-mins its row index into a table slot hashed from
+the pair, reads the winner back, and is settled when the winner holds
 the same pair (the winner is then the representative of all of them); pairs whose slot a different
 pair won try again with another hash. The first hash is the bucket id itself (plus hashed user bits
 above it), so one user's pairs never collide and settle in one round; the few pairs still unsettled
@@ -177,9 +183,53 @@ def _representatives(users_pn, buckets_pn, pending, num_hyperplanes, single_key,
                       lambda: chosen)
 
 
+def rows_by_user(users: jax.Array, num_users: int):
+  """(order, users[order]): the rows stably sorted by slot; users int32 [N] in [0, num_users].
+
+  One int32 key slot * N + row sorted alone where it cannot overflow: a single-operand sort took 46 us
+  at N = 1024 on the 2-core CPU against argsort's 170 us (a key sorted with an index operand), the same
+  order; argsort otherwise."""
+  n = users.shape[0]
+  if (num_users + 1) * n - 1 <= np.iinfo(np.int32).max:
+    key = jax.lax.sort(users * n + jnp.arange(n, dtype=jnp.int32))
+    return key % n, key // n
+  order = jnp.argsort(users, stable=True)
+  return order, users[order]
+
+
+def run_starts(sorted_users: jax.Array) -> jax.Array:
+  """bool [N]: where a run of equal values starts in sorted_users [N]."""
+  return jnp.concatenate([jnp.ones((1,), bool), sorted_users[1:] != sorted_users[:-1]])
+
+
+def rank_in_run(sorted_users: jax.Array) -> jax.Array:
+  """int32 [N]: each row's position within its run of equal values in sorted_users [N]."""
+  positions = jnp.arange(sorted_users.shape[0], dtype=jnp.int32)
+  return positions - jax.lax.cummax(jnp.where(run_starts(sorted_users), positions, 0))
+
+
+def _run_representatives(sorted_users, sorted_buckets, max_run: int):
+  """bool [N, P]: rows sorted by user (sorted_users [N], sorted_buckets [N, P]) whose bucket no earlier
+  row of the same user has in that projection, provided no user has more than `max_run` rows: each row
+  is compared with the max_run - 1 rows before it."""
+  n, num_proj = sorted_buckets.shape
+  repeated = jnp.zeros((n, num_proj), bool)
+  for shift in range(1, min(max_run, n)):
+    same = ((sorted_users[shift:] == sorted_users[:-shift])[:, None]
+            & (sorted_buckets[shift:] == sorted_buckets[:-shift]))
+    repeated = repeated | jnp.concatenate([jnp.zeros((shift, num_proj), bool), same])
+  return ~repeated
+
+
+# Runs (a user's rows in one call) up to which add_buckets finds repeated buckets by comparing each row
+# with the ones before it, in rows sorted by user; each a compiled branch, the shortest that fits runs.
+# Longer runs take the hashed picking.
+_MAX_RUNS = (1, 4, 16)
+
+
 def add_buckets(occupancy: jax.Array, counts: jax.Array, user_per_row: jax.Array,
                 buckets: jax.Array, num_hyperplanes: int, single_key: Optional[bool] = None,
-                hash_rounds: int = _HASH_ROUNDS):
+                hash_rounds: int = _HASH_ROUNDS, max_runs=_MAX_RUNS, rows_by_user_order=None):
   """Marks every row's buckets as occupied for its user; returns the new (occupancy, counts).
 
   Args:
@@ -193,26 +243,41 @@ def add_buckets(occupancy: jax.Array, counts: jax.Array, user_per_row: jax.Array
       round, a two-key sort; same result; very many users at large K).
     hash_rounds: rounds of hashed representative picking before the sort (0: the sort alone; the
       result never depends on it).
+    max_runs: when no user has more than max(max_runs) rows in the call, repeated (user, bucket) pairs
+      are found by comparing each row with the ones before it in rows sorted by user, up to the
+      smallest of max_runs that is at least the longest run, instead of by the hashed picking (():
+      the hashed picking always; the result never depends on it).
+    rows_by_user_order: rows_by_user(users, U) of the rows' users with every ignored row as U, when
+      the caller has it (step.charge), else computed here.
   """
   num_users, num_proj, _ = occupancy.shape
   n = buckets.shape[0]
   ignored = (user_per_row < 0) | (user_per_row >= num_users)
   users = jnp.where(ignored, num_users, user_per_row).astype(jnp.int32)  # num_users: dropped below
-  users_pn = jnp.broadcast_to(users[None, :], (num_proj, n))
-  buckets_pn = buckets.T.astype(jnp.int32)
+  # Rows sorted by user (stable): a user's rows are one run, and its state is read and written in one
+  # place (1024 users mixed in 1024 rows, 10 MB of state: in [P, N] order the word gather had missed
+  # the TLB at every access).
+  order, users = rows_by_user(users, num_users) if rows_by_user_order is None else rows_by_user_order
+  buckets = buckets.astype(jnp.int32)[order]
   if single_key is None:
     single_key = (num_users + 1) * (1 << num_hyperplanes) <= np.iinfo(np.int32).max
-  writing = users_pn < num_users
-  first = _representatives(users_pn, buckets_pn, writing, num_hyperplanes, single_key, hash_rounds)
-  # The state is read and written row by row ([N, P] order: a row's P words lie in its user's few KB),
-  # not projection by projection: with many users the [P, N] order jumped between users' regions at
-  # every access, and the word gather and scatter-add missed the TLB (1024 users mixed in 1024 rows,
-  # 10 MB of state: the gather 0.051x -> 0.03x the hashing matmul, the step 1-4 % faster).
-  first, writing = first.T, writing.T
+  writing = users < num_users
+
+  def hashed():
+    return _representatives(jnp.broadcast_to(users[None, :], (num_proj, n)), buckets.T,
+                            jnp.broadcast_to(writing[None, :], (num_proj, n)), num_hyperplanes,
+                            single_key, hash_rounds).T
+
+  # The hashed picking's later rounds (users sharing a table slot) and its ~40 small ops cost 0.1-0.2x
+  # the hashing matmul with 64 or 1024 users per call; comparing a run's rows costs less.
+  branches = [lambda m=m: _run_representatives(users, buckets, m) for m in sorted(max_runs)]
+  branches.append(hashed)
+  longest = jnp.max(jnp.where(writing, rank_in_run(users), 0)) + 1
+  branch = jnp.searchsorted(jnp.asarray(sorted(max_runs), jnp.int32), longest)  # len(max_runs): none fits
+  first = jax.lax.switch(branch, branches) if len(branches) > 1 else hashed()
   users_np = jnp.broadcast_to(users[:, None], (n, num_proj))
-  buckets_np = buckets.astype(jnp.int32)
-  word = buckets_np >> 5
-  bit = jnp.left_shift(jnp.uint32(1), (buckets_np & 31).astype(jnp.uint32))
+  word = buckets >> 5
+  bit = jnp.left_shift(jnp.uint32(1), (buckets & 31).astype(jnp.uint32))
   proj = jnp.broadcast_to(jnp.arange(num_proj, dtype=jnp.int32)[None, :], (n, num_proj))
   words = occupancy.shape[2]
   if (num_users + 1) * num_proj * words - 1 <= _MAX_FLAT_INDEX:
@@ -225,7 +290,7 @@ def add_buckets(occupancy: jax.Array, counts: jax.Array, user_per_row: jax.Array
     occupancy_view, at_word = occupancy, (users_np, proj, word)
     counts_view, at_count = counts, (users_np, proj)
   old = occupancy_view.at[at_word].get(mode="fill", fill_value=0)
-  new = first & writing & ((old & bit) == 0)
+  new = first & writing[:, None] & ((old & bit) == 0)
   new_occupancy = occupancy_view.at[at_word].add(jnp.where(new, bit, jnp.uint32(0)), mode="drop")
   new_counts = counts_view.at[at_count].add(new.astype(counts.dtype), mode="drop")
   return new_occupancy.reshape(occupancy.shape), new_counts.reshape(counts.shape)
