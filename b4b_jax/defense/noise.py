@@ -151,7 +151,7 @@ def _normal_from_packed(w: jax.Array) -> jax.Array:
 def computed_once(fn, x: jax.Array) -> jax.Array:
   """fn(x), materialised once on CPU: XLA's CPU fusion recomputes an elementwise producer inside each
   consumer's loop, which costs more than reading it back where the producer is expensive (the hash
-  words below; hardened.py's cosines); XLA cannot fuse across a conditional, so fn runs as the branch of
+  words below); XLA cannot fuse across a conditional, so fn runs as the branch of
   one whose predicate it cannot fold but is always true (a word of x with its low bit set is not 0).
   x: a non-empty array of a 32-bit dtype. Elsewhere (GPU/TPU) simply fn(x)."""
   if jax.default_backend() != "cpu" or x.size == 0:
