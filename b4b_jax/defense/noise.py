@@ -148,22 +148,14 @@ def _normal_from_packed(w: jax.Array) -> jax.Array:
       jax.lax.bitcast_convert_type(magnitude, jnp.uint32) ^ (w & np.uint32(0x80000000)), jnp.float32)
 
 
-def computed_once(fn, x: jax.Array) -> jax.Array:
-  """fn(x), materialised once on CPU: XLA's CPU fusion recomputes an elementwise producer inside each
-  consumer's loop, which costs more than reading it back where the producer is expensive (the hash
-  words below); XLA cannot fuse across a conditional, so fn runs as the branch of
-  one whose predicate it cannot fold but is always true (a word of x with its low bit set is not 0).
-  x: a non-empty array of a 32-bit dtype. Elsewhere (GPU/TPU) simply fn(x)."""
-  if jax.default_backend() != "cpu" or x.size == 0:
-    return fn(x)
-  always = (jax.lax.bitcast_convert_type(x.reshape(-1)[0], jnp.uint32) | np.uint32(1)) != np.uint32(0)
-  out = jax.eval_shape(fn, x)
-  return jax.lax.cond(always, fn, lambda x: jnp.zeros(out.shape, out.dtype), x)
-
-
 def _materialized_words(seeds: jax.Array, num_words: int) -> jax.Array:
-  """_packed(hash_words), computed in its own loop (see computed_once and the module docstring)."""
-  return computed_once(lambda s: _packed(hash_words(s, num_words)), seeds)
+  """_packed(hash_words), computed in its own loop on CPU (see the module docstring): the branch of a
+  conditional whose predicate XLA cannot fold, but is always true (k0 | 1 is odd, never 0)."""
+  if jax.default_backend() != "cpu":
+    return _packed(hash_words(seeds, num_words))
+  always = (seeds[0, 0] | np.uint32(1)) != np.uint32(0) if seeds.shape[0] else jnp.bool_(True)
+  return jax.lax.cond(always, lambda s: _packed(hash_words(s, num_words)),
+                      lambda s: jnp.zeros((s.shape[0], num_words), jnp.uint32), seeds)
 
 
 def standard_normal(row_keys: jax.Array, dim: int) -> jax.Array:
