@@ -25,6 +25,7 @@ above it), so one user's pairs never collide and settle in one round; the few pa
 after the last round send the whole call through the sort (same result, any order of representatives
 gives the same OR and the same counts).
 """
+import functools
 from typing import Optional
 
 import jax
@@ -268,13 +269,16 @@ def add_buckets(occupancy: jax.Array, counts: jax.Array, user_per_row: jax.Array
                             jnp.broadcast_to(writing[None, :], (num_proj, n)), num_hyperplanes,
                             single_key, hash_rounds).T
 
-  # The hashed picking's later rounds (users sharing a table slot) and its ~40 small ops cost 0.1-0.2x
-  # the hashing matmul with 64 or 1024 users per call; comparing a run's rows costs less.
-  branches = [lambda m=m: _run_representatives(users, buckets, m) for m in sorted(max_runs)]
-  branches.append(hashed)
-  longest = jnp.max(jnp.where(writing, rank_in_run(users), 0)) + 1
-  branch = jnp.searchsorted(jnp.asarray(sorted(max_runs), jnp.int32), longest)  # len(max_runs): none fits
-  first = jax.lax.switch(branch, branches) if len(branches) > 1 else hashed()
+  if max_runs:
+    # The hashed picking's later rounds (users sharing a table slot) and its ~40 small ops cost 0.1-0.2x
+    # the hashing matmul with 64 or 1024 users per call; comparing a run's rows costs less.
+    runs = sorted(max_runs)
+    longest = jnp.max(jnp.where(writing, rank_in_run(users), 0)) + 1
+    branch = jnp.searchsorted(jnp.asarray(runs, jnp.int32), longest)  # len(runs): none fits
+    first = jax.lax.switch(branch, [functools.partial(_run_representatives, users, buckets, m)
+                                    for m in runs] + [hashed])
+  else:
+    first = hashed()
   users_np = jnp.broadcast_to(users[:, None], (n, num_proj))
   word = buckets >> 5
   bit = jnp.left_shift(jnp.uint32(1), (buckets & 31).astype(jnp.uint32))
