@@ -323,16 +323,21 @@ def test_cosine_is_within_float32_rounding_of_float64_and_falls_back_past_its_ra
   assert cosine(jax.numpy.zeros((0, 3))).shape == (0, 3)
 
 
-# Fewer rows than one matmul's; groups over several small matmuls; groups of ~75 rows: one big matmul
-# (hardened._ROWS_PER_BIG_DOT) and small ones for the rest, the last reaching back into the big one's.
-@pytest.mark.parametrize("n,num_accounts,num_levels", [(5, 3, 2), (41, 3, 2), (150, 2, 1)])
-def test_keyed_weight_sum_equals_one_draw_per_row(n, num_accounts, num_levels):
+# Fewer rows than one matmul's; groups over several small matmuls; groups of ~75 rows: a 64-row matmul
+# and 8-row ones for the rest, the last reaching back into the big one's; a group of ~843 rows in a call
+# of 900: one matmul of each size of hardened._ROWS_PER_DOT, the last 8-row one reaching back.
+@pytest.mark.parametrize("n,num_accounts,num_levels,big_group",
+                         [(5, 3, 2, 0), (41, 3, 2, 0), (150, 2, 1, 0), (900, 3, 1, 843)])
+def test_keyed_weight_sum_equals_one_draw_per_row(n, num_accounts, num_levels, big_group):
   """The grouped loop (one W per account and level, applied a few rows at a time) against the plain
   per-row formula: each row's own W drawn from its own key, the product in float64 numpy."""
   rng = np.random.default_rng(n)
   f, dim = 6, 5
   accounts = rng.integers(0, 2**32, size=(num_accounts, 2), dtype=np.uint64).astype(np.uint32)
   which = rng.integers(0, num_accounts, size=n)
+  if big_group:  # account 0 has exactly big_group rows, anywhere in the call
+    which = rng.permutation(np.concatenate([np.zeros(big_group, int),
+                                            rng.integers(1, num_accounts, size=n - big_group)]))
   uids = accounts[which]
   level = rng.integers(-num_levels, 0, size=n).astype(np.int32)
   level[n // 2] = hardened._NO_NOISE_LEVEL  # sigma 0 (padding, rejected rows): no draw, zeros
@@ -341,14 +346,18 @@ def test_keyed_weight_sum_equals_one_draw_per_row(n, num_accounts, num_levels):
   got = np.asarray(hardened.keyed_weight_sum(stream, jax.numpy.asarray(uids), jax.numpy.asarray(level),
                                              jax.numpy.asarray(feats), dim))
   assert len({(*uids[i], level[i]) for i in range(n)}) < n  # some rows share their W
+  weights_of = {}
   for i in range(n):
     if level[i] == hardened._NO_NOISE_LEVEL:
       np.testing.assert_array_equal(got[i], 0.0)
       continue
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(stream, uids[i, 0]), uids[i, 1]),
-                             level[i])
-    weights = np.asarray(noise_lib.standard_normal(key[None], f * dim), np.float64).reshape(f, dim)
-    np.testing.assert_allclose(got[i], feats[i].astype(np.float64) @ weights, rtol=1e-5, atol=1e-5)
+    if (*uids[i], level[i]) not in weights_of:  # the formula per row; drawn once per key for speed
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(stream, uids[i, 0]), uids[i, 1]),
+                               level[i])
+      weights_of[(*uids[i], level[i])] = np.asarray(noise_lib.standard_normal(key[None], f * dim),
+                                                    np.float64).reshape(f, dim)
+    np.testing.assert_allclose(got[i], feats[i].astype(np.float64) @ weights_of[(*uids[i], level[i])],
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("weight", [0.7, 1.0])  # 1.0: the served default (no fine-code draws at all)

@@ -127,12 +127,15 @@ def image_noise(params, uids: jax.Array, level: jax.Array, descriptors: jax.Arra
   return keyed_weight_sum(keys_lib.stream_key(s.seed, "image_noise"), uids, level, feats, dim)
 
 
-# Rows per matmul when applying one W to its rows: [8, F] x [F, dim], a group of one row wasting 7 rows'
-# multiply-adds (~30 us at F = 256, dim = 2048); while 64 rows of a group remain, [64, F] x [F, dim]:
-# one account's 1024 rows in 128 matmuls of 8 took 1.5x the hashing matmul, in 16 of 64 (and the
-# last 8-row ones) the served default's step ran ~10 % faster (docs/defense.md).
-_ROWS_PER_DOT = 8
-_ROWS_PER_BIG_DOT = 64
+# Rows per matmul when applying one W to a group's rows, largest first: while `size` rows of the group
+# remain, [size, F] x [F, dim] matmuls, then the next size; the last (8) may reach back into rows done.
+# Per row, [64, F] x [F, dim] took 1.4x as long as [512, F] x [F, dim] (3.44 vs 2.48 ms for 1024 rows on
+# the 2-core CPU: one account's 1024 rows in 64-row matmuls were 1.3x the hashing matmul), and a group
+# of one row in an 8-row matmul wastes 7 rows' multiply-adds (~30 us at F = 256, dim = 2048). Only sizes
+# below the call's N: a loop of N-row matmuls (XLA updates the whole [N, dim] output there by a select,
+# not in place) made the step 8x slower at 64 accounts of 16 rows (7.2x -> 58x the floor), where it
+# ran no trip.
+_ROWS_PER_DOT = (512, 256, 64, 8)
 
 
 def keyed_weight_sum(stream, uids: jax.Array, level: jax.Array, feats: jax.Array,
@@ -144,14 +147,14 @@ def keyed_weight_sum(stream, uids: jax.Array, level: jax.Array, feats: jax.Array
   W depends on (account, level) only, and within a call all of an account's rows share a level, so W is
   drawn once per distinct (account, level) of the call, not once per row: the rows are sorted by it and
   a loop over the groups draws each group's W (F * dim values: 0.5 M at F = 256, dim = 2048) and applies
-  it to the group's rows, _ROWS_PER_DOT at a time. Drawn per row, a batch of 512 rows from 64 accounts
-  needed 268 M normal values and a 1 GiB [N, F, dim] buffer (574 ms a call on the 2-core CPU); grouped,
-  the worst case (every row another account) draws as many values, without the buffer. The values
-  are the per-row formula's up to float32 summation order (tests/test_defense_hardened.py)."""
+  it to the group's rows in matmuls of _ROWS_PER_DOT rows. Drawn per row, a batch of 512 rows from 64
+  accounts needed 268 M normal values and a 1 GiB [N, F, dim] buffer (574 ms a call on the 2-core CPU);
+  grouped, the worst case (every row another account) draws as many values, without the buffer. The
+  values are the per-row formula's up to float32 summation order (tests/test_defense_hardened.py)."""
   n, f = feats.shape
   if n == 0:
     return jnp.zeros((0, dim), jnp.float32)
-  c, big = min(_ROWS_PER_DOT, n), min(_ROWS_PER_BIG_DOT, n)
+  sizes = [size for size in _ROWS_PER_DOT[:-1] if size < n] + [min(_ROWS_PER_DOT[-1], n)]
   position = jnp.arange(n, dtype=jnp.int32)
   uid0, uid1, lvl, order = jax.lax.sort((uids[:, 0], uids[:, 1], level.astype(jnp.int32), position),
                                         num_keys=3)
@@ -180,10 +183,14 @@ def keyed_weight_sum(stream, uids: jax.Array, level: jax.Array, feats: jax.Array
 
         return jax.lax.fori_loop(0, (hi_row - lo_row + size - 1) // size, apply_rows, out)
 
-      # A large group in big matmuls, its last rows (and a small group) in small ones; which a row
-      # gets depends on its group alone, so a mixed batch still equals per-user calls.
-      big_end = start + (end - start) // big * big
-      return apply_chunks(apply_chunks(out, start, big_end, big), big_end, end, c)
+      # Which matmuls a row gets depends on its group's size and N alone: a mixed batch equals
+      # per-user calls up to the matmuls' float32 rounding.
+      lo = start
+      for size in sizes[:-1]:
+        hi = lo + (end - lo) // size * size
+        out = apply_chunks(out, lo, hi, size)
+        lo = hi
+      return apply_chunks(out, lo, end, sizes[-1])
 
     return jax.lax.cond(lvl[start] != _NO_NOISE_LEVEL, draw_and_apply, lambda out: out, out)
 
