@@ -360,6 +360,91 @@ def test_keyed_weight_sum_equals_one_draw_per_row(n, num_accounts, num_levels, b
                                rtol=1e-5, atol=1e-5)
 
 
+def test_keyed_weight_sum_reads_a_cache_entry_only_where_its_account_and_level_match():
+  """An entry holding the row's own (uids, level) is read instead of drawing (planted as 2 W, so its
+  use shows); entries of another level or account, and rows pointing nowhere (-1), draw W."""
+  rng = np.random.default_rng(7)
+  f, dim, n = 6, 5, 40
+  accounts = rng.integers(0, 2**32, size=(4, 2), dtype=np.uint64).astype(np.uint32)
+  which = rng.permutation(np.arange(n) % 4)
+  uids, level = accounts[which], np.full((n,), -2, np.int32)
+  feats = rng.normal(size=(n, f)).astype(np.float32)
+  stream = keys_lib.stream_key(3, "image_noise")
+  jnp = jax.numpy
+
+  def true_weights(a, lvl):
+    return np.asarray(hardened.draw_weights(stream, jnp.uint32(accounts[a, 0]), jnp.uint32(accounts[a, 1]),
+                                            jnp.int32(lvl), f, dim))
+
+  cache = {"weights": jnp.asarray(np.stack([2 * true_weights(0, -2), 3 * true_weights(1, -3),
+                                            4 * true_weights(2, -2)])),
+           "uids": jnp.asarray(np.stack([accounts[0], accounts[1], accounts[2] ^ np.uint32(1)])),
+           "levels": jnp.asarray(np.asarray([-2, -3, -2], np.int32))}
+  index = np.asarray([0, 1, 2, -1], np.int32)[which]  # account 1: stale level; 2: wrong uid; 3: none
+  got = np.asarray(hardened.keyed_weight_sum(stream, jnp.asarray(uids), jnp.asarray(level),
+                                             jnp.asarray(feats), dim, cache, jnp.asarray(index)))
+  plain = np.asarray(hardened.keyed_weight_sum(stream, jnp.asarray(uids), jnp.asarray(level),
+                                               jnp.asarray(feats), dim))
+  for a in range(4):
+    rows = which == a
+    expected = feats[rows].astype(np.float64) @ true_weights(a, -2).astype(np.float64)
+    np.testing.assert_allclose(got[rows], (2 if a == 0 else 1) * expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(plain[rows], expected, rtol=1e-5, atol=1e-5)
+
+
+def _corrupt_noise_cache(api):
+  """Doubles every cached W on device (white box: shows whether a call read them)."""
+  cache = api._noise_weights  # pylint: disable=protected-access
+  cache._arrays = dict(cache._arrays, weights=2 * cache._arrays["weights"])  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("cache_entries", [0, 2, 64])  # none; fewer than the accounts (evictions); all
+def test_noise_weight_cache_changes_no_answer(cache_entries):
+  """Answers equal an API without the cache through first calls, level changes (beta small: coverage
+  moves sigma across levels), returning accounts, evictions and calls with more accounts than entries;
+  and from an account's third call at a level on, the cached W is what the call reads."""
+  entry_mib = 256 * D * 4 / 2**20  # the preset's image_features x D float32
+  cached = DefendedEncoder(_encoder, _cfg(image_weight=1.0, beta=2.0,
+                                          noise_cache_mib=cache_entries * entry_mib), D, capacity=8)
+  plain = DefendedEncoder(_encoder, _cfg(image_weight=1.0, beta=2.0, noise_cache_mib=0.0), D,
+                          capacity=8)
+  assert cached._noise_weights.bound == cache_entries  # pylint: disable=protected-access
+  calls = [(["alice"] * 6, 0), (["alice"] * 6, 1), (["alice", "bob"] * 3, 2), (["alice"] * 6, 3),
+           (["bob", "carol", "dave"] * 2, 4), (["alice", "bob", "carol", "dave"] * 2, 5),
+           (["carol"] * 6, 6), (["alice", "carol"] * 3, 7)]
+  levels = set()
+  for users, seed in calls:
+    x = _images(len(users), seed=seed)
+    a, b = cached.query_mixed(users, x), plain.query_mixed(users, x)
+    np.testing.assert_allclose(a.reps, b.reps, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(a.sigma, b.sigma)
+    levels |= set(np.round(np.log2(a.sigma[a.sigma > 0])).astype(int).tolist())
+  assert len(levels) > 1  # some account's level moved during the calls
+  # An account whose level moves after its W was cached: the next calls at the new level read the new W.
+  few, many = _images(2, seed=10), _images(48, seed=11)
+  applied = []
+  for x in (few, few, many, many):
+    got, want = cached.query("erin", x), plain.query("erin", x)
+    np.testing.assert_allclose(got.reps, want.reps, rtol=1e-6, atol=1e-6)
+    applied.append(float(got.sigma[0]))
+  assert applied[0] == applied[1] < applied[2] == applied[3], applied  # one level, then a higher one
+  if cache_entries:
+    _corrupt_noise_cache(cached)
+  got, want = cached.query("erin", many), plain.query("erin", many)
+  np.testing.assert_array_equal(got.sigma, want.sigma)
+  noise_got, noise_want = got.reps - _encoder(many), want.reps - _encoder(many)
+  np.testing.assert_allclose(noise_got, (2 if cache_entries else 1) * noise_want, rtol=1e-5, atol=1e-6)
+
+
+def test_noise_cache_mib_is_checked_and_optional():
+  with pytest.raises(ValueError, match="noise_cache_mib"):
+    _cfg(noise_cache_mib=-1.0)
+  old = _cfg(image_weight=1.0).to_dict()
+  del old["noise_cache_mib"]  # a config (or checkpoint) written before the field existed
+  api = DefendedEncoder(_encoder, ml_collections.ConfigDict(old), D)
+  assert api._noise_weights.bound == 512 * 2**20 // (256 * D * 4)  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize("weight", [0.7, 1.0])  # 1.0: the served default (no fine-code draws at all)
 def test_image_keyed_mixed_batches_equal_per_user_calls_and_replay_is_unchanged(tmp_path, weight):
   cfg = _cfg(image_weight=weight)

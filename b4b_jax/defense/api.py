@@ -22,7 +22,10 @@ Contract (the served API builds on it):
   * `capacity` user slots are allocated up front; registering more doubles them, which recompiles the
     jitted step once for the new shape (pre-size it for a service under traffic);
   * matrix transforms (dense_affine, binary) keep at most `config.transform_cache_mib` of per-user
-    matrices on device (an LRU); one call may hold at most `max_users_per_call` distinct users.
+    matrices on device (an LRU); one call may hold at most `max_users_per_call` distinct users;
+  * the hardened image-keyed noise keeps at most `config.noise_cache_mib` of its per-(account, sigma
+    level) Gaussian matrices on device (noise_cache.py, an LRU; image queries only). Neither cache
+    changes an answer, and neither is saved.
 """
 import collections
 import collections.abc
@@ -47,6 +50,7 @@ from b4b_jax.defense import errors
 from b4b_jax.defense import hardened
 from b4b_jax.defense import keys as keys_lib
 from b4b_jax.defense import lsh
+from b4b_jax.defense import noise_cache
 from b4b_jax.defense import state as state_lib
 from b4b_jax.defense import step as step_lib
 from b4b_jax.defense import transforms
@@ -125,6 +129,8 @@ class DefendedEncoder:
     self._slots: Dict[str, int] = {}
     self._uid_owner: Dict[Tuple[int, int], str] = {}
     self._tables = _TransformTables(self._params, self.capacity, self._config.transform_cache_mib)
+    self._noise_weights = noise_cache.NoiseWeightCache(self._params,
+                                                       config_lib.noise_cache_mib(self._config))
 
   @classmethod
   def from_encoder_dir(cls, encoder_dir: str, config: ml_collections.ConfigDict, *, capacity: int = 8,
@@ -594,15 +600,25 @@ class DefendedEncoder:
     # All checks before any state changes: unknown users, then (only now) auto-registration.
     admitted = self._admit(users)
     slots = np.asarray([self._slots[u] for u in users], np.int32)
+    accounts = None
+    if from_images and self._noise_weights.bound:  # image-keyed noise: W's drawn before, by account
+      names = list(dict.fromkeys(users))
+      where = {name: i for i, name in enumerate(names)}
+      accounts = ([noise_cache.account_key(keys_lib.uid_from_name(name)) for name in names],
+                  np.asarray([where[u] for u in users], np.int64))
     try:
       table, index = self._tables.lookup(slots)
+      weights, weight_index = (self._noise_weights.lookup(*accounts) if accounts is not None
+                               else (None, None))
       if self._pad_batches:  # fewer shapes -> fewer compilations; padding rows (slot -1) are ignored
         size = _padded_size(n)
         slots = np.concatenate([slots, np.full((size - n,), -1, np.int32)])
         index = np.concatenate([index, np.zeros((size - n,), np.int32)])
+        if weight_index is not None:
+          weight_index = np.concatenate([weight_index, np.full((size - n,), -1, np.int32)])
         inputs = _pad_rows(inputs, size)
       if from_images:
-        state, returned, info = self._run_images(slots, table, index, inputs)
+        state, returned, info = self._run_images(slots, table, index, inputs, weights, weight_index)
       else:
         state, returned, info = step_lib.defense_step(
             self._params, self._state, _device(slots, np.int32), _device(inputs, np.float32), table,
@@ -620,11 +636,13 @@ class DefendedEncoder:
                                  "nothing was counted and the defense state is unchanged")
     if from_images and self._input_shape is None:  # only a call that was served fixes the shape
       self._input_shape = tuple(int(v) for v in inputs.shape[1:])
+    if accounts is not None:
+      self._noise_weights.record(*accounts, np.asarray(info["noise_level"])[:n])
     return QueryResult(reps=np.asarray(returned)[:n], coverage=np.asarray(info["coverage"])[:n],
                        sigma=np.asarray(info["sigma"])[:n],
                        buckets=np.asarray(info["buckets"], np.int32)[:n], users=tuple(users))
 
-  def _run_images(self, slots, table, index, images):
+  def _run_images(self, slots, table, index, images, weights=None, weight_index=None):
     reps = None
     image_dtype = np.uint8 if self._uint8 else np.float32
     if self._fuse is None:
@@ -640,7 +658,8 @@ class DefendedEncoder:
       try:
         return self._fused_serve(self._params, self._state, table, _device(index, np.int32),
                                  _device(slots, np.int32), self._rows(images, image_dtype),
-                                 _encoder_parts(self._encoder_fn)[1])
+                                 _encoder_parts(self._encoder_fn)[1], weights,
+                                 None if weight_index is None else _device(weight_index, np.int32))
       except (ValueError, FloatingPointError):
         raise
       except Exception as e:  # shape errors inside encoder_fn surface at trace time (nothing donated)
@@ -652,7 +671,8 @@ class DefendedEncoder:
       reps = self._eager_encode(images)
     descriptors = _image_descriptors(self._settings, _device(images, image_dtype))
     return step_lib.defense_step(self._params, self._state, _device(slots, np.int32), reps, table,
-                                 _device(index, np.int32), descriptors)
+                                 _device(index, np.int32), descriptors, weights,
+                                 None if weight_index is None else _device(weight_index, np.int32))
 
   def _rows(self, images, dtype) -> jax.Array:
     """The images on device: split over the local devices by rows with shard_rows (when they divide)."""
@@ -848,13 +868,15 @@ def _encoder_parts(encoder_fn):
 def _make_fused_serve(encoder_fn):
   apply_fn, _ = _encoder_parts(encoder_fn)
 
-  def serve(params, state, table, index, users, images, encoder_params):
+  def serve(params, state, table, index, users, images, encoder_params, noise_weights=None,
+            noise_weight_index=None):
     reps = apply_fn(encoder_params, images)
     n, d = images.shape[0], params.settings.rep_dim
     if tuple(reps.shape) != (n, d):
       raise ValueError(f"encoder_fn returned shape {tuple(reps.shape)}, expected ({n}, {d})")
     return step_lib.defense_step_impl(params, state, users, reps.astype(jnp.float32), table, index,
-                                      _image_descriptors(params.settings, images))
+                                      _image_descriptors(params.settings, images), noise_weights,
+                                      noise_weight_index)
 
   return jax.jit(serve, donate_argnums=(1,))
 

@@ -35,6 +35,8 @@ HARDENED = {"noise_keying": "per_input", "fine_code_bits": 16, "fine_codes": 4,
             "sigma_level_ratio": 2.0, "image_weight": 1.0, "image_grid": 4, "image_lengthscale": 0.3,
             "image_features": 256, "repeat_charge": 0.25}
 MAX_FINE_CODE_BITS = 24  # the per-account set of seen codes is 2^bits bits (16 bits: 8 KiB)
+# Resource bounds that configs written before them may lack (absent = this default; see noise_cache_mib).
+RESOURCE_DEFAULTS = {"noise_cache_mib": 512.0}
 
 
 def defense_config(preset: str = "simsiam", *, hardened: bool = False,
@@ -93,6 +95,11 @@ def defense_config(preset: str = "simsiam", *, hardened: bool = False,
       LRU of whole users; 16 MiB per user at D=2048, so the default 512 keeps 31): also the most
       distinct users one call may hold. A resource bound, not a defense setting (results never depend
       on it); the O(D) transforms ignore it.
+    noise_cache_mib: per_input with image_weight > 0 only: device memory (MiB) for the image-keyed
+      noise's Gaussian matrices W, one per (account, sigma level), kept so that a returning account
+      at the same level reads its W instead of drawing it again (noise_cache.py; 2 MiB each at
+      image_features 256, D=2048, so the default 512 keeps 256). 0 = none. A resource bound, not a
+      defense setting (results never depend on it).
   """
   if preset not in PRESET_NAMES:
     raise ValueError(f"unknown defense preset {preset!r}; expected one of {PRESET_NAMES}")
@@ -113,6 +120,7 @@ def defense_config(preset: str = "simsiam", *, hardened: bool = False,
   config.seed = 0
   config.hash_center = None
   config.transform_cache_mib = 512.0
+  config.update(RESOURCE_DEFAULTS)
   config.update(HARDENING_DEFAULTS)
   if hardened:
     config.update(HARDENED)
@@ -138,7 +146,7 @@ def validate_config(config) -> None:
   missing = [k for k in required if k not in config]
   if missing:
     raise ValueError(f"defense config misses field(s) {missing}")
-  known = set(required) | set(HARDENING_DEFAULTS)
+  known = set(required) | set(HARDENING_DEFAULTS) | set(RESOURCE_DEFAULTS)
   unknown = sorted(set(config.keys()) - known)
   if unknown:  # e.g. a typo set after creation: cfg.lamda = ...
     raise ValueError(f"unknown defense config field(s) {unknown}; known: {sorted(known)}")
@@ -190,6 +198,8 @@ def validate_config(config) -> None:
   if number("transform_cache_mib") <= 0:
     raise ValueError(f"defense config: transform_cache_mib must be > 0, got "
                      f"{config.transform_cache_mib}")
+  if "noise_cache_mib" in config and number("noise_cache_mib") < 0:
+    raise ValueError(f"defense config: noise_cache_mib must be >= 0, got {config.noise_cache_mib}")
   seed = integer("seed")
   if not 0 <= seed < 2**32:  # jax.random.key keeps only 32 bits of a seed unless x64 is enabled.
     raise ValueError(f"defense config: seed must be in [0, 2^32), got {seed}")
@@ -199,6 +209,12 @@ def validate_config(config) -> None:
     if center is None or center.ndim != 1 or not np.all(np.isfinite(center)):
       raise ValueError("defense config: hash_center must be None or a list of finite numbers")
   _validate_hardening(config)
+
+
+def noise_cache_mib(config) -> float:
+  """config.noise_cache_mib, or its default for configs written before it existed."""
+  return float(config["noise_cache_mib"] if "noise_cache_mib" in config else
+               RESOURCE_DEFAULTS["noise_cache_mib"])
 
 
 def hardening(config) -> dict:

@@ -114,17 +114,20 @@ def cosine(x: jax.Array) -> jax.Array:
   return jax.lax.cond(jnp.max(jnp.abs(x), initial=0.0) < _MAX_REDUCED_ARGUMENT, reduced, jnp.cos, x)
 
 
-def image_noise(params, uids: jax.Array, level: jax.Array, descriptors: jax.Array, dim: int):
+def image_noise(params, uids: jax.Array, level: jax.Array, descriptors: jax.Array, dim: int,
+                weight_cache=None, weight_cache_index=None):
   """float32 [N, dim]: per row z = W^T u, u = phi(descriptor) / |phi| (random Fourier features of an
   RBF kernel, unit norm), W [F, dim] i.i.d. N(0, 1) keyed by (account, sigma level) only. Given u, z is
   exactly N(0, I); two inputs' draws have correlation u.u' ~ exp(-|d - d'|^2 / (2 lengthscale^2)):
   near-duplicates share almost all of it, distinct images almost none. Rows at the no-noise level
-  (sigma 0: padding, rejected rows) get zeros."""
+  (sigma 0: padding, rejected rows) get zeros. weight_cache, weight_cache_index: W's drawn before
+  (keyed_weight_sum's cache, cache_index), or None."""
   s = params.settings
   feats = cosine(jax.lax.dot_general(descriptors.astype(jnp.float32), params.image_omega,
                                      (((1,), (0,)), ((), ())), precision=_HIGHEST) + params.image_phase)
   feats = feats / jnp.sqrt(jnp.sum(feats * feats, axis=1, keepdims=True))
-  return keyed_weight_sum(keys_lib.stream_key(s.seed, "image_noise"), uids, level, feats, dim)
+  return keyed_weight_sum(keys_lib.stream_key(s.seed, "image_noise"), uids, level, feats, dim,
+                          weight_cache, weight_cache_index)
 
 
 # Rows per matmul when applying one W to a group's rows, largest first: while `size` rows of the group
@@ -138,8 +141,20 @@ def image_noise(params, uids: jax.Array, level: jax.Array, descriptors: jax.Arra
 _ROWS_PER_DOT = (512, 256, 64, 8)
 
 
-def keyed_weight_sum(stream, uids: jax.Array, level: jax.Array, feats: jax.Array,
-                     dim: int) -> jax.Array:
+def weights_key(stream, uid0: jax.Array, uid1: jax.Array, level: jax.Array) -> jax.Array:
+  """Typed keys [N] of W(account, level): fold_in(fold_in(fold_in(stream, uid0), uid1), level)."""
+  return keys_lib.fold_in_rows(stream, uid0, uid1, level)
+
+
+def draw_weights(stream, uid0: jax.Array, uid1: jax.Array, level: jax.Array, f: int,
+                 dim: int) -> jax.Array:
+  """float32 [F, dim]: the W of one (account, level) (scalars uid0, uid1 uint32 and level int32)."""
+  key = weights_key(stream, uid0[None], uid1[None], level[None])
+  return noise_lib.standard_normal(key, f * dim).reshape(f, dim)
+
+
+def keyed_weight_sum(stream, uids: jax.Array, level: jax.Array, feats: jax.Array, dim: int,
+                     cache=None, cache_index=None) -> jax.Array:
   """float32 [N, dim]: row n is feats[n] @ W(n), W(n) = standard_normal(key_n, F * dim) as [F, dim],
   key_n = fold_in(fold_in(fold_in(stream, uids[n, 0]), uids[n, 1]), level[n]); zeros where level[n] is
   the no-noise level. feats float32 [N, F], uids uint32 [N, 2], level int32 [N].
@@ -150,14 +165,21 @@ def keyed_weight_sum(stream, uids: jax.Array, level: jax.Array, feats: jax.Array
   it to the group's rows in matmuls of _ROWS_PER_DOT rows. Drawn per row, a batch of 512 rows from 64
   accounts needed 268 M normal values and a 1 GiB [N, F, dim] buffer (574 ms a call on the 2-core CPU);
   grouped, the worst case (every row another account) draws as many values, without the buffer. The
-  values are the per-row formula's up to float32 summation order (tests/test_defense_hardened.py)."""
+  values are the per-row formula's up to float32 summation order (tests/test_defense_hardened.py).
+
+  cache: W's already drawn, {"weights": float32 [E, F, dim], "uids": uint32 [E, 2], "levels": int32
+  [E]} (noise_cache.py keeps it), and cache_index int32 [N] the entry to look in per row (-1: none). A
+  group whose entry's uids and level are its own takes that entry's W instead of drawing it: the same
+  values, for a read of F * dim floats instead of drawing them. Any other entry is ignored.
+  """
   n, f = feats.shape
   if n == 0:
     return jnp.zeros((0, dim), jnp.float32)
   sizes = [size for size in _ROWS_PER_DOT[:-1] if size < n] + [min(_ROWS_PER_DOT[-1], n)]
   position = jnp.arange(n, dtype=jnp.int32)
-  uid0, uid1, lvl, order = jax.lax.sort((uids[:, 0], uids[:, 1], level.astype(jnp.int32), position),
-                                        num_keys=3)
+  entries = position if cache is None else cache_index.astype(jnp.int32)
+  uid0, uid1, lvl, order, entry = jax.lax.sort(
+      (uids[:, 0], uids[:, 1], level.astype(jnp.int32), position, entries), num_keys=3)
   first = jnp.concatenate([jnp.ones((1,), bool),
                            (uid0[1:] != uid0[:-1]) | (uid1[1:] != uid1[:-1]) | (lvl[1:] != lvl[:-1])])
   # Group g is sorted rows [starts[g], starts[g + 1]).
@@ -167,10 +189,7 @@ def keyed_weight_sum(stream, uids: jax.Array, level: jax.Array, feats: jax.Array
   def apply_group(g, out):
     start, end = starts[g], starts[g + 1]
 
-    def draw_and_apply(out):
-      key = keys_lib.fold_in_rows(stream, uid0[start][None], uid1[start][None], lvl[start][None])
-      weights = noise_lib.standard_normal(key, f * dim).reshape(f, dim)
-
+    def apply(out, weights):
       def apply_chunks(out, lo_row, hi_row, size):  # rows [lo_row, hi_row), `size` rows per matmul
         def apply_rows(i, out):
           lo = jnp.minimum(lo_row + i * size, n - size)  # the last may reach back into rows done
@@ -192,7 +211,21 @@ def keyed_weight_sum(stream, uids: jax.Array, level: jax.Array, feats: jax.Array
         lo = hi
       return apply_chunks(out, lo, end, sizes[-1])
 
-    return jax.lax.cond(lvl[start] != _NO_NOISE_LEVEL, draw_and_apply, lambda out: out, out)
+    def weights():  # the group's W: drawn, or read from a cache entry holding this (account, level)
+      def drawn():
+        return draw_weights(stream, uid0[start], uid1[start], lvl[start], f, dim)
+
+      if cache is None:
+        return drawn()
+      at = jnp.clip(entry[start], 0, cache["levels"].shape[0] - 1)
+      cached = ((entry[start] >= 0) & (cache["uids"][at, 0] == uid0[start])
+                & (cache["uids"][at, 1] == uid1[start]) & (cache["levels"][at] == lvl[start]))
+      # A conditional that returns W, not the output: one returning the [N, dim] output inside the
+      # no-noise one made XLA copy that output twice per group (64 accounts: slower than drawing).
+      return jax.lax.cond(cached, lambda: cache["weights"][at], drawn)
+
+    return jax.lax.cond(lvl[start] != _NO_NOISE_LEVEL, lambda out: apply(out, weights()),
+                        lambda out: out, out)
 
   out = jax.lax.fori_loop(0, jnp.sum(first.astype(jnp.int32)), apply_group,
                           jnp.zeros((n, dim), jnp.float32))
@@ -222,12 +255,13 @@ def sigma_level(sigma: jax.Array, ratio: float):
 
 
 def input_keyed_noise(params, uids: jax.Array, sigma: jax.Array, reps: jax.Array,
-                      descriptors=None):
+                      descriptors=None, weight_cache=None, weight_cache_index=None):
   """Noise for per_input keying.
 
   Args: uids uint32 [N, 2] per row; sigma float32 [N] from the cost; reps float32 [N, D] clean;
   descriptors: float32 [N, G*G] image_descriptor of the queried images (image queries with
-  image_weight > 0), or None: the fine codes alone.
+  image_weight > 0), or None: the fine codes alone; weight_cache, weight_cache_index: the image
+  noise's W's drawn before (keyed_weight_sum), or None.
   Returns: (applied sigma [N], standard-normal noise [N, D], per-row keys [N] for other per-answer
   draws such as debinarize, keyed like the noise so they do not average away either).
   """
@@ -246,10 +280,11 @@ def input_keyed_noise(params, uids: jax.Array, sigma: jax.Array, reps: jax.Array
   # key, summed over the codes and scaled by 1/sqrt(T): each draw is a pure function of its key, so the
   # (account, level, code) keying holds.
   if descriptors is not None and s.image_weight == 1:  # all of the variance image-keyed
-    noise = image_noise(params, uids, level, descriptors, d)
+    noise = image_noise(params, uids, level, descriptors, d, weight_cache, weight_cache_index)
   elif descriptors is not None and s.image_weight > 0:  # independent parts: still exactly N(0, I)
     noise = (jnp.float32(np.sqrt(1.0 - s.image_weight)) * noise_lib.normalized_sum(code_keys, d)
-             + jnp.float32(np.sqrt(s.image_weight)) * image_noise(params, uids, level, descriptors, d))
+             + jnp.float32(np.sqrt(s.image_weight)) * image_noise(
+                 params, uids, level, descriptors, d, weight_cache, weight_cache_index))
   else:
     noise = noise_lib.normalized_sum(code_keys, d)
   row_keys = keys_lib.fold_in_rows(code_keys[:, 0], 1)

@@ -88,7 +88,8 @@ def replay_step(settings, state: DefenseState, user_index_per_row: jax.Array,
 def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per_row: jax.Array,
                       reps: jax.Array, transform_table: Optional[dict] = None,
                       transform_index_per_row: Optional[jax.Array] = None,
-                      image_descriptors: Optional[jax.Array] = None):
+                      image_descriptors: Optional[jax.Array] = None, noise_weights: Optional[dict] = None,
+                      noise_weight_index_per_row: Optional[jax.Array] = None):
   """Un-jitted body of `defense_step` (for fusing into a bigger jitted function, e.g. with an encoder).
 
   Args:
@@ -102,11 +103,16 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
     transform_index_per_row: int [N] entry of transform_table per row; defaults to the user index.
     image_descriptors: float [N, G*G] hardened.image_descriptor of the queried images, or None (the
       hardened mode's image-keyed noise needs them; every other mode ignores them).
+    noise_weights, noise_weight_index_per_row: the image-keyed noise's W's drawn before and the entry
+      to look in per row (-1: none; hardened.keyed_weight_sum's cache, cache_index; the DefendedEncoder
+      keeps them, noise_cache.py), or None. Values never depend on them.
   Returns:
     (new state, returned [N, out_dim] float32, info) with info = {"coverage": [N] float32 percent,
     after this batch; "sigma": [N] float32 noise std applied; "all_finite": bool scalar; "buckets":
     [N, P + E] int32 charge codes: the LSH bucket ids the row charged, then (hardened mode only,
-    E = hardened.seen_columns) the codes it marked seen; what `replay_step` needs to repeat the call}.
+    E = hardened.seen_columns) the codes it marked seen; what `replay_step` needs to repeat the call;
+    with noise_keying="per_input" also "noise_level": [N] int32, the row's sigma level
+    (hardened.sigma_level; which W the image-keyed noise used)}.
   """
   s = params.settings
   num_users = state.occupancy.shape[0]
@@ -157,7 +163,9 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
   # fold_in(fold_in(user_key(noise_key, uid), counter), rank) per row (keys.fold_in_rows: the same keys
   # as vmapped jax.random.fold_in, as straight-line ops instead of a rolled threefry loop per fold).
   if s.noise_keying == "per_input":
-    sigma, noise, row_keys = hardened.input_keyed_noise(params, uids, sigma, reps, image_descriptors)
+    noise_level = hardened.sigma_level(sigma, s.sigma_level_ratio)[0]
+    sigma, noise, row_keys = hardened.input_keyed_noise(params, uids, sigma, reps, image_descriptors,
+                                                        noise_weights, noise_weight_index_per_row)
     sigma = jnp.where(valid, sigma, 0.0)
   else:
     row_keys = keys_lib.fold_in_rows(params.noise_key, uids[:, 0], uids[:, 1], counter, rank)
@@ -179,6 +187,8 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
   returned = jnp.where(valid[:, None], returned, 0.0)
   info = {"coverage": jnp.where(valid, coverage_after, 0.0), "sigma": sigma, "all_finite": all_finite,
           "buckets": buckets}
+  if s.noise_keying == "per_input":
+    info["noise_level"] = noise_level
   return new_state, returned, info
 
 
@@ -201,7 +211,9 @@ def _all_finite(reps: jax.Array, scores: jax.Array, valid: jax.Array) -> jax.Arr
 def defense_step(params: DefenseParams, state: DefenseState, user_index_per_row: jax.Array,
                  reps: jax.Array, transform_table: Optional[dict] = None,
                  transform_index_per_row: Optional[jax.Array] = None,
-                 image_descriptors: Optional[jax.Array] = None):
+                 image_descriptors: Optional[jax.Array] = None, noise_weights: Optional[dict] = None,
+                 noise_weight_index_per_row: Optional[jax.Array] = None):
   """Jitted `defense_step_impl` (see there) with `state` donated -> (state, returned, info)."""
   return defense_step_impl(params, state, user_index_per_row, reps, transform_table,
-                           transform_index_per_row, image_descriptors)
+                           transform_index_per_row, image_descriptors, noise_weights,
+                           noise_weight_index_per_row)

@@ -139,7 +139,8 @@ def preprocessing(served: Served) -> dict:
 def defense_fingerprint(config) -> dict:
   """The defense config as compared between a snapshot and the running config (a cache size is not
   part of what is computed)."""
-  return {k: v for k, v in config.to_dict().items() if k != "transform_cache_mib"}
+  return {k: v for k, v in config.to_dict().items()
+          if k not in ("transform_cache_mib", "noise_cache_mib")}
 
 
 def max_users_per_call(served: Served):

@@ -310,8 +310,8 @@ def _steal(config, num_processes: int, on_cpu: bool):
 
 
 def _defense_bytes(defense_config, rep_dim: int, accounts: int) -> float:
-  """The defense state of `accounts` users, the hyperplanes, and the per-user transforms (dense
-  affine: D x D floats each, capped by the transform cache)."""
+  """The defense state of `accounts` users, the hyperplanes, the per-user transforms (dense affine:
+  D x D floats each, capped by the transform cache) and the hardened image noise's cached W's."""
   from b4b_jax.defense import config as config_lib  # pylint: disable=g-import-not-at-top
   from b4b_jax.defense import state as state_lib  # pylint: disable=g-import-not-at-top
   settings = config_lib.settings(defense_config, rep_dim)
@@ -322,7 +322,11 @@ def _defense_bytes(defense_config, rep_dim: int, accounts: int) -> float:
   if defense_config.get("enabled") and defense_config.get("transform") not in (None, "identity"):
     transforms = min(accounts * (rep_dim + 64) ** 2 * 4.0,
                      float(defense_config.get("transform_cache_mib") or 0) * 2**20 or float("inf"))
-  return state + hyperplanes + transforms
+  noise_weights = 0.0  # the hardened image-keyed noise's W per account and level (noise_cache.py)
+  if settings.enabled and settings.noise_keying == "per_input" and settings.image_weight > 0:
+    noise_weights = min(accounts * 4.0 * settings.image_features * rep_dim,
+                        config_lib.noise_cache_mib(defense_config) * 2**20)
+  return state + hyperplanes + transforms + noise_weights
 
 
 def _embedding_job(config, num_processes: int, on_cpu: bool, *, defended: bool):
