@@ -267,7 +267,7 @@ class DefendedEncoder:
       buckets = _pad_rows(buckets, size)
     try:
       self._state = step_lib.replay_step(self._settings, self._state,
-                                         _device(slots, np.int32), _device(buckets, np.int32))
+                                         _jit_arg(slots, np.int32), _jit_arg(buckets, np.int32))
     except Exception:
       self._forget(new_users)
       raise
@@ -621,8 +621,8 @@ class DefendedEncoder:
         state, returned, info = self._run_images(slots, table, index, inputs, weights, weight_index)
       else:
         state, returned, info = step_lib.defense_step(
-            self._params, self._state, _device(slots, np.int32), _device(inputs, np.float32), table,
-            _device(index, np.int32))
+            self._params, self._state, _jit_arg(slots, np.int32), _jit_arg(inputs, np.float32), table,
+            _jit_arg(index, np.int32))
     except Exception:
       self._forget(admitted)
       raise
@@ -656,10 +656,10 @@ class DefendedEncoder:
       if self._fused_serve is None:
         self._fused_serve = _fused_serve_for(self._encoder_fn)
       try:
-        return self._fused_serve(self._params, self._state, table, _device(index, np.int32),
-                                 _device(slots, np.int32), self._rows(images, image_dtype),
+        return self._fused_serve(self._params, self._state, table, _jit_arg(index, np.int32),
+                                 _jit_arg(slots, np.int32), self._rows(images, image_dtype),
                                  _encoder_parts(self._encoder_fn)[1], weights,
-                                 None if weight_index is None else _device(weight_index, np.int32))
+                                 None if weight_index is None else _jit_arg(weight_index, np.int32))
       except (ValueError, FloatingPointError):
         raise
       except Exception as e:  # shape errors inside encoder_fn surface at trace time (nothing donated)
@@ -669,16 +669,16 @@ class DefendedEncoder:
                                    f"{e}") from e
     if reps is None:
       reps = self._eager_encode(images)
-    descriptors = _image_descriptors(self._settings, _device(images, image_dtype))
-    return step_lib.defense_step(self._params, self._state, _device(slots, np.int32), reps, table,
-                                 _device(index, np.int32), descriptors, weights,
-                                 None if weight_index is None else _device(weight_index, np.int32))
+    descriptors = _image_descriptors(self._settings, _jit_arg(images, image_dtype))
+    return step_lib.defense_step(self._params, self._state, _jit_arg(slots, np.int32), reps, table,
+                                 _jit_arg(index, np.int32), descriptors, weights,
+                                 None if weight_index is None else _jit_arg(weight_index, np.int32))
 
   def _rows(self, images, dtype) -> jax.Array:
     """The images on device: split over the local devices by rows with shard_rows (when they divide)."""
     sharding = self._row_sharding
     if sharding is None or images.shape[0] % sharding.mesh.size:
-      return _device(images, dtype)
+      return _jit_arg(images, dtype)
     return jax.device_put(np.asarray(images, dtype), sharding)
 
   def _eager_encode(self, images):
@@ -693,7 +693,7 @@ class DefendedEncoder:
     shape = getattr(reps, "shape", None)
     if shape is None or tuple(shape) != (n, self.rep_dim):
       raise errors.BadInputError(f"encoder_fn returned shape {shape}, expected ({n}, {self.rep_dim})")
-    return _device(reps, np.float32)
+    return _jit_arg(reps, np.float32)
 
 
 class _TransformTables:
@@ -900,12 +900,14 @@ def _is_traceable(encoder_fn, images, dtype) -> bool:
     return False
 
 
-def _device(x, dtype) -> jax.Array:
-  """x as a device array of `dtype`. (jnp.asarray of a numpy array compiles a tiny kernel per shape
-  in this JAX version; device_put does not.)"""
+def _jit_arg(x, dtype):
+  """x as an argument of a jitted call, of `dtype`: a jax.Array as it is (cast if need be), anything
+  else as a numpy array, which the call moves to the device itself. A jax.device_put first cost
+  ~0.15 ms more per query (8 images, hardened default, 0.42 -> 0.29 ms in-process on the 2-core CPU),
+  and jnp.asarray of a numpy array compiles a tiny kernel per shape in this JAX version."""
   if isinstance(x, jax.Array):
     return x if x.dtype == dtype else x.astype(dtype)
-  return jax.device_put(np.asarray(x, dtype))
+  return np.asarray(x, dtype)
 
 
 def _padded_size(n: int) -> int:
