@@ -139,7 +139,7 @@ def _stepper(params, capacity, users, batches, cached_table: bool = False, descr
   holder = [_registered_state(params, capacity)]
   table = (jax.block_until_ready(transforms.make_table(params.settings, params.transform_key,
                                                        holder[0].uids)) if cached_table else None)
-  cache = noise_cache.NoiseWeightCache(params, noise_cache_mib)
+  cache = noise_cache.NoiseWeightCache(params, noise_cache_mib, capacity)
   accounts = (noise_cache.distinct_accounts(np.asarray(holder[0].uids)[np.asarray(users)])
               if cache.bound else None)
 
@@ -279,7 +279,7 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
       f" floor), jax.random.normal {n / base['threefry']:,.0f} reps/s "
       f"({base['threefry'] / base['floor']:.2f}x floor)")
   cache_mib = config_lib.RESOURCE_DEFAULTS["noise_cache_mib"]  # the served default's W cache
-  cache_entries = noise_cache.NoiseWeightCache(hardened_params, cache_mib).bound
+  cache_entries = noise_cache.NoiseWeightCache(hardened_params, cache_mib, capacity).bound
   for num_users in users_mixed:
     users = jax.device_put(rng.permutation(np.arange(n) % num_users).astype(np.int32))
     coverage_only, _ = _stepper(count_params, capacity, users, serve_batch)

@@ -395,7 +395,8 @@ def test_keyed_weight_sum_reads_a_cache_entry_only_where_its_account_and_level_m
 def _corrupt_noise_cache(api):
   """Doubles every cached W on device (white box: shows whether a call read them)."""
   cache = api._noise_weights  # pylint: disable=protected-access
-  cache._arrays = dict(cache._arrays, weights=2 * cache._arrays["weights"])  # pylint: disable=protected-access
+  arrays = cache._arrays  # pylint: disable=protected-access
+  cache._arrays = dict(arrays, weights=2 * arrays["weights"])  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("cache_entries", [0, 2, 64])  # none; fewer than the accounts (evictions); all

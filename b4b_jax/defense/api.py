@@ -129,8 +129,8 @@ class DefendedEncoder:
     self._slots: Dict[str, int] = {}
     self._uid_owner: Dict[Tuple[int, int], str] = {}
     self._tables = _TransformTables(self._params, self.capacity, self._config.transform_cache_mib)
-    self._noise_weights = noise_cache.NoiseWeightCache(self._params,
-                                                       config_lib.noise_cache_mib(self._config))
+    self._noise_weights = noise_cache.NoiseWeightCache(
+        self._params, config_lib.noise_cache_mib(self._config), self.capacity)
 
   @classmethod
   def from_encoder_dir(cls, encoder_dir: str, config: ml_collections.ConfigDict, *, capacity: int = 8,
@@ -493,6 +493,7 @@ class DefendedEncoder:
           new_capacity *= 2
         self._state = state_lib.grow_state(self._state, new_capacity)
         self._tables.grow(new_capacity)
+        self._noise_weights.fit(new_capacity)
       self._state = state_lib.set_uid(self._state, slots, uids)
       self._add_to_registry(new, uids, slots)
     except BaseException:

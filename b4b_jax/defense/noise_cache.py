@@ -1,7 +1,7 @@
 """The image-keyed noise's W cache: hardened.py's Gaussian matrices W(account, sigma level) kept on
 device, so that a returning account at the same level reads its W instead of drawing it again.
 
-  cache = NoiseWeightCache(params, config_lib.noise_cache_mib(config))
+  cache = NoiseWeightCache(params, config_lib.noise_cache_mib(config), capacity)
   accounts, row_account = distinct_accounts(uids)     # or from the names, as DefendedEncoder does
   weights, index = cache.lookup(accounts, row_account)  # before a call: device pytree, [N] int32
   defense_step(..., noise_weights=weights, noise_weight_index_per_row=index)
@@ -12,14 +12,19 @@ in every call that account makes. With many accounts per batch those draws are m
 default's step (64 accounts per batch of 1,024 on the 2-core CPU: 7.4x the hashing matmul drawing
 every W, 4.5x reading them all; 1,024 accounts: 78x against 32x; docs/defense.md "Cost").
 
-What is kept: an LRU of entries (one W with its account uid and level), at most `cache_mib` MiB, grown
-on demand by doubling (each size compiles the step once). The level is only known inside the step, so
-an entry is written for the level of the account's last answered call: its first call at a level draws
-W in the step, the next has W written just before it (the same one draw, in its own device call), and
-the later ones read it. The step uses an entry only where its uids and level are the row's own
-(hardened.keyed_weight_sum), so a stale entry (the account's level moved on) is never used: values do
-not depend on the cache. It is derived data: not saved, empty after a restore; a failed call leaves
-only correct entries behind.
+What is kept: an LRU of entries (one W with its account uid and level), at most `cache_mib` MiB: as
+many entries as the API has account slots, within that bound, allocated at the first call and grown
+with the slots (`fit`), so the step compiles with the cache once, and for a new cache size only where
+it does for a new state size anyway. (Growing from 8 entries by doubling, and no cache arrays before
+the first write, recompiled the served step under traffic: benchmarks/serve_load.py stalled for
+seconds, p99 latency 3.6 s.)
+
+The level is only known inside the step, so an entry is written for the level of the account's last
+answered call: its first call at a level draws W in the step, the next has W written just before it
+(the same one draw, in its own device call), and the later ones read it. The step uses an entry only
+where its uids and level are the row's own (hardened.keyed_weight_sum), so a stale entry (the
+account's level moved on) is never used: values do not depend on the cache. It is derived data: not
+saved, empty after a restore; a failed call leaves only correct entries behind.
 """
 import collections
 import functools
@@ -32,19 +37,23 @@ import numpy as np
 from b4b_jax.defense import hardened
 from b4b_jax.defense import keys as keys_lib
 
-_FIRST_SIZE = 8  # entries allocated at the first write; then doubled up to the bound
-
+# Writes per device call, padding included: one compiled shape (a shape per count of writes compiled
+# the writer again under traffic).
+_WRITES_PER_CALL = 8
+# The level of an empty entry: the one level no group draws W for (sigma 0), so it never matches.
+_EMPTY = hardened._NO_NOISE_LEVEL  # pylint: disable=protected-access
 
 class NoiseWeightCache:
   """Host side of the cache: which entry holds which (account uid, level), and the device arrays."""
 
-  def __init__(self, params, cache_mib: float):
+  def __init__(self, params, cache_mib: float, capacity: int):
     s = params.settings
     self._stream = keys_lib.stream_key(s.seed, "image_noise")
     self._shape = (s.image_features, s.rep_dim)
     uses_weights = s.enabled and s.noise_keying == "per_input" and s.image_weight > 0
     entry_bytes = 4 * s.image_features * s.rep_dim
     self.bound = int(float(cache_mib) * 2**20 // entry_bytes) if uses_weights else 0
+    self._capacity = int(capacity)
     self._arrays: Optional[Dict[str, jax.Array]] = None
     # Accounts are their uid as one int, uid[0] << 32 | uid[1].
     self._entry_of: "collections.OrderedDict[int, int]" = collections.OrderedDict()
@@ -54,13 +63,21 @@ class NoiseWeightCache:
   def entries(self) -> int:
     return 0 if self._arrays is None else int(self._arrays["levels"].shape[0])
 
+  def fit(self, capacity: int) -> None:
+    """The API's account slots are now `capacity`: entries allocated grow to min(bound, capacity)."""
+    self._capacity = int(capacity)
+    if self._arrays is not None and min(self.bound, self._capacity) > self.entries():
+      self._grow(min(self.bound, self._capacity))
+
   def lookup(self, accounts: List[int], row_account: np.ndarray):
     """(device arrays or None, int32 [N] entry per row or None) for a call whose rows belong to
     accounts[row_account[n]] (account_key of each distinct account's uid, in order of first
     appearance): the entries of the call's accounts, first writing W for each account whose last
-    answered call's level its entry does not hold yet. None, None when nothing is cached."""
+    answered call's level its entry does not hold yet. None, None without a cache (bound 0)."""
     if not self.bound or not len(accounts):
       return None, None
+    if self._arrays is None:  # at the first call, so that the step compiles with the cache once
+      self._grow(min(self.bound, self._capacity))
     writes, served = [], set()
     for account in accounts[:self.bound]:  # beyond the bound, a call's other accounts draw
       served.add(account)
@@ -75,10 +92,8 @@ class NoiseWeightCache:
         self._entry_of[account] = entry
       writes.append((entry, account, level))
       self._held[entry] = level
-    if writes:
-      self._write(writes)
-    if self._arrays is None:
-      return None, None
+    for i in range(0, len(writes), _WRITES_PER_CALL):
+      self._write(writes[i:i + _WRITES_PER_CALL])
     entries = np.asarray([self._entry_of.get(a, -1) for a in accounts], np.int32)
     return self._arrays, entries[np.asarray(row_account)]
 
@@ -88,15 +103,15 @@ class NoiseWeightCache:
     first = np.zeros(len(accounts), np.int64)  # each account's first row
     first[row_account[::-1]] = np.arange(len(row_account))[::-1]
     for account, level in zip(accounts, np.asarray(levels)[first].tolist()):
-      if level != hardened._NO_NOISE_LEVEL:  # pylint: disable=protected-access
+      if level != _EMPTY:  # sigma 0: no W was used
         self._last_level[account] = level
 
   def _free_entry(self, keep) -> int:
     """An entry for a new account: unused, or the least recently used account's outside `keep`."""
     used = len(self._entry_of)
     if used < self.bound:
-      if used >= self.entries():
-        self._grow(min(self.bound, max(_FIRST_SIZE, 2 * self.entries())))
+      if used >= self.entries():  # the first write, or more accounts than slots (the API grows)
+        self._grow(min(self.bound, max(self._capacity, 2 * self.entries())))
       return next(e for e in range(self.entries()) if e not in set(self._entry_of.values()))
     victim = next(a for a in self._entry_of if a not in keep)  # exists: len(keep) <= bound
     entry = self._entry_of.pop(victim)
@@ -108,7 +123,7 @@ class NoiseWeightCache:
     f, dim = self._shape
     grown = {"weights": np.zeros((size - old, f, dim), np.float32),
              "uids": np.zeros((size - old, 2), np.uint32),
-             "levels": np.full((size - old,), hardened._NO_NOISE_LEVEL, np.int32)}  # pylint: disable=protected-access
+             "levels": np.full((size - old,), _EMPTY, np.int32)}
     if self._arrays is None:
       self._arrays = {k: jax.device_put(v) for k, v in grown.items()}
     else:
@@ -116,8 +131,8 @@ class NoiseWeightCache:
                       for k, v in grown.items()}
 
   def _write(self, writes) -> None:
-    """Draws W(account, level) into each entry in one device call (padded to 2^k writes)."""
-    size = 1 << max(0, len(writes) - 1).bit_length()
+    """Draws W(account, level) into each entry in one device call (padded to _WRITES_PER_CALL)."""
+    size = _WRITES_PER_CALL
     entries = np.full((size,), -1, np.int32)
     uids = np.zeros((size, 2), np.uint32)
     levels = np.zeros((size,), np.int32)
