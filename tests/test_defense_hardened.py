@@ -437,6 +437,25 @@ def test_noise_weight_cache_changes_no_answer(cache_entries):
   np.testing.assert_allclose(noise_got, (2 if cache_entries else 1) * noise_want, rtol=1e-5, atol=1e-6)
 
 
+def test_noise_weight_cache_is_sized_by_the_account_slots_from_the_first_call():
+  """min(bound, capacity) entries from the first image call (so the served step compiles with the
+  cache once), grown with the slots; a call with more accounts than entries still answers alike."""
+  cached = DefendedEncoder(_encoder, _cfg(image_weight=1.0), D, capacity=2)
+  plain = DefendedEncoder(_encoder, _cfg(image_weight=1.0, noise_cache_mib=0.0), D, capacity=2)
+  assert cached._noise_weights.entries() == 0  # pylint: disable=protected-access
+  x = _images(4, seed=12)
+  cached.query("alice", x), plain.query("alice", x)
+  assert cached._noise_weights.entries() == 2  # pylint: disable=protected-access
+  users = ["alice", "bob", "carol", "dave", "erin"] * 2
+  for name in users[1:5]:  # 5 accounts: the slots double twice, and the cache's entries with them
+    cached.register(name)
+  assert cached.capacity == 8 and cached._noise_weights.entries() == 8  # pylint: disable=protected-access
+  for seed in (13, 13, 14):  # the second and third calls write and read the five accounts' W
+    x = _images(len(users), seed=seed)
+    np.testing.assert_allclose(cached.query_mixed(users, x).reps, plain.query_mixed(users, x).reps,
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_noise_cache_mib_is_checked_and_optional():
   with pytest.raises(ValueError, match="noise_cache_mib"):
     _cfg(noise_cache_mib=-1.0)

@@ -644,6 +644,8 @@ class DefendedEncoder:
                        buckets=np.asarray(info["buckets"], np.int32)[:n], users=tuple(users))
 
   def _run_images(self, slots, table, index, images, weights=None, weight_index=None):
+    """The step on images (fused with the encoder when it traces); weights, weight_index: the W cache's
+    arrays and int32 [N] entry per row (noise_cache.py), or None."""
     reps = None
     image_dtype = np.uint8 if self._uint8 else np.float32
     if self._fuse is None:
@@ -659,8 +661,7 @@ class DefendedEncoder:
       try:
         return self._fused_serve(self._params, self._state, table, _jit_arg(index, np.int32),
                                  _jit_arg(slots, np.int32), self._rows(images, image_dtype),
-                                 _encoder_parts(self._encoder_fn)[1], weights,
-                                 None if weight_index is None else _jit_arg(weight_index, np.int32))
+                                 _encoder_parts(self._encoder_fn)[1], weights, weight_index)
       except (ValueError, FloatingPointError):
         raise
       except Exception as e:  # shape errors inside encoder_fn surface at trace time (nothing donated)
@@ -672,11 +673,11 @@ class DefendedEncoder:
       reps = self._eager_encode(images)
     descriptors = _image_descriptors(self._settings, _jit_arg(images, image_dtype))
     return step_lib.defense_step(self._params, self._state, _jit_arg(slots, np.int32), reps, table,
-                                 _jit_arg(index, np.int32), descriptors, weights,
-                                 None if weight_index is None else _jit_arg(weight_index, np.int32))
+                                 _jit_arg(index, np.int32), descriptors, weights, weight_index)
 
   def _rows(self, images, dtype) -> jax.Array:
-    """The images on device: split over the local devices by rows with shard_rows (when they divide)."""
+    """The images as the jitted call's argument; split over the local devices by rows with shard_rows
+    (when they divide)."""
     sharding = self._row_sharding
     if sharding is None or images.shape[0] % sharding.mesh.size:
       return _jit_arg(images, dtype)

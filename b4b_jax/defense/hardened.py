@@ -115,19 +115,19 @@ def cosine(x: jax.Array) -> jax.Array:
 
 
 def image_noise(params, uids: jax.Array, level: jax.Array, descriptors: jax.Array, dim: int,
-                weight_cache=None, weight_cache_index=None):
+                noise_weights=None, noise_weight_index=None):
   """float32 [N, dim]: per row z = W^T u, u = phi(descriptor) / |phi| (random Fourier features of an
   RBF kernel, unit norm), W [F, dim] i.i.d. N(0, 1) keyed by (account, sigma level) only. Given u, z is
   exactly N(0, I); two inputs' draws have correlation u.u' ~ exp(-|d - d'|^2 / (2 lengthscale^2)):
   near-duplicates share almost all of it, distinct images almost none. Rows at the no-noise level
-  (sigma 0: padding, rejected rows) get zeros. weight_cache, weight_cache_index: W's drawn before
+  (sigma 0: padding, rejected rows) get zeros. noise_weights, noise_weight_index: W's drawn before
   (keyed_weight_sum's cache, cache_index), or None."""
   s = params.settings
   feats = cosine(jax.lax.dot_general(descriptors.astype(jnp.float32), params.image_omega,
                                      (((1,), (0,)), ((), ())), precision=_HIGHEST) + params.image_phase)
   feats = feats / jnp.sqrt(jnp.sum(feats * feats, axis=1, keepdims=True))
   return keyed_weight_sum(keys_lib.stream_key(s.seed, "image_noise"), uids, level, feats, dim,
-                          weight_cache, weight_cache_index)
+                          noise_weights, noise_weight_index)
 
 
 # Rows per matmul when applying one W to a group's rows, largest first: while `size` rows of the group
@@ -141,15 +141,11 @@ def image_noise(params, uids: jax.Array, level: jax.Array, descriptors: jax.Arra
 _ROWS_PER_DOT = (512, 256, 64, 8)
 
 
-def weights_key(stream, uid0: jax.Array, uid1: jax.Array, level: jax.Array) -> jax.Array:
-  """Typed keys [N] of W(account, level): fold_in(fold_in(fold_in(stream, uid0), uid1), level)."""
-  return keys_lib.fold_in_rows(stream, uid0, uid1, level)
-
-
 def draw_weights(stream, uid0: jax.Array, uid1: jax.Array, level: jax.Array, f: int,
                  dim: int) -> jax.Array:
-  """float32 [F, dim]: the W of one (account, level) (scalars uid0, uid1 uint32 and level int32)."""
-  key = weights_key(stream, uid0[None], uid1[None], level[None])
+  """float32 [F, dim]: the W of one (account, level) (scalars uid0, uid1 uint32 and level int32),
+  standard_normal of the key fold_in(fold_in(fold_in(stream, uid0), uid1), level)."""
+  key = keys_lib.fold_in_rows(stream, uid0[None], uid1[None], level[None])
   return noise_lib.standard_normal(key, f * dim).reshape(f, dim)
 
 
@@ -255,13 +251,13 @@ def sigma_level(sigma: jax.Array, ratio: float):
 
 
 def input_keyed_noise(params, uids: jax.Array, sigma: jax.Array, reps: jax.Array,
-                      descriptors=None, weight_cache=None, weight_cache_index=None):
+                      descriptors=None, noise_weights=None, noise_weight_index=None):
   """Noise for per_input keying.
 
   Args: uids uint32 [N, 2] per row; sigma float32 [N] from the cost; reps float32 [N, D] clean;
   descriptors: float32 [N, G*G] image_descriptor of the queried images (image queries with
-  image_weight > 0), or None: the fine codes alone; weight_cache, weight_cache_index: the image
-  noise's W's drawn before (keyed_weight_sum), or None.
+  image_weight > 0), or None: the fine codes alone; noise_weights, noise_weight_index: the image
+  noise's W's drawn before (keyed_weight_sum's cache, cache_index), or None.
   Returns: (applied sigma [N], standard-normal noise [N, D], per-row keys [N] for other per-answer
   draws such as debinarize, keyed like the noise so they do not average away either).
   """
@@ -280,11 +276,11 @@ def input_keyed_noise(params, uids: jax.Array, sigma: jax.Array, reps: jax.Array
   # key, summed over the codes and scaled by 1/sqrt(T): each draw is a pure function of its key, so the
   # (account, level, code) keying holds.
   if descriptors is not None and s.image_weight == 1:  # all of the variance image-keyed
-    noise = image_noise(params, uids, level, descriptors, d, weight_cache, weight_cache_index)
+    noise = image_noise(params, uids, level, descriptors, d, noise_weights, noise_weight_index)
   elif descriptors is not None and s.image_weight > 0:  # independent parts: still exactly N(0, I)
     noise = (jnp.float32(np.sqrt(1.0 - s.image_weight)) * noise_lib.normalized_sum(code_keys, d)
              + jnp.float32(np.sqrt(s.image_weight)) * image_noise(
-                 params, uids, level, descriptors, d, weight_cache, weight_cache_index))
+                 params, uids, level, descriptors, d, noise_weights, noise_weight_index))
   else:
     noise = noise_lib.normalized_sum(code_keys, d)
   row_keys = keys_lib.fold_in_rows(code_keys[:, 0], 1)

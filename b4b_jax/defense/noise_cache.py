@@ -43,6 +43,7 @@ _WRITES_PER_CALL = 8
 # The level of an empty entry: the one level no group draws W for (sigma 0), so it never matches.
 _EMPTY = hardened._NO_NOISE_LEVEL  # pylint: disable=protected-access
 
+
 class NoiseWeightCache:
   """Host side of the cache: which entry holds which (account uid, level), and the device arrays."""
 
@@ -110,9 +111,10 @@ class NoiseWeightCache:
     """An entry for a new account: unused, or the least recently used account's outside `keep`."""
     used = len(self._entry_of)
     if used < self.bound:
-      if used >= self.entries():  # the first write, or more accounts than slots (the API grows)
+      if used >= self.entries():  # more accounts than slots: a caller that does not `fit`
         self._grow(min(self.bound, max(self._capacity, 2 * self.entries())))
-      return next(e for e in range(self.entries()) if e not in set(self._entry_of.values()))
+      taken = set(self._entry_of.values())
+      return next(e for e in range(self.entries()) if e not in taken)
     victim = next(a for a in self._entry_of if a not in keep)  # exists: len(keep) <= bound
     entry = self._entry_of.pop(victim)
     self._held.pop(entry, None)
@@ -138,8 +140,7 @@ class NoiseWeightCache:
     levels = np.zeros((size,), np.int32)
     for i, (entry, account, level) in enumerate(writes):
       entries[i], uids[i], levels[i] = entry, (account >> 32, account & 0xFFFFFFFF), level
-    self._arrays = _write_entries(self._arrays, self._stream, jax.device_put(entries),
-                                  jax.device_put(uids), jax.device_put(levels))
+    self._arrays = _write_entries(self._arrays, self._stream, entries, uids, levels)
 
 
 def account_key(uid) -> int:

@@ -105,7 +105,8 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
       hardened mode's image-keyed noise needs them; every other mode ignores them).
     noise_weights, noise_weight_index_per_row: the image-keyed noise's W's drawn before and the entry
       to look in per row (-1: none; hardened.keyed_weight_sum's cache, cache_index; the DefendedEncoder
-      keeps them, noise_cache.py), or None. Values never depend on them.
+      keeps them, noise_cache.py), or None. An entry holds the W the step would draw, so answers do
+      not depend on them (up to float32 rounding: the same function of the key, in another program).
   Returns:
     (new state, returned [N, out_dim] float32, info) with info = {"coverage": [N] float32 percent,
     after this batch; "sigma": [N] float32 noise std applied; "all_finite": bool scalar; "buckets":
