@@ -17,8 +17,9 @@ Measures, on the same random representations:
   (c) serving throughput of the full defense (coverage + cost + noise + transform), of the coverage
       update alone, and of the served API's default (configs/serve.py: the hardened preset, its noise
       all image-keyed, on image queries whose descriptors are computed beforehand; a diag_affine
-      transform per account, tables cached as DefendedEncoder does), with 1, 64, ... users mixed in
-      every batch, each against the floor at that batch;
+      transform per account, tables cached as DefendedEncoder does) drawing every W, and the same with
+      its W cache (noise_cache.py, the default noise_cache_mib) after the accounts have returned, with
+      1, 64, ... users mixed in every batch, each against the floor at that batch;
   (d) bytes of defense state per user;
   (e) optionally, the defense's overhead on an encoder's forward (random weights, 64 users mixed per
       batch): the full defense step timed alone on that encoder's representations of the batch, as a
