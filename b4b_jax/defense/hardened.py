@@ -258,8 +258,9 @@ def input_keyed_noise(params, uids: jax.Array, sigma: jax.Array, reps: jax.Array
   descriptors: float32 [N, G*G] image_descriptor of the queried images (image queries with
   image_weight > 0), or None: the fine codes alone; noise_weights, noise_weight_index: the image
   noise's W's drawn before (keyed_weight_sum's cache, cache_index), or None.
-  Returns: (applied sigma [N], standard-normal noise [N, D], per-row keys [N] for other per-answer
-  draws such as debinarize, keyed like the noise so they do not average away either).
+  Returns: (applied sigma [N], sigma level [N] (sigma_level), standard-normal noise [N, D], per-row
+  keys [N] for other per-answer draws such as debinarize, keyed like the noise so they do not average
+  away either).
   """
   s = params.settings
   codes = fine_codes(params, reps)
@@ -284,7 +285,7 @@ def input_keyed_noise(params, uids: jax.Array, sigma: jax.Array, reps: jax.Array
   else:
     noise = noise_lib.normalized_sum(code_keys, d)
   row_keys = keys_lib.fold_in_rows(code_keys[:, 0], 1)
-  return applied, noise, row_keys
+  return applied, level, noise, row_keys
 
 
 def seen_columns(settings) -> int:

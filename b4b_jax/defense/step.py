@@ -164,9 +164,8 @@ def defense_step_impl(params: DefenseParams, state: DefenseState, user_index_per
   # fold_in(fold_in(user_key(noise_key, uid), counter), rank) per row (keys.fold_in_rows: the same keys
   # as vmapped jax.random.fold_in, as straight-line ops instead of a rolled threefry loop per fold).
   if s.noise_keying == "per_input":
-    noise_level = hardened.sigma_level(sigma, s.sigma_level_ratio)[0]
-    sigma, noise, row_keys = hardened.input_keyed_noise(params, uids, sigma, reps, image_descriptors,
-                                                        noise_weights, noise_weight_index_per_row)
+    sigma, noise_level, noise, row_keys = hardened.input_keyed_noise(
+        params, uids, sigma, reps, image_descriptors, noise_weights, noise_weight_index_per_row)
     sigma = jnp.where(valid, sigma, 0.0)
   else:
     row_keys = keys_lib.fold_in_rows(params.noise_key, uids[:, 0], uids[:, 1], counter, rank)
