@@ -162,3 +162,22 @@ def test_workdir_of_another_experiment_is_refused(undefended, victim_dir):
   _, workdir, _ = undefended
   with pytest.raises(ValueError, match="incompatible"):
     run_job(_config(victim_dir, "queries=256"), workdir)
+
+
+def test_query_once_trains_on_the_views_it_streamed_before(undefended, tmp_path, monkeypatch):
+  """Query once keeps its training views in memory (steal._TRAIN_VIEWS_BYTES): the run equals one that
+  streams them every epoch, and streams them once less per epoch."""
+  config, _, reference = undefended
+  calls = []
+  stream = steal.Views.stream
+  monkeypatch.setattr(steal.Views, "stream", lambda self, *a: calls.append(a) or stream(self, *a))
+  kept = run_job(config, str(tmp_path / "kept"))
+  kept_calls, calls[:] = len(calls), []
+  monkeypatch.setattr(steal, "_TRAIN_VIEWS_BYTES", 0)
+  streamed = run_job(config, str(tmp_path / "streamed"))
+  assert len(calls) == kept_calls + config.train.epochs
+  for r in (kept, streamed):
+    assert r["epoch_losses"] == reference["epoch_losses"]
+    assert r["similarity_final"] == reference["similarity_final"]
+  jax.tree.map(np.testing.assert_array_equal, _stolen_params(str(tmp_path / "kept")),
+               _stolen_params(str(tmp_path / "streamed")))
