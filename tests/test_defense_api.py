@@ -136,6 +136,26 @@ def test_static_sigma_and_sigma_from_before_and_disabled():
   assert off.out_dim == D and off.coverage("a") > 0 and np.all(result.sigma == 0)
 
 
+def test_min_batch_rows_pads_short_calls_to_one_shape_with_the_same_answers(monkeypatch):
+  sizes = []
+  step = api_lib.step_lib.defense_step
+  monkeypatch.setattr(api_lib.step_lib, "defense_step",
+                      lambda *a, **k: sizes.append(a[3].shape[0]) or step(*a, **k))
+  reps = np.random.default_rng(5).standard_normal((37, D)).astype(np.float32)
+  cfg = _loud_cfg(transform="diag_affine")
+  answers = {}
+  for min_rows in (0, 32):
+    api = defense.DefendedEncoder(None, cfg, D, min_batch_rows=min_rows)
+    answers[min_rows] = [api.query_representations(u, r).reps
+                         for u, r in (("a", reps[:32]), ("a", reps[32:]), ("b", reps[:3]))]
+  assert sizes == [32, 8, 8, 32, 32, 32]  # min_batch_rows 32: one shape for the calls of 32, 5, 3
+  for plain, padded in zip(answers[0], answers[32]):
+    np.testing.assert_array_equal(plain, padded)
+  for bad in (-1, 2.5, True, "8"):
+    with pytest.raises(ValueError, match="min_batch_rows"):
+      defense.DefendedEncoder(None, cfg, D, min_batch_rows=bad)
+
+
 # ------------------------------------------------------------------------------------- images path
 def test_fused_encoder_equals_embedding_path_and_non_traceable_encoder_works():
   images = np.random.default_rng(4).uniform(size=(10, 4, 4, 3)).astype(np.float32)

@@ -98,6 +98,9 @@ class DefendedEncoder:
     fuse_encoder: True/False forces fusing encoder and defense in one jit; None = detect.
     pad_batches: round batch sizes up (8, 16, ..., 1024, then multiples of 1024) with ignored padding
       rows, so varying batch sizes compile only a few shapes.
+    min_batch_rows: with pad_batches, pad every call to at least this many rows: a client sending
+      batches of this size and a shorter last one compiles one shape, not two or three (each costs
+      ~1 s of compilation on a 2-core CPU; answers do not depend on the padding).
     uint8_images: images are uint8 [0, 255] and encoder_fn normalises them itself (from_encoder_dir);
       False: images are floating point, already normalised.
     shard_rows: split each fused image call's (padded) rows over all local devices (a 1-D mesh), so
@@ -108,7 +111,11 @@ class DefendedEncoder:
   def __init__(self, encoder_fn: Optional[Callable], config: ml_collections.ConfigDict, rep_dim: int,
                *, capacity: int = 8, require_registration: bool = False,
                input_shape: Optional[Sequence[int]] = None, fuse_encoder: Optional[bool] = None,
-               pad_batches: bool = True, uint8_images: bool = False, shard_rows: bool = False):
+               pad_batches: bool = True, min_batch_rows: int = 0, uint8_images: bool = False,
+               shard_rows: bool = False):
+    if isinstance(min_batch_rows, bool) or not isinstance(min_batch_rows, (int, np.integer)) or \
+        min_batch_rows < 0:
+      raise ValueError(f"min_batch_rows must be an int >= 0, got {min_batch_rows!r}")
     self._config = ml_collections.ConfigDict(config.to_dict())
     self._params = state_lib.make_params(self._config, rep_dim)  # validates config and rep_dim
     self._config.lock()
@@ -119,6 +126,7 @@ class DefendedEncoder:
     self._input_shape = None if input_shape is None else _shape_tuple(input_shape, "input_shape")
     self._fuse = fuse_encoder
     self._pad_batches = bool(pad_batches)
+    self._min_batch_rows = int(min_batch_rows)
     self._uint8 = bool(uint8_images)
     devices = jax.local_devices()
     self._row_sharding = (jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("rows",)),
@@ -612,7 +620,7 @@ class DefendedEncoder:
       weights, weight_index = (self._noise_weights.lookup(*accounts) if accounts is not None
                                else (None, None))
       if self._pad_batches:  # fewer shapes -> fewer compilations; padding rows (slot -1) are ignored
-        size = _padded_size(n)
+        size = max(_padded_size(n), _padded_size(self._min_batch_rows))
         slots = np.concatenate([slots, np.full((size - n,), -1, np.int32)])
         index = np.concatenate([index, np.zeros((size - n,), np.int32)])
         if weight_index is not None:

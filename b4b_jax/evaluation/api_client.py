@@ -14,9 +14,10 @@ import numpy as np
 from b4b_jax import defense
 
 
-def representation_api(config, rep_dim: int, *, capacity: int = 8):
-  """A DefendedEncoder without an encoder: clients send clean representations."""
-  return defense.DefendedEncoder(None, config, rep_dim, capacity=capacity)
+def representation_api(config, rep_dim: int, *, capacity: int = 8, batch_size: int = 0):
+  """A DefendedEncoder without an encoder: clients send clean representations (in batches of
+  `batch_size` rows and a shorter last one: one compiled shape for both)."""
+  return defense.DefendedEncoder(None, config, rep_dim, capacity=capacity, min_batch_rows=batch_size)
 
 
 @dataclasses.dataclass

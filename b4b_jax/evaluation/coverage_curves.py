@@ -39,7 +39,7 @@ def coverage_vs_queries(query_sets: Mapping[str, np.ndarray], *, base_config,
   curves = {}
   for k in bucket_bits:
     api = api_client.representation_api(counting_config(base_config, k), rep_dim,
-                                        capacity=max(2, len(query_sets)))
+                                        capacity=max(2, len(query_sets)), batch_size=batch_size)
     per_set = {}
     for name, reps in query_sets.items():
       _, trace = api_client.send(api, name, np.asarray(reps, np.float32), batch_size=batch_size)

@@ -128,7 +128,8 @@ def legit_user(train, train_y, test, test_y, *, defense_config, probe_cfg, query
     api = defense.DefendedEncoder(scaled_encoder(encoder_fn, rep_scale), defense_config, int(rep_dim),
                                   capacity=2)
   else:
-    api = api_client.representation_api(defense_config, np.asarray(train).shape[1], capacity=2)
+    api = api_client.representation_api(defense_config, np.asarray(train).shape[1], capacity=2,
+                                        batch_size=query_batch_size)
   send = dict(batch_size=query_batch_size, representations=not through_images)
   received_train, train_trace = api_client.send(api, user, train, on_batch=on_batch, **send)
   received_test, test_trace = api_client.send(api, user, test, **send)

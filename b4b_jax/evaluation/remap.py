@@ -76,7 +76,8 @@ def remap_cell(train_x, train_y, test_x, test_y, *, defense_config, overlaps: Se
   if not overlaps or overlaps[0] < 0 or overlaps[-1] > len(train_x):
     raise ValueError(f"overlaps must be non-empty and within [0, {len(train_x)}] (the train "
                      f"queries), got {overlaps}")
-  api = api_client.representation_api(defense_config, train_x.shape[1], capacity=2)
+  api = api_client.representation_api(defense_config, train_x.shape[1], capacity=2,
+                                      batch_size=query_batch_size)
   # Both accounts send the same rows batch by batch: train (the overlap), then test.
   train_resp, train_traces = api_client.send_interleaved(api, ["A", "B"], train_x,
                                                          batch_size=query_batch_size)
