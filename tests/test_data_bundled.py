@@ -4,6 +4,7 @@ from PIL import Image
 import pytest
 from sklearn.datasets import load_digits, load_sample_images
 
+from b4b_jax.data import bundled
 from b4b_jax.data import load_arrays
 
 
@@ -57,6 +58,19 @@ def test_sklearn_photos_shapes_determinism_and_streams():
     load_arrays("sklearn_photos", "val")
   with pytest.raises(ValueError, match="limit"):
     load_arrays("sklearn_photos", "train", limit=-1)
+
+
+def test_sklearn_photos_kept_per_process_are_what_cropping_makes(monkeypatch):
+  # Crop sets up to bundled._KEPT_CROPS_BYTES are made once per process; callers get copies.
+  x, _ = load_arrays("sklearn_photos", "query", limit=24, image_size=16, seed=3)
+  kept = x.copy()
+  x[:] = 0
+  again, _ = load_arrays("sklearn_photos", "query", limit=24, image_size=16, seed=3)
+  np.testing.assert_array_equal(again, kept)
+  monkeypatch.setattr(bundled, "_KEPT_CROPS_BYTES", 0)
+  made, _ = load_arrays("sklearn_photos", "query", limit=24, image_size=16, seed=3)
+  np.testing.assert_array_equal(made, kept)
+  assert kept.std() > 20
 
 
 def test_sklearn_photos_whole_photo_crop_is_the_resized_photo():
