@@ -86,8 +86,10 @@ def load_photo_crops(split: str, *, image_size: Optional[int] = None, limit: Opt
   args = (split, n, size if isinstance(size, int) else tuple(size), int(seed), tuple(scale),
           tuple(ratio), bool(flip), method)
   h, w = preprocess.size_hw(size)
-  images = _photo_crops_kept(*args) if n * h * w * 3 <= _KEPT_CROPS_BYTES else _photo_crops(*args)
-  return images.copy(), np.full((n,), -1, np.int32)
+  labels = np.full((n,), -1, np.int32)
+  if n * h * w * 3 > _KEPT_CROPS_BYTES:
+    return _photo_crops(*args), labels
+  return _photo_crops_kept(*args).copy(), labels
 
 
 # Crop sets of at most this many bytes are made once per process: the demo's three attacks open the
