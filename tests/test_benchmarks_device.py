@@ -48,3 +48,24 @@ def test_steal_step_benchmark_splits_its_batch_over_the_devices_asked_for(capsys
     steal_step.main(["--tiny", "--devices", "3"])  # the tiny batch is 8
   with pytest.raises(ValueError, match="num_devices=9 but 8 device"):
     steal_step.main(["--tiny", "--devices", "9"])
+
+
+@pytest.mark.parametrize("arch, small", [("resnet18_w0.25", True), ("resnet50_w0.5", False)])
+def test_steal_step_reference_of_a_width_variant_has_our_parameter_shapes(arch, small):
+  """The "demo" setting's PyTorch step must train the network ours trains: every parameter's shape,
+  in order of size, and the representation's width."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from b4b_jax import models  # pylint: disable=g-import-not-at-top
+  from benchmarks import steal_step  # pylint: disable=g-import-not-at-top
+  net = steal_step.torch_resnet(arch)
+  net.fc = torch.nn.Identity()
+  if small:
+    net.conv1 = torch.nn.Conv2d(3, net.bn1.num_features, 3, 1, 1, bias=False)
+  ours = nnx.eval_shape(lambda: models.create_resnet(arch, rngs=nnx.Rngs(0), small_input=small))
+  _, params, _ = models.split_model(ours)
+  theirs = sorted(int(p.numel()) for p in net.parameters())
+  assert theirs == sorted(int(x.size) for x in jax.tree.leaves(params))
+  with torch.no_grad():
+    assert tuple(net.eval()(torch.zeros(2, 3, 32, 32)).shape) == (2, ours.rep_dim)
