@@ -296,9 +296,9 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
     # The floor is timed again inside these trials, interleaved with the steps: a ratio of two figures
     # taken seconds apart moved by ~0.1x on a quiet machine (the floor itself varies by ~5 %). The
     # steps within a few times the floor (a few ms a call) get three times the trials, in a group of
-    # their own with the floor: best of 5 left the full defense's ratio 0.1-0.15x above its best of 15
-    # in some runs (1.51x vs 1.39x at 64 users on a Zen 4 EPYC), and their trials cost a tenth of a
-    # served default's.
+    # their own with the floor: best of 5 left the full defense's ratio 0.1-0.15x above its best of
+    # 15 in some runs (1.51x vs 1.39x at 64 users on a Zen 4 EPYC), and their trials cost a tenth of
+    # a served default's.
     t = _best_seconds({"floor": floor_call, "coverage_only": coverage_only, "full_defense": full},
                       repeats, 3 * trials)
     t_served = _best_seconds({"floor": floor_call, "hardened_service": hardened_fn,

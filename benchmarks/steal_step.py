@@ -4,7 +4,7 @@ r"""Stealing training-step speed: our jitted step vs the equivalent PyTorch step
   python benchmarks/steal_step.py --steps 20 --settings resnet18
   python benchmarks/steal_step.py --tiny          # seconds: a smoke check of the script itself
   python -m benchmarks.steal_step --settings resnet50_b256   # GPU/TPU size (benchmarks/device.sh)
-  python -m benchmarks.steal_step --settings demo   # the demo's stolen copies: ResNet-18 at 1/4 width
+  python -m benchmarks.steal_step --settings demo   # the demo's stolen copy, ResNet-18 at 1/4 width
   python -m benchmarks.steal_step --compute-dtype bfloat16    # our bf16 mixed-precision step
   B4B_HOST_MEMORY=keep python -m benchmarks.steal_step      # XLA's step buffers kept mapped (host_memory.py)
   python -m benchmarks.steal_step --profile       # also where our step's time goes, per XLA op
@@ -17,9 +17,10 @@ the schedule costs nothing measurable). Ours: b4b_jax.attacks.train_state.make_t
 "data" mesh (the per-device figure; more devices split the batch), or with --devices N on N devices
 (on a CPU host: N XLA devices that XLA_FLAGS=--xla_force_host_platform_device_count=N makes of it, each
 running its share of the batch, BatchNorm statistics over the whole batch; docs/models.md has what that
-measured). Reference: torchvision's ResNet (fc = Identity; for 32x32 and smaller inputs the same CIFAR
-stem as ours: 3x3 stride-1 conv, no max-pool; width variants with every stage's channels scaled) with the original code's InfoNCE, on the same device kind when
-PyTorch can use it (else CPU).
+measured). Reference: torchvision's ResNet (torch_resnet: fc = Identity; for 32x32 and smaller
+inputs the same CIFAR stem as ours, 3x3 stride-1 conv and no max-pool; width variants with every
+stage's channels scaled) with the original code's InfoNCE, on the same device kind when PyTorch can
+use it (else CPU).
 Steps of the two take turns (common.timed_in_turns: one untimed step, then two timed ones) and the
 median step time is reported, so both see the same load on a shared machine and neither is timed on
 the other's idle threads. Prints steps/s for both, the ratio (ours / torch; target >= 1.0) and
@@ -91,9 +92,11 @@ def build_jax(arch, batch, size, small, dim, compute_dtype="float32", num_device
   return run_one, compile_s, flops, temp_mb, compiled
 
 
-def torch_resnet(arch: str):
-  """torchvision's ResNet by our name: "resnet18", or "resnet18_w0.25" with every stage's channels
-  scaled as models.create_resnet scales them (torchvision has no width argument for them)."""
+def torch_resnet(arch: str, small: bool):
+  """The reference network: torchvision's ResNet by our name ("resnet18"; "resnet18_w0.25" with
+  every stage's channels scaled as models.create_resnet scales them: torchvision has no width
+  argument for them), fc = Identity, and with small=True the CIFAR stem (3x3 stride-1 conv, no
+  max-pool)."""
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
   name, _, width = arch.partition("_w")
@@ -104,8 +107,13 @@ def torch_resnet(arch: str):
     net.conv1, net.bn1 = torch.nn.Conv2d(3, base, 7, 2, 3, bias=False), torch.nn.BatchNorm2d(base)
     net.inplanes = base  # _make_layer's running input width
     for i in range(4):
-      blocks = len(getattr(net, f"layer{i + 1}"))
-      setattr(net, f"layer{i + 1}", net._make_layer(block, base * 2**i, blocks, stride=1 if i == 0 else 2))  # pylint: disable=protected-access
+      layer = f"layer{i + 1}"
+      setattr(net, layer, net._make_layer(  # pylint: disable=protected-access
+          block, base * 2**i, len(getattr(net, layer)), stride=1 if i == 0 else 2))
+  net.fc = torch.nn.Identity()
+  if small:
+    net.conv1 = torch.nn.Conv2d(3, net.bn1.num_features, 3, 1, 1, bias=False)
+    net.maxpool = torch.nn.Identity()
   return net
 
 
@@ -114,11 +122,7 @@ def build_torch(arch, batch, size, small, dim):
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-  net = torch_resnet(arch)
-  net.fc = torch.nn.Identity()
-  if small:
-    net.conv1 = torch.nn.Conv2d(3, net.bn1.num_features, 3, 1, 1, bias=False)
-    net.maxpool = torch.nn.Identity()
+  net = torch_resnet(arch, small)
   net = net.to(device).train()
   opt = torch.optim.SGD(net.parameters(), lr=0.1 * batch / 256, momentum=0.9)
   rng = np.random.default_rng(0)

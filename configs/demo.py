@@ -2,8 +2,8 @@ r"""The offline end-to-end B4B demo (README quickstart), 10-11 minutes on 2 quie
 9f69db4 on a 2-core AMD EPYC: 10.8 minutes, 18.3 CPU-minutes; 8.6 minutes on an earlier, faster 2-core
 box; 3.1 minutes, the install included, on a 2-core Zen 5 EPYC with AVX-512 from a fresh clone at 2c07f2f,
 3.4 at 38f4b0b, 3.5 at 7a9defa, 3.3 at 7347be6, 3.4 at 063f40e, 3.1 at 476730a, 3.8 at b4e95f9 before the stealing job's views stopped rebuilding a tf.data pipeline per
-query batch, 5.5 at ab88b16 before small maps' convolutions became matmuls; 5.1 on a 2-core Zen 4 EPYC
-with AVX-512 at 23ba430, every printed figure the same as on the Zen 5 one):
+query batch, 5.5 at ab88b16 before small maps' convolutions became matmuls; 5.1 on a 2-core Zen 4
+EPYC with AVX-512 at 23ba430, every printed figure the same as on the Zen 5 one):
 
   python -m b4b_jax.main --config=configs/demo.py --workdir=/tmp/b4b_demo
   python -m b4b_jax.main --config=configs/demo.py:served=1 --workdir=/tmp/b4b_demo_served  # over HTTP

@@ -59,10 +59,7 @@ def test_steal_step_reference_of_a_width_variant_has_our_parameter_shapes(arch, 
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from b4b_jax import models  # pylint: disable=g-import-not-at-top
   from benchmarks import steal_step  # pylint: disable=g-import-not-at-top
-  net = steal_step.torch_resnet(arch)
-  net.fc = torch.nn.Identity()
-  if small:
-    net.conv1 = torch.nn.Conv2d(3, net.bn1.num_features, 3, 1, 1, bias=False)
+  net = steal_step.torch_resnet(arch, small)
   ours = nnx.eval_shape(lambda: models.create_resnet(arch, rngs=nnx.Rngs(0), small_input=small))
   _, params, _ = models.split_model(ours)
   theirs = sorted(int(p.numel()) for p in net.parameters())
