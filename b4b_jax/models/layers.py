@@ -36,6 +36,10 @@ step (batch 8, 16 px) went from 328 to 59-60 ms, the demo's stolen resnet18_w0.2
 16 px) from 47 to 18-19 ms, compile times unchanged. Values move by float32 rounding (the same sums
 in another order). Maps at least the kernel's size on every side keep the convolution
 (docs/models.md, "Maps smaller than the kernel").
+
+`stored_once(x, anchor)` is the same keeping for a value that is not a convolution's input: the
+identity, with an identity gradient, whose result XLA on CPU stores instead of recomputing (the
+ResNet bottleneck's output, resnet.py).
 """
 import functools
 from typing import Sequence, Tuple
@@ -253,6 +257,32 @@ def _kept(x, w):
   run-time 1.0 was rewritten into a multiplication by its reciprocal, which fusion duplicates again."""
   always = (w.reshape(-1)[0] * 0 + 1) != 0
   return jax.lax.cond(always, lambda v: v, jnp.zeros_like, x)
+
+
+@jax.custom_vjp
+def stored_once(x, anchor):
+  """x, which XLA on CPU stores once instead of recomputing it inside each of its consumers; the
+  gradient passes through unchanged (anchor: any float array of the step, whose value is not used;
+  `_kept` needs one to build a predicate XLA cannot fold). Elsewhere x as it is.
+
+  For a ResNet bottleneck's output (resnet.Bottleneck): it feeds the next block's 1x1 convolution and
+  shortcut, and XLA's CPU fusion recomputed the residual stream (BatchNorm, add, ReLU of every earlier
+  block of the stage) inside each consumer, forward and backward: one fusion read seven
+  16x14x14x1024 tensors to write one (docs/models.md, "Where the rest of the stealing step goes")."""
+  return _stored_once_fwd(x, anchor)[0]
+
+
+def _stored_once_fwd(x, anchor):
+  if jax.default_backend() == "cpu":
+    x = _kept(x, jax.lax.stop_gradient(anchor))
+  return x, None
+
+
+def _stored_once_bwd(_, g):
+  return g, None
+
+
+stored_once.defvjp(_stored_once_fwd, _stored_once_bwd)
 
 
 def _conv_nhwc_fwd(x, w, strides, padding, precision):
