@@ -113,12 +113,13 @@ def test_resnet_convolutions_take_the_custom_gradient():
   jaxpr = grad_jaxpr(96)  # layer4's maps are 3x3: no map is smaller than its kernel
   assert jaxpr.count("custom_vjp_call") == len(kernels)
   assert jaxpr.count("dot_general") == ones  # each 1x1 kernel gradient is one matmul (nothing else is)
-  assert jaxpr.count("cond[") == len(kernels) - ones  # each larger kernel's input kept (layers._kept)
+  blocks = 16  # each bottleneck's output stored (layers.stored_once)
+  assert jaxpr.count("cond[") == len(kernels) - ones + blocks  # each larger kernel's input kept too
   # At 32 px layer3's maps are 2x2 and layer4's 1x1: their 3x3 convolutions (6 + 3, and each stage's
   # first one reads the larger map but writes the smaller) are matmuls of their patches instead.
   jaxpr = grad_jaxpr(32)
   assert jaxpr.count("custom_vjp_call") == len(kernels) - 9
-  assert jaxpr.count("cond[") == len(kernels) - ones - 9
+  assert jaxpr.count("cond[") == len(kernels) - ones - 9 + blocks
 
 
 @pytest.mark.parametrize("size,kernel,stride,pad", [(2, 3, 1, 1), (1, 3, 1, 1), (4, 3, 2, 1), (3, 3, 2, 1),
@@ -166,7 +167,7 @@ def test_the_matmul_path_is_for_small_maps_only_and_keeps_bfloat16():
                              atol=0.05 * float(jnp.max(jnp.abs(f32))))
 
 
-def test_a_bottlenecks_output_is_stored_once_in_training_and_changes_no_value(monkeypatch):
+def test_a_bottlenecks_output_is_stored_once_and_changes_no_value(monkeypatch):
   # XLA's CPU fusion recomputed a stage's whole residual stream inside each consumer of a bottleneck's
   # output (one fusion read seven 16x14x14x1024 tensors to write one); layers.stored_once stores it.
   model = models.create_resnet("resnet50_w0.125", rngs=nnx.Rngs(0))
@@ -178,8 +179,11 @@ def test_a_bottlenecks_output_is_stored_once_in_training_and_changes_no_value(mo
                                                                          train=train)[0]))))
 
   larger_kernels, blocks = 17, 16  # at 96 px the 16 3x3 convolutions and the 7x7 stem keep their input
-  assert str(jax.make_jaxpr(grad_fn(False))(params)).count("cond[") == larger_kernels  # inference: none
-  assert str(jax.make_jaxpr(grad_fn(True))(params)).count("cond[") == larger_kernels + blocks
+  for train in (False, True):  # the forward stores them too (the backward's conds are the kernels')
+    jaxpr = str(jax.make_jaxpr(grad_fn(train))(params))
+    assert jaxpr.count("cond[") == larger_kernels + blocks
+  forward = jax.jit(lambda p: models.apply_model(graphdef, p, stats, x, train=False)[0])
+  assert forward.lower(params).compile().as_text().count(" conditional(") == blocks
   compiled = grad_fn(True).lower(params).compile()
   assert compiled.as_text().count(" conditional(") == larger_kernels + blocks  # survives compilation
   got = compiled(params)

@@ -267,8 +267,9 @@ def stored_once(x, anchor):
 
   For a ResNet bottleneck's output (resnet.Bottleneck): it feeds the next block's 1x1 convolution and
   shortcut, and XLA's CPU fusion recomputed the residual stream (BatchNorm, add, ReLU of every earlier
-  block of the stage) inside each consumer, forward and backward: one fusion read seven
-  16x14x14x1024 tensors to write one (docs/models.md, "Where the rest of the stealing step goes")."""
+  block of the stage) inside each consumer, forward and backward: in the ResNet-50 stealing step one
+  fusion read seven 16x14x14x1024 tensors to write one (docs/models.md, "The bottleneck's output
+  stored once")."""
   return _stored_once_fwd(x, anchor)[0]
 
 

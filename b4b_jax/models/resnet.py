@@ -10,10 +10,10 @@ Names: "resnet18", "resnet34", "resnet50", and width variants "resnet18_w0.25" (
 0.25: a 128-d ResNet-18 for quick CPU runs) or "resnet50_w2". The forward returns the average-pooled
 feature [N, D]; `out_dim` inserts the B4B stolen-DINO head (a 1x1 conv, no bias, before pooling).
 `small_input` swaps the stem for a 3x3 stride-1 conv without max-pool (32x32 images).
-In training on CPU a bottleneck's output is stored once (`layers.stored_once`): XLA's fusion had
-recomputed the stage's residual stream inside each of its consumers (the ResNet-50 stealing step ~5 %
-faster; values up to float32 rounding). A basic block's output is the next block's 3x3 convolution
-input, which `layers.conv` already keeps.
+On CPU a bottleneck's output is stored once (`layers.stored_once`): XLA's fusion had recomputed the
+stage's residual stream inside each of its consumers (with it the ResNet-50 stealing step ran 5-6 %
+faster, a forward 7-9 %; values up to float32 rounding). A basic block's output is the next block's
+3x3 convolution input, which `layers.conv` already keeps.
 """
 import re
 from typing import Optional
@@ -89,8 +89,8 @@ class Bottleneck(nnx.Module):
     y = jax.nn.relu(self.bn2(self.conv2(y), train))
     y = self.bn3(self.conv3(y), train)
     out = jax.nn.relu(y + _apply_shortcut(self.downsample, x, train))
-    # Stored once in training: XLA recomputed the stage's residual stream in every consumer.
-    return layers.stored_once(out, self.conv3.kernel[...]) if train else out
+    # Stored once: XLA recomputed the stage's residual stream in every consumer.
+    return layers.stored_once(out, self.conv3.kernel[...])
 
 
 def _shortcut(cin, cout, stride, rngs):
