@@ -222,7 +222,7 @@ def main(argv=None):
     print("On CPU, convolutions are most of the step: XLA runs them on Eigen's multi-threaded kernels "
           "(b4b_jax/xla_flags.py; YNNPACK's default ones are single-threaded), the 1x1 kernels' weight "
           "gradient as a matmul and larger kernels' input stored for theirs (models/layers.conv), "
-          "BatchNorm with its closed-form backward, a bottleneck's output stored once in training "
+          "BatchNorm with its closed-form backward, a bottleneck's output stored once "
           "(models/layers.stored_once), in "
           "XLA's memory-optimised op order (xla_flags.training_options: 'our temp MB' is the buffer "
           "each step mallocs and, unless B4B_HOST_MEMORY=keep, faults in afresh); "

@@ -179,7 +179,7 @@ def test_a_bottlenecks_output_is_stored_once_and_changes_no_value(monkeypatch):
                                                                          train=train)[0]))))
 
   larger_kernels, blocks = 17, 16  # at 96 px the 16 3x3 convolutions and the 7x7 stem keep their input
-  for train in (False, True):  # the forward stores them too (the backward's conds are the kernels')
+  for train in (False, True):  # batch statistics or running ones: stored alike
     jaxpr = str(jax.make_jaxpr(grad_fn(train))(params))
     assert jaxpr.count("cond[") == larger_kernels + blocks
   forward = jax.jit(lambda p: models.apply_model(graphdef, p, stats, x, train=False)[0])
