@@ -11,9 +11,9 @@ Names: "resnet18", "resnet34", "resnet50", and width variants "resnet18_w0.25" (
 feature [N, D]; `out_dim` inserts the B4B stolen-DINO head (a 1x1 conv, no bias, before pooling).
 `small_input` swaps the stem for a 3x3 stride-1 conv without max-pool (32x32 images).
 On CPU a bottleneck's output is stored once (`layers.stored_once`): XLA's fusion had recomputed the
-stage's residual stream inside each of its consumers (with it the ResNet-50 stealing step ran 5-6 %
-faster, a forward 7-9 %; values up to float32 rounding). A basic block's output is the next block's
-3x3 convolution input, which `layers.conv` already keeps.
+stage's residual stream inside each of its consumers (in-process A/B: the ResNet-50 stealing step
+5-6 % faster with B4B_HOST_MEMORY=keep, a forward 7-9 %; values up to float32 rounding). A basic
+block's output is the next block's 3x3 convolution input, which `layers.conv` already keeps.
 """
 import re
 from typing import Optional
