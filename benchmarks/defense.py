@@ -19,7 +19,8 @@ Measures, on the same random representations:
       all image-keyed, on image queries whose descriptors are computed beforehand; a diag_affine
       transform per account, tables cached as DefendedEncoder does) drawing every W, and the same with
       its W cache (noise_cache.py, the default noise_cache_mib) after the accounts have returned, with
-      1, 64, ... users mixed in every batch, each against the floor at that batch;
+      1, 64, ... users mixed in every batch, each against the floor at that batch, and the full defense's
+      minor page faults per call (in its best trial: a row that faults is slower by their cost);
   (d) bytes of defense state per user;
   (e) optionally, the defense's overhead on an encoder's forward (random weights, 64 users mixed per
       batch): the full defense step timed alone on that encoder's representations of the batch, as a
@@ -93,11 +94,25 @@ def _get_buckets(data, proj):
   return {str(code) for code in rows_of_bucket}
 
 
+def _minor_faults() -> int:
+  """Minor page faults of this process so far, every thread (0 where getrusage is missing)."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top  # POSIX only
+  except ImportError:
+    return 0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _best_seconds(fns: Dict[str, Callable[[], object]], repeats: int, trials: int,
-                  setup: Optional[Dict[str, Callable[[], None]]] = None) -> Dict[str, float]:
+                  setup: Optional[Dict[str, Callable[[], None]]] = None,
+                  faults: Optional[Dict[str, float]] = None) -> Dict[str, float]:
   """Best-of-`trials` seconds per call of each fn; trials interleave the fns so that load from other
   processes on a shared machine hits all of them alike. Every fn is warmed up (compiled) first;
-  setup[name], if given, runs untimed before each trial of fn `name`."""
+  setup[name], if given, runs untimed before each trial of fn `name`. `faults`, if given, receives the
+  minor page faults per call in each fn's best trial: pages its buffers found unmapped and the kernel
+  zero-filled again. glibc hands buffers of a few MiB back to the kernel or keeps them depending on what
+  the process allocated before (its dynamic mmap and trim thresholds, its per-thread heaps of 64 MiB), so
+  the same step in the same process can run fault-free in one row and fault in the next."""
   setup = setup or {}
   for name, fn in fns.items():
     setup.get(name, lambda: None)()
@@ -106,11 +121,16 @@ def _best_seconds(fns: Dict[str, Callable[[], object]], repeats: int, trials: in
   for _ in range(trials):
     for name, fn in fns.items():
       setup.get(name, lambda: None)()
+      faults_before = _minor_faults()
       start = time.perf_counter()
       for _ in range(repeats):
         out = fn()
       jax.block_until_ready(out)
-      best[name] = min(best[name], (time.perf_counter() - start) / repeats)
+      seconds = (time.perf_counter() - start) / repeats
+      if seconds < best[name]:
+        best[name] = seconds
+        if faults is not None:
+          faults[name] = (_minor_faults() - faults_before) / repeats
   return best
 
 
@@ -299,12 +319,14 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
     # their own with the floor: best of 5 left the full defense's ratio 0.1-0.15x above its best of
     # 15 in some runs (1.51x vs 1.39x at 64 users on a Zen 4 EPYC), and their trials cost a tenth of
     # a served default's.
+    faults = {}
     t = _best_seconds({"floor": floor_call, "coverage_only": coverage_only, "full_defense": full},
-                      repeats, 3 * trials)
+                      repeats, 3 * trials, faults=faults)
     t_served = _best_seconds({"floor": floor_call, "hardened_service": hardened_fn,
                               "hardened_cached": hardened_cached}, repeats, trials)
     floor_s, served_floor_s = t.pop("floor"), t_served.pop("floor")
-    row = {name: {"reps_per_s": n / sec, "over_floor": sec / floor_s} for name, sec in t.items()}
+    row = {name: {"reps_per_s": n / sec, "over_floor": sec / floor_s,
+                  "page_faults_per_call": faults[name]} for name, sec in t.items()}
     row.update({name: {"reps_per_s": n / sec, "over_floor": sec / served_floor_s}
                 for name, sec in t_served.items()})
     row["floor_reps_per_s"] = n / floor_s
@@ -313,7 +335,8 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
     say(f"    {num_users:5d} users/batch: coverage update {row['coverage_only']['reps_per_s']:10,.0f}"
         f" reps/s ({row['coverage_only']['over_floor']:.2f}x floor); full defense "
         f"{row['full_defense']['reps_per_s']:10,.0f} reps/s ({row['full_defense']['over_floor']:.2f}x"
-        f" floor, {row['full_defense']['over_floor_plus_noise']:.2f}x floor + noise); served default "
+        f" floor, {row['full_defense']['over_floor_plus_noise']:.2f}x floor + noise, "
+        f"{row['full_defense']['page_faults_per_call']:,.0f} page faults a call); served default "
         f"(hardened, image queries) {row['hardened_service']['reps_per_s']:10,.0f} reps/s "
         f"({row['hardened_service']['over_floor']:.2f}x floor), its W's cached (returning accounts, "
         f"{min(num_users, cache_entries)} of {num_users}) {row['hardened_cached']['reps_per_s']:10,.0f} "

@@ -2,6 +2,7 @@
 import json
 import os
 
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import defense as defense_benchmark
@@ -26,10 +27,13 @@ def test_tiny_benchmark_writes_results_report_and_metrics(tmp_path):
   assert c["ours_reps_per_s"] > 0 and c["original_reps_per_s"] > 0
   assert set(results["serving"]["by_users"]) == {"1", "4", "16"}
   assert results["serving"]["noise_only_reps_per_s"] > 0
+  for row in results["serving"]["by_users"].values():
+    assert row["full_defense"]["page_faults_per_call"] >= 0
   assert results["state_bytes_per_user"] == 4 * 2 * 4 + 4 * 4 + 4 + 4 + 8  # P=4, K=6: 2 words
   with open(os.path.join(workdir, "report.md")) as f:
     report = f.read()
   assert "original algorithm" in report and "(d) defense state per user" in report
+  assert report.count("page faults a call") == 3  # one per serving row
   stages = {r.get("stage") for r in metrics.read_metrics(workdir)}
   assert stages == {"coverage_update", "matmul_floor", "serving", "state"}
 
@@ -46,3 +50,24 @@ def test_encoder_overhead_section_times_forward_and_defended_forward():
   assert row["fused_difference"] == pytest.approx((row["defended_ms"] - row["forward_ms"]) / row["forward_ms"])
   assert any(line.startswith("(e) defense overhead") for line in seen)
   assert any("defense step alone" in line and "check, jitted together" in line for line in seen)
+
+
+def test_best_seconds_counts_the_page_faults_of_each_functions_best_trial():
+  """A function that maps a fresh 64 MiB buffer per call (over glibc's largest mmap threshold, so freed
+  to the kernel each time) faults every page in again; one that reuses its memory does not."""
+  size = 64 * 1024 * 1024
+  kept = bytearray(size)
+
+  def fresh():
+    bytearray(b"\x01") * size  # malloc'd (mmap), every byte written, unmapped on free
+    return jnp.zeros(())
+
+  def reused():
+    kept[::4096] = b"\x01" * (size // 4096)  # one byte per page of the same buffer
+    return jnp.zeros(())
+
+  faults = {}
+  seconds = defense_benchmark._best_seconds({"fresh": fresh, "reused": reused}, 2, 3, faults=faults)
+  assert set(seconds) == set(faults) == {"fresh", "reused"}
+  # 16,384 pages of 4 KiB (32 where the kernel maps transparent huge pages for it); reused: ~0.
+  assert faults["fresh"] >= 32 and faults["fresh"] > 10 * max(faults["reused"], 1), faults
