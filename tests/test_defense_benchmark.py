@@ -1,5 +1,6 @@
 """The defense benchmark (benchmarks/defense.py), tiny variant, as `python -m benchmarks.defense` runs it."""
 import json
+import mmap
 import os
 
 import jax.numpy as jnp
@@ -53,13 +54,15 @@ def test_encoder_overhead_section_times_forward_and_defended_forward():
 
 
 def test_best_seconds_counts_the_page_faults_of_each_functions_best_trial():
-  """A function that maps a fresh 64 MiB buffer per call (over glibc's largest mmap threshold, so freed
-  to the kernel each time) faults every page in again; one that reuses its memory does not."""
+  """A function that maps a fresh 64 MiB buffer per call faults every page in again; one that reuses its
+  memory does not. The mapping is mmap's own, not malloc's: an earlier test in this process may have
+  set malloc never to map (host_memory's keep), and then a freed buffer's pages would be reused."""
   size = 64 * 1024 * 1024
   kept = bytearray(size)
 
   def fresh():
-    bytearray(b"\x01") * size  # malloc'd (mmap), every byte written, unmapped on free
+    with mmap.mmap(-1, size) as buffer:  # anonymous, unmapped on close
+      buffer[::4096] = b"\x01" * (size // 4096)  # one byte per page: every page faulted in
     return jnp.zeros(())
 
   def reused():
