@@ -1,4 +1,4 @@
-"""Settings that keep XLA's CPU buffers mapped between steps (B4B_HOST_MEMORY=keep).
+"""Settings that keep XLA's CPU buffers mapped between steps (B4B_HOST_MEMORY=keep), and a server's heaps.
 
 `apply()` (Linux with glibc only; "Who applies it" below) does two things. JAX's CPU client runs
 single-device computations inline on the calling thread instead of dispatching them to a worker
@@ -39,9 +39,29 @@ computation. Computations over several devices are dispatched asynchronously wha
 (JAX's documented behaviour), so they keep faulting. On GPU and TPU hosts only the host-side
 allocations change.
 
+A server (`apply_serving()`, which `python -m b4b_jax.main` applies for the serve job, and the serving
+benchmarks for their process, unless B4B_HOST_MEMORY is set) keeps async dispatch and glibc's per-thread
+arenas, and keeps each arena's heaps mapped once grown: a fixed mmap threshold of 32 MiB (the ceiling
+glibc's dynamic threshold grows to anyway) and a top pad of 32 MiB. Why: an arena other than the main
+one grows in heaps of 64 MiB at most. When a buffer under the mmap threshold does not fit in what its
+heap has left, glibc maps a new heap for it, and when the buffer is freed it unmaps that heap again
+whenever the previous one has more room than the top pad, which a glibc default of 128 KiB makes
+almost always; the next call maps it afresh and faults its pages in again. That happened call after
+call to the defense step's 8-9 MiB buffers on XLA's worker thread (session 34: 860-2,600 faults a
+call, the step at 1.56-1.80x the matmul floor instead of 1.37-1.42x, in whichever row the process's
+history set it up). A top pad of at least the mmap threshold means a heap is never unmapped because a
+buffer that must live under that threshold did not fit beside it (glibc's heap_trim keeps it while the
+previous heap's room is under the pad). The price: an emptied heap stays mapped, and each arena's
+top (the main arena's too) keeps up to 32 MiB mapped beyond what it uses instead of trimming it. Session
+35, alternate processes, quiet: `benchmarks.defense` full defense 1.36-1.39x the floor with 0 faults
+in all nine rows, against 1.37-1.55x by default with 467-468 faults a call in two of nine; the
+served API (`benchmarks.serve_load`) kept its throughput (docs/defense.md, Performance). Putting every
+thread on one arena instead (M_ARENA_MAX = 1, session 34) also ended the faults, but every thread's
+malloc then took one lock and the served API lost ~10 %.
+
 The user's own settings win: nothing is changed when the environment already sets
-MALLOC_ARENA_MAX, MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_, a glibc.malloc
-tunable in GLIBC_TUNABLES, or JAX_CPU_ENABLE_ASYNC_DISPATCH.
+MALLOC_ARENA_MAX, MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_, MALLOC_TOP_PAD_,
+a glibc.malloc tunable in GLIBC_TUNABLES, or JAX_CPU_ENABLE_ASYNC_DISPATCH.
 """
 import ctypes
 import os
@@ -50,16 +70,24 @@ import sys
 import warnings
 
 _M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 # M_TRIM_THRESHOLD -1: never trim (mallopt(3)); a finite one would hand back the top of the heap
 # whenever a freed buffer larger than it sits there, which is where a step's buffer sits, and the
 # largest finite value mallopt takes (2 GiB - 1) is below a paper-scale step's buffer.
 SETTINGS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+# Setting either turns glibc's dynamic mmap threshold off (so both are set): left at its 128 KiB start,
+# every buffer over it would be mapped and faulted in afresh on each call. 32 MiB is the most mallopt
+# takes (half a heap) and where the dynamic threshold stops growing.
+HEAP_PAD = 32 * 1024 * 1024
+SERVING_SETTINGS = ((_M_MMAP_THRESHOLD, HEAP_PAD), (_M_TOP_PAD, HEAP_PAD))
 DISPATCH_VARIABLE = "JAX_CPU_ENABLE_ASYNC_DISPATCH"
 USER_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
-                  "MALLOC_MMAP_THRESHOLD_", DISPATCH_VARIABLE)
+                  "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", DISPATCH_VARIABLE)
 ENV = "B4B_HOST_MEMORY"
 _applied = False  # set by apply(); the settings cannot be undone within a process
+_serving_applied = False  # set by apply_serving()
 
 
 def requested() -> bool:
@@ -81,19 +109,14 @@ def apply() -> bool:
 
   Changes nothing when the user tuned either, or when JAX's backends already exist (with a warning).
   """
-  if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or users_own_settings():
+  if not _glibc() or users_own_settings():
     return False
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top  # no public query exists
   if xla_bridge.backends_are_initialized():
     warnings.warn(f"{ENV}=keep: JAX's backends started before b4b_jax was imported, so its CPU client "
                   "keeps async dispatch; nothing was changed (import b4b_jax first)", stacklevel=2)
     return False
-  try:
-    mallopt = ctypes.CDLL(None).mallopt
-  except (OSError, AttributeError):
-    return False
-  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  if not all(mallopt(param, value) == 1 for param, value in SETTINGS):
+  if not _mallopt_all(SETTINGS):
     return False
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_enable_async_dispatch", False)
@@ -102,9 +125,45 @@ def apply() -> bool:
   return True
 
 
+def apply_serving() -> bool:
+  """Keeps each thread's glibc heaps mapped once grown (SERVING_SETTINGS, Linux/glibc); True when set.
+
+  For a process whose threads share the work (a server): async dispatch and per-thread arenas stay.
+  Changes nothing when the user tuned malloc or dispatch, or when `apply()` already ran (its settings
+  put the steps on the main arena, which has no 64 MiB heaps). Takes effect whenever it is called,
+  for heaps grown before too."""
+  global _serving_applied
+  if _applied or not _glibc() or users_own_settings() or not _mallopt_all(SERVING_SETTINGS):
+    return False
+  _serving_applied = True
+  return True
+
+
+def setting() -> str:
+  """This process's settings in a word, for benchmarks' output: "keep", "serving" or "default"."""
+  return "keep" if _applied else "serving" if _serving_applied else "default"
+
+
 def describe() -> str:
   """One line for a run's log: whether this process keeps XLA's CPU step buffers mapped."""
   if _applied:
     return ("kept mapped (inline CPU dispatch, main arena without mmap or trimming; "
             f"{ENV}=default leaves both as they are)")
+  if _serving_applied:
+    return ("heaps kept (each thread's arena keeps its heaps once grown: mmap threshold and top pad "
+            f"32 MiB; {ENV}=default leaves glibc's settings)")
   return "unchanged (glibc's and JAX's own settings: each CPU step's buffers are mapped afresh)"
+
+
+def _glibc() -> bool:
+  return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def _mallopt_all(settings) -> bool:
+  """mallopt(param, value) for each of settings, in order; False at the first it refuses."""
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError):
+    return False
+  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  return all(mallopt(param, value) == 1 for param, value in settings)

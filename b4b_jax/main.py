@@ -18,7 +18,9 @@ detected. On CPU the processes exchange collectives through gloo, e.g. 2 process
 Every job but `serve` keeps XLA's CPU step buffers mapped between steps (b4b_jax/host_memory.py:
 JAX's CPU dispatch inline, glibc's main arena without mmap or trimming; on the 2-core CPU the ResNet
 stealing steps took 5-13 % less time and up to ~25 % more resident memory); `B4B_HOST_MEMORY=default`
-in the environment leaves glibc and JAX as they are. The log's `host memory:` line says which applies.
+in the environment leaves glibc and JAX as they are. The `serve` job keeps each thread's malloc heaps
+mapped once grown instead (`host_memory.apply_serving`: the defense step's buffers are not faulted in
+afresh per call), unless B4B_HOST_MEMORY is set. The log's `host memory:` line says which applies.
 
 A workdir that cannot be used (a regular file, not writable) ends the run with one `error:` line naming
 it and exit status 1, before anything is written.
@@ -67,10 +69,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Both before JAX starts. A server compiles once and keeps JAX's async dispatch for its request
-  # threads (xla_flags.py); every other job trains or evaluates in this one process, so it keeps
-  # XLA's CPU step buffers mapped unless B4B_HOST_MEMORY says otherwise (host_memory.py).
+  # threads (xla_flags.py) and each thread's malloc arena, whose heaps it keeps once grown; every other
+  # job trains or evaluates in this one process, so it keeps XLA's CPU step buffers mapped. Either
+  # unless B4B_HOST_MEMORY says otherwise (host_memory.py).
   if _CONFIG.value.get("job") == "serve":
     xla_flags.apply(serving=True)
+    if not os.environ.get(host_memory.ENV):
+      host_memory.apply_serving()
   elif not os.environ.get(host_memory.ENV):
     host_memory.apply()
   _hide_gpus_from_tensorflow()

@@ -1,4 +1,5 @@
-"""host_memory: with B4B_HOST_MEMORY=keep, XLA's per-execution CPU buffers stay mapped between calls."""
+"""host_memory: with B4B_HOST_MEMORY=keep, XLA's per-execution CPU buffers stay mapped between calls;
+with the serving settings, a thread's malloc heaps stay mapped once grown."""
 import json
 import os
 import subprocess
@@ -28,6 +29,42 @@ print("FAULTS", faults)
 """
 _PAGES_PER_BUFFER = 128 * 1024 * 1024 // 4096
 
+# One thread's arena set up as the defense step's worker thread found it (session 34): what it holds
+# leaves its first 64 MiB heap too little room for a 9 MiB buffer, so glibc maps a new heap for each
+# one and, by default, unmaps it when the buffer is freed. Plain malloc and free through ctypes, so
+# that nothing else allocates there between calls. Prints the worker thread's minor faults per call.
+_HEAP_PROBE = """
+import ctypes, resource, threading
+PRELUDE
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+MiB = 1 << 20
+faults = []
+
+def filled(n):
+  p = libc.malloc(n)
+  ctypes.memset(p, 1, n)
+  return p
+
+def worker():
+  libc.free(filled(16 * MiB))  # a freed mapped chunk: glibc's dynamic mmap threshold rises to 16 MiB
+  held = [filled(7 * MiB) for _ in range(8)]  # 56 MiB of the thread's first heap
+  for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    libc.free(filled(9 * MiB))
+    faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+  for p in held:
+    libc.free(p)
+
+thread = threading.Thread(target=worker)
+thread.start()
+thread.join()
+print("FAULTS", faults[5:])
+"""
+_PAGES_PER_HEAP_BUFFER = 9 * 1024 * 1024 // 4096
+
 
 def _clean_env(**env):
   """This environment without any malloc, dispatch or B4B_HOST_MEMORY setting, plus env, on CPU."""
@@ -37,8 +74,8 @@ def _clean_env(**env):
   return full
 
 
-def _run_probe(prelude="", **env):
-  out = subprocess.run([sys.executable, "-c", _PROBE.replace("PRELUDE", prelude)],
+def _run_probe(prelude="", probe=_PROBE, **env):
+  out = subprocess.run([sys.executable, "-c", probe.replace("PRELUDE", prelude)],
                        env=_clean_env(**env), capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode == 0, out.stderr
   return json.loads(out.stdout.split("FAULTS")[1]), out.stderr
@@ -62,13 +99,33 @@ def test_keep_changes_nothing_and_says_so_when_jax_started_first():
   assert min(faults) > _PAGES_PER_BUFFER // 2, faults
 
 
+def test_serving_keeps_a_threads_heap_that_a_buffer_did_not_fit_beside():
+  default, _ = _run_probe(probe=_HEAP_PROBE)  # the control: a heap mapped and faulted in per call
+  serving, _ = _run_probe("from b4b_jax import host_memory\nassert host_memory.apply_serving()",
+                          probe=_HEAP_PROBE)
+  assert min(default) > _PAGES_PER_HEAP_BUFFER // 2, default
+  assert max(serving) < _PAGES_PER_HEAP_BUFFER // 50, (serving, default)
+
+
+def test_serving_settings_give_way_to_keep_and_to_the_users_own(monkeypatch):
+  for name in host_memory.USER_VARIABLES:
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(host_memory, "_applied", True)  # keep's settings already hold
+  assert host_memory.apply_serving() is False
+  monkeypatch.setattr(host_memory, "_applied", False)
+  monkeypatch.setenv("MALLOC_TOP_PAD_", "0")
+  assert host_memory.apply_serving() is False
+  assert "heaps kept" not in host_memory.describe()
+
+
 @pytest.mark.parametrize("config,env,expected", [
     ("embeddings.py:tiny", {}, "host memory: kept mapped"),
     ("embeddings.py:tiny", {"B4B_HOST_MEMORY": "default"}, "host memory: unchanged"),
-    ("serve.py:tiny", {}, "host memory: unchanged"),
+    ("serve.py:tiny", {}, "host memory: heaps kept"),
+    ("serve.py:tiny", {"B4B_HOST_MEMORY": "default"}, "host memory: unchanged"),
 ])
-def test_the_command_line_keeps_buffers_mapped_for_every_job_but_a_server(tmp_path, config, env,
-                                                                         expected):
+def test_the_command_line_keeps_buffers_mapped_for_every_job_and_a_servers_heaps(tmp_path, config, env,
+                                                                                expected):
   not_a_dir = tmp_path / "file"
   not_a_dir.write_text("x")  # an unusable workdir: the run logs its settings, then stops with an error
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
