@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from b4b_jax import host_memory
 from b4b_jax import xla_flags
 from b4b_jax.defense import config as config_lib
 from b4b_jax.defense import hardened
@@ -225,8 +226,9 @@ def run(*, rep_dim: int = 2048, num_projections: int = 20, num_hyperplanes: int 
   serving_flags = all(f in os.environ.get("XLA_FLAGS", "") for f in xla_flags.SERVING_FLAGS)
   say(f"defense benchmark on {jax.devices()[0].platform} ({jax.device_count()} device(s)): D={rep_dim}"
       f" P={num_projections} K={num_hyperplanes}, serving XLA flags {'on' if serving_flags else 'off'},"
-      f" load {os.getloadavg()[0]:.2f}")
+      f" host memory {host_memory.setting()}, load {os.getloadavg()[0]:.2f}")
   results: Dict = {"rep_dim": rep_dim, "num_projections": num_projections,
+                   "host_memory": host_memory.setting(),
                    "num_hyperplanes": num_hyperplanes, "batch_size": batch_size,
                    "num_reps": num_reps, "platform": jax.devices()[0].platform}
   common = dict(num_projections=num_projections, num_hyperplanes=num_hyperplanes, seed=seed)
@@ -492,7 +494,7 @@ def _report(results: dict) -> str:
   return f"""# Defense benchmark
 
 Platform: {results['platform']}; D={results['rep_dim']}, P={results['num_projections']},
-K={results['num_hyperplanes']}.
+K={results['num_hyperplanes']}; host memory: {results['host_memory']} (b4b_jax/host_memory.py).
 
 ## Coverage update ({results['num_reps']} representations, batches of {results['batch_size']}, 1 user)
 
@@ -563,6 +565,10 @@ def rows(results: Dict) -> list:
 
 
 if __name__ == "__main__":
-  # Timed as the served API's process compiles the step: with xla_flags.SERVING_FLAGS (CPU-only hosts).
+  # Timed as the served API's process runs the step: compiled with xla_flags.SERVING_FLAGS (CPU-only
+  # hosts), its threads' malloc heaps kept once grown (host_memory.apply_serving; without, a row's
+  # calls may each fault a new heap in, as B4B_HOST_MEMORY=default shows).
   xla_flags.apply(serving=True)
+  if not os.environ.get(host_memory.ENV):
+    host_memory.apply_serving()
   main()

@@ -11,6 +11,7 @@ number of requests, mixed over accounts: 3/4 small (1-4 images as PNG files, mul
 client sends its requests one after another on one keep-alive connection (asyncio streams, no HTTP
 library: the clients share the machine with the server, so they must cost little, and the output says
 how much of a core they used). Printed: served images/s and requests/s, latency p50/p99, errors; the
+server's resident memory after the load phase, its peak and its page faults during the load; the
 in-process DefendedEncoder's images/s on the same encoder at the batch size the server formed (mean of
 its micro-batches) and at its row budget, measured before and after the served run in this process (the
 median of 30 timed calls each, compiled with the server's XLA flags); and the served / in-process ratio
@@ -29,6 +30,7 @@ import time
 import numpy as np
 
 from b4b_jax import defense
+from b4b_jax import host_memory
 from b4b_jax import xla_flags
 from b4b_jax.serve import images as images_lib
 from b4b_jax.serve import service as service_lib
@@ -195,6 +197,33 @@ def _request_profile(metrics_text) -> str:
                      for k, v in parts.items()))
 
 
+def _server_memory(pid) -> dict:
+  """The server's resident and peak resident MB and its minor page faults so far (Linux /proc; {}
+  elsewhere)."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      status = f.read()
+    with open(f"/proc/{pid}/stat") as f:
+      stat = f.read()
+  except OSError:
+    return {}
+  mb = {k: int(re.search(rf"^{k}:\s+(\d+) kB", status, re.M).group(1)) / 1024 for k in ("VmRSS", "VmHWM")}
+  minor_faults = int(stat.rsplit(")", 1)[1].split()[7])  # field 10 of proc(5)'s stat, after the name
+  return {"resident_mb": mb["VmRSS"], "peak_mb": mb["VmHWM"], "minor_faults": minor_faults}
+
+
+def _memory_line(before, after, num_batches, server_log) -> str:
+  """The server's memory over the load phase, and its host memory setting as its log states it."""
+  found = re.search(r"host memory: ([^(\n]*?) \(", server_log)
+  setting = f"host memory: {found.group(1) if found else 'not logged'}"
+  if not before or not after:
+    return f"server memory n/a (no /proc; {setting})"
+  faults = after["minor_faults"] - before["minor_faults"]
+  return (f"server resident {after['resident_mb']:.0f} MB after the load phase (peak "
+          f"{after['peak_mb']:.0f} MB); {faults:,} minor page faults during it, "
+          f"{faults / max(num_batches, 1):,.0f} per micro-batch ({setting})")
+
+
 def _load() -> str:
   return "load " + " ".join(open("/proc/loadavg").read().split()[:3])
 
@@ -244,10 +273,12 @@ def main():
   import httpx  # pylint: disable=g-import-not-at-top
   try:
     start_s = proc.start(timeout=900)
+    memory_before = _server_memory(proc.proc.pid)
     results, seconds, client_cpu = asyncio.run(_run_load(proc.url, keys, bodies, args.clients,
                                                          args.duration))
     metrics = httpx.get(proc.url + "/metrics").text
     load_during_run = _load()
+    memory_after = _server_memory(proc.proc.pid)
   finally:
     code = proc.stop()
   mean_batch, num_batches = _mean_batch(metrics)
@@ -268,6 +299,7 @@ def main():
         f"errors {len(errors)} {sorted(set(map(str, errors)))[:5]}  ({len(done)}/{len(bodies)} sent in "
         f"{seconds:.1f} s; {load_during_run}; the clients' process used {100 * client_cpu:.0f} % of a "
         f"core)")
+  print(f"[serve_load] {_memory_line(memory_before, memory_after, num_batches, proc.log_tail(10**6))}")
   print(f"[serve_load] micro-batches: {num_batches}, mean {mean_batch:.1f} rows")
   print(f"[serve_load] request profile: {_request_profile(metrics)}  ({_load()})")
   print(f"[serve_load] in-process: {before:8.1f} images/s before, {after:8.1f} after (batch "
@@ -299,8 +331,10 @@ def main():
 
 
 if __name__ == "__main__":
-  # The in-process API compiled as the server's process compiles it: with xla_flags.SERVING_FLAGS (on
-  # CPU-only hosts), which the served process applies (b4b_jax/main.py) and which this process would
-  # otherwise lack.
+  # The in-process API compiled and run as the server's process does: with xla_flags.SERVING_FLAGS (on
+  # CPU-only hosts) and its malloc heaps kept (host_memory.apply_serving), which the served process
+  # applies (b4b_jax/main.py) and which this process would otherwise lack.
   xla_flags.apply(serving=True)
+  if not os.environ.get(host_memory.ENV):
+    host_memory.apply_serving()
   main()

@@ -34,6 +34,9 @@ def test_tiny_benchmark_writes_results_report_and_metrics(tmp_path):
   with open(os.path.join(workdir, "report.md")) as f:
     report = f.read()
   assert "original algorithm" in report and "(d) defense state per user" in report
+  # This test process's malloc settings, named in results and report (host_memory.setting()).
+  assert f"host memory: {results['host_memory']} " in report
+  assert results["host_memory"] in ("keep", "serving", "default")
   assert report.count("page faults a call") == 3  # one per serving row
   stages = {r.get("stage") for r in metrics.read_metrics(workdir)}
   assert stages == {"coverage_update", "matmul_floor", "serving", "state"}
