@@ -53,11 +53,12 @@ history set it up). A top pad of at least the mmap threshold means a heap is nev
 buffer that must live under that threshold did not fit beside it (glibc's heap_trim keeps it while the
 previous heap's room is under the pad). The price: an emptied heap stays mapped, and each arena's
 top (the main arena's too) keeps up to 32 MiB mapped beyond what it uses instead of trimming it. Session
-35, alternate processes, quiet: `benchmarks.defense` full defense 1.36-1.39x the floor with 0 faults
-in all nine rows, against 1.37-1.55x by default with 467-468 faults a call in two of nine; the
-served API (`benchmarks.serve_load`) kept its throughput (docs/defense.md, Performance). Putting every
-thread on one arena instead (M_ARENA_MAX = 1, session 34) also ended the faults, but every thread's
-malloc then took one lock and the served API lost ~10 %.
+35, alternate processes, quiet: `benchmarks.defense` full defense 1.35-1.41x the floor with 0 faults
+in all 18 rows, against 1.37-1.55x by default with 467-468 faults a call in two of 18; the served API
+(`benchmarks.serve_load`) kept its throughput, 4,405-4,816 images/s against 4,404-4,909 in six runs
+each, and its memory (docs/defense.md, Performance). Putting every thread on one arena instead
+(M_ARENA_MAX = 1, session 34) also ended the faults, but every thread's malloc then took one lock and
+the served API lost ~10 %.
 
 The user's own settings win: nothing is changed when the environment already sets
 MALLOC_ARENA_MAX, MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_, MALLOC_TOP_PAD_,
