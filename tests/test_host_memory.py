@@ -32,11 +32,14 @@ _PAGES_PER_BUFFER = 128 * 1024 * 1024 // 4096
 # One thread's arena set up as the defense step's worker thread found it (session 34): what it holds
 # leaves its first 64 MiB heap too little room for a 9 MiB buffer, so glibc maps a new heap for each
 # one and, by default, unmaps it when the buffer is freed. Plain malloc and free through ctypes, so
-# that nothing else allocates there between calls. Prints the worker thread's minor faults per call.
+# that nothing else allocates there between calls, and without transparent huge pages (prctl
+# PR_SET_THP_DISABLE), so that a page is 4 KiB whatever the host's THP mode. Prints the worker
+# thread's minor faults per call.
 _HEAP_PROBE = """
 import ctypes, resource, threading
 PRELUDE
 libc = ctypes.CDLL(None)
+assert libc.prctl(41, 1, 0, 0, 0) == 0  # PR_SET_THP_DISABLE
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
