@@ -130,11 +130,12 @@ def apply_serving() -> bool:
   """Keeps each thread's glibc heaps mapped once grown (SERVING_SETTINGS, Linux/glibc); True when set.
 
   For a process whose threads share the work (a server): async dispatch and per-thread arenas stay.
-  Changes nothing when the user tuned malloc or dispatch, or when `apply()` already ran (its settings
-  put the steps on the main arena, which has no 64 MiB heaps). Takes effect whenever it is called,
-  for heaps grown before too."""
+  Changes nothing when B4B_HOST_MEMORY names a choice (`keep`, whose settings put the steps on the
+  main arena, which has no 64 MiB heaps; `default`, glibc's own), when `apply()` already ran, or when
+  the user tuned malloc or dispatch. Takes effect whenever it is called, for heaps grown before too."""
   global _serving_applied
-  if _applied or not _glibc() or users_own_settings() or not _mallopt_all(SERVING_SETTINGS):
+  if (os.environ.get(ENV) or _applied or not _glibc() or users_own_settings()
+      or not _mallopt_all(SERVING_SETTINGS)):
     return False
   _serving_applied = True
   return True

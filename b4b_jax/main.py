@@ -74,8 +74,7 @@ def main(argv):
   # unless B4B_HOST_MEMORY says otherwise (host_memory.py).
   if _CONFIG.value.get("job") == "serve":
     xla_flags.apply(serving=True)
-    if not os.environ.get(host_memory.ENV):
-      host_memory.apply_serving()
+    host_memory.apply_serving()
   elif not os.environ.get(host_memory.ENV):
     host_memory.apply()
   _hide_gpus_from_tensorflow()

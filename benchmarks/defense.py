@@ -569,6 +569,5 @@ if __name__ == "__main__":
   # hosts), its threads' malloc heaps kept once grown (host_memory.apply_serving; without, a row's
   # calls may each fault a new heap in, as B4B_HOST_MEMORY=default shows).
   xla_flags.apply(serving=True)
-  if not os.environ.get(host_memory.ENV):
-    host_memory.apply_serving()
+  host_memory.apply_serving()
   main()

@@ -335,6 +335,5 @@ if __name__ == "__main__":
   # CPU-only hosts) and its malloc heaps kept (host_memory.apply_serving), which the served process
   # applies (b4b_jax/main.py) and which this process would otherwise lack.
   xla_flags.apply(serving=True)
-  if not os.environ.get(host_memory.ENV):
-    host_memory.apply_serving()
+  host_memory.apply_serving()
   main()

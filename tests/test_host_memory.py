@@ -116,6 +116,9 @@ def test_serving_settings_give_way_to_keep_and_to_the_users_own(monkeypatch):
   monkeypatch.setattr(host_memory, "_applied", True)  # keep's settings already hold
   assert host_memory.apply_serving() is False
   monkeypatch.setattr(host_memory, "_applied", False)
+  monkeypatch.setenv(host_memory.ENV, "default")  # the user chose glibc's own behaviour
+  assert host_memory.apply_serving() is False
+  monkeypatch.delenv(host_memory.ENV)
   monkeypatch.setenv("MALLOC_TOP_PAD_", "0")
   assert host_memory.apply_serving() is False
   assert "heaps kept" not in host_memory.describe()
