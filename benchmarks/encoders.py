@@ -10,6 +10,9 @@ outputs as a sanity check, and our achieved FLOP/s as a share of the device's pe
 Timed forwards of the two take turns (common.timed_in_turns: an untimed forward, then a timed one), so
 both see the same load on a shared machine and neither is timed on the other's idle threads.
 PyTorch runs on CUDA when JAX runs on a GPU and torch sees one, else on the CPU with every core.
+On CPU the header names B4B_HOST_MEMORY, because the malloc settings are the whole process's and move
+PyTorch's figure far more than ours: with `keep` (every job's setting) PyTorch's forward stops faulting
+its buffers in afresh (Zen 4, session 37: ResNet-50 1.76-1.82x by default, 1.09-1.14x with `keep`).
 """
 import argparse
 import os
@@ -69,7 +72,7 @@ def main(argv=None):
   print(f"CPU cores {os.cpu_count()}, jax {jax.__version__} ({common.device_kind()}, "
         f"{jax.device_count()} device(s)), torch {torch.__version__} on {device} "
         f"({torch.get_num_threads()} threads); batch {batch}, {size}x{size}, float32, {iters} timed "
-        f"iterations; load {common.load_average()}")
+        f"iterations; B4B_HOST_MEMORY={common.host_memory_setting()}, load {common.load_average()}")
   x = np.random.RandomState(0).randn(batch, 3, size, size).astype(np.float32)
   x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
   rows = []
