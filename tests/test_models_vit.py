@@ -102,3 +102,25 @@ def test_vit_sizes(name, patch, dim):
   assert rep.shape == (1, 4 * dim)
   with pytest.raises(ValueError, match="unknown ViT"):
     models.create_vit("vit_huge", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])  # 40: logits in the thousands, exp(s) alone overflows
+def test_attention_matches_torch_sdpa_values_and_gradients(scale):
+  """vit.attention normalises after the value product (faster on XLA:CPU); it must still be softmax
+  attention: values and all three gradients against torch's scaled_dot_product_attention in float64."""
+  from b4b_jax.models import vit  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  q, k, v = (rng.randn(2, 3, 17, 8).astype(np.float32) for _ in range(3))
+  q *= scale
+  cot = rng.randn(2, 3, 17, 8).astype(np.float32)  # a cotangent: d<out, cot>/d(q, k, v)
+  out, vjp = jax.vjp(vit.attention, q, k, v)
+  grads = vjp(jnp.asarray(cot))
+  tq, tk, tv = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v))
+  ref = F.scaled_dot_product_attention(tq, tk, tv, scale=1.0)
+  (ref * torch.from_numpy(cot).double()).sum().backward()
+  assert np.isfinite(np.asarray(out)).all()
+  np.testing.assert_allclose(np.asarray(out), ref.detach().numpy(), rtol=1e-5, atol=1e-5)
+  for name, ours, theirs in zip("qkv", grads, (tq.grad, tk.grad, tv.grad)):
+    theirs = theirs.numpy()
+    err = np.abs(np.asarray(ours) - theirs).max() / max(np.abs(theirs).max(), 1e-12)
+    assert err < 1e-4, (name, err)
