@@ -12,6 +12,7 @@ from flax import nnx
 
 from b4b_jax import models
 from b4b_jax.models import interpolate
+from b4b_jax.models import vit as vit_lib
 from tests.torch_reference import assert_no_default_values
 from tests.torch_reference import randomise_all
 from weight_conversion import keymaps
@@ -106,14 +107,14 @@ def test_vit_sizes(name, patch, dim):
 
 @pytest.mark.parametrize("scale", [1.0, 40.0])  # 40: logits in the thousands, exp(s) alone overflows
 def test_attention_matches_torch_sdpa_values_and_gradients(scale):
-  """vit.attention normalises after the value product (faster on XLA:CPU); it must still be softmax
-  attention: values and all three gradients against torch's scaled_dot_product_attention in float64."""
-  from b4b_jax.models import vit  # pylint: disable=g-import-not-at-top
+  """models/vit.py's attention normalises after the value product (faster on XLA:CPU); it must still
+  be softmax attention: values and all three gradients against torch's scaled_dot_product_attention in
+  float64."""
   rng = np.random.RandomState(0)
   q, k, v = (rng.randn(2, 3, 17, 8).astype(np.float32) for _ in range(3))
   q *= scale
   cot = rng.randn(2, 3, 17, 8).astype(np.float32)  # a cotangent: d<out, cot>/d(q, k, v)
-  out, vjp = jax.vjp(vit.attention, q, k, v)
+  out, vjp = jax.vjp(vit_lib.attention, q, k, v)
   grads = vjp(jnp.asarray(cot))
   tq, tk, tv = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v))
   ref = F.scaled_dot_product_attention(tq, tk, tv, scale=1.0)
