@@ -112,8 +112,8 @@ def main(argv=None):
   ridge_s = time.perf_counter() - t0
   load_end = common.load_average()
   print(f"linear probe, {n} x {d} embeddings, {classes} classes, Adam batch 64, {epochs} epochs "
-        f"({common.device_kind()}, torch on {device}, B4B_HOST_MEMORY={common.host_memory_setting()}, load "
-        f"{load} -> {load_end}); epochs interleaved:")
+        f"({common.device_kind()}, torch on {device}, B4B_HOST_MEMORY={common.host_memory_setting()}, "
+        f"load {load} -> {load_end}); epochs interleaved:")
   print(f"  ours (jitted epoch scan): {m['ours']:.3f} s/epoch (median; range {m['ours_range'][0]:.3f}-"
         f"{m['ours_range'][1]:.3f}); first epoch with compile + normalisation + transfer "
         f"{m['ours_first_epoch']:.1f} s, test scoring {m['ours_after']:.2f} s; test top-1 "
