@@ -12,6 +12,7 @@ from flax import nnx
 
 from b4b_jax import models
 from b4b_jax.models import interpolate
+from b4b_jax.models import layers
 from b4b_jax.models import vit as vit_lib
 from tests.torch_reference import assert_no_default_values
 from tests.torch_reference import randomise_all
@@ -125,3 +126,20 @@ def test_attention_matches_torch_sdpa_values_and_gradients(scale):
     theirs = theirs.numpy()
     err = np.abs(np.asarray(ours) - theirs).max() / max(np.abs(theirs).max(), 1e-12)
     assert err < 1e-4, (name, err)
+
+
+def test_each_layernorm_output_is_stored_once_and_changes_no_value(monkeypatch):
+  # XLA:CPU fused each block's LayerNorm into the matmul it feeds, which ran ~1.5x slower once the
+  # input outgrew the caches; layers.stored_once stores it (two per block), and the forward's values
+  # stay exactly those of the unstored model.
+  model = models.create_vit("vit_tiny", rngs=nnx.Rngs(0))
+  graphdef, params, stats = models.split_model(model)
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32))
+  forward = jax.jit(lambda p: models.apply_model(graphdef, p, stats, x, train=False)[0])
+  compiled = forward.lower(params).compile()
+  assert compiled.as_text().count(" conditional(") == 2 * 12  # two per block, through compilation
+  got = np.asarray(compiled(params))
+  monkeypatch.setattr(layers, "stored_once", lambda v, anchor: v)
+  unstored = jax.jit(lambda p: models.apply_model(graphdef, p, stats, x, train=False)[0])
+  assert unstored.lower(params).compile().as_text().count(" conditional(") == 0
+  np.testing.assert_array_equal(got, np.asarray(unstored(params)))
