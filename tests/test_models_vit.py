@@ -140,6 +140,8 @@ def test_each_layernorm_output_is_stored_once_and_changes_no_value(monkeypatch):
   assert compiled.as_text().count(" conditional(") == 2 * 12  # two per block, through compilation
   got = np.asarray(compiled(params))
   monkeypatch.setattr(layers, "stored_once", lambda v, anchor: v)
+  # A new lambda, not the same function: jit's trace cache is keyed on the function, and would hand
+  # back the traced program with the stores.
   unstored = jax.jit(lambda p: models.apply_model(graphdef, p, stats, x, train=False)[0])
   assert unstored.lower(params).compile().as_text().count(" conditional(") == 0
   np.testing.assert_array_equal(got, np.asarray(unstored(params)))
