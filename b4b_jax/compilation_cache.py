@@ -1,0 +1,101 @@
+"""Where compiled XLA programs persist between runs, so that a job run again skips XLA's compiler.
+
+`apply()` points JAX's persistent compilation cache at `default_directory()`:
+$XDG_CACHE_HOME/b4b_jax/xla/<host key> (XDG_CACHE_HOME defaults to ~/.cache). JAX then stores every
+program it compiles there, keyed by the program, the XLA flags, the compile options, the jaxlib and
+the device kind, and a later process that compiles the same program loads it instead. A loaded program
+is the compiled executable itself, so no value changes.
+
+Why: short runs spend much of their time compiling. The demo (`configs/demo.py`, Zen 4, session 38)
+spent about 67 s of its 237 s wall in XLA's compiler (the victim's SimSiam step with its augmentations
+~9 s, seven defense steps ~10 s, the random-init baseline ~5-11 s, each random kernel shape's
+initialiser ~0.5 s, ...). From a fresh clone, with the cache empty, it took 239 s; run again into a new
+workdir, 180 s, printing the same to the last digit. A first run gains nothing (it compiles each
+program once either way); resuming a killed run, a second config variant and a rerun all do.
+
+The host key: JAX's key names the device kind ("cpu") but not the CPU's instruction set, and a
+program compiled on one CPU must not run on another that shares the home directory: XLA compiles for
+the host's vector width, and a different width rounds some sums differently (README, "Results do not
+depend on the machine"). So each CPU model and feature set (and machine architecture) has its own
+subdirectory.
+
+The cache holds at most MAX_BYTES; beyond that JAX evicts the least recently used programs, under a
+file lock (the pinned `filelock` package), so concurrent jobs can share it. A damaged entry (a process
+killed while writing it) is not fatal: JAX warns and compiles the program again. JAX runs what the
+cache holds, so it is created for its owner only (mode 0700), and it must not be pointed at a
+directory others can write to.
+
+Who applies it: `python -m b4b_jax.main` for every job but `serve`, which keeps its own cache in its
+workdir (`config.persistence.compilation_cache_dir`). JAX_COMPILATION_CACHE_DIR, when set, wins (JAX
+reads it itself; the tests set it to a per-session directory); B4B_COMPILATION_CACHE=<dir> puts the
+cache elsewhere, B4B_COMPILATION_CACHE=none turns it off.
+"""
+import hashlib
+import os
+import platform
+from typing import Optional
+
+ENV = "B4B_COMPILATION_CACHE"
+JAX_ENV = "JAX_COMPILATION_CACHE_DIR"
+MAX_BYTES = 1 << 30
+_CPUINFO = "/proc/cpuinfo"
+
+
+def host_key(cpuinfo: Optional[str] = None) -> str:
+  """`<machine>-<12 hex digits>`: the machine architecture and a digest of the CPU's model name and
+  feature flags (Linux's /proc/cpuinfo; elsewhere platform.processor()). Same CPU kind, same key."""
+  if cpuinfo is None:
+    try:
+      with open(_CPUINFO, encoding="utf-8", errors="replace") as f:
+        cpuinfo = f.read()
+    except OSError:
+      cpuinfo = ""
+  fields = {}
+  for line in cpuinfo.splitlines():
+    name, sep, value = line.partition(":")
+    name = name.strip()
+    if sep and name in ("model name", "flags", "Features", "CPU part", "CPU implementer"):
+      fields.setdefault(name, " ".join(sorted(value.split())) if name in ("flags", "Features")
+                        else value.strip())
+  described = sorted(fields.items()) or [("processor", platform.processor())]
+  digest = hashlib.sha256(repr(described).encode()).hexdigest()[:12]
+  return f"{platform.machine() or 'unknown'}-{digest}"
+
+
+def default_directory() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "b4b_jax", "xla", host_key())
+
+
+def requested_directory() -> Optional[str]:
+  """The directory apply() would use: the user's JAX_COMPILATION_CACHE_DIR, else B4B_COMPILATION_CACHE,
+  else default_directory(); None when B4B_COMPILATION_CACHE is "none" (or empty)."""
+  if os.environ.get(JAX_ENV):
+    return os.environ[JAX_ENV]
+  chosen = os.environ.get(ENV)
+  if chosen is None:
+    return default_directory()
+  return None if chosen.strip().lower() in ("", "none", "off") else os.path.abspath(chosen)
+
+
+def apply() -> str:
+  """Turns the cache on for this process (before its first compile); returns a line for the log."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if os.environ.get(JAX_ENV):
+    return f"{os.environ[JAX_ENV]} (JAX_COMPILATION_CACHE_DIR)"
+  directory = requested_directory()
+  if directory is None:
+    return f"off ({ENV}={os.environ.get(ENV)})"
+  try:
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+  except OSError as e:  # a cache is never worth failing a job for
+    return f"off ({directory} cannot be created: {e.strerror})"
+  jax.config.update("jax_compilation_cache_dir", directory)
+  # Every program: the demo's ~0.5 s initialisers and 1-2 s defense steps are most of its compile time.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  try:  # JAX needs filelock to bound the cache; without it (an unpinned install) it grows unbounded
+    import filelock  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return f"{directory} (unbounded: install filelock to cap it at {MAX_BYTES >> 20} MiB)"
+  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  return f"{directory} (at most {MAX_BYTES >> 20} MiB; {ENV}=none turns it off)"
