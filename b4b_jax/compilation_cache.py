@@ -7,17 +7,21 @@ the device kind, and a later process that compiles the same program loads it ins
 is the compiled executable itself, so no value changes.
 
 Why: short runs spend much of their time compiling. The demo (`configs/demo.py`, Zen 4, session 38)
-spent about 67 s of its 237 s wall in XLA's compiler (the victim's SimSiam step with its augmentations
-~9 s, seven defense steps ~10 s, the random-init baseline ~5-11 s, each random kernel shape's
-initialiser ~0.5 s, ...). From a fresh clone, with the cache empty, it took 239 s; run again into a new
-workdir, 180 s, printing the same to the last digit. A first run gains nothing (it compiles each
-program once either way); resuming a killed run, a second config variant and a rerun all do.
+spent about 67 s of its ~240 s wall in XLA's compiler and 6 s tracing (JAX_LOG_COMPILES: the victim's
+SimSiam step with its augmentations ~9 s, seven defense steps ~10 s, the random-init baseline ~5 s,
+each random kernel shape's initialiser ~0.5 s, ...). Five runs one after another, quiet: 236.8 and
+245.5 s with the cache off, 243.4 s with it empty, 189.8 and 187.8 s with it warm (new workdirs), the
+same printout to the last digit every time; the cache then held 183 programs, 5.5 MB. A first run
+gains nothing (it compiles each program once either way); a rerun, a second config variant and
+resuming a killed run do.
 
 The host key: JAX's key names the device kind ("cpu") but not the CPU's instruction set, and a
-program compiled on one CPU must not run on another that shares the home directory: XLA compiles for
-the host's vector width, and a different width rounds some sums differently (README, "Results do not
-depend on the machine"). So each CPU model and feature set (and machine architecture) has its own
-subdirectory.
+program compiled on one CPU must not run on another that shares the directory (a home directory on
+several machines, a workdir copied elsewhere): XLA compiles for the host's vector width, and another
+width rounds some sums differently (README, "What varies from machine to machine"). So every cache
+directory b4b-jax names (the default, B4B_COMPILATION_CACHE's, the serve job's) holds one subdirectory
+per CPU model and feature set and machine architecture (`for_this_host`). JAX_COMPILATION_CACHE_DIR is
+JAX's own setting and is used as it is.
 
 The cache holds at most MAX_BYTES; beyond that JAX evicts the least recently used programs, under a
 file lock (the pinned `filelock` package), so concurrent jobs can share it. A damaged entry (a process
@@ -62,20 +66,26 @@ def host_key(cpuinfo: Optional[str] = None) -> str:
   return f"{platform.machine() or 'unknown'}-{digest}"
 
 
+def for_this_host(directory: str) -> str:
+  """The subdirectory of `directory` that holds this CPU kind's programs."""
+  return os.path.join(os.path.abspath(directory), host_key())
+
+
 def default_directory() -> str:
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "b4b_jax", "xla", host_key())
+  return for_this_host(os.path.join(base, "b4b_jax", "xla"))
 
 
 def requested_directory() -> Optional[str]:
-  """The directory apply() would use: the user's JAX_COMPILATION_CACHE_DIR, else B4B_COMPILATION_CACHE,
-  else default_directory(); None when B4B_COMPILATION_CACHE is "none" (or empty)."""
+  """The directory apply() would use: the user's JAX_COMPILATION_CACHE_DIR, else this host's subdirectory
+  of B4B_COMPILATION_CACHE, else default_directory(); None when B4B_COMPILATION_CACHE is "none" (or
+  empty)."""
   if os.environ.get(JAX_ENV):
     return os.environ[JAX_ENV]
   chosen = os.environ.get(ENV)
   if chosen is None:
     return default_directory()
-  return None if chosen.strip().lower() in ("", "none", "off") else os.path.abspath(chosen)
+  return None if chosen.strip().lower() in ("", "none", "off") else for_this_host(chosen)
 
 
 def apply() -> str:

@@ -23,8 +23,9 @@ mapped once grown instead (`host_memory.apply_serving`: the defense step's buffe
 afresh per call), unless B4B_HOST_MEMORY is set. The log's `host memory:` line says which applies.
 
 Every job but `serve` keeps the programs XLA compiles in a persistent cache under ~/.cache/b4b_jax/xla
-(b4b_jax/compilation_cache.py: a rerun of the demo took 180 s instead of 239; B4B_COMPILATION_CACHE=none
-turns it off); `serve` keeps its own in its workdir. The log's `compilation cache:` line says where.
+(b4b_jax/compilation_cache.py: a rerun of the demo took 188-190 s instead of 237-245;
+B4B_COMPILATION_CACHE=none turns it off); `serve` keeps its own in its workdir. The log's
+`compilation cache:` line says where.
 
 A workdir that cannot be used (a regular file, not writable) ends the run with one `error:` line naming
 it and exit status 1, before anything is written.

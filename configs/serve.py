@@ -74,7 +74,8 @@ def get_config(arg=None):
   c.persistence.snapshot_every_seconds = 300.0
   c.persistence.snapshot_every_entries = 500 if tiny else 20000
   c.persistence.min_free_bytes = 64 * 2**20       # refuse to start with less free space in the workdir
-  c.persistence.compilation_cache_dir = ""       # "" = <workdir>/jax_cache (fast restarts); "none": off
+  c.persistence.compilation_cache_dir = ""       # "" = <workdir>/jax_cache (fast restarts); "none": off;
+                                                 # programs go in its subdirectory for this CPU kind
 
   c.observability = ml_collections.ConfigDict()
   c.observability.coverage_thresholds = (10.0, 50.0)   # metric: accounts at or above these coverages

@@ -36,7 +36,8 @@ def test_the_users_jax_directory_wins_then_ours_then_the_default(monkeypatch, tm
   assert compilation_cache.requested_directory() == os.path.join(
       str(tmp_path / "xdg"), "b4b_jax", "xla", compilation_cache.host_key())
   monkeypatch.setenv(compilation_cache.ENV, "relative/dir")
-  assert compilation_cache.requested_directory() == os.path.abspath("relative/dir")
+  assert compilation_cache.requested_directory() == os.path.join(os.path.abspath("relative/dir"),
+                                                                 compilation_cache.host_key())
   for off in ("none", "OFF", ""):
     monkeypatch.setenv(compilation_cache.ENV, off)
     assert compilation_cache.requested_directory() is None

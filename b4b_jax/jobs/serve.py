@@ -10,6 +10,7 @@ import os
 import jax
 from absl import logging
 
+from b4b_jax import compilation_cache
 from b4b_jax import defense
 from b4b_jax.defense import config as defense_config_lib
 from b4b_jax.serve import app as app_lib
@@ -69,8 +70,8 @@ def run(config, workdir: str):
   from b4b_jax.serve import service as service_lib  # pylint: disable=g-import-not-at-top
   imports_s = service_lib.process_age_seconds()  # interpreter start + imports, until here
   cache = str(config.persistence.compilation_cache_dir) or os.path.join(workdir, "jax_cache")
-  if cache != "none":
-    jax.config.update("jax_compilation_cache_dir", cache)
+  if cache != "none":  # one subdirectory per CPU kind: a workdir copied elsewhere compiles afresh
+    jax.config.update("jax_compilation_cache_dir", compilation_cache.for_this_host(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   config, encoder_dir = resolved_config(config, workdir)
   try:
