@@ -25,7 +25,8 @@ JAX's own setting and is used as it is.
 
 The cache holds at most MAX_BYTES; beyond that JAX evicts the least recently used programs, under a
 file lock (the pinned `filelock` package), so concurrent jobs can share it. A damaged entry (a process
-killed while writing it) is not fatal: JAX warns and compiles the program again. JAX runs what the
+killed while writing it) is not fatal: JAX warns and compiles the program again (on every run, as JAX
+never overwrites an entry, until the entry is evicted or the directory deleted). JAX runs what the
 cache holds, so it is created for its owner only (mode 0700), and it must not be pointed at a
 directory others can write to.
 

@@ -1,5 +1,6 @@
 """The jobs' persistent compilation cache (b4b_jax/compilation_cache.py): where it lives, who wins, and
-that a second process loads what the first compiled, to the same bits."""
+that a second process loads what the first compiled, to the same bits, and compiles afresh past a
+damaged entry."""
 import json
 import os
 import stat
@@ -95,6 +96,12 @@ def test_a_second_process_loads_what_the_first_compiled_to_the_same_bits(tmp_pat
   second = _run(tmp_path)
   assert second["hits"] >= 1 and second["misses"] == 0
   assert second["value"] == first["value"]
+  for name in os.listdir(directory):  # as a process killed while writing would leave them
+    if name.endswith("-cache"):
+      with open(os.path.join(directory, name), "r+b") as f:
+        f.truncate(100)
+  damaged = _run(tmp_path)  # JAX warns, compiles afresh, and the value is the same
+  assert damaged["misses"] >= 1 and damaged["value"] == first["value"]
   off = _run(tmp_path, B4B_COMPILATION_CACHE="none")
   assert off["line"].startswith("off (") and off["hits"] == 0 and off["misses"] == 0
   assert off["value"] == first["value"]
