@@ -89,6 +89,15 @@ def requested_directory() -> Optional[str]:
   return None if chosen.strip().lower() in ("", "none", "off") else for_this_host(chosen)
 
 
+def use(directory: str) -> None:
+  """Points this process's JAX at `directory` for every program it compiles from now on (the serve job
+  calls it with its workdir's cache)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", directory)
+  # Every program: the demo's ~0.5 s initialisers and 1-2 s defense steps are most of its compile time.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def apply() -> str:
   """Turns the cache on for this process (before its first compile); returns a line for the log."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -101,9 +110,7 @@ def apply() -> str:
     os.makedirs(directory, mode=0o700, exist_ok=True)
   except OSError as e:  # a cache is never worth failing a job for
     return f"off ({directory} cannot be created: {e.strerror})"
-  jax.config.update("jax_compilation_cache_dir", directory)
-  # Every program: the demo's ~0.5 s initialisers and 1-2 s defense steps are most of its compile time.
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  use(directory)
   try:  # JAX needs filelock to bound the cache; without it (an unpinned install) it grows unbounded
     import filelock  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:

@@ -7,7 +7,6 @@ import ipaddress
 import json
 import os
 
-import jax
 from absl import logging
 
 from b4b_jax import compilation_cache
@@ -71,8 +70,7 @@ def run(config, workdir: str):
   imports_s = service_lib.process_age_seconds()  # interpreter start + imports, until here
   cache = str(config.persistence.compilation_cache_dir) or os.path.join(workdir, "jax_cache")
   if cache != "none":  # one subdirectory per CPU kind: a workdir copied elsewhere compiles afresh
-    jax.config.update("jax_compilation_cache_dir", compilation_cache.for_this_host(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.use(compilation_cache.for_this_host(cache))
   config, encoder_dir = resolved_config(config, workdir)
   try:
     app_lib.run_server(config, workdir, encoder_dir, startup={"process_imports_s": imports_s})
