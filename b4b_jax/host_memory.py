@@ -28,7 +28,8 @@ dispatch on). That removed the faults as well (ResNet-50 3.413 s, 0 faults) but 
 malloc from one arena and fragmented it: small allocations from other threads landed between the big
 buffers, so the heap grew (ResNet-50 3,495 MB; a jitted call with three 128 MiB buffers settled at
 1.9-2.0 GB after up to 134 calls; now 0.47-0.85 GB, grown for the last time by call 14 in 70 runs,
-since only the calling thread allocates there).
+since only the calling thread allocates there; with 8 virtual devices now and then later, by one
+buffer at call 18 or 32: docs/models.md).
 
 Who applies it: `python -m b4b_jax.main` for every job but the server (b4b_jax/main.py; a server's
 request threads keep async dispatch), unless B4B_HOST_MEMORY=default; a plain `import b4b_jax` only

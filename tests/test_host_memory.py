@@ -11,14 +11,14 @@ from b4b_jax import host_memory
 
 # A jitted call whose temporaries and output (128 MiB each) are far over glibc's mmap threshold, so
 # without the settings every call maps one afresh and faults its pages in again. The probe prints the
-# minor faults of each of calls 20-39; PRELUDE runs before b4b_jax is imported.
+# minor faults of each of calls 30-49; PRELUDE runs before b4b_jax is imported.
 _PROBE = """
 import resource
 PRELUDE
 import b4b_jax, jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.sin(x)[::-1] * jnp.cos(x) + x[::-1])
 x = jnp.ones((32 * 1024 * 1024,), jnp.float32)
-for _ in range(20):  # keep's heap grows over the first calls
+for _ in range(30):  # keep's heap grows over the first calls
   f(x).block_until_ready()
 faults = []
 for _ in range(20):
@@ -91,9 +91,13 @@ def test_keep_keeps_buffers_mapped_default_does_not_and_the_users_own_setting_wi
   users_dispatch, _ = _run_probe(B4B_HOST_MEMORY="keep", JAX_CPU_ENABLE_ASYNC_DISPATCH="true")
   for faults in (default, users_malloc, users_dispatch):
     assert min(faults) > _PAGES_PER_BUFFER // 2, faults
-  # Every call: only the calling thread allocates from the main arena, so its heap settles early
-  # (70 runs of 40-60 calls in session 20: the last fault at call 14, none in calls 20-39).
-  assert max(kept) < _PAGES_PER_BUFFER // 50, (kept, default)
+  # Only the calling thread allocates XLA's buffers from the main arena, so its heap settles early,
+  # but not always for good: small allocations landing between the big buffers can make it grow by
+  # one buffer late (CI's environment, 8 virtual devices, session 39: in 25 runs of 60 calls the last
+  # growth came by call 9 in 21, at calls 14 and 15, 18 and 32 in the others; CI's stop 51 saw one
+  # in calls 20-39). So a few calls of 20 may fault a buffer in; by default every call does.
+  faulting = [f for f in kept if f > _PAGES_PER_BUFFER // 50]
+  assert len(faulting) <= 3, (kept, default)
 
 
 def test_keep_changes_nothing_and_says_so_when_jax_started_first():
