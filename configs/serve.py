@@ -76,6 +76,7 @@ def get_config(arg=None):
   c.persistence.min_free_bytes = 64 * 2**20       # refuse to start with less free space in the workdir
   c.persistence.compilation_cache_dir = ""       # "" = <workdir>/jax_cache (fast restarts); "none": off;
                                                  # programs go in its subdirectory for this CPU kind
+                                                 # (mode 0700, at most 1 GiB: compilation_cache.use)
 
   c.observability = ml_collections.ConfigDict()
   c.observability.coverage_thresholds = (10.0, 50.0)   # metric: accounts at or above these coverages

@@ -58,6 +58,25 @@ def test_a_directory_that_cannot_be_made_turns_the_cache_off_without_failing(mon
   assert jax.config.jax_compilation_cache_dir == before
 
 
+
+def test_use_makes_an_owner_only_bounded_cache_and_names_its_off_switch(tmp_path):
+  """The serve job's path: its workdir cache gets the same mode and bound as the jobs' default one."""
+  import jax  # pylint: disable=g-import-not-at-top
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_compilation_cache_max_size")
+  before = {name: getattr(jax.config, name) for name in names}
+  directory = str(tmp_path / "work" / "jax_cache" / compilation_cache.host_key())
+  try:
+    line = compilation_cache.use(directory, "persistence.compilation_cache_dir=none")
+    assert line == f"{directory} (at most 1024 MiB; persistence.compilation_cache_dir=none turns it off)"
+    assert jax.config.jax_compilation_cache_dir == directory
+    assert jax.config.jax_compilation_cache_max_size == compilation_cache.MAX_BYTES
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+  finally:  # this process's other tests keep conftest's cache
+    for name, value in before.items():
+      jax.config.update(name, value)
+  assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+
 _PROGRAM = r"""
 import json, sys
 import jax, jax.monitoring, numpy as np

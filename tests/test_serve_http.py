@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from b4b_jax import compilation_cache
 from b4b_jax import xla_flags
 from b4b_jax.serve import client as client_lib
 from b4b_jax.serve import store as store_lib
@@ -57,6 +58,12 @@ def test_the_server_process_compiles_with_the_serving_xla_flags(server):
   with open(proc.log_path, errors="replace") as f:
     line = next(l for l in f if "XLA_FLAGS:" in l)
   assert all(flag in line for flag in xla_flags.FLAGS + xla_flags.SERVING_FLAGS), line
+
+
+def test_the_server_keeps_its_programs_in_a_bounded_per_host_cache(server):
+  with open(server[0].log_path, errors="replace") as f:
+    line = next(l for l in f if "compilation cache:" in l)
+  assert f"{os.path.join(CACHE, compilation_cache.host_key())} (at most 1024 MiB" in line, line
 
 
 def _png(array):

@@ -70,7 +70,8 @@ def run(config, workdir: str):
   imports_s = service_lib.process_age_seconds()  # interpreter start + imports, until here
   cache = str(config.persistence.compilation_cache_dir) or os.path.join(workdir, "jax_cache")
   if cache != "none":  # one subdirectory per CPU kind: a workdir copied elsewhere compiles afresh
-    compilation_cache.use(compilation_cache.for_this_host(cache))
+    logging.info("compilation cache: %s", compilation_cache.use(
+        compilation_cache.for_this_host(cache), "persistence.compilation_cache_dir=none"))
   config, encoder_dir = resolved_config(config, workdir)
   try:
     app_lib.run_server(config, workdir, encoder_dir, startup={"process_imports_s": imports_s})
