@@ -107,11 +107,13 @@ def test_simclr_views_are_seeded_valid_and_varied():
 def test_bfloat16_step_tracks_the_float32_loss_over_100_steps():
   """Mixed precision (compute_dtype="bfloat16": bf16 forward/backward, float32 params, optimiser state
   and BatchNorm statistics) follows the float32 run: over 100 steps of a tiny ResNet fitting fixed
-  targets, the first 4 steps' losses (one pass over the 4 batches; measured 0.5% at worst) differ by
-  under 1% of the float32 loss; later the two trajectories
-  drift apart as any two SGD runs do (measured: 7% at worst, 1.9% on average), so the bounds there are
-  10% per step and 3% on average, while both losses fall by more than a third. bf16 keeps 8 mantissa
-  bits (0.4% per value)."""
+  targets, the first loss (the same parameters, so the bf16 forward's rounding alone; 0.06% on a Zen 1
+  EPYC) differs by under 1% of the float32 loss, the first pass over the 4 batches by under 2% (0.5% at
+  worst on a Zen 4 EPYC, 1.1% on a Zen 1: each CPU kind rounds bf16 its own way, and CI's stop on a
+  Zen 1 failed the 1% bound this had); later the two trajectories drift apart as any two SGD runs do
+  (7% at worst, 1.9% on average on the Zen 4; 7.8% and 2.6% on the Zen 1), so the bounds there are 12%
+  per step and 4% on average, while both losses fall by more than a third. bf16 keeps 8 mantissa bits
+  (0.4% per value)."""
   model = models.create_resnet("resnet18_w0.125", rngs=nnx.Rngs(0), small_input=True)
   graphdef, params, batch_stats = models.split_model(model)
   rng = np.random.default_rng(1)
@@ -129,7 +131,7 @@ def test_bfloat16_step_tracks_the_float32_loss_over_100_steps():
   f32, bf16 = np.asarray(curves["float32"]), np.asarray(curves["bfloat16"])
   assert f32[-5:].mean() < 0.66 * f32[:4].mean() and bf16[-5:].mean() < 0.66 * bf16[:4].mean()
   rel = np.abs(bf16 - f32) / f32
-  assert rel[:4].max() < 0.01 and rel.max() < 0.10 and rel.mean() < 0.03, rel
+  assert rel[0] < 0.01 and rel[:4].max() < 0.02 and rel.max() < 0.12 and rel.mean() < 0.04, rel
   assert rel.max() > 0  # bf16 really ran: not the float32 numbers
 
 
