@@ -27,16 +27,16 @@ The cache holds at most MAX_BYTES (the serve job's too); beyond that JAX evicts 
 programs, under a file lock (the pinned `filelock` package), so concurrent jobs can share it. The
 bookkeeping costs about 1 ms a hit (session 39, 60 small programs loaded from a warm cache, alternate
 processes, quiet: 0.98-1.03 s bounded, 0.92-0.97 s unbounded), a few hundredths of a second on a
-server's restart. A damaged entry (a process
-killed while writing it) is not fatal: JAX warns and compiles the program again (on every run, as JAX
+server's restart. A damaged entry (a process killed while writing it) is not fatal: JAX warns and compiles the program again (on every run, as JAX
 never overwrites an entry, until the entry is evicted or the directory deleted). JAX runs what the
 cache holds, so it is created for its owner only (mode 0700), and it must not be pointed at a
 directory others can write to.
 
 Who applies it: `python -m b4b_jax.main` for every job but `serve`, which keeps its own cache in its
-workdir (`config.persistence.compilation_cache_dir`, through `use()` as well). JAX_COMPILATION_CACHE_DIR, when set, wins (JAX
-reads it itself; the tests set it to a per-session directory); B4B_COMPILATION_CACHE=<dir> puts the
-cache elsewhere, B4B_COMPILATION_CACHE=none turns it off.
+workdir (`config.persistence.compilation_cache_dir`, through `use()` as well).
+JAX_COMPILATION_CACHE_DIR, when set, wins (JAX reads it itself; the tests set it to a per-session
+directory); B4B_COMPILATION_CACHE=<dir> puts the cache elsewhere, B4B_COMPILATION_CACHE=none turns it
+off.
 """
 import hashlib
 import os

@@ -58,7 +58,6 @@ def test_a_directory_that_cannot_be_made_turns_the_cache_off_without_failing(mon
   assert jax.config.jax_compilation_cache_dir == before
 
 
-
 def test_use_makes_an_owner_only_bounded_cache_and_names_its_off_switch(tmp_path):
   """The serve job's path: its workdir cache gets the same mode and bound as the jobs' default one."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -76,6 +75,7 @@ def test_use_makes_an_owner_only_bounded_cache_and_names_its_off_switch(tmp_path
     for name, value in before.items():
       jax.config.update(name, value)
   assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+
 
 _PROGRAM = r"""
 import json, sys

@@ -53,16 +53,19 @@ def server(tmp_path_factory):
   assert proc.stop() == 0, proc.log_tail()
 
 
-def test_the_server_process_compiles_with_the_serving_xla_flags(server):
-  proc = server[0]
+def _log_line(proc, marker: str) -> str:
+  """The first line of the server's log that contains marker (StopIteration when none does)."""
   with open(proc.log_path, errors="replace") as f:
-    line = next(l for l in f if "XLA_FLAGS:" in l)
+    return next(l for l in f if marker in l)
+
+
+def test_the_server_process_compiles_with_the_serving_xla_flags(server):
+  line = _log_line(server[0], "XLA_FLAGS:")
   assert all(flag in line for flag in xla_flags.FLAGS + xla_flags.SERVING_FLAGS), line
 
 
 def test_the_server_keeps_its_programs_in_a_bounded_per_host_cache(server):
-  with open(server[0].log_path, errors="replace") as f:
-    line = next(l for l in f if "compilation cache:" in l)
+  line = _log_line(server[0], "compilation cache:")
   assert f"{os.path.join(CACHE, compilation_cache.host_key())} (at most 1024 MiB" in line, line
 
 
